@@ -1,0 +1,138 @@
+"""Checkpoints: the only module that touches Orbax.
+
+One `CheckpointManager` per run under `<workdir>/checkpoints`, with three items per step:
+  state   the train state (params, optimizer state, EMA, model state, step) as plain arrays
+  config  the resolved config as JSON (sampling rebuilds the model from it, no flags needed)
+  data    the input iterator state (JSON, identical on every process) so resume continues the
+          same data order
+
+Saves are asynchronous (the loop keeps training while the arrays are written) and atomic (Orbax
+writes into a temporary directory and renames it when complete), so a job killed mid-save leaves
+the previous checkpoint as the latest.  Restores always go against explicit target shardings, so a
+checkpoint written on 8 devices restores onto 4 or 1.  A latest checkpoint that cannot be read
+falls back to the previous one with a warning; a workdir whose checkpoints are all unreadable is
+an error, never a silent restart from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CKPT_DIR)
+
+
+class Checkpointer:
+  """Async, keep-N Orbax checkpoints of (state, config, data) with fallback on restore."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True,
+               read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
+        enable_async_checkpointing=use_async,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "config", "data"),
+                                         options=options)
+
+  # -- queries ---------------------------------------------------------------------------------
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  # -- save ------------------------------------------------------------------------------------
+  def save(self, step: int, state: Any, config: dict, data_state: dict) -> bool:
+    """Starts an async save of `step`; returns False if that step is already saved."""
+    if step in self.manager.all_steps():
+      return False
+    saved = self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config),
+            data=ocp.args.JsonSave(data_state)),
+        force=True)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  # -- restore ---------------------------------------------------------------------------------
+  def restore(self, abstract_state: Any, step: int | None = None):
+    """Restores (step, state, data_state) onto the shardings in `abstract_state`.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`.  Without
+    `step`, tries the newest checkpoint first and falls back to older ones if it is unreadable.
+    Returns None only when the directory holds no checkpoint at all.
+    """
+    candidates = [step] if step is not None else list(reversed(self.steps()))
+    if not candidates:
+      return None
+    errors = []
+    for s in candidates:
+      try:
+        restored = self.manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                       data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        errors.append((s, msg))
+        logging.warning("checkpoint: step %d in %s is unreadable (%s); trying the previous one",
+                        s, self.directory, msg[:300])
+        continue
+      if errors:
+        logging.warning("checkpoint: restored step %d after skipping unreadable step(s) %s",
+                        s, [e[0] for e in errors])
+      return s, restored["state"], dict(restored["data"] or {})
+    detail = "; ".join(f"step {s}: {m[:200]}" for s, m in errors)
+    raise CheckpointError(
+        f"no readable checkpoint in {self.directory} (tried steps {candidates}): {detail}. "
+        "Refusing to start from scratch over existing checkpoints; move them away to do so.")
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"])
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings (restore onto any mesh)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def write_config_json(workdir: str, config_dict: dict) -> str:
+  """The resolved config as `<workdir>/config.json` (human-readable copy; the checkpoint has one too)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,71 @@
+"""Config helpers shared by the files in configs/: argument parsing and the common skeleton.
+
+Config files are Python modules with `get_config(arg)`; `arg` is the text after ':' in
+`--config configs/x.py:size=demo,tokens=32`.  An ablation row is a config argument, not a file.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _convert(key: str, text: str, default):
+  if isinstance(default, bool):
+    if text.lower() in ("1", "true", "yes", "on", ""):
+      return True
+    if text.lower() in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"config arg {key}={text!r}: expected a boolean")
+  if default is None:
+    return text
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(f"config arg {key}={text!r}: expected {type(default).__name__}") from None
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'size=demo,tokens=32,flag' -> ConfigDict with typed values; unknown keys are an error.
+
+  A bare name sets a boolean option to True (big_vision's `runlocal` style).
+  """
+  out = dict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; known: {', '.join(sorted(defaults))}")
+    out[key] = _convert(key, value.strip(), defaults[key])
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields the training loop reads; model configs fill `task`, `model`, `input`, `loss`."""
+  c = ml_collections.ConfigDict()
+  c.task = ""
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 50
+  c.eval_every = 500
+  c.eval_batches = 4
+  c.image_every = 0            # 0: pictures only at the end
+  c.ckpt_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoint = True
+  c.grad_accum = 1
+  c.compute_dtype = "float32"  # 'bfloat16' for mixed precision (fp32 master weights)
+  c.ema_decay = 0.0            # 0 disables the EMA copy
+  c.on_nonfinite = "stop"      # 'stop' or 'skip' (skip the update, keep going)
+  c.compilation_cache = ""     # directory of the persistent XLA cache ('' = off)
+  c.distributed = False        # jax.distributed.initialize() at start
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.axis_rules = []            # extra (logical, mesh) rules taking precedence over the defaults
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      schedule="cosine", warmup_steps=0, warmup_init=0.0, min_lr_ratio=0.1, grad_clip=1.0,
+      decay_min_ndim=2))
+  c.optimizer_groups = ml_collections.ConfigDict()  # per-group overrides, e.g. {'disc': {'lr': ..}}
+  return c

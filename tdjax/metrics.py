@@ -1,0 +1,175 @@
+"""Metrics: a JSONL log of every logged step, TensorBoard scalars and images, progress lines.
+
+Only process 0 writes files; every process logs to absl.  The JSONL file (`metrics.jsonl` in the
+workdir, one object per line with `step` and the metric values) is the source the ablation runner
+and the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalars to JSONL + TensorBoard, images to TensorBoard and PNG files."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.workdir = workdir
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # tensorboardX is an install requirement; keep going without TB
+          logging.warning("tensorboardX missing: TensorBoard summaries are off")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> dict:
+    """images: name -> [N, H, W, C] in [-1, 1].  Writes a PNG grid per name; returns the paths."""
+    paths = {}
+    if not self.active:
+      return paths
+    outdir = os.path.join(self.workdir, "pictures")
+    os.makedirs(outdir, exist_ok=True)
+    for name, batch in images.items():
+      grid = image_grid(np.asarray(batch))
+      path = os.path.join(outdir, f"{name}_{int(step):07d}.png")
+      save_png(grid, path)
+      paths[name] = path
+      if self._tb is not None:
+        self._tb.add_image(name, grid, step, dataformats="HWC")
+    return paths
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 with the ADM convention clip(127.5 x + 128) (DetailFlow pitfall 14)."""
+  return np.clip(np.asarray(x, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+
+
+def image_grid(batch: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] (or [R, N, H, W, C] for rows) -> one uint8 [H', W', C] picture."""
+  batch = np.asarray(batch)
+  if batch.ndim == 5:
+    nrow, ncol = batch.shape[:2]
+    batch = batch.reshape((-1,) + batch.shape[2:])
+  n, h, w, c = batch.shape
+  ncol = ncol or min(n, int(math.ceil(math.sqrt(n))))
+  nrow = int(math.ceil(n / ncol))
+  out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  u8 = to_uint8(batch)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = u8[i]
+  return out
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  from PIL import Image
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+class Progress:
+  """Steps/s, examples/s and ETA between two reports (excludes time spent outside `tick`)."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._step = start_step
+    self._time = time.perf_counter()
+    self._paused = 0.0
+
+  def pause(self):
+    return _Pause(self)
+
+  def report(self, step: int) -> dict:
+    now = time.perf_counter()
+    dt = max(now - self._time - self._paused, 1e-9)
+    steps = step - self._step
+    sps = steps / dt
+    self._step, self._time, self._paused = step, now, 0.0
+    eta = (self.total_steps - step) / sps if sps > 0 else float("inf")
+    return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size, "eta_sec": eta}
+
+
+class _Pause:
+  def __init__(self, progress: Progress):
+    self.progress = progress
+
+  def __enter__(self):
+    self.t0 = time.perf_counter()
+
+  def __exit__(self, *exc):
+    self.progress._paused += time.perf_counter() - self.t0
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+def parameter_table(params, max_rows: int = 40) -> str:
+  """A table of parameter names, shapes and counts, with the total, for the start-of-run log."""
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    rows.append((name, tuple(leaf.shape), int(np.prod(leaf.shape))))
+  total = sum(r[2] for r in rows)
+  width = max([len(r[0]) for r in rows] + [4])
+  lines = [f"{'name':<{width}}  {'shape':<22} {'count':>12}"]
+  shown = rows if len(rows) <= max_rows else rows[:max_rows]
+  for name, shape, count in shown:
+    lines.append(f"{name:<{width}}  {str(shape):<22} {count:>12,}")
+  if len(rows) > max_rows:
+    lines.append(f"... {len(rows) - max_rows} more")
+  lines.append(f"{'total':<{width}}  {'':<22} {total:>12,}")
+  return "\n".join(lines)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

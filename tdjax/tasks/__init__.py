@@ -1,0 +1,20 @@
+"""Task registry: `config.task` names one of these; modules are imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from tdjax.tasks.base import Task
+
+TASKS = {
+    "classifier": "tdjax.tasks.classifier:ClassifierTask",
+    "tokenizer": "tdjax.tasks.tokenizer:TokenizerTask",
+}
+
+
+def get_task(config) -> Task:
+  name = config.task
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}")
+  module, cls = TASKS[name].split(":")
+  return getattr(importlib.import_module(module), cls)(config)

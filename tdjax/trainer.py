@@ -1,0 +1,347 @@
+"""The training loop: sharded init, the jit-compiled step, checkpoints, metrics, resume.
+
+`train_and_evaluate(config, workdir)` is the library function behind `python -m tdjax.train`.
+The loop is model-agnostic: it drives a `tdjax.tasks.Task`.
+
+Train state (a plain dict, saved as is):
+  step         int32, number of optimizer steps taken (= batches consumed)
+  params       fp32 master weights
+  opt_state    optax state
+  model_state  the task's non-trainable state
+  ema          EMA of params (only when config.ema_decay > 0)
+
+The step's randomness is `fold_in(key(seed), step)`, and the data order is a function of the
+batch index, so a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from tdjax import checkpoint as ckpt_lib
+from tdjax import metrics as metrics_lib
+from tdjax import optim
+from tdjax import parallel
+from tdjax.tasks import Task, get_task
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+# ------------------------------------------------------------------------------------------------
+# State construction
+# ------------------------------------------------------------------------------------------------
+
+class Setup:
+  """Everything built once per run: mesh, task, optimizer, shardings, compiled functions."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(dict(config.mesh))
+    self.rules = parallel.rules([tuple(r) for r in config.get("axis_rules", [])])
+    self.task = get_task(config)
+    self.base_key = jax.random.key(config.seed)
+    self.init_key = init_key = jax.random.fold_in(self.base_key, 0x7FFFFFFF)
+
+    with parallel.use_mesh(self.mesh, self.rules):
+      boxed_params, boxed_mstate = jax.eval_shape(self.task.init, init_key)
+    param_specs = parallel.logical_specs(boxed_params)
+    mstate_specs = parallel.logical_specs(boxed_mstate)
+    params_shape = nn.unbox(boxed_params)
+    self.groups = self.task.param_groups(params_shape)
+    self.tx = optim.make_optimizer(config, params_shape, self.groups)
+    opt_shape = jax.eval_shape(self.tx.init, params_shape)
+    opt_specs = optax.tree_map_params(
+        self.tx, lambda _, spec: spec, opt_shape, param_specs,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    specs = dict(step=P(), params=param_specs, opt_state=opt_specs, model_state=mstate_specs)
+    if config.get("ema_decay", 0.0):
+      specs["ema"] = param_specs
+    self.state_specs = specs
+    self.state_shardings = parallel.shardings_for(specs, self.mesh, self.rules)
+    self.state_shape = jax.eval_shape(self._init_state, init_key)
+
+  # pure: builds the initial state from the key
+  def _init_state(self, key):
+    params, mstate = self.task.init(key)
+    params, mstate = nn.unbox(params), nn.unbox(mstate)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                 model_state=mstate)
+    if self.config.get("ema_decay", 0.0):
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+  def init_state(self):
+    with parallel.use_mesh(self.mesh, self.rules):
+      return jax.jit(self._init_state, out_shardings=self.state_shardings)(self.init_key)
+
+  def abstract_state(self):
+    return ckpt_lib.abstract_like(self.state_shape, self.state_shardings)
+
+  # --------------------------------------------------------------------------------------------
+  # The train step
+  # --------------------------------------------------------------------------------------------
+  def train_step(self, state, batch):
+    c = self.config
+    step = state["step"]
+    rng = jax.random.fold_in(self.base_key, step)
+    compute_dtype = jnp.dtype(c.get("compute_dtype", "float32"))
+    accum = int(c.get("grad_accum", 1))
+
+    def loss_fn(params, mstate, micro, key):
+      p = optim.cast_floating(params, compute_dtype)
+      loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step)
+      return loss.astype(jnp.float32), (metrics, new_mstate)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, (metrics, mstate)), grads = grad_fn(state["params"], state["model_state"], batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        g_acc, l_acc, mstate = carry
+        i, mb = xs
+        (l, (m, mstate)), g = grad_fn(state["params"], mstate, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, mstate), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      (grads, loss, mstate), ms = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), state["model_state"]),
+          (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree.map(lambda m: m.mean(0), ms)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = dict(step=step + 1, params=params, opt_state=opt_state, model_state=mstate)
+    if "ema" in state:
+      new["ema"] = optim.ema_update(state["ema"], params, c.ema_decay)
+    # A non-finite step never reaches the state: keep the old values (skip) and report it.
+    keep_old = lambda n, o: jnp.where(finite, n, o)
+    for k in ("params", "opt_state", "model_state", "ema"):
+      if k in new:
+        new[k] = jax.tree.map(keep_old, new[k], state[k])
+    metrics = dict(metrics)
+    metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                   loss_finite=jnp.isfinite(loss).astype(jnp.float32))
+    return new, metrics
+
+  def compile_step(self, batch_example):
+    """jit with explicit in/out shardings and donation of the old state (the pjit model)."""
+    data_sh = jax.tree.map(lambda x: parallel.batch_sharding(self.mesh, x.ndim), batch_example)
+    return jax.jit(self.train_step,
+                   in_shardings=(self.state_shardings, data_sh),
+                   out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def compile_eval(self, batch_example):
+    data_sh = jax.tree.map(lambda x: parallel.batch_sharding(self.mesh, x.ndim), batch_example)
+
+    def eval_fn(state, batch, key):
+      params = state.get("ema", state["params"])
+      return self.task.eval_metrics(params, state["model_state"], batch, key)
+
+    return jax.jit(eval_fn, in_shardings=(self.state_shardings, data_sh, None),
+                   out_shardings=parallel.replicated(self.mesh))
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: will checkpoint and stop at the next step boundary")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _make_input(config, split, train, seed_offset=0):
+  from tdjax.data import pipeline
+  return pipeline.make_pipeline(config.input, seed=config.seed + seed_offset,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), split=split, train=train)
+
+
+def _host_metrics(metrics_list):
+  """Mean over the steps since the last log of each metric (one device->host transfer)."""
+  stacked = jax.device_get(metrics_list)
+  keys = stacked[0].keys()
+  return {k: float(np.mean([m[k] for m in stacked])) for k in keys}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Trains `config.task` in `workdir`, resuming from its checkpoints; returns final metrics."""
+  t_start = time.time()
+  parallel.maybe_initialize_distributed(config.get("distributed", False))
+  parallel.enable_compilation_cache(config.get("compilation_cache", ""))
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = json.loads(config.to_json_best_effort())
+  if jax.process_index() == 0:
+    ckpt_lib.write_config_json(workdir, config_dict)
+
+  setup = Setup(config, mesh)
+  mesh = setup.mesh
+  sizes = parallel.batch_sizes(config.input.batch_size, mesh)
+  logging.info("mesh %s over %d devices (%d processes); batch sizes %s",
+               dict(mesh.shape), mesh.size, jax.process_count(), sizes)
+  if config.get("grad_accum", 1) > 1 and sizes["per_device"] % config.grad_accum:
+    raise ValueError(f"grad_accum={config.grad_accum} does not divide the per-device batch "
+                     f"{sizes['per_device']}")
+
+  writer = metrics_lib.MetricWriter(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                                       use_async=config.get("async_checkpoint", True))
+  data = _make_input(config, config.input.get("split", "train"), train=True)
+
+  restored = checkpointer.restore(setup.abstract_state())
+  if restored is None:
+    state = setup.init_state()
+    logging.info("initialised from scratch (seed %d)", config.seed)
+  else:
+    step, state, data_state = restored
+    data.set_state(data_state)
+    logging.info("resumed from step %d of %s", step, checkpointer.directory)
+  start_step = int(jax.device_get(state["step"]))
+  if jax.process_index() == 0:
+    logging.info("parameters:\n%s", metrics_lib.parameter_table(state["params"]))
+  writer.write_scalars(start_step, {"num_params": metrics_lib.count_params(state["params"])})
+
+  first = parallel.host_to_global(next(data), mesh)
+  with parallel.use_mesh(mesh, setup.rules):
+    t0 = time.time()
+    step_fn = setup.compile_step(first).lower(state, first).compile()
+    compile_s = time.time() - t0
+  logging.info("train step compiled in %.1f s", compile_s)
+  writer.write_scalars(start_step, {"compile_seconds": compile_s})
+
+  total = int(config.total_steps)
+  progress = metrics_lib.Progress(total, config.input.batch_size, start_step)
+  pending, last_metrics, batch = [], {}, first
+  eval_fn, eval_data = None, None
+  stopped_by_signal = False
+  with _Preemption() as preempt:
+    for step in range(start_step, total):
+      if batch is None:
+        batch = parallel.host_to_global(next(data), mesh)
+      state, m = step_fn(state, batch)
+      batch = None
+      pending.append(m)
+      done = step + 1
+      if not bool(m["finite"]):  # checked every step: a NaN is caught in the step it happens
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(m[k]))]
+        msg = f"non-finite {', '.join(bad) or 'value'} at step {done}: " + ", ".join(
+            f"{k}={float(m[k])}" for k in ("loss", "grad_norm"))
+        if config.get("on_nonfinite", "stop") == "stop":
+          checkpointer.wait()
+          writer.close()
+          raise NonFiniteError(msg + " (state not updated; no checkpoint written for this step; "
+                               "set on_nonfinite='skip' to skip such updates)")
+        logging.warning("%s: update skipped", msg)
+      if done % config.log_every == 0 or done == total:
+        last_metrics = _host_metrics(pending)
+        pending = []
+        rates = progress.report(done)
+        writer.write_scalars(done, {**{f"train/{k}": v for k, v in last_metrics.items()},
+                                    **rates, "lr": float(_lr(config, done))})
+        logging.info("step %d/%d loss %.5g | %.2f steps/s, %.1f ex/s, ETA %s", done, total,
+                     last_metrics.get("loss", float("nan")), rates["steps_per_sec"],
+                     rates["examples_per_sec"], metrics_lib.format_eta(rates["eta_sec"]))
+      with progress.pause():
+        if config.get("eval_every", 0) and (done % config.eval_every == 0 or done == total):
+          eval_fn, eval_data, ev = _evaluate(setup, state, eval_fn, eval_data, done)
+          if ev:
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
+        if config.get("image_every", 0) and done % config.image_every == 0:
+          _write_images(setup, state, writer, done)
+        stop = preempt.requested
+        if done % config.ckpt_every == 0 or done == total or stop:
+          checkpointer.save(done, state, config_dict, data.get_state())
+        if stop:
+          stopped_by_signal = True
+          logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", done)
+          break
+  checkpointer.wait()
+  if not stopped_by_signal and jax.process_index() == 0 and hasattr(data, "stats"):
+    stats = data.stats()
+    if stats:
+      logging.info("input: %s", stats)
+  if not stopped_by_signal:
+    _write_images(setup, state, writer, int(jax.device_get(state["step"])))
+  checkpointer.close()
+  writer.flush()
+  writer.close()
+  last_metrics["wall_seconds"] = time.time() - t_start
+  last_metrics["stopped_by_signal"] = stopped_by_signal
+  return last_metrics
+
+
+def _lr(config, step):
+  return optim.learning_rate_schedule(config.optimizer, config.total_steps)(step)
+
+
+def _evaluate(setup: Setup, state, eval_fn, eval_data, step):
+  c = setup.config
+  if type(setup.task).eval_metrics is Task.eval_metrics:
+    return eval_fn, eval_data, {}
+  split = c.input.get("eval_split", "test")
+  data = _make_input(c, split, train=False, seed_offset=1)  # same batches at every evaluation
+  results = []
+  with parallel.use_mesh(setup.mesh, setup.rules):
+    for i in range(int(c.get("eval_batches", 4))):
+      batch = parallel.host_to_global(next(data), setup.mesh)
+      if eval_fn is None:
+        eval_fn = setup.compile_eval(batch)
+      results.append(eval_fn(state, batch, jax.random.fold_in(setup.base_key, 10_000 + i)))
+  return eval_fn, None, _host_metrics(results)
+
+
+def _write_images(setup: Setup, state, writer, step):
+  c = setup.config
+  data = _make_input(c, c.input.get("eval_split", "test"), train=False, seed_offset=1)
+  batch = parallel.host_to_global(next(data), setup.mesh)
+  params = state.get("ema", state["params"])
+  with parallel.use_mesh(setup.mesh, setup.rules):
+    images = jax.jit(setup.task.images, out_shardings=parallel.replicated(setup.mesh))(
+        params, state["model_state"], batch, jax.random.fold_in(setup.base_key, 20_000))
+  images = jax.device_get(images)
+  if images:
+    paths = writer.write_images(step, images)
+    logging.info("pictures: %s", paths)
