@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set-up shared by the demo and the tests: a virtual environment with tdjax installed, and the
+# Fashion-MNIST files from the Debian package `dataset-fashion-mnist` (installed when missing and
+# permitted: as root, or with passwordless sudo).  Usage: source launch/setup_env.sh [extras]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TDJAX_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+PY="${PYTHON:-python3}"
+
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "tdjax needs Python 3.11+, found " + sys.version.split()[0]'
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.tdjax-installed${EXTRAS:+-$EXTRAS}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/setup.cfg" -nt "$STAMP" ]; then
+  echo "[setup] installing tdjax${EXTRAS:+[$EXTRAS]} into $VENV"
+  t0=$(date +%s)
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  echo "[setup] installed in $(( $(date +%s) - t0 )) s"
+  touch "$STAMP"
+fi
+
+FMNIST_DIR="${TDJAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
+      echo "[setup] Fashion-MNIST is missing from $FMNIST_DIR and this user cannot install it;" \
+           "run: sudo apt-get install dataset-fashion-mnist" >&2
+      exit 1
+    fi
+  fi
+  echo "[setup] installing the Debian package dataset-fashion-mnist"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+export PATH="$VENV/bin:$PATH"
+export TF_CPP_MIN_LOG_LEVEL=3

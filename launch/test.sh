@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates the venv, installs tdjax with its test extras, and runs the test suite on 8 fake CPU
+# devices.  Extra arguments go to pytest (e.g. `bash launch/test.sh -m "not slow"`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/setup_env.sh" test
+cd "$ROOT"
+export XLA_FLAGS="--xla_force_host_platform_device_count=8"
+t0=$(date +%s)
+python -m pytest -n "${TDJAX_TEST_WORKERS:-2}" --durations=15 "$@" tests
+echo "[test] suite took $(( $(date +%s) - t0 )) s"

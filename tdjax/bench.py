@@ -1,0 +1,137 @@
+r"""Speed figures on this machine, as JSON: plain matmul FLOP/s, and for each model its train step's
+FLOP/s (FLOPs from the compiled step's cost analysis) and the ratio of the two.  Medians of repeats.
+
+  python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "Models to benchmark (default: all that exist).")
+flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+flags.DEFINE_integer("steps", 5, "Train steps per timed repeat.")
+flags.DEFINE_string("out", None, "Also write the JSON to this file.")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> dict:
+  """FLOP/s of one f32 n x n matmul, the machine's reference figure."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  sec = _median_seconds(lambda: f(a, b).block_until_ready(), repeats)
+  return {"n": n, "seconds": sec, "flops_per_sec": 2 * n ** 3 / sec}
+
+
+# Small configs per model: (config file, arg).  Later issues add their models here.
+MODELS = {
+    "classifier": ("configs/classifier.py", "size=demo,batch=128"),
+    "tokenizer": ("configs/detailflow_tokenizer.py", "size=demo"),
+    "next_detail": ("configs/detailflow_ar.py", "size=demo"),
+}
+
+
+def load_config(path: str, arg: str):
+  import importlib.util
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  full = path if os.path.isabs(path) else os.path.join(root, path)
+  if not os.path.exists(full):
+    raise FileNotFoundError(full)
+  spec = importlib.util.spec_from_file_location("tdjax_bench_config", full)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def train_step_figures(config, steps: int, repeats: int) -> dict:
+  """Compile time, FLOPs per step (compiled cost analysis) and achieved FLOP/s of one model."""
+  import jax
+  import numpy as np
+  from tdjax import parallel, trainer
+  setup = trainer.Setup(config)
+  state = setup.init_state()
+  batch = _synthetic_batch(config, setup)
+  with parallel.use_mesh(setup.mesh, setup.rules):
+    gbatch = parallel.host_to_global(batch, setup.mesh)
+    t0 = time.perf_counter()
+    compiled = setup.compile_step(gbatch).lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  holder = [state]
+
+  def run():
+    s = holder[0]
+    for _ in range(steps):
+      s, m = compiled(s, gbatch)
+    jax.block_until_ready(m["loss"])
+    holder[0] = s
+
+  sec = _median_seconds(run, repeats) / steps
+  return {"compile_seconds": compile_s, "flops_per_step": flops, "seconds_per_step": sec,
+          "flops_per_sec": flops / sec, "batch_size": int(config.input.batch_size),
+          "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))}
+
+
+def _synthetic_batch(config, setup):
+  """A batch of the shapes the task trains on, from the task's own example if it has one."""
+  import numpy as np
+  example = getattr(setup.task, "example_batch", None)
+  if example is not None:
+    return example(int(config.input.batch_size))
+  c = config.input
+  rng = np.random.default_rng(0)
+  return {"image": rng.uniform(-1, 1, (c.batch_size, c.image_size, c.image_size, c.channels)).astype(np.float32),
+          "label": rng.integers(0, c.get("num_classes", 10), (c.batch_size,)).astype(np.int32)}
+
+
+def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
+  import jax
+  out = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+         "matmul": matmul_flops_per_sec(repeats=repeats)}
+  peak = out["matmul"]["flops_per_sec"]
+  for name in models or MODELS:
+    path, arg = MODELS[name]
+    try:
+      config = load_config(path, arg)
+    except FileNotFoundError:
+      logging.info("bench: %s has no config yet, skipped", name)
+      continue
+    figs = train_step_figures(config, steps, repeats)
+    figs["ratio_to_matmul"] = figs["flops_per_sec"] / peak
+    out[f"train_step/{name}"] = figs
+  return out
+
+
+def main(argv):
+  del argv
+  result = run_benchmarks(FLAGS.models, FLAGS.repeats, FLAGS.steps)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,335 @@
+"""DetailFlow tokenizer training task (reference doc 1.5-1.8).
+
+One training step:
+  1. t ~ prefix length (prob `degrade_p`: U[1, N-g] rounded up to groups above g; else N), drawn
+     inside jit from the step rng.
+  2. Encoder pass, VQ (clean + top-k noisy indices); self-correction: perturbed detached prefix,
+     second encoder pass with the refined query table (every step; off when t == 1).
+  3. Decoder at dec_res(t) on [clean ; corrected] codes (2B), first t tokens, against the target
+     area-down(R(t)) + bicubic-up(dec_res) of the image, duplicated.
+
+Variable decoder resolution under one jit: the set of decoder resolutions reachable by t is static
+(`PrefixPlan`); the decode + image losses are one `jax.lax.switch` branch per resolution, and the
+degrade matrices of the t values of a branch are stacked constants indexed by t.  Every step
+runs exactly one decoder at its own resolution (as the reference), and the step compiles once
+(its compile time grows with the number of branches: 14 for N=128, R=256, patch 16).
+
+Losses (config.loss): MSE (`mse_weight`), LPIPS (`lpips_weight`, `lpips_start`, `lpips_warmup`,
+weights file `lpips_weights`), adversarial (`adv_weight`, `adv_start`, `disc` 'patchgan' or 'dino',
+`disc_backbone_weights` for dino, `diffaug_policy`, `diffaug_prob`, `lecam_weight`), first-token
+alignment (`align_weight`, `align_start`, `align_teacher_weights`, or per-batch
+`batch['teacher_feats']`), plus the bottleneck loss (codebook 1.0 + commitment 0.25, mixed as in
+reference 1.6).  Generator and discriminator losses are one scalar with stop_gradient on the cross
+terms; `param_groups` maps params['gen'] / params['disc'] to the 'gen' / 'disc' optimisers.
+
+Batches: {'image': float [B, H, W, C] in [-1, 1]} (+ optional 'teacher_feats' [B, D] or [B, L, D]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdjax.tasks.base import Task
+from tdjax.tokenizers.detailflow import build_tokenizer
+from tdjax.tokenizers.resolution import (PrefixPlan, apply_separable, bicubic_matrix,
+                                         decoder_resolution, resolution_for_prefix,
+                                         sample_prefix_length)
+
+
+def _lerp_on(step, start, warmup=0):
+  """0 before `start`, then a linear ramp over `warmup` steps to 1 (float32 scalar)."""
+  s = jnp.asarray(step, jnp.float32) - float(start)
+  if warmup and warmup > 0:
+    return jnp.clip(s / float(warmup), 0.0, 1.0) * (s >= 0)
+  return (s >= 0).astype(jnp.float32)
+
+
+def psnr01(x, y):
+  """PSNR of images in [-1, 1] measured on [0, 1], per image -> [B]."""
+  a = jnp.clip((x + 1) / 2, 0, 1)
+  b = jnp.clip((y + 1) / 2, 0, 1)
+  mse = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+class TokenizerTask(Task):
+  kind = "tokenizer"
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config
+    m = c.model
+    self.image_size = int(c.input.image_size)
+    self.channels = int(c.input.get("channels", 3))
+    self.dtype = jnp.dtype(c.get("compute_dtype", "float32"))
+    self.model = build_tokenizer(m, self.image_size, self.channels, self.dtype)
+    self.N = int(m.num_tokens)
+    self.g = int(m.group)
+    self.causal_num = int(m.get("causal_num") or self.g)
+    self.alpha = float(m.get("alpha", 1.5))
+    self.degrade_p = float(m.get("degrade_p", 0.2))
+    self.self_correction = bool(m.get("self_correction", True)) and m.get("bottleneck", "vq") == "vq"
+    self.plan = PrefixPlan(self.N, self.g, self.image_size, int(m.patch), self.alpha,
+                           self.degrade_p, self.causal_num)
+    self.loss_cfg = l = c.loss
+    self.use_lpips = float(l.get("lpips_weight", 0.0)) > 0
+    self.use_adv = float(l.get("adv_weight", 0.0)) > 0
+    self.use_align = float(l.get("align_weight", 0.0)) > 0
+    if self.use_lpips and not l.get("lpips_weights"):
+      raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_weights "
+                       "(an LPIPS-VGG .npz file)")
+    if self.use_adv and l.get("disc", "patchgan") == "dino" and not l.get("disc_backbone_weights"):
+      raise ValueError("config.loss.adv_weight > 0 with disc='dino' needs "
+                       "config.loss.disc_backbone_weights (a DINO ViT-S/16 .npz file)")
+    if self.use_align:
+      if not int(m.get("align_dim", 0)):
+        raise ValueError("config.loss.align_weight > 0 needs config.model.align_dim > 0")
+      if not l.get("align_teacher_weights") and not l.get("align_from_batch", False):
+        raise ValueError("config.loss.align_weight > 0 needs config.loss.align_teacher_weights "
+                         "(a SigLIP2 teacher .npz) or config.loss.align_from_batch=True")
+    self._lpips = self._disc = self._teacher = None
+    if self.use_lpips:
+      from tdjax.losses.lpips import LPIPS
+      self._lpips = LPIPS(**dict(l.get("lpips_kwargs", {})))
+    if self.use_adv:
+      from tdjax.losses import discriminators as D
+      if l.get("disc", "patchgan") == "dino":
+        self._disc = D.DinoDiscriminator(**dict(l.get("disc_kwargs", {})))
+      else:
+        self._disc = D.PatchGAN(**dict(l.get("disc_kwargs", {})))
+    if self.use_align and l.get("align_teacher_weights"):
+      from tdjax.losses.alignment import ViTTeacher
+      self._teacher = ViTTeacher(**dict(l.get("teacher_kwargs", {})))
+
+  # -------------------------------------------------------------------------------------------
+  def _dummy(self, b=1):
+    return jnp.zeros((b, self.image_size, self.image_size, self.channels), jnp.float32)
+
+  def init(self, rng):
+    k_gen, k_disc = jax.random.split(rng)
+    variables = self.model.init({"params": k_gen}, self._dummy())
+    params = {"gen": variables["params"]}
+    state = {"vq_stats": variables.get("vq_stats", {})}
+    frozen = {}
+    l = self.loss_cfg
+    if self._disc is not None:
+      dvars = self._disc.init(k_disc, self._dummy(2), train=False)
+      dparams = dvars["params"]
+      if l.get("disc", "patchgan") == "dino":
+        from tdjax.losses.discriminators import load_dino_backbone, with_backbone
+        dparams = with_backbone(dparams, load_dino_backbone(l.disc_backbone_weights, self._disc,
+                                                            strict=False))
+      params["disc"] = dparams
+      state["disc"] = {k: v for k, v in dvars.items() if k != "params"}
+      from tdjax.losses.discriminators import init_lecam_ema
+      state["lecam"] = init_lecam_ema()
+    if self._lpips is not None:
+      frozen["lpips"] = self._lpips.load_params(l.lpips_weights)
+    if self._teacher is not None:
+      from tdjax.losses.alignment import load_teacher_params
+      frozen["teacher"] = load_teacher_params(l.align_teacher_weights, self._teacher)
+    if frozen:
+      state["frozen"] = frozen
+    return params, state
+
+  def param_groups(self, params):
+    if "disc" not in params:
+      return None
+    return {k: jax.tree.map(lambda _: "disc" if k == "disc" else "gen", v)
+            for k, v in params.items()}
+
+  def logical_batch_axes(self):
+    return {"image": ("batch", None, None, None)}
+
+  # -------------------------------------------------------------------------------------------
+  def _lpips_fn(self, frozen, x, y):
+    if min(x.shape[1:3]) < 16:  # LPIPS needs >= 16 px; small prefixes are compared upsampled
+      s = 16
+      mh = bicubic_matrix(x.shape[1], s)
+      x, y = apply_separable(x, mh), apply_separable(y, mh)
+    return self._lpips.apply({"params": frozen["lpips"]}, x, y)
+
+  def _disc_apply(self, dparams, dstate, x):
+    """Discriminator logits in train mode; returns (logits [B, ...], new non-param state)."""
+    x = x.astype(jnp.float32)
+    size = int(self.loss_cfg.get("disc_input_size", 0) or 0)
+    if size and x.shape[1] != size:
+      x = apply_separable(x, bicubic_matrix(x.shape[1], size), bicubic_matrix(x.shape[2], size))
+    mutable = list(dstate.keys())
+    logits, new = self._disc.apply({"params": dparams, **dstate}, x, train=True, mutable=mutable)
+    return logits.reshape(logits.shape[0], -1), dict(new)
+
+  def _augment(self, x, rng):
+    l = self.loss_cfg
+    policy = l.get("diffaug_policy", "color,translation,cutout_0.2")
+    prob = float(l.get("diffaug_prob", 0.5))
+    if not policy or prob <= 0:
+      return x
+    try:
+      from tdjax.losses.augment import diff_augment
+    except ImportError:  # pragma: no cover
+      from tdjax.losses.discriminators import diff_augment
+    return diff_augment(x, rng, policy, prob)
+
+  def _image_losses(self, res, mats, params, state, codes, t, row, x, w, step, rng):
+    """Decode at static `res` and compute every image-space loss term (one switch branch)."""
+    l = self.loss_cfg
+    rec = self.model.apply({"params": params["gen"]}, codes, res, t, method="decode")
+    M = jnp.asarray(mats)[row]
+    target = apply_separable(x.astype(jnp.float32), M)
+    reps = rec.shape[0] // x.shape[0]
+    target = jnp.concatenate([target] * reps, axis=0)
+    wsum = jnp.maximum(jnp.sum(w), 1.0)
+    mse = jnp.sum(w * jnp.mean((rec - target) ** 2, axis=(1, 2, 3))) / wsum
+    out = dict(mse=mse, lpips=jnp.zeros(()), g_loss=jnp.zeros(()), d_loss=jnp.zeros(()),
+               lecam=jnp.zeros(()), logits_real=jnp.zeros(()), logits_fake=jnp.zeros(()))
+    new_state = {k: state[k] for k in ("disc", "lecam") if k in state}
+    if self._lpips is not None:
+      out["lpips"] = jnp.sum(w * self._lpips_fn(state["frozen"], rec, target)) / wsum
+    if self._disc is not None:
+      from tdjax.losses import discriminators as D
+      k1, k2 = jax.random.split(rng)
+      sg = jax.lax.stop_gradient
+      on = _lerp_on(step, l.get("adv_start", 0))
+      # generator term: D's params are constants here.
+      fake_logits_g, _ = self._disc_apply(sg(params["disc"]), state["disc"], self._augment(rec, k1))
+      out["g_loss"] = D.hinge_g_loss(fake_logits_g) * on
+      # discriminator term: the generator's output is a constant here.
+      both = jnp.concatenate([sg(target), sg(rec)], axis=0)
+      logits, dstate = self._disc_apply(params["disc"], state["disc"], self._augment(both, k2))
+      real, fake = logits[:target.shape[0]], logits[target.shape[0]:]
+      d = D.hinge_d_loss(real, fake)
+      lw = float(l.get("lecam_weight", 0.0))
+      lecam = jnp.zeros(())
+      ema = state["lecam"]
+      if lw > 0:
+        lecam = D.lecam_reg(real, fake, ema["real"], ema["fake"])
+        r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
+                                  float(l.get("lecam_decay", 0.999)))
+        ema = {"real": jnp.where(on > 0, r, ema["real"]), "fake": jnp.where(on > 0, f, ema["fake"])}
+      out.update(d_loss=(d + lw * lecam) * on, lecam=lecam, logits_real=jnp.mean(sg(real)),
+                 logits_fake=jnp.mean(sg(fake)))
+      new_state["disc"] = jax.tree.map(lambda n, o: jnp.where(on > 0, n, o), dstate, state["disc"])
+      new_state["lecam"] = ema
+    return out, new_state
+
+  def loss(self, params, model_state, batch, rng, step):
+    l = self.loss_cfg
+    x = batch["image"].astype(jnp.float32)
+    b = x.shape[0]
+    k_t, k_tok, k_img, k_align = jax.random.split(rng, 4)
+    t = sample_prefix_length(k_t, self.N, self.g, self.degrade_p, self.causal_num)
+    tok, new_vq = self.model.apply(
+        {"params": params["gen"], "vq_stats": model_state.get("vq_stats", {})}, x, t, k_tok,
+        method="tokenize_train", mutable=["vq_stats"], self_correction=self.self_correction)
+    if tok["z_q_sc"] is not None:
+      codes = jnp.concatenate([tok["z_q"], tok["z_q_sc"]], axis=0)
+      w = jnp.concatenate([jnp.ones((b,)), jnp.broadcast_to(tok["sc_on"].astype(jnp.float32), (b,))])
+    else:
+      codes, w = tok["z_q"], jnp.ones((b,))
+    branch = jnp.asarray(self.plan.branch_of_t)[t]
+    row = jnp.asarray(self.plan.row_of_t)[t]
+    fns = [(lambda ops, res=res, mats=mats: self._image_losses(res, mats, *ops))
+           for res, mats in zip(self.plan.branches, self.plan.matrices)]
+    ops = (params, model_state, codes, t, row, x, w, step, k_img)
+    if len(fns) == 1:
+      img, new_state = fns[0](ops)
+    else:
+      img, new_state = jax.lax.switch(branch, fns, ops)
+
+    mse_w = float(l.get("mse_weight", 1.0))
+    total = mse_w * img["mse"] + tok["bottleneck_loss"]
+    metrics = dict(rec_mse=img["mse"], bottleneck_loss=tok["bottleneck_loss"],
+                   prefix_t=t.astype(jnp.float32),
+                   dec_res=jnp.asarray(self.plan.branches, jnp.float32)[branch],
+                   sc_on=tok["sc_on"].astype(jnp.float32), **tok["metrics"])
+    if self._lpips is not None:
+      lw = float(l.lpips_weight) * _lerp_on(step, l.get("lpips_start", 0), l.get("lpips_warmup", 0))
+      total = total + lw * img["lpips"]
+      metrics["lpips"] = img["lpips"]
+    if self._disc is not None:
+      total = total + float(l.adv_weight) * img["g_loss"] + img["d_loss"]
+      metrics.update(g_loss=img["g_loss"], d_loss=img["d_loss"], lecam=img["lecam"],
+                     logits_real=img["logits_real"], logits_fake=img["logits_fake"])
+    if self.use_align:
+      pred = self.model.apply({"params": params["gen"]}, tok["z_q"][:, 0], method="align")
+      feats = self._teacher_feats(model_state, batch, x)
+      from tdjax.losses.alignment import alignment_loss
+      al = alignment_loss(pred, feats)
+      total = total + float(l.align_weight) * _lerp_on(step, l.get("align_start", 0)) * al
+      metrics["align_loss"] = al
+    new_model_state = dict(model_state)
+    new_model_state.update(new_state)
+    if "vq_stats" in new_vq:
+      new_model_state["vq_stats"] = new_vq["vq_stats"]
+      counts = new_vq["vq_stats"]["quantizer"]["counts"]
+      metrics["codebook_usage"] = jnp.mean((counts > 0.5).astype(jnp.float32))
+    return total, (metrics, new_model_state)
+
+  def _teacher_feats(self, model_state, batch, x):
+    if "teacher_feats" in batch:
+      return batch["teacher_feats"]
+    from tdjax.losses.alignment import teacher_features
+    xt = x if x.shape[-1] == 3 else jnp.repeat(x, 3, axis=-1)
+    return teacher_features(self._teacher, model_state["frozen"]["teacher"], xt)
+
+  # -------------------------------------------------------------------------------------------
+  def reconstruct(self, params, images, num_tokens: int | None = None, res: int | None = None):
+    """Images [B, H, W, C] -> reconstructions from the first `num_tokens` codes at `res`
+    (default: dec_res(num_tokens)); eval mode, no noise."""
+    gen = params["gen"] if "gen" in params else params
+    n = self.N if num_tokens is None else num_tokens
+    if res is None:
+      res = decoder_resolution(resolution_for_prefix(n, self.N, self.image_size, self.alpha),
+                               self.model.patch)
+    z = self.model.apply({"params": gen}, images, method="encode")
+    q = self.model.apply({"params": gen}, z, method="quantize")
+    return self.model.apply({"params": gen}, q["z_q"][:, :n], res, method="decode")
+
+  def eval_metrics(self, params, model_state, batch, rng):
+    x = batch["image"].astype(jnp.float32)
+    gen = params["gen"]
+    z = self.model.apply({"params": gen}, x, method="encode")
+    q = self.model.apply({"params": gen}, z, method="quantize")
+    rec = self.model.apply({"params": gen}, q["z_q"], method="decode")
+    out = dict(mse=jnp.mean((rec - x) ** 2), psnr=jnp.mean(psnr01(rec, x)))
+    if "indices" in q:
+      k = self.model.codebook_size
+      used = jnp.zeros((k,), jnp.float32).at[q["indices"].reshape(-1)].add(1.0)
+      out["batch_codebook_usage"] = jnp.mean((used > 0).astype(jnp.float32))
+      counts = model_state.get("vq_stats", {}).get("quantizer", {}).get("counts")
+      if counts is not None:
+        out["codebook_usage"] = jnp.mean((counts > 0.5).astype(jnp.float32))
+    return out
+
+  def prefix_lengths_for_strip(self):
+    ns, n = [], 1
+    while n < self.N:
+      ns.append(n)
+      n *= 2
+    return ns + [self.N]
+
+  def images(self, params, model_state, batch, rng):
+    """originals, reconstructions, and a coarse-to-fine strip per image (first 8 images): row i
+    = image i decoded from 1, 2, 4, ..., N tokens, each at its decoder resolution, shown
+    nearest-upsampled to the image size."""
+    x = batch["image"][:8].astype(jnp.float32)
+    gen = params["gen"]
+    z = self.model.apply({"params": gen}, x, method="encode")
+    q = self.model.apply({"params": gen}, z, method="quantize")
+    S = self.image_size
+    rec = self.model.apply({"params": gen}, q["z_q"], method="decode")
+    tiles = []
+    for n in self.prefix_lengths_for_strip():
+      res = decoder_resolution(resolution_for_prefix(n, self.N, S, self.alpha), self.model.patch)
+      y = self.model.apply({"params": gen}, q["z_q"][:, :n], res, method="decode")
+      if res != S:
+        y = jax.image.resize(y, (y.shape[0], S, S, y.shape[-1]), "nearest")
+      tiles.append(y)
+    strip = jnp.concatenate(tiles, axis=2)
+    clip = lambda a: jnp.clip(a, -1.0, 1.0)
+    return {"originals": x, "reconstructions": clip(rec), "coarse_to_fine": clip(strip)}
