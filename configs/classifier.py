@@ -8,8 +8,9 @@ from tdjax import configlib as common
 from tdjax.data.pipeline import default_input_config
 
 SIZES = {
-    "tiny": dict(channels=(8, 16, 16), features=16),
-    "demo": dict(channels=(32, 64, 128), features=128),
+    "tiny": dict(channels=(8, 16, 16), blocks=1, features=16),
+    "demo": dict(channels=(16, 32, 64), blocks=1, features=64),
+    "wide": dict(channels=(32, 64, 128), blocks=2, features=128),
 }
 
 

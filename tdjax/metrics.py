@@ -173,3 +173,14 @@ def count_params(params) -> int:
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class _QuietLibraries:
+  """Drops INFO records logged by Orbax internals (dozens per save) from the absl handler."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -23,7 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
-  from tdjax import trainer
+  from tdjax import metrics, trainer
+  metrics.quiet_library_logs()
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)

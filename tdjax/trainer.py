@@ -104,6 +104,7 @@ class Setup:
 
     def loss_fn(params, mstate, micro, key):
       p = optim.cast_floating(params, compute_dtype)
+      micro = optim.cast_floating(micro, compute_dtype)
       loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step)
       return loss.astype(jnp.float32), (metrics, new_mstate)
 
@@ -288,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           eval_fn, eval_data, ev = _evaluate(setup, state, eval_fn, eval_data, done)
           if ev:
             writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            logging.info("eval at step %d: %s", done, ", ".join(f"{k} {v:.5g}" for k, v in ev.items()))
             last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
         if config.get("image_every", 0) and done % config.image_every == 0:
           _write_images(setup, state, writer, done)

@@ -192,3 +192,25 @@ def test_optimizer_groups_and_weight_decay_mask():
   upd, _ = tx.update(zero, tx.init(params), params)
   assert float(upd["gen"]["w"][0, 0]) == -0.5  # decayed (ndim 2)
   assert float(upd["gen"]["b"][0]) == 0.0      # not decayed (ndim 1)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+  batches = _batches(2)
+  mesh = parallel.make_mesh({"data": -1})
+  _, state, losses = _run_steps(toy_config(compute_dtype="bfloat16", noise_scale=0.0), mesh, batches)
+  _, _, ref = _run_steps(toy_config(noise_scale=0.0), mesh, batches)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+  np.testing.assert_allclose(losses, ref, rtol=2e-2)  # bf16 matmuls: close, not equal
+  assert losses != ref
+
+
+def test_persistent_compilation_cache(tmp_path):
+  cache = str(tmp_path / "xla_cache")
+  prev = jax.config.jax_compilation_cache_dir
+  try:
+    parallel.enable_compilation_cache(cache)
+    _run_steps(toy_config(seed=123), parallel.make_mesh({"data": -1}), _batches(1))
+    assert os.listdir(cache), "no compiled executables were written to the cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", prev)

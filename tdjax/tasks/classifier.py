@@ -22,6 +22,7 @@ _lp = nn.with_logical_partitioning
 class ConvNet(nn.Module):
   """conv-GN-GELU stages with stride-2 downsampling, global mean pool, linear head."""
   channels: Sequence[int] = (32, 64, 128)
+  blocks: int = 2            # conv layers per stage
   features: int = 128
   num_classes: int = 10
   dtype: jnp.dtype = jnp.float32
@@ -30,7 +31,7 @@ class ConvNet(nn.Module):
   def __call__(self, x, *, return_features: bool = False):
     x = x.astype(self.dtype)
     for i, ch in enumerate(self.channels):
-      for j in range(2):
+      for j in range(self.blocks):
         x = nn.Conv(ch, (3, 3), strides=2 if (j == 0 and i > 0) else 1, dtype=self.dtype,
                     kernel_init=_lp(nn.initializers.lecun_normal(), ("kernel_h", "kernel_w", "conv_in", "conv_out")),
                     bias_init=_lp(nn.initializers.zeros, ("conv_out",)), name=f"conv{i}_{j}")(x)
@@ -53,7 +54,8 @@ class ConvNet(nn.Module):
 
 def build_model(config) -> ConvNet:
   m = config.model
-  return ConvNet(channels=tuple(m.channels), features=m.features, num_classes=m.num_classes,
+  return ConvNet(channels=tuple(m.channels), blocks=m.get("blocks", 2), features=m.features,
+                 num_classes=m.num_classes,
                  dtype=jnp.dtype(config.get("compute_dtype", "float32")))
 
 
