@@ -347,3 +347,19 @@ def _write_images(setup: Setup, state, writer, step):
   if images:
     paths = writer.write_images(step, images)
     logging.info("pictures: %s", paths)
+
+
+def load_for_inference(workdir: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None):
+  """(config, task, state) from the checkpoints in `workdir`; the model is rebuilt from the config
+  stored in the checkpoint, so no config flags are needed.  Fails with a one-line error if the
+  workdir has no checkpoint."""
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  if checkpointer.latest_step() is None:
+    raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}")
+  config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+  if mesh is None:
+    mesh = parallel.make_mesh({"data": -1})
+  setup = Setup(config, mesh)
+  _, state, _ = checkpointer.restore(setup.abstract_state(), step)
+  checkpointer.close()
+  return config, setup.task, state

@@ -1,0 +1,192 @@
+"""First-token ("global token") alignment, DetailFlow Eq. 4.
+
+    L_align = -mean_b cos( MLP(z_q[b, 0]),  mean_over_patches( Teacher(x[b]) ) )
+
+`AlignmentProjector` is the trainable MLP Linear(d, 1024) - SiLU - Linear(1024, 1024) - SiLU -
+Linear(1024, teacher_dim).  The frozen teacher is `ViTTeacher`, a generic SigLIP2-style vision tower
+of configurable size (DetailFlow: so400m, width 1152, 27 blocks, 16 heads, MLP 4304, patch 16):
+
+    x in [-1, 1] NHWC (SigLIP's own normalisation maps [0,1] to [-1,1], so no further scaling)
+    -> (py, px, c)-flattened 16x16 patches -> Linear -> + learned pos table [G*G, W], resized
+       (bilinear, antialiased, as HF naflex does) to the image's patch grid
+    -> pre-LN blocks: x + o(attn(LN1 x)) with biased q/k/v/o;  x + fc2(gelu_tanh(fc1(LN2 x)))
+    -> post LayerNorm                                                     -> [B, N, W]
+
+Reference quirk: DetailFlow's `forward_features` applies `post_layernorm` again on top of the HF
+output, which already ends with it, so its targets are LayerNorm applied twice (with the same
+params).  `ViTTeacher(double_post_ln=True)` replicates that; default False (a single post-LN).
+
+Teacher weights file (`load_teacher_params(path, teacher)`): an `.npz` with flat keys, float32,
+Flax layout (W width, H heads, D = W / H, F MLP width, P patch, G pos grid):
+
+  patch_embed/kernel [P*P*3, W]   patch_embed/bias [W]   pos_embed [G*G, W]
+  blocks_{i}/ln1/{scale,bias} [W]   blocks_{i}/ln2/{scale,bias} [W]
+  blocks_{i}/attn/{q,k,v}/kernel [W,H,D]   blocks_{i}/attn/{q,k,v}/bias [H,D]
+  blocks_{i}/attn/o/kernel [H,D,W]         blocks_{i}/attn/o/bias [W]
+  blocks_{i}/mlp/fc1/kernel [W,F]  blocks_{i}/mlp/fc1/bias [F]  blocks_{i}/mlp/fc2/kernel [F,W]  ../bias [W]
+  post_ln/{scale,bias} [W]
+
+for i in 0 .. depth-1.  From HF Siglip2VisionModel: embeddings.patch_embedding.weight [W, P*P*3]
+-> .T; embeddings.position_embedding.weight [G*G, W] as is; encoder.layers.i.self_attn.{q,k,v}_proj
+.weight [W,W] -> .T.reshape(W,H,D), bias -> reshape(H,D); out_proj.weight -> .T.reshape(H,D,W);
+layer_norm1/2 -> ln1/ln2; mlp.fc1/fc2 -> .T; post_layernorm -> post_ln.  The attention-pooling head
+is not used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tdjax.losses.weights import expected_params, load_npz_params
+
+_lp = nn.with_logical_partitioning
+
+
+class AlignmentProjector(nn.Module):
+  """[..., d] -> [..., teacher_dim]: Linear-SiLU-Linear-SiLU-Linear (trainable, fp32)."""
+  teacher_dim: int = 1152
+  hidden: int = 1024
+
+  @nn.compact
+  def __call__(self, z):
+    z = z.astype(jnp.float32)
+    init = nn.initializers.lecun_normal()
+    z = nn.Dense(self.hidden, name="fc1", kernel_init=_lp(init, ("code_dim", "mlp")),
+                 bias_init=_lp(nn.initializers.zeros, ("mlp",)))(z)
+    z = nn.silu(z)
+    z = nn.Dense(self.hidden, name="fc2", kernel_init=_lp(init, ("embed", "mlp")),
+                 bias_init=_lp(nn.initializers.zeros, ("mlp",)))(z)
+    z = nn.silu(z)
+    return nn.Dense(self.teacher_dim, name="fc3", kernel_init=_lp(init, ("mlp", "embed")),
+                    bias_init=_lp(nn.initializers.zeros, ("embed",)))(z)
+
+
+def cosine_similarity(a, b, eps: float = 1e-8):
+  """torch.nn.functional.cosine_similarity over the last axis."""
+  num = jnp.sum(a * b, axis=-1)
+  den = jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), eps)
+  return num / den
+
+
+def alignment_loss(pred, teacher_feats) -> jax.Array:
+  """-mean cos(pred, mean-pooled teacher features).  pred [B, D]; teacher_feats [B, N, D] (pooled
+  over N here) or [B, D] (already pooled).  The teacher side is treated as a constant."""
+  t = jax.lax.stop_gradient(teacher_feats).astype(jnp.float32)
+  if t.ndim == pred.ndim + 1:
+    t = jnp.mean(t, axis=-2)
+  if t.shape != pred.shape:
+    raise ValueError(f"alignment_loss: pred {pred.shape} vs pooled teacher {t.shape}")
+  return -jnp.mean(cosine_similarity(pred.astype(jnp.float32), t))
+
+
+class _TeacherBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    ln = lambda name: nn.LayerNorm(epsilon=self.eps, name=name,
+                                   scale_init=_lp(nn.initializers.ones, ("embed",)),
+                                   bias_init=_lp(nn.initializers.zeros, ("embed",)))
+    x = x + _TeacherAttention(self.num_heads, name="attn")(ln("ln1")(x))
+    return x + _TeacherMlp(self.mlp_dim, name="mlp")(ln("ln2")(x))
+
+
+class _TeacherAttention(nn.Module):
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    w = x.shape[-1]
+    d = w // self.num_heads
+    init = nn.initializers.lecun_normal()
+
+    def proj(name):
+      return nn.DenseGeneral((self.num_heads, d), name=name,
+                             kernel_init=_lp(init, ("embed", "heads", "head_dim")),
+                             bias_init=_lp(nn.initializers.zeros, ("heads", "head_dim")))
+
+    q, k, v = proj("q")(x), proj("k")(x), proj("v")(x)
+    a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", a, v)
+    return nn.DenseGeneral(w, axis=(-2, -1), name="o",
+                           kernel_init=_lp(init, ("heads", "head_dim", "embed")),
+                           bias_init=_lp(nn.initializers.zeros, ("embed",)))(o)
+
+
+class _TeacherMlp(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    w = x.shape[-1]
+    init = nn.initializers.lecun_normal()
+    h = nn.Dense(self.mlp_dim, name="fc1", kernel_init=_lp(init, ("embed", "mlp")),
+                 bias_init=_lp(nn.initializers.zeros, ("mlp",)))(x)
+    h = nn.gelu(h, approximate=True)
+    return nn.Dense(w, name="fc2", kernel_init=_lp(init, ("mlp", "embed")),
+                    bias_init=_lp(nn.initializers.zeros, ("embed",)))(h)
+
+
+class ViTTeacher(nn.Module):
+  """SigLIP2-style vision tower: NHWC [-1, 1] (H, W multiples of patch_size) -> [B, N, width].
+
+  Defaults are so400m-patch16 (27 x 1152, 16 heads, MLP 4304, 16x16 pos grid).
+  """
+  width: int = 1152
+  depth: int = 27
+  num_heads: int = 16
+  mlp_dim: int = 4304
+  patch_size: int = 16
+  pos_grid: int = 16
+  ln_eps: float = 1e-6
+  double_post_ln: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"ViTTeacher: expected NHWC RGB images, got shape {x.shape}")
+    b, h, w, c = x.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f"ViTTeacher: image size {(h, w)} is not a multiple of patch {p}")
+    gh, gw = h // p, w // p
+    x = x.astype(jnp.float32).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, gh * gw, p * p * c)
+    x = nn.Dense(self.width, name="patch_embed",
+                 kernel_init=_lp(nn.initializers.lecun_normal(), ("conv_in", "embed")),
+                 bias_init=_lp(nn.initializers.zeros, ("embed",)))(x)
+    g = self.pos_grid
+    pos = self.param("pos_embed", _lp(nn.initializers.normal(0.02), (None, "embed")),
+                     (g * g, self.width))
+    if (gh, gw) != (g, g):
+      pos = jax.image.resize(pos.reshape(g, g, self.width), (gh, gw, self.width), "bilinear",
+                             antialias=True).reshape(gh * gw, self.width)
+    x = x + pos[None]
+    for i in range(self.depth):
+      x = _TeacherBlock(self.num_heads, self.mlp_dim, self.ln_eps, name=f"blocks_{i}")(x)
+    post = nn.LayerNorm(epsilon=self.ln_eps, name="post_ln",
+                        scale_init=_lp(nn.initializers.ones, ("embed",)),
+                        bias_init=_lp(nn.initializers.zeros, ("embed",)))
+    x = post(x)
+    if self.double_post_ln:  # DetailFlow quirk: the same post-LN applied a second time
+      x = post(x)
+    return x
+
+
+def load_teacher_params(path: str, teacher: ViTTeacher | None = None, *, strict: bool = True) -> dict:
+  """Reads a teacher npz (layout in the module docstring) -> the teacher's `params` tree."""
+  teacher = ViTTeacher() if teacher is None else teacher
+  s = teacher.patch_size * teacher.pos_grid
+  x = jnp.zeros((1, s, s, 3), jnp.float32)
+  return load_npz_params(path, expected_params(teacher, x), what="alignment teacher", strict=strict)
+
+
+def teacher_features(teacher: ViTTeacher, params, x) -> jax.Array:
+  """Frozen teacher forward: [B, N, W] with no gradient to params or input."""
+  return jax.lax.stop_gradient(teacher.apply({"params": params}, jax.lax.stop_gradient(x)))
