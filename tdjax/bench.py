@@ -120,6 +120,10 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
     figs = train_step_figures(config, steps, repeats)
     figs["ratio_to_matmul"] = figs["flops_per_sec"] / peak
     out[f"train_step/{name}"] = figs
+  if models is None or "next_detail" in models:
+    from tdjax.generators.next_detail import benchmark_cache_vs_recompute
+    out["sampling/next_detail_cache_vs_recompute"] = benchmark_cache_vs_recompute(
+        repeats=repeats, verbose=False)
   return out
 
 

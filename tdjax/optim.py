@@ -32,12 +32,26 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> op
   return optax.join_schedules([optax.linear_schedule(init, lr, warm), main], [warm])
 
 
-def decay_mask(params, min_ndim: int):
-  """Weight decay only on parameters with ndim >= min_ndim (no decay on biases and norm scales)."""
-  return jax.tree.map(lambda p: p.ndim >= min_ndim, params)
+def decay_mask(params, min_ndim: int, specs=None):
+  """Weight decay only on parameters with ndim >= min_ndim (no decay on biases and norm scales).
+
+  With the parameters' logical specs, a stacked 'layers' axis (nn.scan) does not count, so the
+  [depth, D] norm scales of a scanned stack stay undecayed.  Leaves of other optimiser groups
+  (optax.MaskedNode) pass through.
+  """
+  def decide(p, s=None):
+    if isinstance(p, optax.MaskedNode):
+      return p
+    stacked = sum(1 for a in (s or ()) if a == "layers")
+    return p.ndim - stacked >= min_ndim
+
+  if specs is None:
+    return jax.tree.map(decide, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  return jax.tree.map(decide, params, specs,
+                      is_leaf=lambda x: isinstance(x, (optax.MaskedNode, jax.sharding.PartitionSpec)))
 
 
-def _single(c: ml_collections.ConfigDict, total_steps: int, params) -> optax.GradientTransformation:
+def _single(c: ml_collections.ConfigDict, total_steps: int, specs=None) -> optax.GradientTransformation:
   name = c.get("name", "adamw")
   sched = learning_rate_schedule(c, total_steps)
   parts = []
@@ -48,7 +62,7 @@ def _single(c: ml_collections.ConfigDict, total_steps: int, params) -> optax.Gra
     wd = float(c.get("weight_decay", 0.0)) if name == "adamw" else 0.0
     if wd:
       min_ndim = int(c.get("decay_min_ndim", 2))
-      parts.append(optax.add_decayed_weights(wd, mask=lambda p: decay_mask(p, min_ndim)))
+      parts.append(optax.add_decayed_weights(wd, mask=lambda p: decay_mask(p, min_ndim, specs)))
   elif name == "sgd":
     if c.get("momentum", 0.0):
       parts.append(optax.trace(decay=float(c.momentum)))
@@ -58,21 +72,22 @@ def _single(c: ml_collections.ConfigDict, total_steps: int, params) -> optax.Gra
   return optax.chain(*parts)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params, groups=None) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, groups=None, specs=None) -> optax.GradientTransformation:
   """One optimiser, or one per parameter group (`groups`: pytree of names like params).
 
+  `specs`: the parameters' logical PartitionSpecs (see `decay_mask`).
   A group's settings are `config.optimizer` updated with `config.optimizer_groups[name]`; each group
   clips its own gradient norm (DetailFlow clips generator and discriminator separately).
   """
   if groups is None:
-    return _single(config.optimizer, config.total_steps, params)
+    return _single(config.optimizer, config.total_steps, specs)
   names = sorted(set(jax.tree.leaves(groups)))
   transforms = {}
   for name in names:
     c = ml_collections.ConfigDict(config.optimizer.to_dict())
     overrides = config.get("optimizer_groups", {}).get(name, {})
     c.update(dict(overrides))
-    transforms[name] = _single(c, config.total_steps, params)
+    transforms[name] = _single(c, config.total_steps, specs)
   return optax.multi_transform(transforms, groups)
 
 

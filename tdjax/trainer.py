@@ -63,11 +63,13 @@ class Setup:
     mstate_specs = parallel.logical_specs(boxed_mstate)
     params_shape = nn.unbox(boxed_params)
     self.groups = self.task.param_groups(params_shape)
-    self.tx = optim.make_optimizer(config, params_shape, self.groups)
+    self.tx = optim.make_optimizer(config, self.groups, param_specs)
     opt_shape = jax.eval_shape(self.tx.init, params_shape)
+    # optimizer leaves shaped like a parameter take its spec; other groups' leaves are MaskedNodes
     opt_specs = optax.tree_map_params(
-        self.tx, lambda _, spec: spec, opt_shape, param_specs,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+        self.tx, lambda x, spec: x if isinstance(x, optax.MaskedNode) else spec, opt_shape,
+        param_specs, transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
     specs = dict(step=P(), params=param_specs, opt_state=opt_specs, model_state=mstate_specs)
     if config.get("ema_decay", 0.0):
       specs["ema"] = param_specs

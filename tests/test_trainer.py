@@ -182,16 +182,28 @@ def test_optimizer_groups_and_weight_decay_mask():
                           warmup_steps=0, grad_clip=0.0))
   c.optimizer_groups = {"disc": {"lr": 0.0}}
   groups = {"gen": {"w": "gen", "b": "gen"}, "disc": {"w": "disc"}}
-  tx = optim.make_optimizer(c, params, groups)
+  tx = optim.make_optimizer(c, groups)
   grads = jax.tree.map(jnp.ones_like, params)
   upd, _ = tx.update(grads, tx.init(params), params)
   assert float(upd["gen"]["w"][0, 0]) == -1.0 and float(upd["disc"]["w"][0, 0]) == 0.0
   c.optimizer.update(dict(name="adamw", weight_decay=0.5, lr=1.0))
-  tx = optim.make_optimizer(c, params)
+  tx = optim.make_optimizer(c)
   zero = jax.tree.map(jnp.zeros_like, params)
   upd, _ = tx.update(zero, tx.init(params), params)
   assert float(upd["gen"]["w"][0, 0]) == -0.5  # decayed (ndim 2)
   assert float(upd["gen"]["b"][0]) == 0.0      # not decayed (ndim 1)
+  # a scanned stack's [layers, D] norm scale is not decayed; its [layers, D, D] kernel is
+  P = jax.sharding.PartitionSpec
+  stacked = {"scale": jnp.ones((3, 2)), "kernel": jnp.ones((3, 2, 2))}
+  specs = {"scale": P("layers", "embed"), "kernel": P("layers", "embed", "mlp")}
+  tx = optim.make_optimizer(c, None, specs)
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, stacked), tx.init(stacked), stacked)
+  assert float(upd["scale"][0, 0]) == 0.0 and float(upd["kernel"][0, 0, 0]) == -0.5
+  # with groups, other groups' leaves pass through the mask
+  groups = {"scale": "a", "kernel": "b"}
+  tx = optim.make_optimizer(c, groups, specs)
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, stacked), tx.init(stacked), stacked)
+  assert float(upd["scale"][0, 0]) == 0.0 and float(upd["kernel"][0, 0, 0]) == -0.5
 
 
 def test_bf16_compute_keeps_fp32_master_weights():

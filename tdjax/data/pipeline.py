@@ -243,6 +243,10 @@ def _collate(examples):
 def make_pipeline(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
                   process_count: int = 1, split: str = "train", train: bool = True) -> Pipeline:
   """This process's iterator over `split` of `input_config.source` (see the module docstring)."""
+  if input_config.get("source") == "codes":  # token codes extracted from a tokenizer (AR training)
+    from tdjax.data.codes import CodesPipeline
+    return CodesPipeline(input_config, seed=seed, process_index=process_index,
+                         process_count=process_count, split=split, train=train)
   input_config = with_defaults(input_config)
   source = sources.make_source(input_config, split)
   p = Pipeline(input_config, source, seed=seed, process_index=process_index,

@@ -9,6 +9,7 @@ from tdjax.tasks.base import Task
 TASKS = {
     "classifier": "tdjax.tasks.classifier:ClassifierTask",
     "tokenizer": "tdjax.tasks.tokenizer:TokenizerTask",
+    "next_detail": "tdjax.tasks.next_detail:NextDetailTask",
 }
 
 

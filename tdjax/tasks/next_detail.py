@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tdjax.generators import next_detail as nd
@@ -33,26 +33,21 @@ class NextDetailTask(Task):
     self.correction_prob = float(loss.get("correction_prob", 0.3))
     if not 0.0 <= self.correction_prob <= 1.0:
       raise ValueError(f"loss.correction_prob={self.correction_prob} must be in [0, 1]")
+    self._tokenizer = None
+    if config.get("tokenizer_workdir", ""):
+      self.tokenizer()
 
   # --- params -----------------------------------------------------------------------------------
   def init(self, rng):
     return nd.init_params(self.model, rng), {}
 
-  def param_groups(self, params):
-    """With `optimizer_groups.no_decay` in the config: 'no_decay' for parameters whose own rank is
-    < 2 (norm scales), counting the stacked 'layers' axis of a scanned stack out, 'decay' for the
-    rest (kernels and embeddings).  Otherwise None (one group).
-
-    `optim.decay_mask` looks at p.ndim only, so with scan=True it also decays the [depth, D] norm
-    scales; the groups fix that, but each group then clips its own gradient norm."""
-    if "no_decay" not in self.config.get("optimizer_groups", {}):
-      return None
-
-    def group(path, p):
-      keys = [getattr(k, "key", None) for k in path]
-      ndim = p.ndim - (1 if "layers" in keys else 0)
-      return "decay" if ndim >= 2 else "no_decay"
-    return jax.tree_util.tree_map_with_path(group, params)
+  def example_batch(self, batch_size: int, seed: int = 0) -> dict:
+    """Random codes of the training shapes (benchmarks, AOT compilation)."""
+    m = self.model
+    rng = np.random.default_rng(seed)
+    codes = lambda: rng.integers(0, m.vocab_size, (batch_size, m.num_tokens)).astype(np.int32)
+    return {"clean": codes(), "ar_input": codes(), "ar_label": codes(),
+            "label": rng.integers(0, m.num_classes, (batch_size,)).astype(np.int32)}
 
   def logical_batch_axes(self):
     codes = ("batch", "length")
@@ -81,6 +76,33 @@ class NextDetailTask(Task):
     g = self.model.group_size
     return {"loss": ce.mean(), "loss_first_group": ce[:, :g].mean(),
             "accuracy": (logits.argmax(-1) == batch["clean"]).mean()}
+
+  # --- pictures ---------------------------------------------------------------------------------
+  def tokenizer(self):
+    """(DetailFlowTokenizer, its params as host arrays) from config.tokenizer_workdir, or None.
+
+    Restored on first use, which must happen outside jit (the task's constructor does it when a
+    tokenizer is configured, because the loop only calls `images` inside jit)."""
+    workdir = self.config.get("tokenizer_workdir", "")
+    if not workdir:
+      return None
+    if self._tokenizer is None:
+      from tdjax.data.codes import restore_tokenizer
+      task, params, _ = restore_tokenizer(workdir)
+      nd.check_tokenizer_pair(task.model.num_tokens, task.model.codebook_size,
+                              self.model.num_tokens, self.model.vocab_size)
+      self._tokenizer = (task.model, jax.device_get(params))
+    return self._tokenizer
+
+  def images(self, params, model_state, batch, rng):
+    """Class-conditional samples (one per class, up to 8) decoded by the tokenizer of
+    config.tokenizer_workdir, with config.sample settings; {} without a tokenizer."""
+    tok = self.tokenizer()
+    if tok is None:
+      return {}
+    labels = np.arange(min(8, self.model.num_classes))
+    codes = self.sample_fn()(params, labels, rng)
+    return {"samples": nd.decode_codes(tok[0], tok[1], codes, ar_model=self.model)}
 
   # --- sampling ---------------------------------------------------------------------------------
   def sample_fn(self):

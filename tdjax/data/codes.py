@@ -1,0 +1,411 @@
+"""Pre-extracted tokenizer codes for AR training: extraction once, then a resumable code stream.
+
+Extraction (`extract_codes`) runs a trained tokenizer in eval mode over a stream of image batches
+through an *encode function* with the protocol
+
+    encode_fn(images float [B, H, W, C] in [-1, 1]) -> (clean, ar_input, ar_label), int [B, N] each
+
+(DetailFlow's eval-mode encode: the clean codes and the frozen self-correction pair; see
+`reference/detailflow.md` 2.4), optionally over several views of each image (`views`, e.g. the image
+and its flip, the reference's ten-crop), and writes one `.npz` (read into memory) or, for a path
+not ending in '.npz', a directory of `.npy` files plus meta.json (memory-mapped when read, for
+ImageNet-size codes):
+
+    clean, ar_input, ar_label   uint16 (int32 when vocab > 65536), [num, N] or [num, views, N]
+    label                       int32 [num]
+    num_tokens, vocab_size, group_size, num_classes, num_views      scalars (metadata)
+
+`CodesPipeline` reads such a file with the iterator protocol of `tdjax.data.pipeline`
+(`__next__` -> dict of numpy arrays for this process, `get_state`/`set_state` JSON identical on all
+processes, `stats`).  Order: global batch b is positions [b*B, (b+1)*B) of epoch e, position q of
+epoch e is record perm_e[q] (perm seeded by (seed, e), identity when not training); the remainder
+is dropped; process p reads the slice [p*B/P, (p+1)*B/P).  With several views, a training example
+picks one view uniformly with a generator seeded by (seed, epoch, position); evaluation uses view 0.
+
+`input.path` names the file; a '{split}' in it is replaced by the split name, otherwise every split
+reads the same file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_collections
+import numpy as np
+
+CODE_KEYS = ("clean", "ar_input", "ar_label")
+META_KEYS = ("num_tokens", "vocab_size", "group_size", "num_classes", "num_views")
+
+EncodeFn = Callable[[np.ndarray], tuple]
+
+
+def _check_codes(name: str, codes: np.ndarray, batch: int, vocab_size: int) -> np.ndarray:
+  codes = np.asarray(codes)
+  if codes.ndim != 2 or codes.shape[0] != batch:
+    raise ValueError(f"encode_fn returned {name} of shape {codes.shape}; expected [{batch}, N]")
+  if not np.issubdtype(codes.dtype, np.integer):
+    raise ValueError(f"encode_fn returned {name} of dtype {codes.dtype}; expected integer codes")
+  if codes.size and (codes.min() < 0 or codes.max() >= vocab_size):
+    raise ValueError(f"encode_fn returned {name} codes in [{codes.min()}, {codes.max()}], outside "
+                     f"the vocabulary 0..{vocab_size - 1}")
+  return codes
+
+
+def extract_codes(encode_fn: EncodeFn, batches: Iterable[Mapping[str, np.ndarray]], path: str, *,
+                  vocab_size: int, group_size: int, num_classes: int,
+                  views: Callable[[np.ndarray], list] | None = None,
+                  max_batches: int | None = None) -> dict:
+  """Encodes every batch ({'image', 'label'}) and writes the codes file; returns its metadata.
+
+  The file is written to `path + '.tmp'` and renamed, so a crash never leaves a partial file that
+  a later run would take for finished codes (the reference silently reuses stale codes)."""
+  out = {k: [] for k in CODE_KEYS}
+  labels = []
+  num_tokens = num_views = None
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    images = np.asarray(batch["image"])
+    b = images.shape[0]
+    lab = np.asarray(batch["label"]).astype(np.int64).reshape(-1)
+    if lab.shape[0] != b or lab.min() < 0 or lab.max() >= num_classes:
+      raise ValueError(f"batch {i}: labels {lab[:8].tolist()}... must be {b} class ids in "
+                       f"0..{num_classes - 1}")
+    view_images = list(views(images)) if views is not None else [images]
+    per_view = {k: [] for k in CODE_KEYS}
+    for im in view_images:
+      triplet = encode_fn(im)
+      if len(triplet) != 3:
+        raise ValueError(f"encode_fn must return (clean, ar_input, ar_label); got {len(triplet)} "
+                         f"arrays")
+      for k, c in zip(CODE_KEYS, triplet):
+        per_view[k].append(_check_codes(k, c, b, vocab_size))
+    n = per_view["clean"][0].shape[1]
+    if num_tokens is None:
+      num_tokens, num_views = n, len(view_images)
+      if n % group_size:
+        raise ValueError(f"the tokenizer gives N={n} tokens, not divisible by the group size "
+                         f"g={group_size}")
+    if any(c.shape[1] != num_tokens for v in per_view.values() for c in v):
+      raise ValueError(f"batch {i}: token count changed from N={num_tokens}")
+    for k in CODE_KEYS:
+      out[k].append(np.stack(per_view[k], axis=1))     # [B, V, N]
+    labels.append(lab)
+  if num_tokens is None:
+    raise ValueError("extract_codes: the batch stream was empty")
+  dtype = np.uint16 if vocab_size <= 65536 else np.int32
+  arrays = {k: np.concatenate(v).astype(dtype) for k, v in out.items()}
+  if num_views == 1:
+    arrays = {k: v[:, 0] for k, v in arrays.items()}
+  meta = dict(num_tokens=num_tokens, vocab_size=vocab_size, group_size=group_size,
+              num_classes=num_classes, num_views=num_views)
+  arrays["label"] = np.concatenate(labels).astype(np.int32)
+  if path.endswith(".npz"):
+    _write_npz(path, {**arrays, **{k: np.int64(v) for k, v in meta.items()}})
+  else:
+    _write_dir(path, arrays, meta)
+  logging.info("codes: wrote %d sequences x %d views of N=%d to %s", len(arrays["label"]),
+               num_views, num_tokens, path)
+  return dict(meta, num_examples=len(arrays["label"]))
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+  """Atomic write (temporary name, then rename), local or any etils.epath location (gs://...)."""
+  from etils import epath
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = epath.Path(str(p) + ".tmp")
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  tmp.write_bytes(buf.getvalue())
+  tmp.rename(p)
+
+
+def _write_dir(path: str, arrays: dict, meta: dict) -> None:
+  """A directory of .npy files (memory-mapped when read) + meta.json; written under a temporary
+  name and renamed."""
+  from etils import epath
+  p = epath.Path(path)
+  tmp = epath.Path(str(p) + ".tmp")
+  if tmp.exists():
+    tmp.rmtree()
+  tmp.mkdir(parents=True)
+  for k, a in arrays.items():
+    buf = io.BytesIO()
+    np.save(buf, a)
+    (tmp / f"{k}.npy").write_bytes(buf.getvalue())
+  (tmp / "meta.json").write_text(json.dumps(meta))
+  if p.exists():
+    p.rmtree()
+  tmp.rename(p)
+
+
+def _read(path: str) -> tuple[dict, dict]:
+  """Raw arrays and metadata of an .npz file or a codes directory (local .npy: memory-mapped)."""
+  from etils import epath
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"codes file {path} not found: extract it first with "
+                            f"tdjax.data.codes.extract_codes (input.path)")
+  if p.is_dir():
+    names = sorted(q.name for q in p.iterdir())
+    missing = [f"{k}.npy" for k in CODE_KEYS + ("label",) if f"{k}.npy" not in names]
+    if missing or "meta.json" not in names:
+      raise ValueError(f"codes directory {path} lacks {missing or ['meta.json']}; found {names}")
+    meta = json.loads((p / "meta.json").read_text())
+    local = "://" not in path
+    arrays = {k: (np.load(str(p / f"{k}.npy"), mmap_mode="r") if local else
+                  np.load(io.BytesIO((p / f"{k}.npy").read_bytes())))
+              for k in CODE_KEYS + ("label",)}
+    return arrays, {k: int(meta[k]) for k in META_KEYS}
+  with p.open("rb") as fh, np.load(io.BytesIO(fh.read())) as f:
+    missing = [k for k in CODE_KEYS + ("label",) + META_KEYS if k not in f.files]
+    if missing:
+      raise ValueError(f"codes file {path} lacks {missing}; found {sorted(f.files)}")
+    return {k: f[k] for k in CODE_KEYS + ("label",)}, {k: int(f[k]) for k in META_KEYS}
+
+
+def load_codes(path: str) -> tuple[dict, dict]:
+  """(arrays {clean, ar_input, ar_label [num, V, N], label [num]}, metadata) of a codes file
+  (.npz, read into memory) or directory (.npy files, memory-mapped: for ImageNet-size codes)."""
+  arrays, meta = _read(path)
+  arrays["label"] = np.asarray(arrays["label"])
+  for k in CODE_KEYS:
+    a = arrays[k]
+    if a.ndim == 2:
+      a = a[:, None]
+    if a.ndim != 3 or a.shape[0] != len(arrays["label"]) or a.shape[2] != meta["num_tokens"]:
+      raise ValueError(f"codes file {path}: {k} has shape {arrays[k].shape}, expected "
+                       f"[{len(arrays['label'])}, ({meta['num_views']},) {meta['num_tokens']}]")
+    arrays[k] = a
+  return arrays, meta
+
+
+def resolve_path(path: str, split: str) -> str:
+  return path.replace("{split}", split) if "{split}" in path else path
+
+
+class CodesPipeline:
+  """Infinite iterator of this process's batches:
+  {'clean', 'ar_input', 'ar_label': int32 [B_local, N], 'label': int32 [B_local]}."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
+               process_count: int = 1, split: str = "train", train: bool = True):
+    self.cfg, self.seed, self.train, self.split = cfg, int(seed), train, split
+    if not cfg.get("path", ""):
+      raise ValueError("input.source='codes' needs input.path (an .npz from extract_codes)")
+    self.path = resolve_path(cfg.path, split)
+    self.arrays, self.meta = load_codes(self.path)
+    self._check_against_config()
+    self.batch_size = int(cfg.batch_size)
+    if self.batch_size % process_count:
+      raise ValueError(f"input.batch_size={self.batch_size} (global) is not divisible by the "
+                       f"number of processes {process_count}")
+    self.local_batch = self.batch_size // process_count
+    self.offset = process_index * self.local_batch
+    self.num_records = len(self.arrays["label"])
+    self.steps_per_epoch = self.num_records // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"input.batch_size={self.batch_size} exceeds the {self.num_records} "
+                       f"sequences of {self.path}")
+    self.shuffle = bool(cfg.get("shuffle", True)) and train
+    self._perms: dict[int, np.ndarray] = {}
+    self.set_state({})
+    logging.info("input codes/%s: %d sequences x %d views (N=%d, vocab %d) from %s, global batch "
+                 "%d, %d per process", split, self.num_records, self.meta["num_views"],
+                 self.meta["num_tokens"], self.meta["vocab_size"], self.path, self.batch_size,
+                 self.local_batch)
+
+  def _check_against_config(self) -> None:
+    c, m = self.cfg, self.meta
+    want_n, want_v = c.get("num_tokens", m["num_tokens"]), c.get("vocab_size", m["vocab_size"])
+    if int(want_n) != m["num_tokens"] or int(want_v) != m["vocab_size"]:
+      raise ValueError(f"tokenizer/AR mismatch: codes file {self.path} has N={m['num_tokens']} "
+                       f"tokens and vocab {m['vocab_size']}, the AR config N={want_n} and vocab "
+                       f"{want_v}")
+    ncls = int(c.get("num_classes", m["num_classes"]))
+    lab = self.arrays["label"]
+    if lab.size and (lab.min() < 0 or lab.max() >= ncls):
+      raise ValueError(f"codes file {self.path} has class ids in [{lab.min()}, {lab.max()}], "
+                       f"outside input.num_classes={ncls}")
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.num_records)
+    if epoch not in self._perms:
+      self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+    return self._perms[epoch]
+
+  def global_indices(self, batch: int) -> np.ndarray:
+    epoch, step = divmod(batch, self.steps_per_epoch)
+    return self._perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+
+  def batch_at(self, batch: int) -> dict[str, np.ndarray]:
+    """This process's part of global batch `batch` (random access, no state change)."""
+    epoch, step = divmod(batch, self.steps_per_epoch)
+    idx = self.global_indices(batch)[self.offset:self.offset + self.local_batch]
+    views = self.meta["num_views"]
+    if self.train and views > 1:
+      pos = step * self.batch_size + self.offset + np.arange(self.local_batch)
+      view = np.array([np.random.default_rng([self.seed, epoch, int(q), 1]).integers(views)
+                       for q in pos])
+    else:
+      view = np.zeros(len(idx), np.int64)
+    out = {k: self.arrays[k][idx, view].astype(np.int32) for k in CODE_KEYS}
+    out["label"] = self.arrays["label"][idx].astype(np.int32)
+    return out
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch_at(self.batches_consumed)
+    self.batches_consumed += 1
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON state, the same on every process: the number of global batches consumed."""
+    return {"batches_consumed": self.batches_consumed}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.batches_consumed = int((state or {}).get("batches_consumed", 0))
+
+  def stats(self) -> dict[str, int]:
+    return dict(sequences=self.num_records, views=self.meta["num_views"],
+                num_tokens=self.meta["num_tokens"], vocab_size=self.meta["vocab_size"],
+                batches_consumed=self.batches_consumed)
+
+
+def synthetic_codes(path: str, *, num: int = 512, num_tokens: int = 32, group_size: int = 4,
+                    vocab_size: int = 64, num_classes: int = 4, seed: int = 0,
+                    correction_rate: float = 0.25) -> dict:
+  """A learnable synthetic codes file (tests, smoke runs): each class has a template sequence,
+  each code is kept with prob 0.8 (else uniform), ar_input perturbs one group of the clean codes
+  and ar_label equals clean.  Written through `extract_codes` with a fake encoder."""
+  rng = np.random.default_rng(seed)
+  templates = rng.integers(0, vocab_size, (num_classes, num_tokens))
+  labels = rng.integers(0, num_classes, num)
+
+  def encode(images):
+    b = images.shape[0]
+    lab = images[:, 0, 0, 0].astype(np.int64)
+    noise = rng.integers(0, vocab_size, (b, num_tokens))
+    clean = np.where(rng.random((b, num_tokens)) < 0.8, templates[lab], noise)
+    ar_input = clean.copy()
+    for r in range(b):
+      if rng.random() < correction_rate:
+        grp = rng.integers(num_tokens // group_size)
+        sl = slice(grp * group_size, (grp + 1) * group_size)
+        ar_input[r, sl] = rng.integers(0, vocab_size, group_size)
+    return clean, ar_input, clean
+
+  def batches():
+    for s in range(0, num, 64):
+      lab = labels[s:s + 64]
+      yield {"image": np.broadcast_to(lab[:, None, None, None], (len(lab), 1, 1, 1)).astype(
+          np.float32), "label": lab}
+
+  return extract_codes(encode, batches(), path, vocab_size=vocab_size, group_size=group_size,
+                       num_classes=num_classes)
+
+
+# ------------------------------------------------------------------------------------------------
+# From a trained DetailFlow tokenizer
+# ------------------------------------------------------------------------------------------------
+
+def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None = None) -> EncodeFn:
+  """The encode protocol from a `tdjax.tokenizers.detailflow.DetailFlowTokenizer` and its params
+  (the 'gen' subtree is taken when given the tokenizer task's params): eval-mode
+  `encode_for_ar`, one fresh self-correction draw per call (frozen once written to the file)."""
+  import jax
+  gen = params["gen"] if isinstance(params, Mapping) and "gen" in params else params
+  extra = dict(variables or {})
+  fn = jax.jit(lambda p, x, k: model.apply({"params": p, **extra}, x, k, method="encode_for_ar"))
+  state = {"calls": 0}
+
+  def encode(images):
+    key = jax.random.fold_in(jax.random.key(seed), state["calls"])
+    state["calls"] += 1
+    out = fn(gen, np.asarray(images, np.float32), key)
+    return tuple(np.asarray(a) for a in out)
+  return encode
+
+
+def flip_views(images: np.ndarray) -> list:
+  """The image and its horizontal flip (a light stand-in for the reference's ten-crop)."""
+  return [images, images[:, :, ::-1]]
+
+
+def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
+  """(tokenizer task, its params, its config) from the latest checkpoint of a tokenizer workdir.
+  The task's `.model` is the `DetailFlowTokenizer`; params hold the 'gen' subtree."""
+  from tdjax import checkpoint as ckpt_lib
+  from tdjax import trainer
+  ck = ckpt_lib.Checkpointer(tokenizer_workdir, use_async=False, read_only=True)
+  cfg = ml_collections.ConfigDict(ck.restore_config())
+  if cfg.task != "tokenizer":
+    raise ValueError(f"{tokenizer_workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
+  setup = trainer.Setup(cfg)
+  restored = ck.restore(setup.abstract_state())
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {tokenizer_workdir}")
+  _, state, _ = restored
+  params = state["ema"] if use_ema and "ema" in state else state["params"]
+  return setup.task, params, cfg
+
+
+def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = "train",
+                         batch_size: int = 64, max_batches: int | None = None,
+                         views: str = "none", seed: int = 0, use_ema: bool = False) -> dict:
+  """Restores the latest tokenizer checkpoint of `tokenizer_workdir` and writes the codes of one
+  epoch of `split` of its own input pipeline (no augmentation, record order, remainder dropped)
+  to `out_path`."""
+  from tdjax.data import pipeline
+  task, params, cfg = restore_tokenizer(tokenizer_workdir, use_ema=use_ema)
+  model = task.model
+  inp = ml_collections.ConfigDict(cfg.input.to_dict())
+  inp.update(dict(batch_size=batch_size, augment="none", shuffle=False))
+  data = pipeline.make_pipeline(inp, seed=seed, process_index=0, process_count=1, split=split,
+                                train=False)
+  steps = getattr(data, "steps_per_epoch", None)
+  limits = [x for x in (steps, max_batches) if x is not None]
+  encode = tokenizer_encode_fn(model, params, seed=seed)
+  return extract_codes(encode, data, out_path, vocab_size=int(model.codebook_size),
+                       group_size=int(model.group), num_classes=int(cfg.input.num_classes),
+                       views=flip_views if views == "flip" else None,
+                       max_batches=min(limits) if limits else None)
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained DetailFlow tokenizer.")
+  flags.DEFINE_string("out", None, "Output .npz, or a directory (memory-mapped .npy files); the "
+                      "AR config's codes=...")
+  flags.DEFINE_string("split", "train", "Split of the tokenizer's input pipeline.")
+  flags.DEFINE_integer("batch_size", 64, "Images per encode call.")
+  flags.DEFINE_integer("max_batches", None, "Stop after this many batches (default: one epoch).")
+  flags.DEFINE_enum("views", "none", ["none", "flip"], "Views per image ('flip': image + mirror).")
+  flags.DEFINE_integer("seed", 0, "Seed of the self-correction draws.")
+  flags.DEFINE_bool("use_ema", False, "Use the tokenizer's EMA weights (reference: non-EMA).")
+  flags.mark_flags_as_required(["tokenizer_workdir", "out"])
+
+
+def main(argv):
+  """python -m tdjax.data.codes --tokenizer_workdir DIR --out F.npz [--views flip]"""
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  meta = extract_from_workdir(f.tokenizer_workdir, f.out, split=f.split, batch_size=f.batch_size,
+                              max_batches=f.max_batches, views=f.views, seed=f.seed,
+                              use_ema=f.use_ema)
+  print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

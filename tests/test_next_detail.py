@@ -1,0 +1,419 @@
+"""DetailFlow next-detail AR model: layout, mask, RoPE, sampler (cache vs recompute), data, training."""
+
+import functools
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from tdjax import optim
+from tdjax.data import codes as codes_lib
+from tdjax.generators import next_detail as nd
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("detailflow_ar_config",
+                                                os.path.join(ROOT, "configs", "detailflow_ar.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def tiny_model(**kw):
+  args = dict(vocab_size=32, num_tokens=16, group_size=4, num_classes=3, dim=32, depth=2,
+              num_heads=2, mlp_dim=64, class_dropout=0.0, token_dropout=0.0, dropout=0.0)
+  args.update(kw)
+  return nd.NextDetailTransformer(**args)
+
+
+@functools.lru_cache(maxsize=8)
+def random_params(model, seed=0, scale=0.3):
+  """Init, then add noise everywhere (the zero-initialised head would make every logit 0)."""
+  @jax.jit
+  def make(key):
+    params = nn.unbox(nd.init_params(model, key))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype)
+                                     for p, k in zip(leaves, keys)])
+  return make(jax.random.key(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Tiny models: compile time dominates, so skip most XLA optimisations in this module."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+# ------------------------------------------------------------------------------------------------
+# layout, mask, targets, RoPE
+# ------------------------------------------------------------------------------------------------
+
+def reference_mask(n, g):
+  """Reference 2.3 written out as a loop: rows < g causal; later rows see earlier-or-same blocks."""
+  m = np.zeros((n, n), bool)
+  for i in range(n):
+    for j in range(n):
+      if i < g:
+        m[i, j] = j <= i
+      else:
+        m[i, j] = math.floor(i / g) >= math.floor(j / g)
+  return m
+
+
+@pytest.mark.parametrize("n,g", [(8, 4), (16, 4), (12, 3), (24, 8), (10, 2)])
+def test_mask_equals_reference_loop(n, g):
+  np.testing.assert_array_equal(nd.group_causal_mask(n, g), reference_mask(n, g))
+
+
+def test_layout_and_targets():
+  n, g = 16, 4
+  kind, index = nd.sequence_layout(n, g)
+  # [cls] z0 z1 z2 z3 spe0 spe1 spe2 z4 .. z11
+  assert kind.tolist() == [0] + [1] * 4 + [2] * 3 + [1] * 8
+  assert index.tolist() == [0, 0, 1, 2, 3, 0, 1, 2] + list(range(4, 12))
+  codes = np.arange(100, 116)[None]
+  ins = nd.next_detail_inputs(codes, g)
+  assert ins.tolist() == [list(range(100, 112))]
+  ids = np.asarray(nd.layout_ids(jnp.asarray(ins), n, g))
+  assert ids[0, 1:5].tolist() == [100, 101, 102, 103] and ids[0, 8:].tolist() == list(range(104, 112))
+  np.testing.assert_array_equal(nd.next_detail_targets(codes), codes)
+  for k in range(n):
+    p = nd.code_position(k, n, g)
+    assert p == -1 if k >= n - g else ids[0, p] == 100 + k
+
+
+def test_outputs_do_not_depend_on_later_groups():
+  """Dependency matrix (logits at row i change when the input at column p changes) == the mask."""
+  model = tiny_model()
+  params = random_params(model)
+  n, g = model.num_tokens, model.group_size
+  rng = np.random.default_rng(0)
+  ids = np.asarray(nd.layout_ids(jnp.asarray(rng.integers(0, 32, (1, n - g))), n, g))
+  kind, _ = nd.sequence_layout(n, g)
+  code_cols = np.flatnonzero(kind == nd.KIND_CODE)
+  # row 0: the original; row 1: another class; rows 2..: one code changed each
+  batch = np.repeat(ids, 2 + len(code_cols), axis=0)
+  for r, p in enumerate(code_cols):
+    batch[2 + r, p] = (batch[2 + r, p] + 7) % 32
+  labels = np.array([1, 2] + [1] * len(code_cols))
+  logits = np.asarray(jax.jit(lambda i, l: model.apply({"params": params}, i, l))(batch, labels))
+  changed = np.abs(logits[1:] - logits[:1]).max(-1) > 1e-6        # [columns, N]
+  dep = np.zeros((n, n), bool)
+  dep[:, 0] = changed[0]                                            # the class token
+  dep[:, code_cols] = changed[1:].T
+  mask = reference_mask(n, g)
+  cols = kind != nd.KIND_PLACEHOLDER
+  np.testing.assert_array_equal(dep[:, cols], mask[:, cols])
+
+
+def test_rope_zero_for_class_token_and_2d_grid():
+  model = tiny_model(dim=64, num_heads=2)          # head_dim 32: 8 row pairs + 8 column pairs
+  cos, sin = (np.asarray(a) for a in model.rope())
+  assert cos.shape == (16, 16)
+  np.testing.assert_array_equal(cos[0], 0.0)
+  np.testing.assert_array_equal(sin[0], 0.0)
+  inv = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+  for p in (1, 5, 9, 15):
+    row, col = divmod(p - 1, 4)
+    np.testing.assert_allclose(cos[p], np.cos(np.concatenate([row * inv, col * inv])), atol=1e-6)
+    np.testing.assert_allclose(sin[p], np.sin(np.concatenate([row * inv, col * inv])), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampler
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scan,opts", [(True, dict(cfg=1.5, top_k=12, top_p=0.95)),
+                                       (False, dict(cfg=2.0, cfg_schedule="linear",
+                                                    temperature=0.8))])
+def test_cache_sampling_equals_recompute(scan, opts):
+  model = tiny_model(scan=scan)
+  params = random_params(model)
+  labels = np.array([0, 1, 2, 1])
+  key = jax.random.key(3)
+  a = np.asarray(nd.sample(model, params, labels, key, use_cache=True, **opts))
+  b = np.asarray(nd.sample(model, params, labels, key, use_cache=False, **opts))
+  assert a.shape == (4, 16) and a.min() >= 0 and a.max() < 32
+  np.testing.assert_array_equal(a, b)
+  assert len(np.unique(a)) > 4          # not degenerate
+  c = np.asarray(nd.sample(model, params, labels, jax.random.key(4), use_cache=True, **opts))
+  assert not np.array_equal(a, c)
+
+
+def test_number_of_forward_passes():
+  """Counted while tracing the Python-loop variant (one trace = one forward pass per step)."""
+  model = tiny_model(num_tokens=128, group_size=8, dim=16, depth=1, num_heads=1, mlp_dim=32)
+  params = jax.eval_shape(lambda: random_params(model))       # shapes suffice: nothing runs
+  counter = []
+  out = jax.eval_shape(lambda p: nd.sample(model, p, np.array([0, 1]), jax.random.key(0), cfg=1.5,
+                                           counter=counter), params)
+  assert out.shape == (2, 128)
+  assert nd.num_forward_passes(128, 8) == 23
+  assert len(counter) == 23
+  assert counter == [1] * 8 + [8] * 15          # 8 single-token steps, then 15 group steps
+
+
+def test_python_loop_sampler_equals_fori_loop():
+  model = tiny_model()
+  params = random_params(model)
+  counter = []
+  a = nd.sample(model, params, np.array([0, 1]), jax.random.key(0), cfg=1.0, counter=counter)
+  b = nd.sample(model, params, np.array([0, 1]), jax.random.key(0), cfg=1.0)
+  assert len(counter) == nd.num_forward_passes(16, 4) == 7
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_filter_logits_top_k_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keep = lambda x: (np.asarray(x) > -1e30).tolist()[0]
+  assert keep(nd.filter_logits(logits, top_k=2)) == [True, True, False, False]
+  assert keep(nd.filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+  assert keep(nd.filter_logits(logits, top_p=0.85)) == [True, True, True, False]
+  assert keep(nd.filter_logits(logits, top_p=0.1)) == [True, False, False, False]
+
+
+# ------------------------------------------------------------------------------------------------
+# training-time randomness
+# ------------------------------------------------------------------------------------------------
+
+def test_label_dropout_rate_and_use():
+  labels = jnp.zeros((200_000,), jnp.int32)
+  dropped = nd.drop_labels(jax.random.key(0), labels, 0.1, 1000)
+  assert abs(float((dropped == 1000).mean()) - 0.1) < 0.005
+  # the model applies it in training: with rate 1 every class is the null class
+  model = tiny_model(class_dropout=1.0)
+  params = random_params(tiny_model())
+  ids = jnp.zeros((2, 16), jnp.int32)
+  train = model.apply({"params": params}, ids, jnp.array([0, 1]), train=True,
+                      rngs={"dropout": jax.random.key(1)})
+  null = model.apply({"params": params}, ids, jnp.array([3, 3]))
+  np.testing.assert_allclose(train, null, atol=1e-5)
+
+
+def test_self_correction_probability():
+  b, n = 100_000, 4
+  clean = jnp.zeros((b, n), jnp.int32)
+  ar_input = jnp.ones((b, n), jnp.int32)
+  ar_label = jnp.full((b, n), 2, jnp.int32)
+  codes, targets, chosen = nd.self_correction_mix(jax.random.key(0), clean, ar_input, ar_label, 0.3)
+  assert abs(float(chosen.mean()) - 0.3) < 0.005
+  np.testing.assert_array_equal(np.asarray(codes[:, 0]), np.asarray(chosen).astype(int))
+  np.testing.assert_array_equal(np.asarray(targets[:, 0]), 2 * np.asarray(chosen).astype(int))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+  model = tiny_model()
+  params = random_params(model)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r"unknown class id\(s\) \[3, 7\].*num_classes=3"):
+    nd.sample(model, params, np.array([0, 3, 7]), key)
+  with pytest.raises(ValueError, match=r"cfg=0.0 must be > 0"):
+    nd.sample(model, params, np.array([0]), key, cfg=0.0)
+  with pytest.raises(ValueError, match=r"cfg=-1.5 must be > 0"):
+    nd.sample(model, params, np.array([0]), key, cfg=-1.5)
+  with pytest.raises(ValueError, match=r"N=18 is not divisible by the group size g=4"):
+    tiny_model(num_tokens=18).validate()
+  with pytest.raises(ValueError, match=r"N=18 is not divisible by the group size g=4"):
+    nd.next_detail_inputs(np.zeros((1, 18)), 4)
+  with pytest.raises(ValueError, match=r"tokenizer has N=256 tokens and vocab 8192, the AR model "
+                                       r"N=128 and vocab 8192"):
+    nd.check_tokenizer_pair(256, 8192, 128, 8192)
+  path = str(tmp_path / "codes.npz")
+  codes_lib.synthetic_codes(path, num=64, num_tokens=16, group_size=4, vocab_size=32)
+  cfg = ml_collections.ConfigDict(dict(path=path, batch_size=8, num_classes=4, num_tokens=16,
+                                       vocab_size=64))
+  with pytest.raises(ValueError, match=r"codes file .* has N=16 tokens and vocab 32, the AR config "
+                                       r"N=16 and vocab 64"):
+    codes_lib.CodesPipeline(cfg, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# codes: extraction and pipeline protocol
+# ------------------------------------------------------------------------------------------------
+
+def test_extract_codes_and_pipeline_protocol(tmp_path):
+  path = str(tmp_path / "codes.npz")
+  n, vocab = 8, 16
+
+  def encode(images):                       # the (clean, ar_input, ar_label) protocol
+    base = (images[:, 0, 0, 0] * 10).astype(np.int64)
+    clean = (base[:, None] + np.arange(n)) % vocab
+    return clean, (clean + 1) % vocab, clean
+
+  images = np.arange(40, dtype=np.float32)[:, None, None, None] / 10.0 % 1.6
+  batches = [{"image": images[i:i + 10], "label": np.arange(i, i + 10) % 3} for i in range(0, 40, 10)]
+  meta = codes_lib.extract_codes(encode, batches, path, vocab_size=vocab, group_size=4,
+                                 num_classes=3, views=lambda im: [im, im + 0.1])
+  assert meta == dict(num_tokens=n, vocab_size=vocab, group_size=4, num_classes=3, num_views=2,
+                      num_examples=40)
+  arrays, _ = codes_lib.load_codes(path)
+  assert arrays["clean"].shape == (40, 2, n)
+
+  cfg = ml_collections.ConfigDict(dict(path=path, batch_size=8, num_classes=3))
+  single = codes_lib.CodesPipeline(cfg, seed=1)
+  procs = [codes_lib.CodesPipeline(cfg, seed=1, process_index=i, process_count=2) for i in range(2)]
+  for _ in range(7):                         # crosses an epoch boundary (5 batches per epoch)
+    whole = next(single)
+    parts = [next(p) for p in procs]
+    for k in ("clean", "ar_input", "ar_label", "label"):
+      np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+    assert whole["clean"].dtype == np.int32 and whole["clean"].shape == (8, n)
+  state = single.get_state()
+  assert state == procs[0].get_state() == {"batches_consumed": 7}
+  expected = next(single)
+  resumed = codes_lib.CodesPipeline(cfg, seed=1)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["clean"], expected["clean"])
+  ev = codes_lib.CodesPipeline(cfg, seed=1, split="test", train=False)
+  np.testing.assert_array_equal(next(ev)["clean"], arrays["clean"][:8, 0])
+  assert single.stats()["sequences"] == 40
+  # the directory format (memory-mapped .npy) gives the same stream
+  dpath = str(tmp_path / "codes_dir")
+  codes_lib.extract_codes(encode, batches, dpath, vocab_size=vocab, group_size=4, num_classes=3,
+                          views=lambda im: [im, im + 0.1])
+  assert isinstance(codes_lib.load_codes(dpath)[0]["clean"], np.memmap)
+  a = codes_lib.CodesPipeline(ml_collections.ConfigDict(dict(cfg.to_dict(), path=dpath)), seed=1)
+  b = codes_lib.CodesPipeline(cfg, seed=1)
+  for _ in range(3):
+    x, y = next(a), next(b)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+# ------------------------------------------------------------------------------------------------
+# config and a short training run
+# ------------------------------------------------------------------------------------------------
+
+def test_full_size_config_param_count():
+  c = load_config("size=L")
+  assert (c.model.depth, c.model.dim, c.model.num_heads, c.model.mlp_dim) == (24, 1024, 16, 2816)
+  assert c.optimizer.warmup_steps == int(0.05 * c.total_steps)
+  model = nd.model_from_config(c.model)
+  shapes = jax.eval_shape(lambda k: nn.unbox(nd.init_params(model, k)), jax.random.key(0))
+  count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+  assert abs(count / 1e6 - 326.1) < 0.5, count      # reference 2.2: 326.1M
+  with pytest.raises(ValueError, match=r"tokens=100 is not divisible by group=8"):
+    load_config("size=L,tokens=100")
+
+
+def test_short_training_beats_unigram_entropy(tmp_path):
+  from tdjax.tasks.next_detail import NextDetailTask
+  path = str(tmp_path / "codes.npz")
+  codes_lib.synthetic_codes(path, num=256, num_tokens=16, group_size=4, vocab_size=32,
+                            num_classes=4)
+  c = load_config(f"size=demo,codes={path},steps=120,batch=32,lr=3e-3")
+  c.model.update(dict(depth=2, dim=32, num_heads=2, mlp_dim=64))
+  assert (c.model.num_tokens, c.model.vocab_size, c.model.num_classes) == (16, 32, 4)
+  task = NextDetailTask(c)
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  tx = optim.make_optimizer(c, None, nn.get_partition_spec(task.init(jax.random.key(0))[0]))
+  opt_state = tx.init(params)
+  data = codes_lib.CodesPipeline(c.input, seed=0)
+
+  @jax.jit
+  def step(params, opt_state, batch, i):
+    (loss, (metrics, _)), grads = jax.value_and_grad(task.loss, has_aux=True)(
+        params, {}, batch, jax.random.fold_in(jax.random.key(1), i), i)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return jax.tree.map(jnp.add, params, updates), opt_state, metrics
+
+  losses = []
+  for i in range(c.total_steps):
+    params, opt_state, metrics = step(params, opt_state, next(data), i)
+    losses.append(float(metrics["loss"]))
+  arrays, _ = codes_lib.load_codes(path)
+  counts = np.bincount(arrays["clean"].ravel(), minlength=32) / arrays["clean"].size
+  unigram = float(-(counts[counts > 0] * np.log(counts[counts > 0])).sum())
+  final = float(np.mean(losses[-10:]))
+  assert losses[0] > unigram - 0.1          # starts at log(32) ~ 3.47 (zero head)
+  assert final < unigram - 0.3, (final, unigram)
+  ev = task.eval_metrics(params, {}, next(codes_lib.CodesPipeline(c.input, seed=0, train=False)),
+                         jax.random.key(0))
+  assert float(ev["loss"]) < unigram
+  codes = task.sample_fn()(params, np.array([0, 1]), jax.random.key(0))
+  assert codes.shape == (2, 16)
+
+
+def test_draw_matches_probabilities():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.2, 0.0]))[None].repeat(50_000, 0)
+  tok = np.asarray(nd.draw(jax.random.key(0), logits))
+  freq = np.bincount(tok, minlength=4) / tok.size
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.2, 0.0], atol=0.01)
+
+
+def test_tokenizer_adapter_writes_codes(tmp_path):
+  """`encode_for_ar` of a (random, tiny) DetailFlow tokenizer through the extraction protocol."""
+  from tdjax.tokenizers.detailflow import build_tokenizer
+  m = ml_collections.ConfigDict(dict(size="tiny", patch=8, num_tokens=16, group=4, codebook_size=64,
+                                     code_dim=8, top_k=5))
+  tok = build_tokenizer(m, 16, 1)
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
+  v = tok.init({"params": jax.random.key(0)}, x)
+  enc = codes_lib.tokenizer_encode_fn(tok, v["params"],
+                                      variables={k: v[k] for k in v if k != "params"})
+  path = str(tmp_path / "tok.npz")
+  meta = codes_lib.extract_codes(enc, [{"image": x, "label": np.array([0, 1, 2, 0])}] * 2, path,
+                                 vocab_size=64, group_size=4, num_classes=3,
+                                 views=codes_lib.flip_views)
+  assert meta["num_tokens"] == 16 and meta["num_views"] == 2 and meta["num_examples"] == 8
+  cfg = ml_collections.ConfigDict(dict(path=path, batch_size=4, num_classes=3, num_tokens=16,
+                                       vocab_size=64))
+  batch = next(codes_lib.CodesPipeline(cfg, seed=0))
+  assert batch["ar_input"].shape == (4, 16)
+  cfg.num_tokens = 32
+  with pytest.raises(ValueError, match=r"N=16 tokens and vocab 64, the AR config N=32"):
+    codes_lib.CodesPipeline(cfg, seed=0)
+  images = nd.decode_codes(tok, v["params"], batch["clean"], ar_model=tiny_model(vocab_size=64))
+  assert images.shape == (4, 16, 16, 1)
+  with pytest.raises(ValueError, match=r"tokenizer has N=16 tokens and vocab 64, the AR model N=16 "
+                                       r"and vocab 32"):
+    nd.decode_codes(tok, v["params"], batch["clean"], ar_model=tiny_model())
+
+
+def test_train_steps_on_a_sharded_mesh_match_one_device(tmp_path):
+  """The task in the real loop's Setup/compile_step: logical specs on every parameter, a
+  data x fsdp x tensor mesh of 8 fake devices, the same losses as on one device."""
+  from tdjax import parallel, trainer
+  from tdjax.tasks import TASKS
+  TASKS.setdefault("next_detail", "tdjax.tasks.next_detail:NextDetailTask")
+  path = str(tmp_path / "codes.npz")
+  codes_lib.synthetic_codes(path, num=64, num_tokens=16, group_size=4, vocab_size=32)
+  c = load_config(f"size=demo,codes={path},steps=4,batch=8")
+  c.model.update(dict(depth=2, dim=32, num_heads=2, mlp_dim=64, remat="dots_saveable"))
+  c.ema_decay = 0.9
+  batches = [next(iter(codes_lib.CodesPipeline(c.input, seed=0))) for _ in range(1)] * 3
+  losses = {}
+  for name, devices, axes in (("one", jax.devices()[:1], dict(data=1)),
+                              ("mesh", jax.devices()[:8], dict(data=2, fsdp=2, tensor=2))):
+    mesh = parallel.make_mesh(axes, devices)
+    setup = trainer.Setup(c, mesh)
+    specs = jax.tree.leaves(setup.state_specs["params"],
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert all(len(s) > 0 for s in specs), specs            # every parameter is annotated
+    state = setup.init_state()
+    with parallel.use_mesh(mesh, setup.rules):
+      step = setup.compile_step(parallel.host_to_global(batches[0], mesh))
+      out = []
+      for b in batches:
+        state, m = step(state, parallel.host_to_global(b, mesh))
+        out.append(float(m["loss"]))
+    losses[name] = out
+  np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
+  assert losses["one"][-1] < losses["one"][0]
