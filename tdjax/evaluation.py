@@ -67,3 +67,39 @@ class ClassifierJudge:
     _, fa = self.logits_and_features(images_a)
     _, fb = self.logits_and_features(images_b)
     return frechet_distance(*feature_statistics(fa), *feature_statistics(fb))
+
+
+def psnr(a, b, data_range: float = 1.0) -> np.ndarray:
+  """Per-image PSNR of images in [0, data_range] (NHWC) -> [N]."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+  return 10.0 * np.log10(data_range ** 2 / np.maximum(mse, 1e-20))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  x = np.arange(size) - (size - 1) / 2
+  g = np.exp(-x ** 2 / (2 * sigma ** 2))
+  return g / g.sum()
+
+
+def ssim(a, b, data_range: float = 1.0) -> np.ndarray:
+  """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid
+  region, mean over channels), NHWC images in [0, data_range] -> [N].
+
+  Note: DetailFlow's evaluation calls scikit-image with data_range=2 on [0, 1] images, which
+  inflates SSIM; this is the usual convention (data_range = the images' actual range).
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  w = _gaussian_window()
+
+  def filt(x):  # separable valid filtering over H and W
+    x = np.apply_along_axis(lambda r: np.convolve(r, w, mode="valid"), 1, x)
+    return np.apply_along_axis(lambda r: np.convolve(r, w, mode="valid"), 2, x)
+
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_a, mu_b = filt(a), filt(b)
+  saa = filt(a * a) - mu_a ** 2
+  sbb = filt(b * b) - mu_b ** 2
+  sab = filt(a * b) - mu_a * mu_b
+  s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+  return s.reshape(len(a), -1).mean(1)
