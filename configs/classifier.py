@@ -9,7 +9,7 @@ from tdjax.data.pipeline import default_input_config
 
 SIZES = {
     "tiny": dict(channels=(8, 16, 16), blocks=1, features=16),
-    "demo": dict(channels=(16, 32, 64), blocks=1, features=64),
+    "demo": dict(channels=(32, 64, 128), blocks=1, features=128),
     "wide": dict(channels=(32, 64, 128), blocks=2, features=128),
 }
 

@@ -16,7 +16,8 @@ runs exactly one decoder at its own resolution (as the reference), and the step 
 
 Losses (config.loss): MSE (`mse_weight`), LPIPS (`lpips_weight`, `lpips_start`, `lpips_warmup`,
 weights file `lpips_weights`), adversarial (`adv_weight`, `adv_start`, `disc` 'patchgan' or 'dino',
-`disc_backbone_weights` for dino, `diffaug_policy`, `diffaug_prob`, `lecam_weight`), first-token
+`disc_backbone_weights` for dino, `diffaug_policy`, `diffaug_prob`, `lecam_weight`, `cr_weight`
+consistency regularisation with `cr_policy` at prob 1), first-token
 alignment (`align_weight`, `align_start`, `align_teacher_weights`, or per-batch
 `batch['teacher_feats']`), plus the bottleneck loss (codebook 1.0 + commitment 0.25, mixed as in
 reference 1.6).  Generator and discriminator losses are one scalar with stop_gradient on the cross
@@ -27,7 +28,6 @@ Batches: {'image': float [B, H, W, C] in [-1, 1]} (+ optional 'teacher_feats' [B
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -163,10 +163,10 @@ class TokenizerTask(Task):
     logits, new = self._disc.apply({"params": dparams, **dstate}, x, train=True, mutable=mutable)
     return logits.reshape(logits.shape[0], -1), dict(new)
 
-  def _augment(self, x, rng):
+  def _augment(self, x, rng, policy=None, prob=None):
     l = self.loss_cfg
-    policy = l.get("diffaug_policy", "color,translation,cutout_0.2")
-    prob = float(l.get("diffaug_prob", 0.5))
+    policy = l.get("diffaug_policy", "color,translation,cutout_0.2") if policy is None else policy
+    prob = float(l.get("diffaug_prob", 0.5) if prob is None else prob)
     if not policy or prob <= 0:
       return x
     try:
@@ -186,7 +186,8 @@ class TokenizerTask(Task):
     wsum = jnp.maximum(jnp.sum(w), 1.0)
     mse = jnp.sum(w * jnp.mean((rec - target) ** 2, axis=(1, 2, 3))) / wsum
     out = dict(mse=mse, lpips=jnp.zeros(()), g_loss=jnp.zeros(()), d_loss=jnp.zeros(()),
-               lecam=jnp.zeros(()), logits_real=jnp.zeros(()), logits_fake=jnp.zeros(()))
+               lecam=jnp.zeros(()), cr=jnp.zeros(()), logits_real=jnp.zeros(()),
+               logits_fake=jnp.zeros(()))
     new_state = {k: state[k] for k in ("disc", "lecam") if k in state}
     if self._lpips is not None:
       out["lpips"] = jnp.sum(w * self._lpips_fn(state["frozen"], rec, target)) / wsum
@@ -203,6 +204,14 @@ class TokenizerTask(Task):
       logits, dstate = self._disc_apply(params["disc"], state["disc"], self._augment(both, k2))
       real, fake = logits[:target.shape[0]], logits[target.shape[0]:]
       d = D.hinge_d_loss(real, fake)
+      cw = float(l.get("cr_weight", 0.0))
+      cr = jnp.zeros(())
+      if cw > 0:  # consistency regularisation: D(weak-aug real) vs D(strong-aug real)
+        strong = self._augment(sg(target), jax.random.fold_in(k2, 1),
+                               l.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
+        strong_logits, _ = self._disc_apply(params["disc"], state["disc"], strong)
+        cr = D.consistency_loss(real, strong_logits)
+        d = d + cw * cr
       lw = float(l.get("lecam_weight", 0.0))
       lecam = jnp.zeros(())
       ema = state["lecam"]
@@ -211,7 +220,7 @@ class TokenizerTask(Task):
         r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
                                   float(l.get("lecam_decay", 0.999)))
         ema = {"real": jnp.where(on > 0, r, ema["real"]), "fake": jnp.where(on > 0, f, ema["fake"])}
-      out.update(d_loss=(d + lw * lecam) * on, lecam=lecam, logits_real=jnp.mean(sg(real)),
+      out.update(d_loss=(d + lw * lecam) * on, lecam=lecam, cr=cr, logits_real=jnp.mean(sg(real)),
                  logits_fake=jnp.mean(sg(fake)))
       new_state["disc"] = jax.tree.map(lambda n, o: jnp.where(on > 0, n, o), dstate, state["disc"])
       new_state["lecam"] = ema
@@ -253,7 +262,7 @@ class TokenizerTask(Task):
       metrics["lpips"] = img["lpips"]
     if self._disc is not None:
       total = total + float(l.adv_weight) * img["g_loss"] + img["d_loss"]
-      metrics.update(g_loss=img["g_loss"], d_loss=img["d_loss"], lecam=img["lecam"],
+      metrics.update(g_loss=img["g_loss"], d_loss=img["d_loss"], lecam=img["lecam"], cr=img["cr"],
                      logits_real=img["logits_real"], logits_fake=img["logits_fake"])
     if self.use_align:
       pred = self.model.apply({"params": params["gen"]}, tok["z_q"][:, 0], method="align")
@@ -264,7 +273,7 @@ class TokenizerTask(Task):
       metrics["align_loss"] = al
     new_model_state = dict(model_state)
     new_model_state.update(new_state)
-    if "vq_stats" in new_vq:
+    if self.model.is_vq and "quantizer" in new_vq.get("vq_stats", {}):
       new_model_state["vq_stats"] = new_vq["vq_stats"]
       counts = new_vq["vq_stats"]["quantizer"]["counts"]
       metrics["codebook_usage"] = jnp.mean((counts > 0.5).astype(jnp.float32))
@@ -289,6 +298,26 @@ class TokenizerTask(Task):
     z = self.model.apply({"params": gen}, images, method="encode")
     q = self.model.apply({"params": gen}, z, method="quantize")
     return self.model.apply({"params": gen}, q["z_q"][:, :n], res, method="decode")
+
+  def make_encode_fn(self, params, seed: int = 0, views_per_batch: int = 1):
+    """`encode_fn(images) -> (clean, ar_input, ar_label)` numpy int32 [B, N] for
+    `tdjax.data.codes.extract_codes` (eval mode, reference 1.6 step 7).
+
+    The noise key advances once every `views_per_batch` calls, so the views of one batch encoded
+    in consecutive calls share each image's noise position (the reference draws one per image
+    for its ten crops)."""
+    gen = params["gen"] if "gen" in params else params
+    f = jax.jit(lambda g, x, k: self.model.apply({"params": g}, x, k, method="encode_for_ar"))
+    base = jax.random.key(seed)
+    calls = [0]
+
+    def encode_fn(images):
+      k = jax.random.fold_in(base, calls[0] // max(views_per_batch, 1))
+      calls[0] += 1
+      out = f(gen, jnp.asarray(images, jnp.float32), k)
+      return tuple(np.asarray(a, np.int32) for a in out)
+
+    return encode_fn
 
   def eval_metrics(self, params, model_state, batch, rng):
     x = batch["image"].astype(jnp.float32)

@@ -1,0 +1,201 @@
+"""Multi-head attention (self / cross) with boolean or additive masks, RoPE and a KV cache.
+
+Masks are "may attend" booleans (True = keep) broadcastable to [B, H, Lq, Lk]; a floating mask is
+treated as additive logits.  Softmax is computed in fp32 whatever the compute dtype.
+
+KV cache (decode=True, flax lm1b / Gemma style): variables in the 'cache' collection
+  cached_key, cached_value [B, max_len, H, D]   (max_len = sequence length of the init call)
+  cache_index            []                      (number of positions written)
+A call with L new tokens writes them at cache_index and lets each of them see every key written so
+far *including all L new ones*, so a group of g queries written together see each other (the
+next-detail block mask).  A caller mask [.., L, max_len] is and-ed on top.  RoPE arrays passed in
+decode mode must be those of the new positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tdjax.nn.rope import apply_rope
+
+_lp = nn.with_logical_partitioning
+Dtype = Any
+
+
+def make_attention_mask_from_bool(mask):
+  """[Lq, Lk] or [B, Lq, Lk] or [B, H, Lq, Lk] -> 4D."""
+  mask = jnp.asarray(mask)
+  while mask.ndim < 4:
+    mask = mask[None] if mask.ndim == 2 else mask[:, None]
+  return mask
+
+
+def group_causal_mask(length: int, group: int, causal_num: int | None = None):
+  """Boolean [L, L]: row i sees j iff j <= i, or (i >= causal_num and i // g == j // g).
+
+  causal_num = g: first group token-causal, then block-causal by groups (DetailFlow encoder queries
+  and next-detail AR mask).  group=1 gives the plain causal mask."""
+  c = group if causal_num is None else causal_num
+  i = jnp.arange(length)[:, None]
+  j = jnp.arange(length)[None, :]
+  return (j <= i) | ((i >= c) & (i // group == j // group))
+
+
+def block_causal_mask(length: int, block: int):
+  """Boolean [L, L]: bidirectional inside blocks of `block`, causal across (MRAR images)."""
+  i = jnp.arange(length)[:, None]
+  j = jnp.arange(length)[None, :]
+  return i // block >= j // block
+
+
+def key_padding_mask(valid):
+  """valid [B, Lk] bool -> [B, 1, 1, Lk]."""
+  return jnp.asarray(valid)[:, None, None, :]
+
+
+def dot_product_attention(q, k, v, mask=None, dtype=None):
+  """q [B, Lq, H, D], k/v [B, Lk, H, D]; fp32 softmax; returns [B, Lq, H, D] in q.dtype."""
+  dtype = dtype or q.dtype
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    mask = make_attention_mask_from_bool(mask)
+    if mask.dtype == jnp.bool_:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    else:
+      logits = logits + mask.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+
+
+def fused_attention(q, k, v, mask=None, implementation=None):
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPUs when eligible, XLA elsewhere)
+  with a boolean "may attend" mask; same contract as `dot_product_attention`."""
+  if mask is not None:
+    mask = make_attention_mask_from_bool(mask)
+    if mask.dtype != jnp.bool_:
+      raise ValueError("fused attention takes boolean masks only")
+    b, lq, h, _ = q.shape
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, k.shape[1]))
+  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                      implementation=implementation)
+
+
+def _rotate(x, rope, interleaved):
+  if rope is None:
+    return x
+  if callable(rope):
+    return rope(x)
+  cos, sin = rope
+  return apply_rope(x, cos, sin, interleaved=interleaved)
+
+
+class HeadProjection(nn.Module):
+  """x [..., D] -> [..., H, hd] (split=True) or x [..., H, hd] -> [..., D] (split=False).
+
+  The kernel is initialised as the flat [in, out] matrix (so fan-in / fan-out are those of the
+  equivalent Linear) and stored reshaped, with its logical axes; DenseGeneral would apply the
+  3-name constraint to the flat 2D kernel and fail under a mesh."""
+  features: tuple
+  split: bool
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.split:
+      h, hd = self.features
+      d = x.shape[-1]
+      shape, flat = (d, h, hd), (d, h * hd)
+      names, bshape, bnames = ("embed", "heads", "head_dim"), (h, hd), ("heads", "head_dim")
+      eq = "...d,dhk->...hk"
+    else:
+      (d,) = self.features
+      h, hd = x.shape[-2:]
+      shape, flat = (h, hd, d), (h * hd, d)
+      names, bshape, bnames = ("heads", "head_dim", "embed"), (d,), ("embed",)
+      eq = "...hk,hkd->...d"
+    init = self.kernel_init
+    kernel = self.param("kernel", _lp(lambda k, s, dt=jnp.float32: init(k, flat, dt).reshape(s),
+                                      names), shape, self.param_dtype)
+    y = jnp.einsum(eq, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", _lp(nn.initializers.zeros, bnames), bshape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Separate q/k/v/out projections.  `context` given -> cross-attention (k, v from context).
+
+  Kernels: q/k/v [embed, heads, head_dim], out [heads, head_dim, embed]."""
+  num_heads: int
+  head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  rope_interleaved: bool = True
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  out_kernel_init: Callable | None = None
+  # 'einsum': explicit fp32-softmax einsums (any mask, KV cache); 'fused' / 'cudnn':
+  # jax.nn.dot_product_attention (boolean masks; 'cudnn' forces the cuDNN kernel, GPU + bf16)
+  impl: str = "einsum"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None, rope=None, context_rope=None, *,
+               decode: bool = False):
+    features = x.shape[-1]
+    hd = self.head_dim or features // self.num_heads
+    cross = context is not None
+    src = context if cross else x
+
+    def proj(name, inp):
+      return HeadProjection((self.num_heads, hd), True, self.use_bias, self.kernel_init,
+                            self.dtype, self.param_dtype, name=name)(inp)
+
+    q = proj("query", x)
+    k = proj("key", src)
+    v = proj("value", src)
+    q = _rotate(q, rope, self.rope_interleaved)
+    k = _rotate(k, context_rope if cross else rope, self.rope_interleaved)
+
+    if decode and not cross:
+      k, v, mask = self._update_cache(k, v, mask)
+    elif mask is not None:
+      mask = make_attention_mask_from_bool(mask)
+
+    if self.impl == "einsum" or (decode and not cross):
+      out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
+    elif self.impl in ("fused", "cudnn"):
+      out = fused_attention(q, k, v, mask, None if self.impl == "fused" else "cudnn")
+    else:
+      raise ValueError(f"attention impl={self.impl!r}: expected einsum, fused or cudnn")
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    return HeadProjection((self.out_features or features,), False, self.use_bias,
+                          self.out_kernel_init or self.kernel_init, self.dtype, self.param_dtype,
+                          name="out")(out)
+
+  def _update_cache(self, k, v, mask):
+    initialized = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # init call: shapes only, attend like a normal forward
+      return k, v, (None if mask is None else make_attention_mask_from_bool(mask))
+    b, n, h, d = k.shape
+    max_len = ck.value.shape[1]
+    idx = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
+    ci.value = idx + n
+    visible = (jnp.arange(max_len) < idx + n)[None, None, None, :]
+    if mask is not None:
+      visible = visible & make_attention_mask_from_bool(mask).astype(jnp.bool_)
+    return ck.value, cv.value, visible
