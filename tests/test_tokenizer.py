@@ -352,11 +352,14 @@ def test_task_targets_are_degraded_images():
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1)) * 2 - 1
   codes = jax.random.normal(jax.random.key(2), (2, 8, 4))
   plan = task.plan
-  for t in (1, 3, 4, 8):
+  assert len({plan.dec_of[t] for t in (2, 4)}) == 2 and plan.dec_of[2] < 16
+  for t in (2, 4):
     k = plan.branch_of_t[t]
     res = plan.branches[k]
-    out, _ = task._image_losses(res, plan.matrices[k], params, state, codes, t, plan.row_of_t[t],
-                                x, jnp.ones(2), 0, jax.random.key(0))
-    rec = task.model.apply({"params": params["gen"]}, codes[:, :t], res, method="decode")
+    out, _ = jax.jit(lambda p: task._image_losses(res, plan.matrices[k], p, state, codes, t,
+                                                  plan.row_of_t[t], x, jnp.ones(2), 0,
+                                                  jax.random.key(0)))(params)
+    rec = jax.jit(lambda p: task.model.apply({"params": p["gen"]}, codes[:, :t], res,
+                                             method="decode"))(params)
     ref = jnp.mean((rec - degraded_target(x, t, 8, 4)) ** 2)
     np.testing.assert_allclose(float(out["mse"]), float(ref), rtol=1e-4)

@@ -8,7 +8,7 @@ KV cache (decode=True, flax lm1b / Gemma style): variables in the 'cache' collec
   cache_index            []                      (number of positions written)
 A call with L new tokens writes them at cache_index and lets each of them see every key written so
 far *including all L new ones*, so a group of g queries written together see each other (the
-next-detail block mask).  A caller mask [.., L, max_len] is and-ed on top.  RoPE arrays passed in
+next-detail block mask).  A caller mask [.., L, max_len] (boolean) is and-ed on top.  RoPE arrays passed in
 decode mode must be those of the new positions.
 """
 
