@@ -42,7 +42,7 @@ python -m tdjax.train --config "configs/detailflow_ar.py:size=demo,codes=$OUT/co
 grep "eval at" "$OUT/ar.log" | tail -1 || true
 
 stage "5/5 samples"
-python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/samples.png" --classes all --num 100 \
+python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/samples.png" --classes all --num 100 --cfg 3.0 \
   --judge "$OUT/classifier" 2>"$OUT/sample.log" || { tail -20 "$OUT/sample.log"; exit 1; }
 cp "$OUT"/*/pictures/*.png "$PICS/" 2>/dev/null || true
 stage "done: pictures in $PICS"
