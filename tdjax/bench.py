@@ -2,6 +2,10 @@ r"""Speed figures on this machine, as JSON: plain matmul FLOP/s, and for each mo
 FLOP/s (FLOPs from the compiled step's cost analysis) and the ratio of the two.  Medians of repeats.
 
   python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json]
+
+With several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8) it also reports
+how evenly FSDP spreads each model's parameter bytes.  The train-step figures use the config's
+one device.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
   import jax
   import numpy as np
   from tdjax import parallel, trainer
-  setup = trainer.Setup(config)
+  setup = trainer.Setup(config, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   state = setup.init_state()
   batch = _synthetic_batch(config, setup)
   with parallel.use_mesh(setup.mesh, setup.rules):
@@ -91,6 +95,21 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
   return {"compile_seconds": compile_s, "flops_per_step": flops, "seconds_per_step": sec,
           "flops_per_sec": flops / sec, "batch_size": int(config.input.batch_size),
           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))}
+
+
+def fsdp_bytes_ratio(config) -> dict:
+  """Parameter bytes held per device with the parameters fully sharded over all devices (fsdp =
+  device count), relative to total / devices (1.0 = perfectly even), measured from the shards."""
+  import jax
+  from tdjax import parallel, trainer
+  n = jax.device_count()
+  config = config.copy_and_resolve_references()
+  setup = trainer.Setup(config, parallel.make_mesh({"data": 1, "fsdp": n, "tensor": 1}))
+  state = setup.init_state()
+  held = parallel.per_device_bytes(state["params"])
+  total = parallel.tree_bytes(state["params"])
+  return {"devices": n, "total_bytes": total, "max_per_device_bytes": max(held.values()),
+          "ratio_max_to_even_share": max(held.values()) / (total / n)}
 
 
 def _synthetic_batch(config, setup):
@@ -120,6 +139,8 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
     figs = train_step_figures(config, steps, repeats)
     figs["ratio_to_matmul"] = figs["flops_per_sec"] / peak
     out[f"train_step/{name}"] = figs
+    if jax.device_count() > 1:
+      out[f"fsdp_bytes/{name}"] = fsdp_bytes_ratio(config)
   if models is None or "next_detail" in models:
     from tdjax.generators.next_detail import benchmark_cache_vs_recompute
     out["sampling/next_detail_cache_vs_recompute"] = benchmark_cache_vs_recompute(
