@@ -200,19 +200,13 @@ class CodesPipeline:
     self.path = resolve_path(cfg.path, split)
     self.arrays, self.meta = load_codes(self.path)
     self._check_against_config()
-    self.batch_size = int(cfg.batch_size)
-    if self.batch_size % process_count:
-      raise ValueError(f"input.batch_size={self.batch_size} (global) is not divisible by the "
-                       f"number of processes {process_count}")
-    self.local_batch = self.batch_size // process_count
-    self.offset = process_index * self.local_batch
     self.num_records = len(self.arrays["label"])
-    self.steps_per_epoch = self.num_records // self.batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"input.batch_size={self.batch_size} exceeds the {self.num_records} "
-                       f"sequences of {self.path}")
-    self.shuffle = bool(cfg.get("shuffle", True)) and train
-    self._perms: dict[int, np.ndarray] = {}
+    from tdjax.data.pipeline import BatchOrder
+    self.order = BatchOrder(self.num_records, int(cfg.batch_size), seed=self.seed,
+                            shuffle=bool(cfg.get("shuffle", True)) and train,
+                            process_index=process_index, process_count=process_count)
+    self.batch_size, self.local_batch = self.order.batch_size, self.order.local_batch
+    self.offset, self.steps_per_epoch = self.order.offset, self.order.steps_per_epoch
     self.set_state({})
     logging.info("input codes/%s: %d sequences x %d views (N=%d, vocab %d) from %s, global batch "
                  "%d, %d per process", split, self.num_records, self.meta["num_views"],
@@ -232,17 +226,8 @@ class CodesPipeline:
       raise ValueError(f"codes file {self.path} has class ids in [{lab.min()}, {lab.max()}], "
                        f"outside input.num_classes={ncls}")
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.num_records)
-    if epoch not in self._perms:
-      self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-    return self._perms[epoch]
-
   def global_indices(self, batch: int) -> np.ndarray:
-    epoch, step = divmod(batch, self.steps_per_epoch)
-    return self._perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+    return self.order.global_indices(batch)
 
   def batch_at(self, batch: int) -> dict[str, np.ndarray]:
     """This process's part of global batch `batch` (random access, no state change)."""

@@ -94,6 +94,46 @@ class _Counters:
                   skipped_small=self.skipped_small, converted_mode=self.converted_mode)
 
 
+class BatchOrder:
+  """Which records form global batch b, and which slice of it this process reads.
+
+  Global batch b holds positions [s*B, (s+1)*B) of epoch e, (e, s) = divmod(b, steps_per_epoch),
+  and position q of epoch e is record perm_e[q] (a permutation seeded by (seed, e), identical on
+  every host; identity when not shuffling).  Process p reads the slice [p*B/P, (p+1)*B/P).
+  """
+
+  def __init__(self, num_records: int, batch_size: int, *, seed: int, shuffle: bool,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(f"input.batch_size={batch_size} (global) is not divisible by the "
+                       f"number of processes {process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    self.num_records, self.batch_size = num_records, batch_size
+    self.seed, self.shuffle = int(seed), shuffle
+    self.local_batch = batch_size // process_count
+    self.offset = process_index * self.local_batch
+    self.steps_per_epoch = num_records // batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"input.batch_size={batch_size} exceeds the {num_records} records of "
+                       f"the split")
+    self.examples_per_epoch = self.steps_per_epoch * batch_size
+    self._perms, self._lock = {}, threading.Lock()
+
+  def perm(self, epoch: int) -> np.ndarray:
+    """Record order of `epoch`; the last two epochs are cached (thread-safe)."""
+    with self._lock:
+      if epoch not in self._perms:
+        self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+        self._perms[epoch] = (np.random.default_rng([self.seed % 2**63, epoch]).permutation(
+            self.num_records) if self.shuffle else np.arange(self.num_records))
+      return self._perms[epoch]
+
+  def global_indices(self, batch: int) -> np.ndarray:
+    epoch, step = divmod(batch, self.steps_per_epoch)
+    return self.perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+
+
 class Pipeline:
   """Infinite iterator of this process's batches: image f32 [B_local, (k,) H, W, C], label i32."""
 
@@ -101,29 +141,21 @@ class Pipeline:
                process_count: int = 1, train: bool = True):
     cfg = with_defaults(cfg)
     self.cfg, self.source, self.seed, self.train = cfg, source, int(seed), train
-    self.batch_size = int(cfg.batch_size)
-    if self.batch_size % process_count:
-      raise ValueError(f"input.batch_size={self.batch_size} (global) is not divisible by the "
-                       f"number of processes {process_count}")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    self.local_batch = self.batch_size // process_count
-    self.offset = process_index * self.local_batch
     self.num_records = len(source)
-    self.steps_per_epoch = self.num_records // self.batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"input.batch_size={self.batch_size} exceeds the {self.num_records} "
-                       f"records of the split")
-    self.examples_per_epoch = self.steps_per_epoch * self.batch_size
+    self.order = BatchOrder(self.num_records, int(cfg.batch_size), seed=self.seed,
+                            shuffle=bool(cfg.shuffle), process_index=process_index,
+                            process_count=process_count)
+    self.batch_size, self.local_batch = self.order.batch_size, self.order.local_batch
+    self.offset, self.steps_per_epoch = self.order.offset, self.order.steps_per_epoch
+    self.examples_per_epoch = self.order.examples_per_epoch
     self.size, self.channels = int(cfg.image_size), int(cfg.channels)
     self.min_size = int(cfg.min_size)
     self.augment = cfg.augment if train else "none"
     if self.augment not in preprocess.AUGMENTS:
       raise ValueError(f"input.augment={self.augment!r}: expected one of {preprocess.AUGMENTS}")
     self.group_size = int(cfg.group_size)
-    self.shuffle = bool(cfg.shuffle)
     self.counters = _Counters(self.num_records, float(cfg.max_bad_fraction))
-    self._class_index, self._perms, self._perm_lock = None, {}, threading.Lock()
+    self._class_index = None
     known = vars(source).get("labels")  # cheap labels only (not a tfds scan)
     if known is not None and len(known) and int(np.max(known)) >= int(cfg.num_classes):
       raise ValueError(f"labels go up to {int(np.max(known))} but input.num_classes="
@@ -133,20 +165,9 @@ class Pipeline:
       self._class_index = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
     self.set_state({})
 
-  # ---- order ----
-  def _perm(self, epoch: int) -> np.ndarray:
-    """Record order of `epoch` (the same on every host); the last two epochs are cached."""
-    with self._perm_lock:
-      if epoch not in self._perms:
-        self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-        self._perms[epoch] = (np.random.default_rng([self.seed % 2**63, epoch]).permutation(
-            self.num_records) if self.shuffle else np.arange(self.num_records))
-      return self._perms[epoch]
-
   def global_indices(self, batch: int) -> np.ndarray:
     """Record indices of global batch `batch` (all processes together)."""
-    epoch, step = divmod(batch, self.steps_per_epoch)
-    return self._perm(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+    return self.order.global_indices(batch)
 
   # ---- records ----
   def _load(self, index: int) -> tuple[np.ndarray, int] | None:
@@ -183,7 +204,7 @@ class Pipeline:
     """Example i of this process's part of global batch `batch` -> (image [(k,) H, W, C], label)."""
     epoch, step = divmod(batch, self.steps_per_epoch)
     position = step * self.batch_size + self.offset + i  # position within the epoch (global)
-    image, label, index = self._load_valid(int(self._perm(epoch)[position]))
+    image, label, index = self._load_valid(int(self.order.perm(epoch)[position]))
     images = [image]
     if self.group_size > 1:
       members = self._class_index[label]
