@@ -89,7 +89,15 @@ class Setup:
 
   def init_state(self):
     with parallel.use_mesh(self.mesh, self.rules):
-      return jax.jit(self._init_state, out_shardings=self.state_shardings)(self.init_key)
+      state = jax.jit(self._init_state, out_shardings=self.state_shardings)(self.init_key)
+    # pretrained parts (e.g. a SigLIP2 encoder) are read on the host after init, never baked into
+    # the compiled init as constants; only a fresh start does this, a restore keeps its weights
+    params = self.task.load_pretrained(state["params"])
+    if params is not state["params"]:
+      state["params"] = jax.device_put(params, self.state_shardings["params"])
+      if "ema" in state:
+        state["ema"] = jax.device_put(params, self.state_shardings["ema"])
+    return state
 
   def abstract_state(self):
     return ckpt_lib.abstract_like(self.state_shape, self.state_shardings)

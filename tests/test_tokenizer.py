@@ -363,3 +363,123 @@ def test_task_targets_are_degraded_images():
                                              method="decode"))(params)
     ref = jnp.mean((rec - degraded_target(x, t, 8, 4)) ** 2)
     np.testing.assert_allclose(float(out["mse"]), float(ref), rtol=1e-4)
+
+
+# --- SigLIP2 encoder initialisation (reference 1.2) -----------------------------------------------
+
+def _siglip_file(tmp_path, depth=3):
+  from tdjax.losses.alignment import ViTTeacher
+  from tdjax.losses.weights import save_npz_params
+  teacher = ViTTeacher(width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4, pos_grid=4)
+  x = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3)) * 2 - 1
+  tp = nn.unbox(teacher.init(jax.random.key(4), x))["params"]
+  # non-trivial LayerNorm params so a swapped ln1/ln2 or post-LN mapping shows
+  leaves, tdef = jax.tree.flatten(tp)
+  tp = tdef.unflatten([a + 0.1 * jax.random.normal(jax.random.key(i), a.shape)
+                       for i, a in enumerate(leaves)])
+  path = str(tmp_path / "siglip2.npz")
+  save_npz_params(path, tp)
+  return path, tp, x
+
+
+def _patch_features(m, x):
+  """The encoder's patch-token outputs after the final LayerNorm (patches never see queries)."""
+  from tdjax.tokenizers.detailflow import patchify
+  gh = x.shape[1] // m.patch
+  p = m.patch_embed(patchify(x, m.patch)) + m.enc_pos(gh, gh)[None]
+  q = jnp.broadcast_to((m.latent_tokens + m.latent_pos_embed)[None], (x.shape[0],) + m.latent_tokens.shape)
+  seq = m.encoder(jnp.concatenate([p, q], 1), jnp.asarray(encoder_mask(gh * gh, m.num_tokens, m.group)))
+  return m.enc_norm(seq[:, :gh * gh])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_encoder_init_from_siglip2_reproduces_its_first_blocks(tmp_path, scan):
+  from tdjax.losses.alignment import ViTTeacher
+  from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2
+  path, tp, x = _siglip_file(tmp_path)
+  kw = dict(TINY, channels=3, enc_width=16, enc_depth=2, enc_heads=2, enc_mlp=32, scan=scan)
+  m = DetailFlowTokenizer(**kw)
+  boxed = m.init(jax.random.key(1), x)["params"]
+  params = nn.unbox(init_encoder_from_siglip2(boxed, path))
+  assert isinstance(init_encoder_from_siglip2(boxed, path)["patch_embed"]["kernel"],
+                    nn.LogicallyPartitioned)               # logical specs survive
+  got = m.apply({"params": params}, x, method=_patch_features)
+  # the same file read as a 2-block SigLIP2 tower (blocks_2 ignored)
+  t2 = ViTTeacher(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, pos_grid=4)
+  want = t2.apply({"params": {k: v for k, v in tp.items() if k != "blocks_2"}}, x)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # untouched: query tables and the decoder keep their fresh init
+  fresh = nn.unbox(boxed)
+  np.testing.assert_array_equal(params["latent_tokens"], fresh["latent_tokens"])
+  np.testing.assert_array_equal(params["to_pixel"]["kernel"], fresh["to_pixel"]["kernel"])
+
+
+def test_encoder_init_from_siglip2_errors(tmp_path):
+  from tdjax.losses.weights import WeightsError
+  from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2
+  path, _, x = _siglip_file(tmp_path, depth=1)
+  kw = dict(TINY, channels=3, enc_width=16, enc_depth=2, enc_heads=2, enc_mlp=32)
+  params = DetailFlowTokenizer(**kw).init(jax.random.key(1), x)["params"]
+  with pytest.raises(WeightsError, match="has 1 blocks, the tokenizer encoder needs 2"):
+    init_encoder_from_siglip2(params, path)
+  with pytest.raises(FileNotFoundError, match="nope.npz"):
+    init_encoder_from_siglip2(params, str(tmp_path / "nope.npz"))
+  path, _, x = _siglip_file(tmp_path, depth=2)
+  wide = DetailFlowTokenizer(**dict(kw, enc_mlp=48)).init(jax.random.key(1), x)["params"]
+  with pytest.raises(WeightsError, match=r"blocks_0/mlp/fc1/kernel.*\(16, 32\).*\(16, 48\)"):
+    init_encoder_from_siglip2(wide, path)
+
+
+def test_hf_siglip2_state_dict_conversion():
+  """HF Linear weights are [out, in]: q = x W^T + b must equal the converted DenseGeneral."""
+  from tdjax.tokenizers.siglip2 import convert_hf_state_dict
+  rng = np.random.default_rng(0)
+  w, h, f, pp = 8, 2, 12, 4 * 4 * 3
+  sd = {"vision_model.embeddings.patch_embedding.weight": rng.normal(size=(w, pp)),
+        "vision_model.embeddings.patch_embedding.bias": rng.normal(size=(w,)),
+        "vision_model.embeddings.position_embedding.weight": rng.normal(size=(16, w)),
+        "vision_model.post_layernorm.weight": rng.normal(size=(w,)),
+        "vision_model.post_layernorm.bias": rng.normal(size=(w,)),
+        "vision_model.head.probe": rng.normal(size=(1, 1, w))}
+  for i in range(2):
+    p = f"vision_model.encoder.layers.{i}."
+    for n in ("layer_norm1", "layer_norm2"):
+      sd[p + n + ".weight"], sd[p + n + ".bias"] = rng.normal(size=(w,)), rng.normal(size=(w,))
+    for n in "qkvo":
+      name = "out_proj" if n == "o" else f"{n}_proj"
+      sd[p + f"self_attn.{name}.weight"] = rng.normal(size=(w, w))
+      sd[p + f"self_attn.{name}.bias"] = rng.normal(size=(w,))
+    sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = rng.normal(size=(f, w)), rng.normal(size=(f,))
+    sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = rng.normal(size=(w, f)), rng.normal(size=(w,))
+  out = convert_hf_state_dict(sd, num_heads=h)
+  assert not any("head" in k.split("/")[0] for k in out) and "blocks_1/mlp/fc2/kernel" in out
+  x = rng.normal(size=(3, w))
+  q_hf = x @ sd["vision_model.encoder.layers.1.self_attn.q_proj.weight"].T + \
+      sd["vision_model.encoder.layers.1.self_attn.q_proj.bias"]
+  q = np.einsum("bw,whd->bhd", x, out["blocks_1/attn/q/kernel"]) + out["blocks_1/attn/q/bias"]
+  np.testing.assert_allclose(q.reshape(3, w), q_hf, rtol=1e-5, atol=1e-5)
+  o_in = rng.normal(size=(3, h, w // h))
+  o_hf = o_in.reshape(3, w) @ sd["vision_model.encoder.layers.1.self_attn.out_proj.weight"].T
+  np.testing.assert_allclose(np.einsum("bhd,hdw->bw", o_in, out["blocks_1/attn/o/kernel"]), o_hf,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["patch_embed/kernel"],
+                             sd["vision_model.embeddings.patch_embedding.weight"].T)
+
+
+def test_training_setup_starts_from_the_siglip2_encoder(tmp_path):
+  """The loop reads the file on a fresh start (host side, sharded after init) for every copy."""
+  from tdjax import parallel, trainer
+  path, tp, _ = _siglip_file(tmp_path, depth=2)
+  c = _cfg()
+  c.input.channels = 3
+  c.ema_decay = 0.99
+  c.model.update(dict(enc_width=16, enc_depth=2, enc_heads=2, enc_mlp=32, encoder_init=path))
+  mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
+  state = trainer.Setup(c, mesh).init_state()
+  for tree in (state["params"], state["ema"]):
+    np.testing.assert_allclose(tree["gen"]["encoder"]["blocks_1"]["block"]["mlp"]["fc2"]["kernel"],
+                               tp["blocks_1"]["mlp"]["fc2"]["kernel"])
+    np.testing.assert_allclose(tree["gen"]["enc_norm"]["ln"]["scale"], tp["post_ln"]["scale"])
+  c.model.encoder_init = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="config.model.encoder_init.*missing.npz"):
+    trainer.Setup(c, mesh)

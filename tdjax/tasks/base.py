@@ -49,6 +49,12 @@ class Task:
     raise NotImplementedError(f"{type(self).__name__}.loss")
 
   # --- optional -------------------------------------------------------------------------------
+  def load_pretrained(self, params: PyTree) -> PyTree:
+    """Host-side: returns `params` (initialised, unboxed) with pretrained parts read from the
+    files the config names, or `params` itself (same object) when there are none.  Called once on
+    a fresh start, outside jit, so large weight files never become compiled constants."""
+    return params
+
   def param_groups(self, params: PyTree) -> PyTree | None:
     """A pytree of group names (same structure as params) or None for a single group."""
     return None

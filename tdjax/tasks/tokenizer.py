@@ -28,6 +28,8 @@ Batches: {'image': float [B, H, W, C] in [-1, 1]} (+ optional 'teacher_feats' [B
 
 from __future__ import annotations
 
+import os
+
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,9 @@ class TokenizerTask(Task):
     self.use_lpips = float(l.get("lpips_weight", 0.0)) > 0
     self.use_adv = float(l.get("adv_weight", 0.0)) > 0
     self.use_align = float(l.get("align_weight", 0.0)) > 0
+    enc = self.config.model.get("encoder_init")
+    if enc and not os.path.isfile(enc):
+      raise FileNotFoundError(f"config.model.encoder_init: SigLIP2 weights file not found: {enc!r}")
     if self.use_lpips and not l.get("lpips_weights"):
       raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_weights "
                        "(an LPIPS-VGG .npz file)")
@@ -135,6 +140,14 @@ class TokenizerTask(Task):
     if frozen:
       state["frozen"] = frozen
     return params, state
+
+  def load_pretrained(self, params):
+    path = self.config.model.get("encoder_init")
+    if not path:
+      return params
+    from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2  # SigLIP2 encoder (1.2)
+    gen = init_encoder_from_siglip2(jax.device_get(params["gen"]), path)
+    return {**params, "gen": gen}
 
   def param_groups(self, params):
     if "disc" not in params:

@@ -1,0 +1,157 @@
+"""DetailFlow encoder initialisation from a SigLIP2 vision tower (reference doc 1.2).
+
+DetailFlow's encoder is the first 12 blocks of SigLIP2-so400m-patch16 (width 1152, 16 heads, MLP
+4304) with its patch embedding, 2D position table and final LayerNorm; the N latent query tokens,
+their position table and the bottleneck projection are new.  `init_encoder_from_siglip2` copies
+the pretrained parts into a freshly initialised tokenizer `params` tree:
+
+    patch_embed            <- patch_embed             (same (py, px, c) patch flattening)
+    enc_pos/table          <- pos_embed               ([G*G, W]; resized to the patch grid at run time)
+    encoder block i        <- blocks_i, i < enc_depth (ln1/ln2 -> norm1/norm2, q/k/v/o -> query/
+                                                        key/value/out, mlp/fc1, mlp/fc2)
+    enc_norm               <- post_ln
+
+The file is the SigLIP2 `.npz` of `tdjax.losses.alignment` (the alignment teacher uses the same
+file; its docstring gives the key list and the mapping from the HF `Siglip2VisionModel` state dict).
+`python -m tdjax.tokenizers.siglip2 --input model.safetensors --output siglip2.npz` writes that file
+from an HF checkpoint (needs the optional `safetensors` package; nothing is downloaded).
+
+Every shape is checked: a missing key, a file with fewer blocks than `enc_depth`, or a width/head/MLP
+mismatch raises `WeightsError` naming the key and both shapes.  Nothing else in `params` changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import numpy as np
+from flax import traverse_util
+
+from tdjax.losses.weights import WeightsError
+
+_BLOCK_RENAME = {"ln1": "norm1/ln", "ln2": "norm2/ln", "attn/q": "attn/query",
+                 "attn/k": "attn/key", "attn/v": "attn/value", "attn/o": "attn/out",
+                 "mlp/fc1": "mlp/fc1", "mlp/fc2": "mlp/fc2"}
+
+
+def siglip2_to_encoder_keys(depth: int) -> dict[str, str]:
+  """{teacher-layout key: tokenizer params key (unrolled encoder)} for the first `depth` blocks."""
+  keys = {"patch_embed/kernel": "patch_embed/kernel", "patch_embed/bias": "patch_embed/bias",
+          "pos_embed": "enc_pos/table", "post_ln/scale": "enc_norm/ln/scale",
+          "post_ln/bias": "enc_norm/ln/bias"}
+  for i in range(depth):
+    for src, dst in _BLOCK_RENAME.items():
+      for leaf in ("scale", "bias") if src.startswith("ln") else ("kernel", "bias"):
+        keys[f"blocks_{i}/{src}/{leaf}"] = f"encoder/blocks_{i}/block/{dst}/{leaf}"
+  return keys
+
+
+def _depth(flat_params: dict) -> tuple[int, bool]:
+  """(encoder depth, scanned?) of a flat tokenizer params dict."""
+  if any(k.startswith("encoder/layers/") for k in flat_params):
+    k = next(k for k in flat_params if k.startswith("encoder/layers/"))
+    return int(np.shape(flat_params[k])[0]), True
+  return len({k.split("/")[1] for k in flat_params if k.startswith("encoder/blocks_")}), False
+
+
+def init_encoder_from_siglip2(params: dict, path: str) -> dict:
+  """Returns `params` (the tokenizer's params tree, boxed or not) with the SigLIP2 parts replaced."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"SigLIP2 encoder weights file not found: {path!r}")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise WeightsError(f"SigLIP2 weights file {path!r} is not a readable .npz: {e}") from None
+  boxed = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(params)).items()}
+  flat = {k: nn.unbox(v) for k, v in boxed.items()}
+  depth, scanned = _depth(flat)
+  new, stacked = {}, {}
+  with data:
+    blocks = {k.split("/")[0] for k in data.files if k.startswith("blocks_")}
+    if len(blocks) < depth:
+      raise WeightsError(f"SigLIP2 weights file {path!r} has {len(blocks)} blocks, the tokenizer "
+                         f"encoder needs {depth} (enc_depth)")
+    for src, dst in siglip2_to_encoder_keys(depth).items():
+      if src not in data.files:
+        raise WeightsError(f"SigLIP2 weights file {path!r} is missing key {src!r}")
+      arr = np.asarray(data[src], np.float32)
+      layer = None
+      if scanned and dst.startswith("encoder/blocks_"):
+        _, blk, rest = dst.split("/", 2)
+        layer, dst = int(blk.split("_")[1]), f"encoder/layers/{rest}"
+      want = tuple(np.shape(flat[dst]))[1 if layer is not None else 0:]
+      if tuple(arr.shape) != want:
+        raise WeightsError(f"SigLIP2 weights file {path!r}: key {src!r} has shape "
+                           f"{tuple(arr.shape)}, tokenizer param {dst!r} expects {want}")
+      if layer is None:
+        new[dst] = arr
+      else:
+        stacked.setdefault(dst, {})[layer] = arr
+  for dst, layers in stacked.items():  # scan: [depth, ...] from the per-block arrays
+    new[dst] = np.stack([layers[i] for i in range(depth)])
+  out = {}
+  for k, v in boxed.items():
+    if k not in new:
+      out[k] = v
+    else:
+      val = new[k].astype(flat[k].dtype)
+      out[k] = v.replace_boxed(val) if isinstance(v, nn.meta.AxisMetadata) else val
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def convert_hf_state_dict(sd: dict, num_heads: int) -> dict[str, np.ndarray]:
+  """HF `Siglip2VisionModel` state dict (numpy) -> the teacher-layout flat dict (attention-pool
+  head dropped).  Linear weights [out, in] are transposed to [in, out]; q/k/v/o split by heads."""
+  pre = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
+  g = lambda k: np.asarray(sd[pre + k], np.float32)
+  w = g("embeddings.patch_embedding.weight")
+  width = w.shape[0]
+  d = width // num_heads
+  out = {"patch_embed/kernel": w.T, "patch_embed/bias": g("embeddings.patch_embedding.bias"),
+         "pos_embed": g("embeddings.position_embedding.weight"),
+         "post_ln/scale": g("post_layernorm.weight"), "post_ln/bias": g("post_layernorm.bias")}
+  i = 0
+  while f"{pre}encoder.layers.{i}.layer_norm1.weight" in sd:
+    p = f"encoder.layers.{i}."
+    for n, t in (("1", "ln1"), ("2", "ln2")):
+      out[f"blocks_{i}/{t}/scale"] = g(p + f"layer_norm{n}.weight")
+      out[f"blocks_{i}/{t}/bias"] = g(p + f"layer_norm{n}.bias")
+    for n in "qkv":
+      out[f"blocks_{i}/attn/{n}/kernel"] = g(p + f"self_attn.{n}_proj.weight").T.reshape(
+          width, num_heads, d)
+      out[f"blocks_{i}/attn/{n}/bias"] = g(p + f"self_attn.{n}_proj.bias").reshape(num_heads, d)
+    out[f"blocks_{i}/attn/o/kernel"] = g(p + "self_attn.out_proj.weight").T.reshape(
+        num_heads, d, width)
+    out[f"blocks_{i}/attn/o/bias"] = g(p + "self_attn.out_proj.bias")
+    for n in ("fc1", "fc2"):
+      out[f"blocks_{i}/mlp/{n}/kernel"] = g(p + f"mlp.{n}.weight").T
+      out[f"blocks_{i}/mlp/{n}/bias"] = g(p + f"mlp.{n}.bias")
+    i += 1
+  if i == 0:
+    raise WeightsError("HF SigLIP2 state dict has no 'encoder.layers.0.*' keys")
+  return out
+
+
+def main(argv=None):
+  import argparse
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--input", required=True, help="HF Siglip2 model.safetensors")
+  ap.add_argument("--output", required=True, help=".npz in the tdjax teacher layout")
+  ap.add_argument("--num_heads", type=int, default=16)
+  a = ap.parse_args(argv)
+  try:
+    from safetensors.numpy import load_file
+  except ImportError:
+    raise SystemExit("reading .safetensors needs the optional package: pip install safetensors")
+  flat = convert_hf_state_dict(load_file(a.input), a.num_heads)
+  tmp = a.output + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **flat)
+  os.replace(tmp, a.output)
+  print(f"wrote {a.output}: {len(flat)} arrays")
+
+
+if __name__ == "__main__":
+  main()
