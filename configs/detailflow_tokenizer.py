@@ -47,7 +47,8 @@ DEFAULTS = {
 
 def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", tokens=0, group=0, patch=0, alpha=1.5, degrade_p=0.2,
-                       correction=True, top_k=50, codebook=0, code_dim=0, bottleneck="vq",
+                       correction=True, correction_every=0, top_k=50, codebook=0, code_dim=0,
+                       bottleneck="vq",
                        steps=0, batch=0, lr=0.0, warmup=-1, lpips=0.0, adv=0.0, align=0.0,
                        disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
                        seed=0)
@@ -92,6 +93,8 @@ def get_config(arg=None):
       alpha=a.alpha,               # R(n) power
       degrade_p=a.degrade_p,       # probability of a degraded-prefix step
       self_correction=a.correction,
+      correction_every=a.correction_every or d.get("correction_every", 1),
+      branch_grads=a.size != "full",  # per-branch backward: fast on CPU; one program on pods  # 1 = every step (reference); k = every k-th step
       top_k=a.top_k,
       bottleneck=a.bottleneck,     # 'vq' | 'continuous'
       codebook_size=a.codebook or d["codebook"],

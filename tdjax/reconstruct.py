@@ -29,6 +29,8 @@ flags.DEFINE_integer("eval_images", 1000, "Test images for the PSNR curve and fu
 flags.DEFINE_integer("batch_size", 250, "Evaluation batch size.")
 flags.DEFINE_string("split", "", "Split (default: the config's eval split).")
 flags.DEFINE_integer("seed", 0, "Seed of the test-image order.")
+flags.DEFINE_string("judge", None, "Classifier workdir: class accuracy of the reconstructions and "
+                    "their Frechet distance to the originals on its features (rFD).")
 
 
 def prefix_lengths(N: int) -> list[int]:
@@ -40,7 +42,8 @@ def prefix_lengths(N: int) -> list[int]:
 
 
 def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int = 1000,
-                       batch_size: int = 250, split: str = "", seed: int = 0) -> dict:
+                       batch_size: int = 250, split: str = "", seed: int = 0,
+                       judge: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -76,8 +79,10 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   sums = {n: [0.0, 0.0] for n in ns}
   full_psnr, full_ssim, used, count = [], [], np.zeros(int(getattr(model, "codebook_size", 1))), 0
   strip = None
+  originals, recons, labels = [], [], []
   while count < eval_images:
-    x = next(data)["image"][:eval_images - count]
+    b = next(data)
+    x = b["image"][:eval_images - count]
     zq, idx = codes_of(x)
     x01 = (np.asarray(x) + 1) / 2
     cols = [np.asarray(x)]
@@ -90,6 +95,10 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
       sums[n][1] += evaluation.psnr(np.clip((rec + 1) / 2, 0, 1),
                                     np.clip((target + 1) / 2, 0, 1)).sum()
       if n == N:
+        if judge:
+          originals.append(np.asarray(x))
+          recons.append(np.clip(full, -1, 1))
+          labels.append(np.asarray(b["label"][:len(x)]))
         full_psnr.append(evaluation.psnr(rec01, x01))
         full_ssim.append(evaluation.ssim(rec01, x01))
       if strip is None:
@@ -112,6 +121,14 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   if getattr(model, "is_vq", False):
     report["full"]["codebook_usage"] = float((used > 0).mean())
     report["full"]["codebook_size"] = int(len(used))
+
+  if judge:  # how much class identity and feature statistics survive the bottleneck
+    jd = evaluation.ClassifierJudge(judge)
+    xs, rs, ls = (np.concatenate(a) for a in (originals, recons, labels))
+    report["judge"] = {"workdir": os.path.abspath(judge),
+                       "class_accuracy_reconstructions": jd.class_accuracy(rs, ls),
+                       "class_accuracy_originals": jd.class_accuracy(xs, ls),
+                       "frechet_reconstructions_vs_originals": jd.frechet(xs, rs)}
 
   stem = os.path.splitext(out)[0]
   metrics.save_png(metrics.image_grid(strip), out)
@@ -143,8 +160,8 @@ def main(argv):
   del argv
   report = reconstruct_report(FLAGS.workdir, FLAGS.out, num=FLAGS.num,
                               eval_images=FLAGS.eval_images, batch_size=FLAGS.batch_size,
-                              split=FLAGS.split, seed=FLAGS.seed)
-  print(json.dumps({"full": report["full"], "psnr_curve": dict(zip(report["curve"]["tokens"],
+                              split=FLAGS.split, seed=FLAGS.seed, judge=FLAGS.judge)
+  print(json.dumps({"full": report["full"], "judge": report.get("judge"), "psnr_curve": dict(zip(report["curve"]["tokens"],
                                                                     report["curve"]["psnr"]))}))
 
 

@@ -16,6 +16,8 @@ batch index, so a resumed run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import signal
@@ -112,13 +114,23 @@ class Setup:
     compute_dtype = jnp.dtype(c.get("compute_dtype", "float32"))
     accum = int(c.get("grad_accum", 1))
 
-    def loss_fn(params, mstate, micro, key):
+    def loss_fn(params, mstate, micro, key, branch=None):
       p = optim.cast_floating(params, compute_dtype)
       micro = optim.cast_floating(micro, compute_dtype)
-      loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step)
+      kw = {} if branch is None else {"branch": branch}
+      loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step, **kw)
       return loss.astype(jnp.float32), (metrics, new_mstate)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def grad_fn(params, mstate, micro, key):
+      sel = self.task.loss_branch(key, step)
+      if sel is None:
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, mstate, micro, key)
+      # one complete forward + backward per branch: a switch inside the loss would carry every
+      # branch's residuals through the backward pass (zero-filled), costing ~2x on CPU
+      index, n = sel
+      fns = [jax.value_and_grad(functools.partial(loss_fn, branch=i), has_aux=True)
+             for i in range(n)]
+      return jax.lax.switch(index, fns, params, mstate, micro, key)
     if accum == 1:
       (loss, (metrics, mstate)), grads = grad_fn(state["params"], state["model_state"], batch, rng)
     else:

@@ -483,3 +483,56 @@ def test_training_setup_starts_from_the_siglip2_encoder(tmp_path):
   c.model.encoder_init = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="config.model.encoder_init.*missing.npz"):
     trainer.Setup(c, mesh)
+
+
+def test_correction_every_k_steps_switches_the_branch():
+  """correction_every=2: even steps are the reference (self-correction) loss, odd steps plain."""
+  from tdjax.tasks.tokenizer import TokenizerTask
+  tasks = {}
+  for name, upd in (("every2", dict(correction_every=2)), ("always", dict(correction_every=1)),
+                    ("never", dict(self_correction=False))):
+    c = _cfg("size=tiny")
+    c.model.update(upd)
+    tasks[name] = TokenizerTask(c)
+  params, state = nn.unbox(tasks["always"].init(jax.random.key(0)))
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
+  loss = {k: jax.jit(t.loss) for k, t in tasks.items()}
+  for step, same_as in ((0, "always"), (1, "never"), (4, "always")):
+    got, (m, _) = loss["every2"](params, state, batch, jax.random.key(3), step)
+    want, _ = loss[same_as](params, state, batch, jax.random.key(3), step)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert set(m) >= {"sc_vq_loss", "noise_end"}
+  a, _ = loss["always"](params, state, batch, jax.random.key(3), 1)
+  b, _ = loss["never"](params, state, batch, jax.random.key(3), 1)
+  assert abs(float(a) - float(b)) > 1e-6          # the two branches differ
+  with pytest.raises(ValueError, match="correction_every=0"):
+    c = _cfg("size=tiny")
+    c.model.correction_every = 0
+    TokenizerTask(c)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_branch_grads_equal_the_switch_inside_the_loss(every):
+  """config.model.branch_grads: per-branch forward+backward in the loop == one switched loss."""
+  from tdjax import parallel, trainer
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
+  out = {}
+  for bg in (False, True):
+    c = _cfg("size=tiny,degrade_p=0.5")
+    c.model.update(dict(branch_grads=bg, correction_every=every))
+    setup = trainer.Setup(c, mesh)
+    assert (setup.task.loss_branch(jax.random.key(0), 0) is not None) == bg
+    step = jax.jit(setup.train_step)
+    state, ms = setup.init_state(), []
+    for _ in range(4):   # several steps: different prefixes t / resolutions / correction on-off
+      state, m = step(state, batch)
+      ms.append(m)
+    out[bg] = (state, ms)
+  np.testing.assert_allclose([float(m["loss"]) for m in out[True][1]],
+                             [float(m["loss"]) for m in out[False][1]], rtol=1e-5)
+  np.testing.assert_allclose([float(m["dec_res"]) for m in out[True][1]],
+                             [float(m["dec_res"]) for m in out[False][1]])
+  assert len({float(m["dec_res"]) for m in out[True][1]}) > 1    # really switched resolutions
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               out[True][0]["params"], out[False][0]["params"])

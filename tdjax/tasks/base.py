@@ -49,6 +49,13 @@ class Task:
     raise NotImplementedError(f"{type(self).__name__}.loss")
 
   # --- optional -------------------------------------------------------------------------------
+  def loss_branch(self, rng: jax.Array, step: jax.Array) -> tuple[jax.Array, int] | None:
+    """Optional: (traced branch index, number of branches) for this step's loss.  The loop then
+    differentiates `loss(..., branch=i)` separately for each static i and `lax.switch`es between
+    the complete forward+backward programs (shape-changing steps, e.g. a decoder resolution
+    chosen per step).  `rng` and `step` are the ones `loss` receives.  Default: None."""
+    return None
+
   def load_pretrained(self, params: PyTree) -> PyTree:
     """Host-side: returns `params` (initialised, unboxed) with pretrained parts read from the
     files the config names, or `params` itself (same object) when there are none.  Called once on

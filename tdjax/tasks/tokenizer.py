@@ -75,6 +75,14 @@ class TokenizerTask(Task):
     self.alpha = float(m.get("alpha", 1.5))
     self.degrade_p = float(m.get("degrade_p", 0.2))
     self.self_correction = bool(m.get("self_correction", True)) and m.get("bottleneck", "vq") == "vq"
+    # the reference runs the self-correction branch on every step (1); k > 1 runs it on every k-th
+    # step only (it costs ~1.5x a plain step: a second encoder pass and a doubled decoder batch)
+    self.correction_every = int(m.get("correction_every", 1))
+    # True: the loop differentiates each (resolution, correction) branch separately (faster
+    # steps, one compiled forward+backward per branch); False: one switch inside the loss
+    self.branch_grads = bool(m.get("branch_grads", False))
+    if self.correction_every < 1:
+      raise ValueError(f"config.model.correction_every={self.correction_every}: expected >= 1")
     self.plan = PrefixPlan(self.N, self.g, self.image_size, int(m.patch), self.alpha,
                            self.degrade_p, self.causal_num)
     self.loss_cfg = l = c.loss
@@ -239,15 +247,44 @@ class TokenizerTask(Task):
       new_state["lecam"] = ema
     return out, new_state
 
-  def loss(self, params, model_state, batch, rng, step):
+  def _prefix_length(self, rng):
+    k_t = jax.random.split(rng, 4)[0]
+    return sample_prefix_length(k_t, self.N, self.g, self.degrade_p, self.causal_num)
+
+  def _sc_switched(self) -> bool:
+    return self.self_correction and self.correction_every > 1
+
+  def loss_branch(self, rng, step):
+    """With config.model.branch_grads: one branch per (decoder resolution, self-correction on)."""
+    if not self.branch_grads:
+      return None
+    res_i = jnp.asarray(self.plan.branch_of_t)[self._prefix_length(rng)]
+    if not self._sc_switched():
+      return res_i, len(self.plan.branches)
+    sc = (jnp.asarray(step) % self.correction_every == 0).astype(jnp.int32)
+    return 2 * res_i + sc, 2 * len(self.plan.branches)
+
+  def loss(self, params, model_state, batch, rng, step, branch: int | None = None):
+    if branch is not None:  # static: decoder resolution (and self-correction) fixed for this trace
+      res_i, sc = divmod(branch, 2) if self._sc_switched() else (branch, self.self_correction)
+      return self._loss(params, model_state, batch, rng, step, bool(sc), res_i)
+    if not self._sc_switched():
+      return self._loss(params, model_state, batch, rng, step, self.self_correction)
+    return jax.lax.cond(
+        step % self.correction_every == 0,
+        lambda *a: self._loss(*a, self_correction=True),
+        lambda *a: self._loss(*a, self_correction=False),
+        params, model_state, batch, rng, step)
+
+  def _loss(self, params, model_state, batch, rng, step, self_correction, res_branch=None):
     l = self.loss_cfg
     x = batch["image"].astype(jnp.float32)
     b = x.shape[0]
     k_t, k_tok, k_img, k_align = jax.random.split(rng, 4)
-    t = sample_prefix_length(k_t, self.N, self.g, self.degrade_p, self.causal_num)
+    t = self._prefix_length(rng)
     tok, new_vq = self.model.apply(
         {"params": params["gen"], "vq_stats": model_state.get("vq_stats", {})}, x, t, k_tok,
-        method="tokenize_train", mutable=["vq_stats"], self_correction=self.self_correction)
+        method="tokenize_train", mutable=["vq_stats"], self_correction=self_correction)
     if tok["z_q_sc"] is not None:
       codes = jnp.concatenate([tok["z_q"], tok["z_q_sc"]], axis=0)
       w = jnp.concatenate([jnp.ones((b,)), jnp.broadcast_to(tok["sc_on"].astype(jnp.float32), (b,))])
@@ -258,7 +295,9 @@ class TokenizerTask(Task):
     fns = [(lambda ops, res=res, mats=mats: self._image_losses(res, mats, *ops))
            for res, mats in zip(self.plan.branches, self.plan.matrices)]
     ops = (params, model_state, codes, t, row, x, w, step, k_img)
-    if len(fns) == 1:
+    if res_branch is not None:  # the loop chose the branch (loss_branch); same t, same rng
+      img, new_state = fns[res_branch](ops)
+    elif len(fns) == 1:
       img, new_state = fns[0](ops)
     else:
       img, new_state = jax.lax.switch(branch, fns, ops)
@@ -269,6 +308,9 @@ class TokenizerTask(Task):
                    prefix_t=t.astype(jnp.float32),
                    dec_res=jnp.asarray(self.plan.branches, jnp.float32)[branch],
                    sc_on=tok["sc_on"].astype(jnp.float32), **tok["metrics"])
+    if self.self_correction:  # same metric keys whichever branch of `loss` ran
+      metrics.setdefault("sc_vq_loss", jnp.zeros(()))
+      metrics.setdefault("noise_end", jnp.zeros(()))
     if self._lpips is not None:
       lw = float(l.lpips_weight) * _lerp_on(step, l.get("lpips_start", 0), l.get("lpips_warmup", 0))
       total = total + lw * img["lpips"]
