@@ -49,6 +49,17 @@ class NextDetailTask(Task):
     return {"clean": codes(), "ar_input": codes(), "ar_label": codes(),
             "label": rng.integers(0, m.num_classes, (batch_size,)).astype(np.int32)}
 
+  def analytic_flops(self, batch) -> float:
+    """Train-step FLOPs: 3 x forward (forward + 2 x backward), forward per token =
+    2 L (4 D^2 + 3 D F) (attention projections, SwiGLU) + 2 D V (head) + 4 L N D (scores and
+    values over the full N x N group-causal mask); remat adds one forward of the blocks."""
+    m = self.model
+    b = int(np.shape(batch["label"])[0])
+    n, d, l, f, v = m.num_tokens, m.dim, m.depth, m.mlp_dim, m.vocab_size
+    blocks = 2 * l * (4 * d * d + 3 * d * f) + 4 * l * n * d
+    fwd = blocks + 2 * d * v
+    return float(b * n * (3 * fwd + (blocks if m.remat != "none" else 0)))
+
   def logical_batch_axes(self):
     codes = ("batch", "length")
     return {"clean": codes, "ar_input": codes, "ar_label": codes, "label": ("batch",)}

@@ -1,0 +1,89 @@
+"""TransDiff: 1-step and MRAR AR transformer, masks, latent token order, weight surgery."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdjax.generators import transdiff as td
+
+SMALL = dict(num_classes=10, latent_len=16, latent_dim=4, width=32, depth=2, num_heads=2,
+             buffer_size=4)
+
+
+def _init(m, refs=None):
+  return nn.unbox(m.init(jax.random.key(0), jnp.zeros((2,), jnp.int32), refs))
+
+
+def test_block_causal_mask():
+  m = td.block_causal_mask(6, 2)
+  want = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                   [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
+  np.testing.assert_array_equal(m, want)
+  with pytest.raises(ValueError, match="not a multiple"):
+    td.block_causal_mask(7, 2)
+
+
+def test_patchify_matches_reference_token_order():
+  """Reference: latent NCHW -> (B,C,h,p,w,p) -> einsum nchpwq->nhwcpq -> (B, h*w, C*p*p)."""
+  rng = np.random.default_rng(0)
+  nchw = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
+  for p in (1, 2):
+    b, c, H, W = nchw.shape
+    ref = nchw.reshape(b, c, H // p, p, W // p, p)
+    ref = np.einsum("nchpwq->nhwcpq", ref).reshape(b, (H // p) * (W // p), c * p * p)
+    got = td.patchify_latent(jnp.asarray(nchw.transpose(0, 2, 3, 1)), p)
+    np.testing.assert_array_equal(got, ref)
+    back = td.unpatchify_latent(got, p, H, W)
+    np.testing.assert_array_equal(back, nchw.transpose(0, 2, 3, 1))
+
+
+def test_one_step_shapes_and_label_dependence():
+  m = td.TransDiffAR(**SMALL)
+  v = _init(m)
+  assert v["params"]["mask_token"].shape == (1, 32)
+  assert v["params"]["z_proj"]["kernel"].shape == (4, 32)        # reference: dead Linear(C, D)
+  a = m.apply(v, jnp.array([1, 2]))
+  b = m.apply(v, jnp.array([1, 3]))
+  assert a.shape == (2, 16, 32)
+  np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+  assert float(jnp.abs(a[1] - b[1]).min()) > 0          # every token sees the class (no mask)
+  null = m.apply(v, jnp.array([1, 2]), drop=jnp.array([True, False]))
+  np.testing.assert_allclose(null[0], m.apply(v, jnp.array([-1, 2]))[0], atol=1e-6)
+  with pytest.raises(ValueError, match="no reference images"):
+    m.apply(v, jnp.array([1, 2]), jnp.zeros((2, 1, 4, 16)))
+
+
+def test_mrar_block_causal_independence_and_prefix_conditions():
+  m = td.TransDiffAR(**SMALL, num_refs=3)
+  refs = jax.random.normal(jax.random.key(1), (2, 3, 4, 16))
+  v = _init(m, refs)
+  assert m.seq_len == 4 + 4 * 4 and v["params"]["mask_token"].shape == (4, 32)
+  base = m.apply(v, jnp.array([1, 2]), refs)
+  assert base.shape == (2, 16, 32)                     # conditions for image k: first 4 (k + 1)
+  changed = m.apply(v, jnp.array([1, 2]), refs.at[:, 1].add(1.0))   # ref 1 = block 3 of outputs
+  np.testing.assert_allclose(changed[:, :8], base[:, :8], atol=1e-5)   # images 0, 1 unaffected
+  assert float(jnp.abs(changed[:, 8:] - base[:, 8:]).min()) > 0        # images 2, 3 see it
+  # sampling round k runs on the prefix only and gives the same conditions
+  short = m.apply(v, jnp.array([1, 2]), refs[:, :1])
+  np.testing.assert_allclose(short, base[:, :8], atol=1e-5)
+  with pytest.raises(ValueError, match="MRAR refs have shape"):
+    m.apply(v, jnp.array([1, 2]), jnp.zeros((2, 4, 4, 16)))
+  with pytest.raises(ValueError, match="buffer_size == block"):
+    td.TransDiffAR(**dict(SMALL, buffer_size=8), num_refs=3).init(
+        jax.random.key(0), jnp.zeros((2,), jnp.int32), refs)
+
+
+def test_weight_surgery_one_step_to_mrar():
+  one = _init(td.TransDiffAR(**SMALL))["params"]
+  mrar = _init(td.TransDiffAR(**SMALL, num_refs=3), jnp.zeros((2, 3, 4, 16)))["params"]
+  out = td.mrar_from_one_step(one, mrar)
+  np.testing.assert_array_equal(out["mask_token"], np.tile(one["mask_token"], (4, 1)))
+  np.testing.assert_array_equal(out["z_proj"]["kernel"], mrar["z_proj"]["kernel"])   # re-init
+  assert out["z_proj"]["kernel"].shape == (16, 32)
+  jax.tree.map(np.testing.assert_array_equal, out["blocks"], one["blocks"])
+  np.testing.assert_array_equal(out["class_emb"], one["class_emb"])
+  other = _init(td.TransDiffAR(**dict(SMALL, width=16, num_heads=2)))["params"]
+  with pytest.raises(ValueError, match="weight surgery: parameter 'blocks'|weight surgery: parameter 'class_emb'"):
+    td.mrar_from_one_step(other, mrar)
