@@ -27,7 +27,8 @@ stage "2/5 tokenizer"
 python -m tdjax.train --config configs/detailflow_tokenizer.py:size=demo --workdir "$OUT/tokenizer" 2>"$OUT/tokenizer.log" \
   || { tail -20 "$OUT/tokenizer.log"; exit 1; }
 grep "eval at" "$OUT/tokenizer.log" | tail -1 || true
-python -m tdjax.reconstruct --workdir "$OUT/tokenizer" --out "$PICS/coarse_to_fine.png" 2>"$OUT/reconstruct.log" \
+python -m tdjax.reconstruct --workdir "$OUT/tokenizer" --out "$PICS/coarse_to_fine.png" --judge "$OUT/classifier" \
+  2>"$OUT/reconstruct.log" \
   || { tail -20 "$OUT/reconstruct.log"; exit 1; }
 
 stage "3/5 codes"

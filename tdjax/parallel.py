@@ -111,6 +111,23 @@ def shardings_for(logical_tree, mesh: jax.sharding.Mesh, axis_rules=LOGICAL_RULE
   return nn.logical_to_mesh_sharding(logical_tree, mesh, axis_rules)
 
 
+def fit_to_shapes(shardings, shapes):
+  """Drops, per array dimension, the mesh axes whose size product does not divide that dimension
+  (e.g. a 1152-wide SigLIP2 table on fsdp=256): that dimension is replicated instead of failing.
+  `shapes`: a matching tree of arrays / ShapeDtypeStructs."""
+  def fit(sh, x):
+    if not isinstance(sh, NamedSharding) or not sh.spec:
+      return sh
+    entries = []
+    for dim, entry in zip(x.shape, tuple(sh.spec) + (None,) * (len(x.shape) - len(sh.spec))):
+      axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+      while axes and dim % math.prod(sh.mesh.shape[a] for a in axes):
+        axes = axes[:-1]                       # drop the innermost axis until it divides
+      entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(sh.mesh, P(*entries), memory_kind=sh.memory_kind)
+  return jax.tree.map(fit, shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

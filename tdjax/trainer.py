@@ -76,8 +76,9 @@ class Setup:
     if config.get("ema_decay", 0.0):
       specs["ema"] = param_specs
     self.state_specs = specs
-    self.state_shardings = parallel.shardings_for(specs, self.mesh, self.rules)
     self.state_shape = jax.eval_shape(self._init_state, init_key)
+    self.state_shardings = parallel.fit_to_shapes(
+        parallel.shardings_for(specs, self.mesh, self.rules), self.state_shape)
 
   # pure: builds the initial state from the key
   def _init_state(self, key):

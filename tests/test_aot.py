@@ -32,3 +32,21 @@ def test_report_shards_state_and_counts_flops():
   assert rep["per_device_bytes"]["argument"] > 0.9 * state            # ... vs replicated
   assert abs(out["hlo_over_analytic"] - 1) < 0.1
   assert out["fits"] == {"95GiB": True, "80GiB": True}
+
+
+def test_indivisible_dimensions_are_replicated_not_rejected():
+  """A 12-wide table on fsdp=8 keeps its other sharded axes and replicates the indivisible one."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from tdjax import parallel
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  sh = {"a": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P(("data", "fsdp"))),
+        "c": NamedSharding(mesh, P(None, "fsdp"))}
+  shapes = {"a": jax.ShapeDtypeStruct((6, 3), np.float32),      # 6 % 4 != 0 -> replicated
+            "b": jax.ShapeDtypeStruct((10,), np.float32),         # 10 % 8 -> keep data (2)
+            "c": jax.ShapeDtypeStruct((3, 8), np.float32)}        # divisible: unchanged
+  out = parallel.fit_to_shapes(sh, shapes)
+  assert out["a"].spec == P(None, None)
+  assert out["b"].spec == P("data")
+  assert out["c"].spec == P(None, "fsdp")
+  for k in shapes:   # every result is usable for an array of that shape
+    jax.device_put(np.zeros(shapes[k].shape, np.float32), out[k])

@@ -157,6 +157,22 @@ class TokenizerTask(Task):
     gen = init_encoder_from_siglip2(jax.device_get(params["gen"]), path)
     return {**params, "gen": gen}
 
+  def analytic_flops(self, batch) -> float:
+    """Train-step FLOPs of a full-resolution step (the largest decoder branch), no LPIPS/GAN/teacher:
+    3 x forward, forward = encoder ViT over P + N tokens (twice with self-correction) + decoder
+    ViT over P + N tokens (batch doubled with self-correction) + patch embed and pixel head, with
+    a ViT of depth L, width D, MLP F over T tokens = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D."""
+    m = self.model
+    b = int(np.shape(batch["image"])[0])
+    p_tok = (self.image_size // m.patch) ** 2
+    t = p_tok + self.N
+    vit = lambda d, l, f: 2 * t * l * (4 * d * d + 2 * d * f) + 4 * l * t * t * d
+    pix = m.patch * m.patch * self.channels
+    sc = 2 if self.self_correction else 1
+    enc = vit(m.enc_width, m.enc_depth, m.enc_mlp) + 2 * p_tok * pix * m.enc_width
+    dec = vit(m.dec_width, m.dec_depth, m.dec_mlp) + 2 * p_tok * m.dec_width * pix
+    return float(3 * b * sc * (enc + dec))
+
   def param_groups(self, params):
     if "disc" not in params:
       return None
