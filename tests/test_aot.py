@@ -50,3 +50,18 @@ def test_indivisible_dimensions_are_replicated_not_rejected():
   assert out["c"].spec == P(None, "fsdp")
   for k in shapes:   # every result is usable for an array of that shape
     jax.device_put(np.zeros(shapes[k].shape, np.float32), out[k])
+
+
+def test_tokenizer_hlo_flops_match_analytic():
+  c = bench.load_config(os.path.join(ROOT, "configs/detailflow_tokenizer.py"),
+                        "size=demo,degrade_p=0.0")
+  assert abs(aot.unrolled_hlo_flops(c, {"data": 8}, 16) /
+             aot.analytic_flops(*_setup_and_batch(c, 16)) - 1) < 0.1
+
+
+def _setup_and_batch(c, b):
+  from tdjax import parallel, trainer
+  c = c.copy_and_resolve_references()
+  c.input.batch_size = b
+  setup = trainer.Setup(c, parallel.make_mesh({"data": 8}))
+  return setup, bench._synthetic_batch(c, setup)

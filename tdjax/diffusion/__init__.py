@@ -1,0 +1,1 @@
+"""Diffusion maths: rectified flow (TransDiff)."""
