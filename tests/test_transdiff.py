@@ -17,12 +17,12 @@ def _init(m, refs=None):
 
 
 def test_block_causal_mask():
-  m = td.block_causal_mask(6, 2)
+  m = np.asarray(td.mrar_mask(6, 2))
   want = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],
                    [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
   np.testing.assert_array_equal(m, want)
   with pytest.raises(ValueError, match="not a multiple"):
-    td.block_causal_mask(7, 2)
+    td.mrar_mask(7, 2)
 
 
 def test_patchify_matches_reference_token_order():

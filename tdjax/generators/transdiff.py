@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdjax.nn.attention import block_causal_mask
 from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
 
 _lp = nn.with_logical_partitioning
@@ -56,12 +57,11 @@ SIZES = {
 }
 
 
-def block_causal_mask(length: int, block: int) -> np.ndarray:
+def mrar_mask(length: int, block: int):
   """[length, length] bool: query i sees key j iff j // block <= i // block (reference 2.2)."""
   if length % block:
     raise ValueError(f"MRAR sequence length {length} is not a multiple of the block {block}")
-  b = np.arange(length) // block
-  return b[None, :] <= b[:, None]
+  return block_causal_mask(length, block)
 
 
 def patchify_latent(z, p: int):
@@ -174,7 +174,7 @@ class TransDiffAR(nn.Module):
     x = self.z_proj_ln(x + self.enc_pos[None, :n].astype(self.dtype))
     attn_mask = None
     if self.num_refs:
-      attn_mask = jnp.asarray(block_causal_mask(n, self.mask_len))
+      attn_mask = mrar_mask(n, self.mask_len)
     x = self.blocks(x, attn_mask, deterministic=deterministic)
     x = self.norm(x)[:, self.buffer_size:]
     return (x + self.diff_pos[None, :n - self.buffer_size].astype(self.dtype)).astype(jnp.float32)

@@ -204,9 +204,10 @@ class TransformerBlock(nn.Module):
   dropout_rate: float = 0.0        # residual dropout after attention and MLP
   attention_impl: str = "einsum"   # see tdjax.nn.attention.Attention.impl
   # adaLN-single (PixArt / TransDiff): per-block table [6, D] (N(0,1)/sqrt(D)) + the caller's
-  # adaln_cond [B, 6, D] = (shift1, scale1, gate1, shift2, scale2, gate2); modulates and gates the
-  # self-attention and MLP branches, the cross-attention branch stays plain.
+  # adaln_cond [B, 6, D] (or per token [B, L, 6, D]) = (shift1, scale1, gate1, shift2, scale2,
+  # gate2); modulates and gates the self-attention and MLP branches, cross-attention stays plain.
   adaln: bool = False
+  self_attention: bool = True      # False: no self-attention branch (tokens mix only via context)
   kernel_init: Callable = nn.initializers.xavier_uniform()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -224,17 +225,18 @@ class TransformerBlock(nn.Module):
                              (None, "embed")), (6, d), self.param_dtype)
       if adaln_cond is None:
         raise ValueError("TransformerBlock(adaln=True) needs adaln_cond [B, 6, D]")
-      mod = (table[None] + adaln_cond).astype(self.dtype)
-      mod = [mod[:, i][:, None, :] for i in range(6)]
-    h = make_norm(self.norm, self.norm_eps, name="norm1", **kw)(x)
-    if mod is not None:
-      h = h * (1 + mod[1]) + mod[0]
-    h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
-                  kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)(
-                      h, mask=mask, rope=rope, decode=decode)
-    if mod is not None:
-      h = h * mod[2]
-    x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+      mod = (table + adaln_cond).astype(self.dtype)   # [B, 6, D] or per token [B, L, 6, D]
+      mod = [mod[:, i][:, None, :] if mod.ndim == 3 else mod[:, :, i] for i in range(6)]
+    if self.self_attention:
+      h = make_norm(self.norm, self.norm_eps, name="norm1", **kw)(x)
+      if mod is not None:
+        h = h * (1 + mod[1]) + mod[0]
+      h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
+                    kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)(
+                        h, mask=mask, rope=rope, decode=decode)
+      if mod is not None:
+        h = h * mod[2]
+      x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     if self.cross_attention:
       h = make_norm(self.norm, self.norm_eps, name="norm_cross", **kw)(x)
       h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
