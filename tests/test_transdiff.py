@@ -87,3 +87,70 @@ def test_weight_surgery_one_step_to_mrar():
   other = _init(td.TransDiffAR(**dict(SMALL, width=16, num_heads=2)))["params"]
   with pytest.raises(ValueError, match="weight surgery: parameter 'blocks'|weight surgery: parameter 'class_emb'"):
     td.mrar_from_one_step(other, mrar)
+
+
+# --- the training task ------------------------------------------------------------------------
+
+def _task(arg):
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  from tdjax.tasks import get_task
+  return get_task(get_config(arg))
+
+
+def _batch(task, b=8, key=0):
+  k = task.num_refs + 1
+  shape = (b, k, 16, 16, 1) if task.num_refs else (b, 16, 16, 1)
+  x = jax.random.uniform(jax.random.key(key), shape) * 2 - 1
+  return {"image": x, "label": jnp.arange(b) % 10}
+
+
+@pytest.mark.parametrize("mrar", [False, True])
+def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
+  import optax
+  from tdjax.diffusion import flow
+  task = _task(f"size=tiny,mrar={mrar}")
+  params, _ = task.init(jax.random.key(0))
+  params = nn.unbox(params)
+  batch = _batch(task)
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(p, o, i):
+    (l, _), g = jax.value_and_grad(task.loss, has_aux=True)(p, {}, batch, jax.random.key(i), i)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+
+  losses = []
+  for i in range(60):
+    params, opt, l = step(params, opt, i)
+    losses.append(float(l))
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
+  calls = []
+  orig = flow.euler_maruyama_sample
+  monkeypatch.setattr(flow, "euler_maruyama_sample",
+                      lambda *a, **k: calls.append(1) or orig(*a, **k))
+  imgs = task.sample_fn()(params, np.array([0, 3]), jax.random.key(1), steps=4)
+  assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
+  assert len(calls) == (4 if mrar else 1)          # MRAR: 4 rounds (3 references + the output)
+
+
+def test_mrar_loss_conditions_image_k_on_its_prefix():
+  """Changing the last image of a group changes only its own term: it is never a reference."""
+  task = _task("size=tiny,mrar=True")
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  batch = _batch(task, 4)
+  f = jax.jit(lambda b: task._losses(params, b, jax.random.key(5), False)[0])
+  base = f(batch)
+  later = dict(batch, image=batch["image"].at[:, 3].add(0.5))
+  earlier = dict(batch, image=batch["image"].at[:, 0].add(0.5))
+  assert float(f(later)) != float(base) and float(f(earlier)) != float(base)
+  with pytest.raises(ValueError, match="needs input.group_size=4"):
+    from configs.transdiff import get_config
+    from tdjax.tasks.transdiff import TransDiffTask
+    c = get_config("size=tiny,mrar=True")
+    c.input.group_size = 2
+    TransDiffTask(c)

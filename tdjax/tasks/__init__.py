@@ -10,6 +10,7 @@ TASKS = {
     "classifier": "tdjax.tasks.classifier:ClassifierTask",
     "tokenizer": "tdjax.tasks.tokenizer:TokenizerTask",
     "next_detail": "tdjax.tasks.next_detail:NextDetailTask",
+    "transdiff": "tdjax.tasks.transdiff:TransDiffTask",
 }
 
 

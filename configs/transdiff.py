@@ -1,0 +1,76 @@
+"""TransDiff (1-step AR + attention diffusion decoder) and MRAR (reference transdiff.md).
+
+  # demo: Fashion-MNIST 32x32, pixel-patch latents (8x8 grid of 16 features), minutes on CPU
+  python -m tdjax.train --config configs/transdiff.py:size=demo --workdir /tmp/td
+  # MRAR demo: 4 same-class images per example, 3 references
+  python -m tdjax.train --config configs/transdiff.py:size=demo,mrar=True --workdir /tmp/td_mrar
+  # paper: TransDiff-L 1-step on ImageNet 256 latents (KL-16 VAE latents: not in tdjax yet)
+  python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
+
+Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), head=attention|mlp, head_depth,
+self_attention (head), conditioning=cross|adaln (head), batch_mul, steps, batch, lr, cfg, scale_0,
+scale_1, sample_steps, seed.
+"""
+
+import ml_collections
+
+from tdjax import configlib as common
+from tdjax.data.pipeline import default_input_config
+from tdjax.generators.transdiff import SIZES
+
+DEFAULTS = {
+    "tiny": dict(steps=50, batch=8, lr=1e-3, buffer=4, image=16, patch=4, classes=10, mul=2,
+                 cfg=1.5, s0=1.0, s1=1.0),
+    "demo": dict(steps=3000, batch=32, lr=1e-3, buffer=16, image=32, patch=4, classes=10, mul=4,
+                 cfg=2.0, s0=1.0, s1=1.0),
+    # reference 4.3: batch 2048, lr 8e-4 constant after a 100-epoch warm-up, 800 epochs, mul 4
+    **{s: dict(steps=800 * 1281167 // 2048, batch=2048, lr=8e-4, buffer=64, image=256, patch=16,
+               classes=1000, mul=4, cfg=1.3, s0=0.89, s1=0.95) for s in ("B", "L", "H")},
+}
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, size="demo", mrar=False, head="attention", head_depth=0,
+                       self_attention=True, conditioning="cross", batch_mul=0, steps=0, batch=0,
+                       lr=0.0, cfg=0.0, scale_0=0.0, scale_1=0.0, sample_steps=100, seed=0)
+  if a.size not in DEFAULTS:
+    raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
+  d, s = DEFAULTS[a.size], SIZES[a.size]
+  c = common.base_config()
+  c.task = "transdiff"
+  c.seed = a.seed
+  c.total_steps = a.steps or d["steps"]
+  small = a.size in ("tiny", "demo")
+  c.log_every = 50 if small else 100
+  c.eval_every = max(c.total_steps // 4, 1) if small else 5000
+  c.ckpt_every = c.eval_every
+  c.ema_decay = 0.999 if small else 0.9999
+  c.compute_dtype = "float32" if small else "bfloat16"
+  c.input = default_input_config()
+  if not small:
+    c.input.source, c.input.tfds_name, c.input.augment = "tfds", "imagenet2012", "crop_flip"
+    c.input.channels = 3
+  c.input.image_size = d["image"]
+  c.input.batch_size = a.batch or d["batch"]
+  c.input.group_size = 4 if a.mrar else 1
+  c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0))
+  c.model = ml_collections.ConfigDict(dict(
+      size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
+      ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=3 if a.mrar else 0, ref_patch=2,
+      dropout=0.0 if small else 0.1, label_drop=0.1, batch_mul=a.batch_mul or d["mul"],
+      scan=not small, remat="none"))
+  c.head = ml_collections.ConfigDict(dict(
+      type=a.head, width=s.width if a.head == "attention" else 2 * s.width,
+      depth=a.head_depth or (s.head_depth if a.head == "attention" else 3),
+      num_heads=s.num_heads, mlp_ratio=4.0, dropout=0.0 if small else 0.1,
+      self_attention=a.self_attention, conditioning=a.conditioning, scan=not small,
+      remat="none"))
+  c.sample = ml_collections.ConfigDict(dict(
+      cfg=a.cfg or d["cfg"], scale_0=a.scale_0 or d["s0"], scale_1=a.scale_1 or d["s1"],
+      steps=a.sample_steps))
+  # reference 4.3: AdamW (0.9, 0.95), wd 0.02, clip 3.0 (constant lr after warm-up)
+  c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.02,
+                          schedule="cosine" if small else "constant",
+                          warmup_steps=max(c.total_steps // 20, 1), min_lr_ratio=0.1,
+                          grad_clip=3.0))
+  return c

@@ -1,0 +1,192 @@
+"""TransDiff training: 1-step AR + attention diffusion decoder, or MRAR (reference transdiff.md 1-2).
+
+Batch: {'image': [B, H, W, C] (1-step) or [B, K, H, W, C] (MRAR, K same-class images from the
+pipeline's `group_size`), 'label': [B]} in [-1, 1].  Images become latent grids [B, h, w, c] by
+`config.latent`:
+  kind='pixels': the identity "autoencoder", h = H / p, w = W / p, c = C p^2 (pixel patches; the
+  demo's stand-in for the KL-16 VAE, which is not in tdjax yet).
+Latent grids become L = h w tokens of c features (`patchify_latent` with p = 1) for the decoder;
+MRAR references use p = `ref_patch` (2).
+
+Loss (1.5): rectified flow with `diffusion_batch_mul`, the whole network trained end to end through
+the condition tokens z; MRAR: the mean over the K images of the flow loss of image k given the first
+M (k + 1) condition tokens (teacher forcing with the real previous images), computed in one decoder
+call with a condition mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tdjax.diffusion import flow
+from tdjax.generators import transdiff as td
+from tdjax.generators.heads import make_head
+from tdjax.tasks.base import Task
+
+
+def images_to_latent(images, latent_cfg):
+  """[..., H, W, C] in [-1, 1] -> latent grid [..., H/p, W/p, C p^2] (kind 'pixels')."""
+  if latent_cfg.kind != "pixels":
+    raise ValueError(f"config.latent.kind={latent_cfg.kind!r}: expected 'pixels'")
+  p = int(latent_cfg.patch)
+  lead, (h, w, c) = images.shape[:-3], images.shape[-3:]
+  x = images.reshape((-1, h, w, c))
+  z = td.patchify_latent(x, p).reshape((-1, h // p, w // p, c * p * p))
+  return z.reshape(lead + z.shape[1:]) * float(latent_cfg.get("scale", 1.0))
+
+
+def latent_to_images(z, latent_cfg, channels: int):
+  p = int(latent_cfg.patch)
+  b, h, w, _ = z.shape
+  z = z / float(latent_cfg.get("scale", 1.0))
+  return td.unpatchify_latent(z.reshape(b, h * w, -1), p, h * p, w * p)
+
+
+class TransDiffTask(Task):
+  kind = "transdiff"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    m, c = config.model, config.input
+    self.channels = int(c.channels)
+    p = int(config.latent.patch)
+    if c.image_size % p:
+      raise ValueError(f"input.image_size={c.image_size} is not divisible by latent.patch={p}")
+    self.grid = c.image_size // p
+    self.latent_dim = self.channels * p * p
+    self.L = self.grid ** 2
+    self.num_refs = int(m.get("num_refs", 0))
+    if self.num_refs and int(c.get("group_size", 1)) != self.num_refs + 1:
+      raise ValueError(f"MRAR with num_refs={self.num_refs} needs input.group_size="
+                       f"{self.num_refs + 1}, got {c.get('group_size', 1)}")
+    self.ar = td.TransDiffAR(
+        num_classes=int(m.num_classes), latent_len=self.L, latent_dim=self.latent_dim,
+        width=m.width, depth=m.ar_depth, num_heads=m.num_heads, buffer_size=m.buffer_size,
+        num_refs=self.num_refs, ref_patch=m.get("ref_patch", 2), dropout=m.get("dropout", 0.0),
+        scan=m.get("scan", False), remat=m.get("remat", "none"))
+    head_cfg = ml_collections.ConfigDict(dict(config.head))
+    head_cfg.max_len = self.L
+    self.head = make_head(head_cfg, self.latent_dim)
+    self.batch_mul = int(m.get("batch_mul", 1))
+    self.label_drop = float(m.get("label_drop", 0.1))
+
+  # --- params -----------------------------------------------------------------------------------
+  def _refs(self, latents):
+    """[B, K, h, w, c] -> MRAR reference tokens [B, K - 1, M, c p^2] (images 0..K-2)."""
+    b, k = latents.shape[:2]
+    p = self.ar.ref_patch
+    r = td.patchify_latent(latents[:, :-1].reshape((-1,) + latents.shape[2:]), p)
+    return r.reshape(b, k - 1, r.shape[1], r.shape[2])
+
+  def init(self, rng):
+    k1, k2 = jax.random.split(rng)
+    labels = jnp.zeros((1,), jnp.int32)
+    refs = None
+    if self.num_refs:
+      refs = jnp.zeros((1, self.num_refs, self.ar.mask_len,
+                        self.latent_dim * self.ar.ref_patch ** 2))
+    ar = self.ar.init(k1, labels, refs)["params"]
+    cond_len = self.ar.mask_len * (1 + self.num_refs)
+    x = jnp.zeros((1, self.L, self.latent_dim))
+    head = self.head.init(k2, x, jnp.zeros((1,)), jnp.zeros((1, cond_len, self.ar.width)))["params"]
+    return {"ar": ar, "head": head}, {}
+
+  def logical_batch_axes(self):
+    nd = 5 if self.num_refs else 4
+    return {"image": ("batch",) + (None,) * (nd - 1), "label": ("batch",)}
+
+  # --- loss -------------------------------------------------------------------------------------
+  def _velocity(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return self.head.apply({"params": params["head"]}, x, t * 1000.0, cond, cond_mask,
+                           deterministic=not train, rngs=rngs)
+
+  def _losses(self, params, batch, rng, train):
+    k_drop, k_ar, k_flow, k_head = jax.random.split(rng, 4)
+    labels = batch["label"]
+    lat = images_to_latent(batch["image"].astype(jnp.float32), self.config.latent)
+    drop = (jax.random.uniform(k_drop, labels.shape) < self.label_drop) if train else None
+    rngs = {"dropout": k_ar} if train else {}
+    if not self.num_refs:
+      z = self.ar.apply({"params": params["ar"]}, labels, drop=drop, deterministic=not train,
+                        rngs=rngs)
+      x0 = lat.reshape(lat.shape[0], self.L, self.latent_dim)
+      vf = lambda x, t, c: self._velocity(params, x, t, c, None, k_head, train)
+      return flow.flow_matching_loss(vf, x0, z, k_flow, batch_mul=self.batch_mul)
+    # MRAR: one AR pass (block-causal), K decoder problems stacked on the batch axis
+    b, k = lat.shape[:2]
+    z = self.ar.apply({"params": params["ar"]}, labels, self._refs(lat), drop=drop,
+                      deterministic=not train, rngs=rngs)
+    m = self.ar.mask_len
+    x0 = lat.transpose(1, 0, 2, 3, 4).reshape(k * b, self.L, self.latent_dim)
+    cond = jnp.tile(z, (k, 1, 1))
+    img = jnp.repeat(jnp.arange(k), b)
+    cmask = jnp.arange(z.shape[1])[None] < (m * (img + 1))[:, None]
+    vf = lambda x, t, c: self._velocity(params, x, t, c["z"], c["mask"], k_head, train)
+    return flow.flow_matching_loss(vf, x0, {"z": cond, "mask": cmask}, k_flow,
+                                   batch_mul=self.batch_mul)
+
+  def loss(self, params, model_state, batch, rng, step):
+    loss, metrics = self._losses(params, batch, rng, True)
+    return loss, (metrics, model_state)
+
+  def eval_metrics(self, params, model_state, batch, rng):
+    loss, metrics = self._losses(params, batch, rng, False)
+    return {"flow_loss": loss}
+
+  # --- sampling ---------------------------------------------------------------------------------
+  def sample_latents(self, params, labels, rng, *, cfg=1.0, steps=100, scale_0=1.0, scale_1=1.0,
+                     sampler="euler_maruyama"):
+    """Labels [B] -> latent grids [B, h, w, c] (MRAR: K rounds from one initial noise, 2.4)."""
+    params = jax.tree.map(jnp.asarray, params)
+    b = labels.shape[0]
+    k_noise, k_s = jax.random.split(rng)
+    noise = jax.random.normal(k_noise, (b, self.L, self.latent_dim))
+    null = jnp.full_like(labels, -1)
+
+    def run(refs, rnd):
+      ar = lambda lab: self.ar.apply({"params": params["ar"]}, lab, refs)
+      z = ar(labels)
+      if cfg != 1:
+        z = jnp.concatenate([z, ar(null)])
+
+      def vf(x, t):
+        if cfg == 1:
+          return self._velocity(params, x, t, z)
+        v = self._velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+        return v[:b], v[b:]
+
+      key = jax.random.fold_in(k_s, rnd)
+      if sampler == "euler":
+        return flow.euler_sample(vf, noise, steps=steps, cfg=cfg)
+      return flow.euler_maruyama_sample(vf, noise, key, steps=steps, cfg=cfg, scale_0=scale_0,
+                                        scale_1=scale_1)
+
+    if not self.num_refs:
+      x = run(None, 0)
+    else:
+      refs = jnp.zeros((b, 0, self.ar.mask_len, self.latent_dim * self.ar.ref_patch ** 2))
+      for rnd in range(self.num_refs + 1):      # round k sees the k images generated before
+        x = run(refs, rnd)
+        grid = x.reshape(b, self.grid, self.grid, self.latent_dim)
+        refs = jnp.concatenate([refs, td.patchify_latent(grid, self.ar.ref_patch)[:, None]], 1)
+    return x.reshape(b, self.grid, self.grid, self.latent_dim)
+
+  def sample_fn(self):
+    defaults = dict(self.config.get("sample", {}))
+
+    def fn(params, labels, rng, **overrides):
+      kw = dict(defaults, **overrides)
+      lat = self.sample_latents(params, jnp.asarray(labels), rng, **kw)
+      return np.clip(np.asarray(latent_to_images(lat, self.config.latent, self.channels)), -1, 1)
+    return fn
+
+  def images(self, params, model_state, batch, rng):
+    labels = jnp.arange(min(8, int(self.config.model.num_classes)))
+    kw = dict(self.config.get("sample", {}))
+    kw["steps"] = min(int(kw.get("steps", 100)), 25)
+    lat = self.sample_latents(params, labels, rng, **kw)
+    return {"samples": latent_to_images(lat, self.config.latent, self.channels)}
