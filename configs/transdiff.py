@@ -53,7 +53,10 @@ def get_config(arg=None):
   c.input.image_size = d["image"]
   c.input.batch_size = a.batch or d["batch"]
   c.input.group_size = 4 if a.mrar else 1
-  c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0))
+  if small:
+    c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0))
+  else:  # MAR KL-16: 256 px -> 16 x 16 x 16, posterior sample x 0.2325 (cached latents)
+    c.latent = ml_collections.ConfigDict(dict(kind="cached", grid=16, channels=16, scale=0.2325))
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
       ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=3 if a.mrar else 0, ref_patch=2,

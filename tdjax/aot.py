@@ -102,8 +102,9 @@ def unrolled_hlo_flops(config, mesh_axes=None, batch_size=None) -> float:
   import numpy as np
   from tdjax import bench, parallel, trainer
   config = config.copy_and_resolve_references()
-  if "scan" in config.model:
-    config.model.scan = False
+  for key in config.keys():   # every layer stack (model, head, ...) unrolled
+    if hasattr(config[key], "keys") and "scan" in config[key]:
+      config[key].scan = False
   if batch_size:
     config.input.batch_size = batch_size
   if mesh_axes:

@@ -18,18 +18,25 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Generator training directory (its checkpoints).")
-flags.DEFINE_string("out", None, "Output .png (labelled grid, rows = classes) or .npz (arr_0, labels).")
-flags.DEFINE_string("classes", "all", "'all' or a comma-separated list of class ids.")
-flags.DEFINE_integer("num", 8, "Samples per class.")
-flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the config's).")
-flags.DEFINE_float("temperature", None, "Sampling temperature (default: the config's).")
-flags.DEFINE_integer("top_k", None, "Top-k (0 = off; default: the config's).")
-flags.DEFINE_float("top_p", None, "Top-p (1 = off; default: the config's).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
-flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
-flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
+
+
+def _define_flags():
+  """CLI flags (defined only when run as a program, so the module imports anywhere)."""
+  flags.DEFINE_string("workdir", None, "Generator training directory (its checkpoints).")
+  flags.DEFINE_string("out", None, "Output .png (labelled grid, rows = classes) or .npz (arr_0, labels).")
+  flags.DEFINE_string("classes", "all", "'all' or a comma-separated list of class ids.")
+  flags.DEFINE_integer("num", 8, "Samples per class.")
+  flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the config's).")
+  flags.DEFINE_float("temperature", None, "Sampling temperature (default: the config's).")
+  flags.DEFINE_integer("top_k", None, "Top-k (0 = off; default: the config's).")
+  flags.DEFINE_float("top_p", None, "Top-p (1 = off; default: the config's).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("steps", None, "Diffusion sampling steps (TransDiff; default: the config's).")
+  flags.DEFINE_float("scale_0", None, "Euler-Maruyama drift scale (TransDiff).")
+  flags.DEFINE_float("scale_1", None, "Euler-Maruyama noise scale (TransDiff).")
+  flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
+  flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
+  flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -52,26 +59,27 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   import jax
   import numpy as np
   from tdjax import trainer
-  from tdjax.generators import next_detail as nd
 
   config, task, state = trainer.load_for_inference(workdir)
-  if task.kind != "next_detail":
-    raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint; sampling supports: next_detail")
-  tok = task.tokenizer()
-  if tok is None:
-    raise ValueError(f"{workdir}: its config names no tokenizer_workdir to decode samples with")
-  params = jax.device_get(state["ema"] if use_ema and "ema" in state else state["params"])
-  labels = np.repeat(parse_classes(str(classes), task.model.num_classes), num).astype(np.int32)
+  if not hasattr(task, "image_sampler"):
+    raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint; sampling supports: "
+                     f"next_detail, transdiff")
   overrides = {k: v for k, v in overrides.items() if v is not None}
-  sample = task.sample_fn()
-  decode = jax.jit(lambda c: nd.decode_codes(tok[0], tok[1], c, ar_model=task.model))
+  unknown = sorted(set(overrides) - set(task.sample_options))
+  if unknown:
+    raise ValueError(f"{', '.join('--' + k for k in unknown)} does not apply to a {task.kind!r} "
+                     f"model (its options: {', '.join(sorted(task.sample_options))})")
+  params = jax.device_get(state["ema"] if use_ema and "ema" in state else state["params"])
+  labels = np.repeat(parse_classes(str(classes), int(config.model.num_classes)), num)
+  labels = labels.astype(np.int32)
+  sample = task.image_sampler(**overrides)
   key = jax.random.key(seed)
   images = []
   for i in range(0, len(labels), batch_size):
     chunk = labels[i:i + batch_size]
     pad = batch_size - len(chunk)  # fixed shapes: one compilation for every chunk
-    codes = sample(params, np.pad(chunk, (0, pad)), jax.random.fold_in(key, i), **overrides)
-    images.append(np.asarray(decode(codes))[:len(chunk)])
+    out = sample(params, np.pad(chunk, (0, pad)), jax.random.fold_in(key, i))
+    images.append(np.asarray(out)[:len(chunk)])
     logging.info("sampled %d/%d", i + len(chunk), len(labels))
   return np.concatenate(images), labels, config
 
@@ -83,7 +91,7 @@ def main(argv):
   images, labels, config = generate(
       FLAGS.workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
       use_ema=FLAGS.ema, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p)
+      top_p=FLAGS.top_p, steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
   stem, ext = os.path.splitext(FLAGS.out)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if ext == ".npz":
@@ -116,5 +124,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

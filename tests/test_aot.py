@@ -65,3 +65,13 @@ def _setup_and_batch(c, b):
   c.input.batch_size = b
   setup = trainer.Setup(c, parallel.make_mesh({"data": 8}))
   return setup, bench._synthetic_batch(c, setup)
+
+
+@pytest.mark.parametrize("arg", ["size=demo,batch_mul=2", "size=demo,mrar=True", "size=demo,head=mlp",
+                                 "size=B,batch_mul=1"])
+def test_transdiff_hlo_flops_match_analytic(arg):
+  """Lowering only (no compile); size=B also checks that scanned stacks are unrolled for the count."""
+  c = bench.load_config(os.path.join(ROOT, "configs/transdiff.py"), arg)
+  c.model.dropout = c.head.dropout = 0.0
+  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
+  assert abs(ratio - 1) < 0.1, ratio

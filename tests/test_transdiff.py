@@ -133,7 +133,7 @@ def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
   orig = flow.euler_maruyama_sample
   monkeypatch.setattr(flow, "euler_maruyama_sample",
                       lambda *a, **k: calls.append(1) or orig(*a, **k))
-  imgs = task.sample_fn()(params, np.array([0, 3]), jax.random.key(1), steps=4)
+  imgs = np.asarray(task.image_sampler(steps=4)(params, np.array([0, 3]), jax.random.key(1)))
   assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
   assert len(calls) == (4 if mrar else 1)          # MRAR: 4 rounds (3 references + the output)
 
@@ -154,3 +154,22 @@ def test_mrar_loss_conditions_image_k_on_its_prefix():
     c = get_config("size=tiny,mrar=True")
     c.input.group_size = 2
     TransDiffTask(c)
+
+
+def test_train_then_sample_from_the_checkpoint(tmp_path):
+  """The loop trains a tiny TransDiff; the sampling CLI rebuilds it from the checkpoint alone."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  from tdjax import sample, trainer
+  c = get_config("size=tiny,steps=6")
+  c.input.image_size, c.log_every, c.eval_every, c.ckpt_every = 16, 3, 6, 6
+  trainer.train_and_evaluate(c, str(tmp_path))
+  images, labels, _ = sample.generate(str(tmp_path), "0,7", 2, batch_size=4, steps=3, cfg=1.5)
+  assert images.shape == (4, 16, 16, 1) and labels.tolist() == [0, 0, 7, 7]
+  assert np.abs(images).max() <= 1
+  with pytest.raises(ValueError, match="--top_k does not apply to a 'transdiff' model"):
+    sample.generate(str(tmp_path), "0", 1, top_k=5)
+  with pytest.raises(ValueError, match="out of range; the model has 10 classes"):
+    sample.generate(str(tmp_path), "12", 1)

@@ -116,6 +116,17 @@ class NextDetailTask(Task):
     return {"samples": nd.decode_codes(tok[0], tok[1], codes, ar_model=self.model)}
 
   # --- sampling ---------------------------------------------------------------------------------
+  sample_options = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p")
+
+  def image_sampler(self, **overrides):
+    """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1], decoded by the tokenizer."""
+    tok = self.tokenizer()
+    if tok is None:
+      raise ValueError("the config names no tokenizer_workdir to decode samples with")
+    sample = self.sample_fn()
+    decode = jax.jit(lambda c: nd.decode_codes(tok[0], tok[1], c, ar_model=self.model))
+    return lambda params, labels, rng: decode(sample(params, labels, rng, **overrides))
+
   def sample_fn(self):
     """(params, labels [B], rng, **overrides) -> codes [B, N]; defaults from config.sample."""
     defaults = dict(self.config.get("sample", {}))

@@ -4,7 +4,9 @@ Batch: {'image': [B, H, W, C] (1-step) or [B, K, H, W, C] (MRAR, K same-class im
 pipeline's `group_size`), 'label': [B]} in [-1, 1].  Images become latent grids [B, h, w, c] by
 `config.latent`:
   kind='pixels': the identity "autoencoder", h = H / p, w = W / p, c = C p^2 (pixel patches; the
-  demo's stand-in for the KL-16 VAE, which is not in tdjax yet).
+  demo's stand-in for the KL-16 VAE, which is not in tdjax yet);
+  kind='cached': the batch holds 'latent' [B, (K,) h, w, c], VAE posterior samples x scale
+  (the reference's cached-latent training; full-size configs, AOT).
 Latent grids become L = h w tokens of c features (`patchify_latent` with p = 1) for the decoder;
 MRAR references use p = `ref_patch` (2).
 
@@ -51,12 +53,18 @@ class TransDiffTask(Task):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     m, c = config.model, config.input
-    self.channels = int(c.channels)
-    p = int(config.latent.patch)
-    if c.image_size % p:
-      raise ValueError(f"input.image_size={c.image_size} is not divisible by latent.patch={p}")
-    self.grid = c.image_size // p
-    self.latent_dim = self.channels * p * p
+    self.channels = int(c.get("channels", 3))
+    lc = config.latent
+    if lc.kind == "pixels":
+      p = int(lc.patch)
+      if c.image_size % p:
+        raise ValueError(f"input.image_size={c.image_size} is not divisible by latent.patch={p}")
+      self.grid, self.latent_dim = c.image_size // p, self.channels * p * p
+    elif lc.kind == "cached":   # batch['latent'] holds VAE latents (x scale), e.g. 16x16x16
+      self.grid, self.latent_dim = int(lc.grid), int(lc.channels)
+    else:
+      raise ValueError(f"config.latent.kind={lc.kind!r}: expected 'pixels' or 'cached'")
+    self.cached = lc.kind == "cached"
     self.L = self.grid ** 2
     self.num_refs = int(m.get("num_refs", 0))
     if self.num_refs and int(c.get("group_size", 1)) != self.num_refs + 1:
@@ -96,7 +104,40 @@ class TransDiffTask(Task):
 
   def logical_batch_axes(self):
     nd = 5 if self.num_refs else 4
-    return {"image": ("batch",) + (None,) * (nd - 1), "label": ("batch",)}
+    return {"latent" if self.cached else "image": ("batch",) + (None,) * (nd - 1),
+            "label": ("batch",)}
+
+  def example_batch(self, batch_size: int, seed: int = 0) -> dict:
+    """Random inputs of the training shapes (benchmarks, AOT compilation)."""
+    rng = np.random.default_rng(seed)
+    group = (self.num_refs + 1,) if self.num_refs else ()
+    if self.cached:
+      key, shape = "latent", (self.grid, self.grid, self.latent_dim)
+    else:
+      size = int(self.config.input.image_size)
+      key, shape = "image", (size, size, self.channels)
+    return {key: rng.normal(size=(batch_size,) + group + shape).astype(np.float32),
+            "label": rng.integers(0, int(self.config.model.num_classes), (batch_size,)).astype(
+                np.int32)}
+
+  def analytic_flops(self, batch) -> float:
+    """3 x forward.  AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR)
+    over L tokens: self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2
+    per condition token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2."""
+    ar, hc = self.ar, self.config.head
+    b = int(np.shape(batch["label"])[0])
+    d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
+    ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + 4 * ar.depth * t * t * d
+    w, n, l = hc.width, hc.depth, self.L
+    m = ar.mask_len * (1 + self.num_refs)
+    fh = int(hc.get("mlp_ratio", 4.0) * w)
+    if hc.get("type", "attention") == "attention":
+      head = n * (2 * l * (4 * w * w + 2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w
+                  + 4 * l * l * w + 4 * l * m * w) + 2 * m * d * w
+    else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
+      head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w + 2 * d * w)
+    copies = self.batch_mul * (self.num_refs + 1)
+    return float(3 * b * (ar_f + copies * head))
 
   # --- loss -------------------------------------------------------------------------------------
   def _velocity(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
@@ -107,7 +148,10 @@ class TransDiffTask(Task):
   def _losses(self, params, batch, rng, train):
     k_drop, k_ar, k_flow, k_head = jax.random.split(rng, 4)
     labels = batch["label"]
-    lat = images_to_latent(batch["image"].astype(jnp.float32), self.config.latent)
+    if self.cached:
+      lat = batch["latent"].astype(jnp.float32)
+    else:
+      lat = images_to_latent(batch["image"].astype(jnp.float32), self.config.latent)
     drop = (jax.random.uniform(k_drop, labels.shape) < self.label_drop) if train else None
     rngs = {"dropout": k_ar} if train else {}
     if not self.num_refs:
@@ -175,13 +219,21 @@ class TransDiffTask(Task):
         refs = jnp.concatenate([refs, td.patchify_latent(grid, self.ar.ref_patch)[:, None]], 1)
     return x.reshape(b, self.grid, self.grid, self.latent_dim)
 
-  def sample_fn(self):
-    defaults = dict(self.config.get("sample", {}))
+  sample_options = ("cfg", "steps", "scale_0", "scale_1", "sampler")
 
-    def fn(params, labels, rng, **overrides):
-      kw = dict(defaults, **overrides)
-      lat = self.sample_latents(params, jnp.asarray(labels), rng, **kw)
-      return np.clip(np.asarray(latent_to_images(lat, self.config.latent, self.channels)), -1, 1)
+  def image_sampler(self, **overrides):
+    """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] (jit-compiled)."""
+    if self.cached:
+      raise ValueError("this model was trained on cached VAE latents; decoding them to images "
+                       "needs the KL-16 VAE, which tdjax does not have yet")
+    kw = dict(self.config.get("sample", {}), **overrides)
+    if int(kw.get("steps", 100)) <= 0:
+      raise ValueError(f"sampling steps={kw.get('steps')}: expected > 0")
+
+    @jax.jit
+    def fn(params, labels, rng):
+      lat = self.sample_latents(params, labels, rng, **kw)
+      return jnp.clip(latent_to_images(lat, self.config.latent, self.channels), -1, 1)
     return fn
 
   def images(self, params, model_state, batch, rng):
