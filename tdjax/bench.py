@@ -50,6 +50,7 @@ MODELS = {
     "classifier": ("configs/classifier.py", "size=demo,batch=128"),
     "tokenizer": ("configs/detailflow_tokenizer.py", "size=demo"),
     "next_detail": ("configs/detailflow_ar.py", "size=demo"),
+    "transdiff": ("configs/transdiff.py", "size=demo"),
 }
 
 
