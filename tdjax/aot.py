@@ -72,12 +72,18 @@ def analytic_flops(setup, batch) -> float | None:
   return None if fn is None else float(fn(batch))
 
 
-def compile_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None):
-  """Lowers and compiles the train step for abstract inputs; returns (setup, compiled, seconds)."""
+def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None,
+                     unroll: bool = False):
+  """Lowers the train step for abstract state and batch; returns (setup, lowered, batch).
+  unroll=True turns every layer stack's `scan` off (model, head, ...)."""
   import jax
   import numpy as np
   from tdjax import bench, parallel, trainer
   config = config.copy_and_resolve_references()
+  if unroll:
+    for key in config.keys():
+      if hasattr(config[key], "keys") and "scan" in config[key]:
+        config[key].scan = False
   if batch_size:
     config.input.batch_size = batch_size
   if mesh_axes:
@@ -89,35 +95,24 @@ def compile_train_step(config, mesh_axes: dict | None = None, batch_size: int | 
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                             sharding=parallel.batch_sharding(mesh, np.ndim(v)))
                     for k, v in batch.items()}
-  t0 = time.perf_counter()
   with parallel.use_mesh(mesh, setup.rules):
     lowered = setup.compile_step(batch).lower(setup.abstract_state(), abstract_batch)
+  return setup, lowered, batch
+
+
+def compile_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None):
+  """Lowers and compiles the train step; returns (setup, compiled, seconds, batch)."""
+  from tdjax import parallel
+  t0 = time.perf_counter()
+  setup, lowered, batch = lower_train_step(config, mesh_axes, batch_size)
+  with parallel.use_mesh(setup.mesh, setup.rules):
     compiled = lowered.compile()
   return setup, compiled, time.perf_counter() - t0, batch
 
 
 def unrolled_hlo_flops(config, mesh_axes=None, batch_size=None) -> float:
   """FLOPs of the whole (unpartitioned) train step with the layer stacks unrolled."""
-  import jax
-  import numpy as np
-  from tdjax import bench, parallel, trainer
-  config = config.copy_and_resolve_references()
-  for key in config.keys():   # every layer stack (model, head, ...) unrolled
-    if hasattr(config[key], "keys") and "scan" in config[key]:
-      config[key].scan = False
-  if batch_size:
-    config.input.batch_size = batch_size
-  if mesh_axes:
-    config.mesh = dict(config.mesh)
-    config.mesh.update(mesh_axes)
-  mesh = parallel.make_mesh(dict(config.mesh))
-  setup = trainer.Setup(config, mesh)
-  batch = bench._synthetic_batch(config, setup)
-  abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                            sharding=parallel.batch_sharding(mesh, np.ndim(v)))
-                    for k, v in batch.items()}
-  with parallel.use_mesh(mesh, setup.rules):
-    lowered = setup.compile_step(batch).lower(setup.abstract_state(), abstract_batch)
+  _, lowered, _ = lower_train_step(config, mesh_axes, batch_size, unroll=True)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
