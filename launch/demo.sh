@@ -7,11 +7,21 @@
 #   5. class-conditional samples (rows = classes), scored by the classifier.
 # Pictures land in runs/demo/pictures (override the run folder with TDJAX_DEMO_DIR).
 # Re-running resumes each stage from its checkpoints.
+#
+#   bash launch/demo.sh        ~17 min on 2 cores: tokenizer 1,000 steps, samples at CFG 3.0
+#   bash launch/demo.sh long   ~40 min: tokenizer 6,000 steps (the issue-4 >= 70 % figure),
+#                              samples at CFG 3.0 and 4.0; default folder runs/demo_long
 set -euo pipefail
+MODE="${1:-quick}"
+case "$MODE" in
+  quick) TOK_STEPS=1000; CFGS="3.0"; DEFAULT_OUT=demo ;;
+  long) TOK_STEPS=6000; CFGS="3.0 4.0"; DEFAULT_OUT=demo_long ;;
+  *) echo "launch/demo.sh: unknown mode '$MODE' (expected quick or long)" >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
-OUT="${TDJAX_DEMO_DIR:-$ROOT/runs/demo}"
+OUT="${TDJAX_DEMO_DIR:-$ROOT/runs/$DEFAULT_OUT}"
 PICS="$OUT/pictures"
 mkdir -p "$PICS"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=1}"
@@ -24,7 +34,7 @@ python -m tdjax.train --config configs/classifier.py --workdir "$OUT/classifier"
 grep "eval at" "$OUT/classifier.log" | tail -1 || true
 
 stage "2/5 tokenizer"
-python -m tdjax.train --config configs/detailflow_tokenizer.py:size=demo --workdir "$OUT/tokenizer" 2>"$OUT/tokenizer.log" \
+python -m tdjax.train --config configs/detailflow_tokenizer.py:size=demo,steps=$TOK_STEPS --workdir "$OUT/tokenizer" 2>"$OUT/tokenizer.log" \
   || { tail -20 "$OUT/tokenizer.log"; exit 1; }
 grep "eval at" "$OUT/tokenizer.log" | tail -1 || true
 python -m tdjax.reconstruct --workdir "$OUT/tokenizer" --out "$PICS/coarse_to_fine.png" --judge "$OUT/classifier" \
@@ -43,8 +53,11 @@ python -m tdjax.train --config "configs/detailflow_ar.py:size=demo,codes=$OUT/co
 grep "eval at" "$OUT/ar.log" | tail -1 || true
 
 stage "5/5 samples"
-python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/samples.png" --classes all --num 100 --cfg 3.0 \
-  --judge "$OUT/classifier" 2>"$OUT/sample.log" || { tail -20 "$OUT/sample.log"; exit 1; }
+for cfg in $CFGS; do
+  name=samples; [ "$cfg" = 3.0 ] || name="samples_cfg$cfg"
+  python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/$name.png" --classes all --num 100 --cfg "$cfg" \
+    --judge "$OUT/classifier" 2>"$OUT/sample.log" || { tail -20 "$OUT/sample.log"; exit 1; }
+done
 cp "$OUT"/*/pictures/*.png "$PICS/" 2>/dev/null || true
 stage "done: pictures in $PICS"
 ls "$PICS"
