@@ -19,7 +19,7 @@ case "$MODE" in
   *) echo "launch/demo.sh: unknown mode '$MODE' (expected quick or long)" >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/launch/setup_env.sh"
+source "$ROOT/launch/setup_env.sh" ""  # no extras (not this script's arguments)
 cd "$ROOT"
 OUT="${TDJAX_DEMO_DIR:-$ROOT/runs/$DEFAULT_OUT}"
 PICS="$OUT/pictures"
