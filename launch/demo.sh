@@ -19,7 +19,7 @@ case "$MODE" in
   *) echo "launch/demo.sh: unknown mode '$MODE' (expected quick or long)" >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/launch/setup_env.sh" ""  # no extras (not this script's arguments)
+source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 OUT="${TDJAX_DEMO_DIR:-$ROOT/runs/$DEFAULT_OUT}"
 PICS="$OUT/pictures"
@@ -56,7 +56,7 @@ stage "5/5 samples"
 for cfg in $CFGS; do
   name=samples; [ "$cfg" = 3.0 ] || name="samples_cfg$cfg"
   python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/$name.png" --classes all --num 100 --cfg "$cfg" \
-    --judge "$OUT/classifier" 2>"$OUT/sample.log" || { tail -20 "$OUT/sample.log"; exit 1; }
+    --judge "$OUT/classifier" 2>"$OUT/$name.log" || { tail -20 "$OUT/$name.log"; exit 1; }
 done
 cp "$OUT"/*/pictures/*.png "$PICS/" 2>/dev/null || true
 stage "done: pictures in $PICS"

@@ -7,7 +7,7 @@
 #       --mesh data=1,fsdp=256,tensor=1 --batch 256                            # pod readiness
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/launch/setup_env.sh" ""  # no extras (not this script's arguments)
+source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 if [ -n "${FAKE_DEVICES:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$FAKE_DEVICES"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set-up shared by the demo and the tests: a virtual environment with tdjax installed, and the
 # Fashion-MNIST files from the Debian package `dataset-fashion-mnist` (installed when missing and
-# permitted: as root, or with passwordless sudo).  Usage: source launch/setup_env.sh [extras]
+# permitted: as root, or with passwordless sudo).  Usage: [SETUP_EXTRAS=test] source launch/setup_env.sh
+# (extras come from SETUP_EXTRAS, never from positional arguments: a sourcing script's own
+# arguments would otherwise be taken for pip extras)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TDJAX_VENV:-$ROOT/.venv}"
-EXTRAS="${1:-}"
+EXTRAS="${SETUP_EXTRAS:-}"
 PY="${PYTHON:-python3}"
 
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "tdjax needs Python 3.11+, found " + sys.version.split()[0]'

@@ -3,7 +3,7 @@
 # devices.  Extra arguments go to pytest (e.g. `bash launch/test.sh -m "not slow"`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/launch/setup_env.sh" test
+SETUP_EXTRAS=test source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 export XLA_FLAGS="--xla_force_host_platform_device_count=8"
 t0=$(date +%s)
