@@ -2,14 +2,18 @@
 
   # demo: Fashion-MNIST 32x32, pixel-patch latents (8x8 grid of 16 features), minutes on CPU
   python -m tdjax.train --config configs/transdiff.py:size=demo --workdir /tmp/td
-  # MRAR demo: 4 same-class images per example, 3 references
-  python -m tdjax.train --config configs/transdiff.py:size=demo,mrar=True --workdir /tmp/td_mrar
+  # MRAR demo: 4 same-class images per example, 3 references, fine-tuned from the 1-step run
+  python -m tdjax.train --config configs/transdiff.py:size=demo,mrar=True,init_from=/tmp/td \
+      --workdir /tmp/td_mrar
+  # MAR's baseline: per-token MLP head trained and sampled with DDPM (cosine, eps, temperature)
+  python -m tdjax.train --config configs/transdiff.py:size=demo,head=mlp,diffusion=ddpm --workdir /tmp/mlp
   # paper: TransDiff-L 1-step on ImageNet 256 latents (KL-16 VAE latents: not in tdjax yet)
   python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
 
-Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), head=attention|mlp, head_depth,
-self_attention (head), conditioning=cross|adaln (head), batch_mul, steps, batch, lr, cfg, scale_0,
-scale_1, sample_steps, seed.
+Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), init_from (MRAR: a 1-step workdir, weight
+surgery of reference 2.3), head=attention|mlp, head_depth, self_attention (head),
+conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
+batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, seed.
 """
 
 import ml_collections
@@ -31,12 +35,19 @@ DEFAULTS = {
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="demo", mrar=False, head="attention", head_depth=0,
-                       self_attention=True, conditioning="cross", batch_mul=0, steps=0, batch=0,
-                       lr=0.0, cfg=0.0, scale_0=0.0, scale_1=0.0, sample_steps=100, seed=0)
+  a = common.parse_arg(arg, size="demo", mrar=False, init_from="", head="attention", head_depth=0,
+                       self_attention=True, conditioning="cross", diffusion="flow",
+                       temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
+                       scale_0=0.0, scale_1=0.0, sample_steps=100, seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
+  if a.init_from and not a.mrar:
+    raise ValueError("config arg init_from: only MRAR (mrar=True) starts from a 1-step run")
   d, s = DEFAULTS[a.size], SIZES[a.size]
+  if a.init_from:   # reference 2.3: MRAR fine-tune, 40 epochs at lr 5e-5, batch_mul 2
+    d = dict(d, steps=d["steps"] // 20 if a.size in ("B", "L", "H") else d["steps"] // 2,
+             lr=5e-5 if a.size in ("B", "L", "H") else d["lr"] / 2,
+             mul=2 if a.size in ("B", "L", "H") else d["mul"])
   c = common.base_config()
   c.task = "transdiff"
   c.seed = a.seed
@@ -61,6 +72,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
       ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=3 if a.mrar else 0, ref_patch=2,
+      init_from=a.init_from,
       dropout=0.0 if small else 0.1, label_drop=0.1, batch_mul=a.batch_mul or d["mul"],
       scan=not small, remat="none"))
   c.head = ml_collections.ConfigDict(dict(
@@ -69,9 +81,15 @@ def get_config(arg=None):
       num_heads=s.num_heads, mlp_ratio=4.0, dropout=0.0 if small else 0.1,
       self_attention=a.self_attention, conditioning=a.conditioning, scan=not small,
       remat="none"))
+  c.diffusion = a.diffusion          # 'flow' (TransDiff) | 'ddpm' (MAR: cosine, eps, learned var)
+  if a.diffusion not in ("flow", "ddpm"):
+    raise ValueError(f"config arg diffusion={a.diffusion!r}: expected 'flow' or 'ddpm'")
   c.sample = ml_collections.ConfigDict(dict(
-      cfg=a.cfg or d["cfg"], scale_0=a.scale_0 or d["s0"], scale_1=a.scale_1 or d["s1"],
-      steps=a.sample_steps))
+      cfg=a.cfg or d["cfg"], steps=a.sample_steps))
+  if a.diffusion == "ddpm":
+    c.sample.temperature = a.temperature
+  else:
+    c.sample.update(scale_0=a.scale_0 or d["s0"], scale_1=a.scale_1 or d["s1"])
   # reference 4.3: AdamW (0.9, 0.95), wd 0.02, clip 3.0 (constant lr after warm-up)
   c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.02,
                           schedule="cosine" if small else "constant",

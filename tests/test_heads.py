@@ -109,3 +109,22 @@ def test_scan_equals_unrolled():
   p["blocks"] = stack_layers(p["blocks"], 3)
   x, t, c = _inputs()
   np.testing.assert_allclose(b.apply({"params": p}, x, t, c), a.apply(va, x, t, c), atol=1e-5)
+
+
+def test_incontext_conditioning_joins_the_self_attention():
+  head = H.AttentionHead(C, 16, 2, 2, max_len=L, conditioning="incontext")
+  v = _init(head, 5)
+  x, t, c = _inputs(5)
+  blk = v["params"]["blocks"]["blocks_0"]["block"]
+  assert "cross_attn" not in blk and "attn" in blk
+  a = head.apply(v, x, t, c)
+  assert a.shape == (B, L, C)                                   # condition tokens dropped at the end
+  assert float(jnp.abs(head.apply(v, x, t, c.at[:, 1].add(1.0)) - a).max()) > 1e-4
+  keep = jnp.array([[True] * 3 + [False] * 2] * B)              # masked keys: no effect
+  np.testing.assert_allclose(head.apply(v, x, t, c, keep),
+                             head.apply(v, x, t, c.at[:, 3:].set(7.0), keep), atol=1e-5)
+  assert float(jnp.abs(head.apply(v, x, t, c, keep) - a).max()) > 1e-4
+  assert head.apply(v, x, t, _inputs(9)[2]).shape == (B, L, C)  # any condition length
+  with pytest.raises(ValueError, match="needs self_attention=True"):
+    H.AttentionHead(C, 16, 2, 2, max_len=L, conditioning="incontext",
+                    self_attention=False).init(jax.random.key(0), x, t, c)

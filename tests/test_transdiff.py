@@ -109,9 +109,37 @@ def _batch(task, b=8, key=0):
 
 @pytest.mark.parametrize("mrar", [False, True])
 def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
-  import optax
   from tdjax.diffusion import flow
   task = _task(f"size=tiny,mrar={mrar}")
+  params = _train_tiny(task)
+  calls = []
+  orig = flow.euler_maruyama_sample
+  monkeypatch.setattr(flow, "euler_maruyama_sample",
+                      lambda *a, **k: calls.append(1) or orig(*a, **k))
+  imgs = np.asarray(task.image_sampler(steps=4)(params, np.array([0, 3]), jax.random.key(1)))
+  assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
+  assert len(calls) == (4 if mrar else 1)          # MRAR: 4 rounds (3 references + the output)
+
+
+def test_mlp_head_with_ddpm_trains_and_samples(monkeypatch):
+  """MAR's baseline: per-token MLP head, DDPM hybrid loss, respaced ancestral sampling."""
+  from tdjax.diffusion import ddpm
+  task = _task("size=tiny,head=mlp,diffusion=ddpm,temperature=0.9")
+  assert task.head.out_channels == 2 * task.latent_dim           # eps + learned-range variance
+  params = _train_tiny(task)
+  seen = []
+  orig = ddpm.p_sample_loop
+  monkeypatch.setattr(ddpm, "p_sample_loop",
+                      lambda s, *a, **k: seen.append((s.num_steps, k["temperature"])) or
+                      orig(s, *a, **k))
+  imgs = np.asarray(task.image_sampler(steps=7)(params, np.array([0, 3]), jax.random.key(1)))
+  assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
+  assert seen == [(7, 0.9)]
+  assert set(task.sample_options) == {"cfg", "steps", "temperature"}
+
+
+def _train_tiny(task, steps=60):
+  import optax
   params, _ = task.init(jax.random.key(0))
   params = nn.unbox(params)
   batch = _batch(task)
@@ -125,17 +153,11 @@ def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
     return optax.apply_updates(p, u), o, l
 
   losses = []
-  for i in range(60):
+  for i in range(steps):
     params, opt, l = step(params, opt, i)
     losses.append(float(l))
   assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
-  calls = []
-  orig = flow.euler_maruyama_sample
-  monkeypatch.setattr(flow, "euler_maruyama_sample",
-                      lambda *a, **k: calls.append(1) or orig(*a, **k))
-  imgs = np.asarray(task.image_sampler(steps=4)(params, np.array([0, 3]), jax.random.key(1)))
-  assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
-  assert len(calls) == (4 if mrar else 1)          # MRAR: 4 rounds (3 references + the output)
+  return params
 
 
 def test_mrar_loss_conditions_image_k_on_its_prefix():
@@ -173,3 +195,37 @@ def test_train_then_sample_from_the_checkpoint(tmp_path):
     sample.generate(str(tmp_path), "0", 1, top_k=5)
   with pytest.raises(ValueError, match="out of range; the model has 10 classes"):
     sample.generate(str(tmp_path), "12", 1)
+
+
+def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
+  """model.init_from: the MRAR run's initial weights are the 1-step run's EMA weights after the
+  weight surgery (mask token tiled, z_proj fresh); the head is copied."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  from tdjax import parallel, trainer
+  c = get_config("size=tiny,steps=4")
+  c.input.image_size, c.log_every, c.eval_every, c.ckpt_every = 16, 2, 4, 4
+  one_dir = str(tmp_path / "one")
+  trainer.train_and_evaluate(c, one_dir)
+  _, _, one = trainer.load_for_inference(one_dir)
+  m = get_config(f"size=tiny,mrar=True,init_from={one_dir}")
+  m.input.image_size = 16
+  setup = trainer.Setup(m, parallel.make_mesh({"data": -1}))
+  state = jax.device_get(setup.init_state())
+  ema = jax.device_get(one["ema"])
+  np.testing.assert_array_equal(state["params"]["ar"]["blocks"]["blocks_0"]["block"]["attn"]["query"]["kernel"]
+                                if "blocks_0" in state["params"]["ar"]["blocks"] else
+                                jax.tree.leaves(state["params"]["ar"]["blocks"])[0],
+                                ema["ar"]["blocks"]["blocks_0"]["block"]["attn"]["query"]["kernel"]
+                                if "blocks_0" in ema["ar"]["blocks"] else
+                                jax.tree.leaves(ema["ar"]["blocks"])[0])
+  tok = state["params"]["ar"]["mask_token"]
+  assert tok.shape[0] == 4 and np.all(tok == ema["ar"]["mask_token"][0])
+  jax.tree.map(np.testing.assert_array_equal, state["params"]["head"], ema["head"])
+  jax.tree.map(np.testing.assert_array_equal, state["ema"], state["params"])
+  assert not np.allclose(state["params"]["ar"]["z_proj"]["kernel"].shape,
+                         ema["ar"]["z_proj"]["kernel"].shape)
+  with pytest.raises(ValueError, match="only MRAR"):
+    get_config(f"size=tiny,init_from={one_dir}")

@@ -14,7 +14,10 @@ AttentionHead (TransDiff `DiffusionDecoder`, PixArt-style):
 Variants (attention survey levels 3-4): `self_attention=False` drops the self-attention branch
 (tokens denoised independently given the condition); `conditioning='adaln'` replaces the
 cross-attention by adding cond_embed(cond) (M = L, per token) to the timestep embedding that drives
-the modulation.
+the modulation; `conditioning='incontext'` prepends the M embedded condition tokens to the L latent
+tokens in the self-attention (DiT's in-context conditioning: one joint sequence, no cross-attention,
+the condition tokens are modulated like the rest and dropped before the final layer; a condition
+mask masks their keys).
 
 MLPHead (MAR `SimpleMLPAdaLN`): per token, y = temb + cond_embed(cond) (M = L);
     h = input_proj(x_t);  per block: h += g * MLP(LN(h) (1 + c) + s), (s, c, g) = Linear_3w(SiLU y)
@@ -71,15 +74,19 @@ class AttentionHead(nn.Module):
   max_len: int = 256
   dropout: float = 0.0                 # reference: 0.1
   self_attention: bool = True
-  conditioning: str = "cross"          # 'cross' (reference) | 'adaln'
+  conditioning: str = "cross"          # 'cross' (reference) | 'adaln' | 'incontext'
   scan: bool = False
   remat: str = "none"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_t, t, cond, cond_mask=None, *, deterministic: bool = True):
-    if self.conditioning not in ("cross", "adaln"):
-      raise ValueError(f"head conditioning={self.conditioning!r}: expected 'cross' or 'adaln'")
+    if self.conditioning not in ("cross", "adaln", "incontext"):
+      raise ValueError(f"head conditioning={self.conditioning!r}: expected 'cross', 'adaln' or "
+                       f"'incontext'")
+    if self.conditioning == "incontext" and not self.self_attention:
+      raise ValueError("head conditioning='incontext' reads the condition through self-attention: "
+                       "it needs self_attention=True")
     b, l, _ = x_t.shape
     if l > self.max_len:
       raise ValueError(f"head input has {l} tokens, its position table {self.max_len}")
@@ -90,8 +97,13 @@ class AttentionHead(nn.Module):
     h = h + pos[None, :l].astype(self.dtype)
     temb = TimestepEmbedder(D, dtype=self.dtype, name="time_embed")(t)[:, None]   # [B, 1, D]
     c = _dense(D, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype))
-    context, context_mask = c, None
-    if self.conditioning == "adaln":
+    context, context_mask, self_mask = c, None, None
+    if self.conditioning == "incontext":
+      h, context = jnp.concatenate([c, h], axis=1), None
+      if cond_mask is not None:
+        keys = jnp.concatenate([cond_mask, jnp.ones((b, l), bool)], axis=1)
+        self_mask = keys[:, None, None, :]
+    elif self.conditioning == "adaln":
       if cond.shape[1] != l:
         raise ValueError(f"adaLN conditioning needs one condition token per latent token: "
                          f"M={cond.shape[1]}, L={l}")
@@ -106,7 +118,8 @@ class AttentionHead(nn.Module):
                              dropout_rate=self.dropout, cross_attention=context is not None,
                              adaln=True, self_attention=self.self_attention)
     h = TransformerStack(self.depth, block, scan=self.scan, remat=self.remat, name="blocks", **kw)(
-        h, None, None, context, context_mask, mod, deterministic=deterministic)
+        h, self_mask, None, context, context_mask, mod, deterministic=deterministic)
+    h = h[:, -l:]
     table = self.param("final_scale_shift", _lp(lambda k, s: jax.random.normal(k, s) / D ** 0.5,
                                                 (None, "embed")), (2, D))
     shift, scale = table[0] + temb, table[1] + temb

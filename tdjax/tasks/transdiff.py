@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tdjax.diffusion import flow
+from tdjax.diffusion import ddpm, flow
 from tdjax.generators import transdiff as td
 from tdjax.generators.heads import make_head
 from tdjax.tasks.base import Task
@@ -75,9 +75,15 @@ class TransDiffTask(Task):
         width=m.width, depth=m.ar_depth, num_heads=m.num_heads, buffer_size=m.buffer_size,
         num_refs=self.num_refs, ref_patch=m.get("ref_patch", 2), dropout=m.get("dropout", 0.0),
         scan=m.get("scan", False), remat=m.get("remat", "none"))
+    self.diffusion = config.get("diffusion", "flow")
+    if self.diffusion not in ("flow", "ddpm"):
+      raise ValueError(f"config.diffusion={self.diffusion!r}: expected 'flow' or 'ddpm'")
+    self.learn_sigma = self.diffusion == "ddpm" and bool(config.get("learn_sigma", True))
+    if self.diffusion == "ddpm":
+      self.ddpm_train = ddpm.Schedule.make(int(config.get("ddpm_steps", 1000)))
     head_cfg = ml_collections.ConfigDict(dict(config.head))
     head_cfg.max_len = self.L
-    self.head = make_head(head_cfg, self.latent_dim)
+    self.head = make_head(head_cfg, self.latent_dim * (2 if self.learn_sigma else 1))
     self.batch_mul = int(m.get("batch_mul", 1))
     self.label_drop = float(m.get("label_drop", 0.1))
 
@@ -101,6 +107,31 @@ class TransDiffTask(Task):
     x = jnp.zeros((1, self.L, self.latent_dim))
     head = self.head.init(k2, x, jnp.zeros((1,)), jnp.zeros((1, cond_len, self.ar.width)))["params"]
     return {"ar": ar, "head": head}, {}
+
+  def load_pretrained(self, params):
+    """MRAR fine-tuning (reference 2.3) starts from a 1-step run: `model.init_from` names its
+    workdir; its EMA weights (raw if it has none) go through `mrar_from_one_step` for the AR part
+    and are copied for the head.  A fresh start only: a restored MRAR run keeps its own weights."""
+    src = self.config.model.get("init_from", "")
+    if not src:
+      return params
+    if not self.num_refs:
+      raise ValueError(f"model.init_from={src!r}: only an MRAR model (mrar=True) starts from a "
+                       f"1-step checkpoint")
+    from tdjax import trainer   # the loop imports the tasks: import it lazily
+    cfg, task, state = trainer.load_for_inference(src)
+    if task.kind != self.kind or task.num_refs:
+      raise ValueError(f"model.init_from={src!r} holds a {task.kind!r} checkpoint with "
+                       f"num_refs={getattr(task, 'num_refs', None)}; expected a 1-step TransDiff run")
+    one = jax.device_get(state["ema"] if "ema" in state else state["params"])
+    params = jax.device_get(params)
+    for a, b in zip(jax.tree_util.tree_leaves_with_path(one["head"]),
+                    jax.tree_util.tree_leaves_with_path(params["head"])):
+      if a[0] != b[0] or np.shape(a[1]) != np.shape(b[1]):
+        raise ValueError(f"model.init_from={src!r}: head parameter "
+                         f"{jax.tree_util.keystr(b[0])} has shape {np.shape(a[1])} there, "
+                         f"{np.shape(b[1])} here")
+    return {"ar": td.mrar_from_one_step(one["ar"], params["ar"]), "head": one["head"]}
 
   def logical_batch_axes(self):
     nd = 5 if self.num_refs else 4
@@ -140,10 +171,20 @@ class TransDiffTask(Task):
     return float(3 * b * (ar_f + copies * head))
 
   # --- loss -------------------------------------------------------------------------------------
-  def _velocity(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
+  def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
+    """The head on (x_t, t): t in [0, 1] (flow, scaled to the 0..1000 the embedder expects) or the
+    integer DDPM step index 0..T-1."""
     rngs = {"dropout": rng} if train and rng is not None else {}
-    return self.head.apply({"params": params["head"]}, x, t * 1000.0, cond, cond_mask,
+    t = t if self.diffusion == "ddpm" else t * 1000.0
+    return self.head.apply({"params": params["head"]}, x, t, cond, cond_mask,
                            deterministic=not train, rngs=rngs)
+
+  def _diffusion_loss(self, model_fn, x0, cond, rng):
+    """Rectified flow (TransDiff) or MAR's DDPM hybrid loss; model_fn(x_t, t, cond)."""
+    if self.diffusion == "ddpm":
+      return ddpm.training_loss(self.ddpm_train, model_fn, x0, cond, rng, batch_mul=self.batch_mul,
+                                learn_sigma=self.learn_sigma)
+    return flow.flow_matching_loss(model_fn, x0, cond, rng, batch_mul=self.batch_mul)
 
   def _losses(self, params, batch, rng, train):
     k_drop, k_ar, k_flow, k_head = jax.random.split(rng, 4)
@@ -158,8 +199,8 @@ class TransDiffTask(Task):
       z = self.ar.apply({"params": params["ar"]}, labels, drop=drop, deterministic=not train,
                         rngs=rngs)
       x0 = lat.reshape(lat.shape[0], self.L, self.latent_dim)
-      vf = lambda x, t, c: self._velocity(params, x, t, c, None, k_head, train)
-      return flow.flow_matching_loss(vf, x0, z, k_flow, batch_mul=self.batch_mul)
+      fn = lambda x, t, c: self._head(params, x, t, c, None, k_head, train)
+      return self._diffusion_loss(fn, x0, z, k_flow)
     # MRAR: one AR pass (block-causal), K decoder problems stacked on the batch axis
     b, k = lat.shape[:2]
     z = self.ar.apply({"params": params["ar"]}, labels, self._refs(lat), drop=drop,
@@ -169,9 +210,8 @@ class TransDiffTask(Task):
     cond = jnp.tile(z, (k, 1, 1))
     img = jnp.repeat(jnp.arange(k), b)
     cmask = jnp.arange(z.shape[1])[None] < (m * (img + 1))[:, None]
-    vf = lambda x, t, c: self._velocity(params, x, t, c["z"], c["mask"], k_head, train)
-    return flow.flow_matching_loss(vf, x0, {"z": cond, "mask": cmask}, k_flow,
-                                   batch_mul=self.batch_mul)
+    fn = lambda x, t, c: self._head(params, x, t, c["z"], c["mask"], k_head, train)
+    return self._diffusion_loss(fn, x0, {"z": cond, "mask": cmask}, k_flow)
 
   def loss(self, params, model_state, batch, rng, step):
     loss, metrics = self._losses(params, batch, rng, True)
@@ -179,12 +219,14 @@ class TransDiffTask(Task):
 
   def eval_metrics(self, params, model_state, batch, rng):
     loss, metrics = self._losses(params, batch, rng, False)
-    return {"flow_loss": loss}
+    return {"diffusion_loss" if self.diffusion == "ddpm" else "flow_loss": loss}
 
   # --- sampling ---------------------------------------------------------------------------------
   def sample_latents(self, params, labels, rng, *, cfg=1.0, steps=100, scale_0=1.0, scale_1=1.0,
-                     sampler="euler_maruyama"):
-    """Labels [B] -> latent grids [B, h, w, c] (MRAR: K rounds from one initial noise, 2.4)."""
+                     sampler="euler_maruyama", temperature=1.0):
+    """Labels [B] -> latent grids [B, h, w, c] (MRAR: K rounds from one initial noise, 2.4).
+    Flow models: Euler-Maruyama (scale_0, scale_1) or Euler; DDPM models: ancestral sampling
+    over `steps` respaced steps with `temperature`."""
     params = jax.tree.map(jnp.asarray, params)
     b = labels.shape[0]
     k_noise, k_s = jax.random.split(rng)
@@ -199,11 +241,15 @@ class TransDiffTask(Task):
 
       def vf(x, t):
         if cfg == 1:
-          return self._velocity(params, x, t, z)
-        v = self._velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+          return self._head(params, x, t, z)
+        v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
         return v[:b], v[b:]
 
       key = jax.random.fold_in(k_s, rnd)
+      if self.diffusion == "ddpm":
+        sched = ddpm.Schedule.make(self.ddpm_train.num_steps, int(steps))
+        return ddpm.p_sample_loop(sched, vf, noise, key, cfg=cfg, temperature=temperature,
+                                  learn_sigma=self.learn_sigma)
       if sampler == "euler":
         return flow.euler_sample(vf, noise, steps=steps, cfg=cfg)
       return flow.euler_maruyama_sample(vf, noise, key, steps=steps, cfg=cfg, scale_0=scale_0,
@@ -219,7 +265,11 @@ class TransDiffTask(Task):
         refs = jnp.concatenate([refs, td.patchify_latent(grid, self.ar.ref_patch)[:, None]], 1)
     return x.reshape(b, self.grid, self.grid, self.latent_dim)
 
-  sample_options = ("cfg", "steps", "scale_0", "scale_1", "sampler")
+  @property
+  def sample_options(self):
+    if self.diffusion == "ddpm":
+      return ("cfg", "steps", "temperature")
+    return ("cfg", "steps", "scale_0", "scale_1", "sampler")
 
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] (jit-compiled)."""
