@@ -77,6 +77,8 @@ def get_config(arg=None):
   c.ckpt_every = max(steps // 4, 1) if a.size == "demo" else 5000
   c.compute_dtype = d["compute_dtype"]
   c.ema_decay = d["ema"] if a.ema < 0 else a.ema
+  # A demo run is ~1.5 EMA horizons long: warm the decay up so the average forgets the random init.
+  c.ema_warmup = a.size == "demo"
 
   c.input = ml_collections.ConfigDict(dict(
       source="codes", path=a.codes, split="train",

@@ -8,7 +8,7 @@
 
 Options: size=tiny|demo|full, tokens (N), group (g), patch, alpha (R(n) power), degrade_p
 (probability of a degraded prefix step), correction (self-correction branch on/off), top_k,
-codebook, code_dim, bottleneck=vq|continuous, steps, batch, lr, warmup, lpips/adv/align (loss
+codebook, code_dim, bottleneck=vq|continuous (kl, latent_noise: its regularisers), steps, batch, lr, warmup, lpips/adv/align (loss
 weights; > 0 needs the matching weights file in config.loss), disc=patchgan|dino, paper (the
 reference loss weights: lpips 1, adv 0.2 with the DINO disc, align 1), scan, remat, image_size, seed.
 
@@ -48,7 +48,7 @@ DEFAULTS = {
 def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", tokens=0, group=0, patch=0, alpha=1.5, degrade_p=0.2,
                        correction=True, correction_every=0, top_k=50, codebook=0, code_dim=0,
-                       bottleneck="vq",
+                       bottleneck="vq", kl=0.0, latent_noise=0.0,
                        steps=0, batch=0, lr=0.0, warmup=-1, lpips=0.0, adv=0.0, align=0.0,
                        disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
                        seed=0)
@@ -102,8 +102,8 @@ def get_config(arg=None):
       commitment=0.25,
       codebook_weight=1.0,
       usage_decay=0.99,
-      kl_weight=0.0,               # continuous bottleneck only
-      latent_noise=0.0,            # continuous bottleneck only
+      kl_weight=a.kl,              # continuous only: KL(q(z|x) || N(0, I)) weight (posterior sampled)
+      latent_noise=a.latent_noise, # continuous only: Gaussian noise on z in training
       align_dim=1152 if a.align > 0 else 0,
       align_hidden=1024,
       scan=a.scan or d["scan"],

@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.eval_every = max(c.total_steps // 4, 1) if small else 5000
   c.ckpt_every = c.eval_every
   c.ema_decay = 0.999 if small else 0.9999
+  c.ema_warmup = small  # short runs: the average must forget the random init (optim.ema_decay_at)
   c.compute_dtype = "float32" if small else "bfloat16"
   c.input = default_input_config()
   if not small:

@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum = 1
   c.compute_dtype = "float32"  # 'bfloat16' for mixed precision (fp32 master weights)
   c.ema_decay = 0.0            # 0 disables the EMA copy
+  c.ema_warmup = False         # decay min(ema_decay, (1 + t) / (10 + t)) (optim.ema_decay_at)
   c.on_nonfinite = "stop"      # 'stop' or 'skip' (skip the update, keep going)
   c.compilation_cache = ""     # directory of the persistent XLA cache ('' = off)
   c.distributed = False        # jax.distributed.initialize() at start

@@ -157,7 +157,8 @@ class Setup:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = dict(step=step + 1, params=params, opt_state=opt_state, model_state=mstate)
     if "ema" in state:
-      new["ema"] = optim.ema_update(state["ema"], params, c.ema_decay)
+      decay = optim.ema_decay_at(step, c.ema_decay, c.get("ema_warmup", False))
+      new["ema"] = optim.ema_update(state["ema"], params, decay)
     # A non-finite step never reaches the state: keep the old values (skip) and report it.
     keep_old = lambda n, o: jnp.where(finite, n, o)
     for k in ("params", "opt_state", "model_state", "ema"):

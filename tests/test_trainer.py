@@ -11,7 +11,7 @@ import pytest
 
 from tdjax import checkpoint as ckpt_lib
 from tdjax import metrics as metrics_lib
-from tdjax import parallel, trainer
+from tdjax import optim, parallel, trainer
 from toy_task import toy_config
 
 
@@ -98,6 +98,25 @@ def test_ema_tracks_params():
       expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * np.asarray(p), expected, state["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                state["ema"], expected)
+
+
+def test_ema_warmup_uses_the_num_updates_decay():
+  """decay_t = min(decay, (1 + t) / (10 + t)): step 0 keeps 10 % of the init, later steps ramp up."""
+  batches = _batches(3)
+  mesh = parallel.make_mesh({"data": -1})
+  setup = trainer.Setup(toy_config(ema_decay=0.999, ema_warmup=True), mesh)
+  state = setup.init_state()
+  expected = jax.tree.map(np.asarray, state["params"])
+  with parallel.use_mesh(mesh, setup.rules):
+    step = setup.compile_step(parallel.host_to_global(batches[0], mesh))
+    for t, b in enumerate(batches):
+      state, _ = step(state, parallel.host_to_global(b, mesh))
+      d = min(0.999, (1 + t) / (10 + t))
+      expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), expected, state["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state["ema"], expected)
+  assert float(optim.ema_decay_at(10 ** 6, 0.999, True)) == np.float32(0.999)
+  assert optim.ema_decay_at(0, 0.999, False) == 0.999
 
 
 def test_train_resume_and_restore_on_smaller_meshes(tmp_path):

@@ -113,15 +113,15 @@ def next_detail_targets(codes):
 
 
 def layout_ids(codes_in, num_tokens: int, group: int):
-  """Model-input codes [B, N-g] -> position-aligned ids [B, N] (0 at class/placeholder slots)."""
+  """Model-input codes [B, N-g] -> position-aligned ids [B, N] (0 at class/placeholder slots);
+  continuous tokens [B, N-g, C] -> [B, N, C] alike."""
   n, g = num_tokens, group
   check_layout(n, g)
-  if codes_in.shape[-1] != n - g:
-    raise ValueError(f"expected {n - g} input codes (N={n} - g={g}), got {codes_in.shape[-1]}")
+  if codes_in.shape[1] != n - g:
+    raise ValueError(f"expected {n - g} input codes (N={n} - g={g}), got {codes_in.shape[1]}")
   b = codes_in.shape[0]
-  z = jnp.zeros((b, 1), codes_in.dtype)
-  return jnp.concatenate([z, codes_in[:, :g], jnp.zeros((b, g - 1), codes_in.dtype),
-                          codes_in[:, g:]], axis=1)
+  zeros = lambda k: jnp.zeros((b, k) + codes_in.shape[2:], codes_in.dtype)
+  return jnp.concatenate([zeros(1), codes_in[:, :g], zeros(g - 1), codes_in[:, g:]], axis=1)
 
 
 def drop_labels(rng, labels, rate: float, null_class: int):
@@ -164,6 +164,11 @@ class NextDetailTransformer(nn.Module):
             call) and attend to everything cached; False: full forward over positions 0..q-1
             (start must be 0) with the group-causal mask.
   Returns logits [B, q, vocab] in fp32.
+
+  token_dim > 0 makes it the trunk of next-detail *diffusion* (`next_detail_diffusion`): `ids` are
+  continuous tokens [B, q, token_dim] (zeros at the class/placeholder slots), read through a linear
+  projection instead of the token table, and the output is the final RMS-normed hidden state
+  [B, q, dim] (the condition of the diffusion head) instead of logits.
   """
   vocab_size: int = 8192
   num_tokens: int = 128
@@ -174,6 +179,7 @@ class NextDetailTransformer(nn.Module):
   num_heads: int = 16
   mlp_dim: int = 2816
   rope_base: float = 10000.0
+  token_dim: int = 0              # > 0: continuous tokens in, hidden states out (see above)
   class_dropout: float = 0.1      # label dropout for CFG (train only)
   token_dropout: float = 0.1      # on the whole input embedding (class and placeholders included)
   dropout: float = 0.1            # residual dropout after attention and inside the SwiGLU FFN
@@ -207,7 +213,7 @@ class NextDetailTransformer(nn.Module):
   def __call__(self, ids, labels, *, start=0, train: bool = False, decode: bool = False):
     self.validate()
     n, g = self.num_tokens, self.group_size
-    b, q = ids.shape
+    b, q = ids.shape[:2]
     if not decode and (not isinstance(start, int) or start != 0 or q > n):
       raise ValueError(f"a full forward covers positions 0..q-1 with q <= N={n}; got start={start}, "
                        f"q={q} (use decode=True with a cache for later chunks)")
@@ -218,14 +224,24 @@ class NextDetailTransformer(nn.Module):
     init = nn.initializers.normal(0.02)
     cls_table = self.param("cls_embedding", _lp(init, ("classes", "embed")),
                            (self.num_classes + 1, self.dim), self.param_dtype)
-    tok_table = self.param("tok_embeddings", _lp(init, ("vocab", "embed")),
-                           (self.vocab_size, self.dim), self.param_dtype)
+    if not self.token_dim:
+      tok_table = self.param("tok_embeddings", _lp(init, ("vocab", "embed")),
+                             (self.vocab_size, self.dim), self.param_dtype)
     spe_table = self.param("spe_tok_embeddings", _lp(init, ("length", "embed")),
                            (max(g - 1, 1), self.dim), self.param_dtype)   # unused when g = 1
 
     if train and self.class_dropout > 0:
       labels = drop_labels(self.make_rng("dropout"), labels, self.class_dropout, self.null_class)
-    x_tok = jnp.take(tok_table, ids, axis=0)                           # [B, q, D]
+    if self.token_dim:
+      if ids.shape[-1] != self.token_dim:
+        raise ValueError(f"continuous tokens of width {ids.shape[-1]}, the model has "
+                         f"token_dim={self.token_dim}")
+      x_tok = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=_lp(nn.initializers.xavier_uniform(), ("channels", "embed")),
+                       bias_init=_lp(nn.initializers.zeros, ("embed",)),
+                       name="tok_proj")(ids.astype(self.dtype))              # [B, q, D]
+    else:
+      x_tok = jnp.take(tok_table, ids, axis=0)                         # [B, q, D]
     x_spe = jnp.take(spe_table, spe_index, axis=0)[None]               # [1, q, D]
     x_cls = jnp.take(cls_table, labels, axis=0)[:, None]               # [B, 1, D]
     k = kind[None, :, None]
@@ -243,6 +259,8 @@ class NextDetailTransformer(nn.Module):
                          param_dtype=self.param_dtype, name="transformer")(
                              x, mask=mask, rope=rope, decode=decode, deterministic=not train)
     x = RMSNorm(1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    if self.token_dim:
+      return x.astype(jnp.float32)
     logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
                       param_dtype=self.param_dtype,
                       kernel_init=_lp(nn.initializers.zeros, ("embed", "vocab")), name="output")(x)
@@ -265,16 +283,23 @@ def model_from_config(model_config, dtype=jnp.float32) -> NextDetailTransformer:
   return model
 
 
+def example_ids(model: NextDetailTransformer, batch: int):
+  """Zero inputs of a full sequence: int ids [B, N], or continuous tokens [B, N, token_dim]."""
+  if model.token_dim:
+    return jnp.zeros((batch, model.num_tokens, model.token_dim), jnp.float32)
+  return jnp.zeros((batch, model.num_tokens), jnp.int32)
+
+
 def init_params(model: NextDetailTransformer, rng, batch: int = 1):
   """Boxed (logically partitioned) params from a batch of zeros."""
-  ids = jnp.zeros((batch, model.num_tokens), jnp.int32)
+  ids = example_ids(model, batch)
   labels = jnp.zeros((batch,), jnp.int32)
   return model.init({"params": rng}, ids, labels)["params"]
 
 
 def init_cache(model: NextDetailTransformer, params, batch: int):
   """Zeroed fixed-size KV cache ([B, N, H, head_dim] per layer) for `batch` sequences."""
-  ids = jnp.zeros((batch, model.num_tokens), jnp.int32)
+  ids = example_ids(model, batch)
   labels = jnp.zeros((batch,), jnp.int32)
   shapes = jax.eval_shape(
       lambda p: model.apply({"params": p}, ids, labels, decode=True, mutable=["cache"])[1]["cache"],

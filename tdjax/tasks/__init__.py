@@ -11,6 +11,7 @@ TASKS = {
     "tokenizer": "tdjax.tasks.tokenizer:TokenizerTask",
     "next_detail": "tdjax.tasks.next_detail:NextDetailTask",
     "transdiff": "tdjax.tasks.transdiff:TransDiffTask",
+    "next_detail_diffusion": "tdjax.tasks.next_detail_diffusion:NextDetailDiffusionTask",
 }
 
 
