@@ -45,6 +45,7 @@ class ClassifierJudge:
     self.config, self.task = config, task
     self.params = jax.device_get(state.get("ema", state["params"]))
     self._fn = jax.jit(lambda p, x: task.features(p, x))
+    self._all = jax.jit(lambda p, x: task.all_features(p, x))
     self.image_size = int(config.input.image_size)
 
   def logits_and_features(self, images, batch_size: int = 500):
@@ -59,6 +60,14 @@ class ClassifierJudge:
       feats.append(np.asarray(fe))
     return np.concatenate(logits), np.concatenate(feats)
 
+  def extract(self, images):
+    """(logits, pooled features, spatial features) of one batch in [-1, 1] (evaluate_batches)."""
+    images = np.asarray(images, np.float32)
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the classifier expects "
+                       f"{self.image_size}x{self.image_size}")
+    return self._all(self.params, images)
+
   def class_accuracy(self, images, labels) -> float:
     logits, _ = self.logits_and_features(images)
     return float((logits.argmax(-1) == np.asarray(labels)).mean())
@@ -67,6 +76,109 @@ class ClassifierJudge:
     _, fa = self.logits_and_features(images_a)
     _, fb = self.logits_and_features(images_b)
     return frechet_distance(*feature_statistics(fa), *feature_statistics(fb))
+
+
+# ------------------------------------------------------------------------------------------------
+# The ADM evaluation suite's metrics on any feature net (guided-diffusion evaluations/evaluator.py)
+# ------------------------------------------------------------------------------------------------
+
+def inception_score(logits, split_size: int = 5000) -> float:
+  """exp(E_x KL(p(y|x) || p(y))), p(y) the mean over each split of `split_size` samples, averaged
+  over the splits (ADM: splits of 5,000; the last, shorter split included only when it is full)."""
+  logits = np.asarray(logits, np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  p = np.exp(logp)
+  scores = []
+  for i in range(0, len(p), split_size):
+    part, lpart = p[i:i + split_size], logp[i:i + split_size]
+    if scores and len(part) < split_size:
+      break
+    marginal = np.log(part.mean(0, keepdims=True))
+    scores.append(float(np.exp(np.mean(np.sum(part * (lpart - marginal), axis=1)))))
+  return float(np.mean(scores))
+
+
+def _sq_distances(a, b) -> np.ndarray:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  d = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None]
+  return np.maximum(d, 0.0)
+
+
+def manifold_radii(features, k: int = 3, row_batch: int = 10000) -> np.ndarray:
+  """Squared distance of each point to its k-th nearest neighbour in the same set (the point
+  itself is the 0-th), ADM's ManifoldEstimator with nhood_size k = 3."""
+  f = np.asarray(features, np.float64)
+  if len(f) <= k:
+    raise ValueError(f"precision/recall need more than k={k} samples per set, got {len(f)}")
+  out = np.empty(len(f))
+  for i in range(0, len(f), row_batch):
+    d = _sq_distances(f[i:i + row_batch], f)
+    out[i:i + row_batch] = np.partition(d, k, axis=1)[:, k]
+  return out
+
+
+def _coverage(points, manifold, radii, row_batch: int = 10000) -> float:
+  """Fraction of `points` inside at least one ball (manifold_j, radius_j)."""
+  inside = []
+  for i in range(0, len(points), row_batch):
+    d = _sq_distances(points[i:i + row_batch], manifold)
+    inside.append((d <= radii[None]).any(1))
+  return float(np.concatenate(inside).mean())
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+  """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM computes them: precision =
+  share of samples inside the real manifold (k-NN balls), recall = share of real points inside
+  the samples' manifold."""
+  real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+  precision = _coverage(fake, real, manifold_radii(real, k))
+  recall = _coverage(real, fake, manifold_radii(fake, k))
+  return precision, recall
+
+
+def load_image_batch(path: str, key: str = "arr_0") -> tuple[np.ndarray, np.ndarray | None]:
+  """An ADM-format .npz -> (uint8 images [N, H, W, C], labels [N] or None); clear errors."""
+  import os
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with np.load(path) as f:
+    if key not in f.files:
+      raise ValueError(f"{path}: no '{key}' array (found {', '.join(f.files) or 'nothing'}); "
+                       f"expected the ADM format (arr_0 uint8 NHWC)")
+    images = f[key]
+    labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise ValueError(f"{path}: '{key}' is {images.dtype} {images.shape}, expected uint8 [N, H, W, C]")
+  return images, labels
+
+
+def evaluate_batches(extract, samples, reference, sample_labels=None, *, batch_size: int = 500,
+                     k: int = 3) -> dict:
+  """FID, sFID, IS, precision, recall (and class accuracy when labels are given) of uint8 sample
+  images against uint8 reference images; extract(float images in [-1, 1]) -> (logits, pooled,
+  spatial) per batch.  Statistics in float64."""
+  if samples.shape[1:] != reference.shape[1:]:
+    raise ValueError(f"samples are {samples.shape[1:]} images, the reference batch "
+                     f"{reference.shape[1:]}: evaluate images of one size")
+
+  def feats(images):
+    out = [extract(images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
+           for i in range(0, len(images), batch_size)]
+    return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(3)]
+
+  s_logits, s_pool, s_spatial = feats(samples)
+  _, r_pool, r_spatial = feats(reference)
+  precision, recall = precision_recall(r_pool, s_pool, k)
+  result = {
+      "num_samples": int(len(samples)), "num_reference": int(len(reference)),
+      "fid": frechet_distance(*feature_statistics(r_pool), *feature_statistics(s_pool)),
+      "sfid": frechet_distance(*feature_statistics(r_spatial), *feature_statistics(s_spatial)),
+      "inception_score": inception_score(s_logits),
+      "precision": precision, "recall": recall}
+  if sample_labels is not None:
+    result["class_accuracy"] = float((s_logits.argmax(-1) == np.asarray(sample_labels)).mean())
+  return result
 
 
 def psnr(a, b, data_range: float = 1.0) -> np.ndarray:

@@ -8,6 +8,11 @@ The model is rebuilt from the config stored in the checkpoint; the AR model's to
 named by its config (`tokenizer_workdir`).  `--judge` scores the samples with a classifier
 checkpoint: the fraction assigned to the requested class, and the Fréchet distance of its features
 to as many real test images (`OUT_stem_judge.json`).
+
+An .npz output (`arr_0` uint8 NHWC, `labels`: the ADM format `tdjax.evaluate` reads) is built from
+per-batch parts kept in OUT_stem.parts/ until the end, so a stopped 50k-sample run resumes where it
+stopped (same keys, same images) when started again with the same flags.  One process samples; the
+multi-host split of a 50k run is not written yet.
 """
 
 from __future__ import annotations
@@ -54,8 +59,12 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_size: int = 100,
-             use_ema: bool = True, **overrides):
-  """(images [C*num, H, W, ch] in [-1, 1], labels) from the checkpoint in `workdir`."""
+             use_ema: bool = True, parts_dir: str | None = None, **overrides):
+  """(images [C*num, H, W, ch] in [-1, 1], labels) from the checkpoint in `workdir`.
+
+  Chunk i (of `batch_size` labels) uses key fold_in(seed, i), so a run is the same however it is
+  split.  `parts_dir`: each finished chunk is kept there (uint8-exact float arrays, .npy) and an
+  existing one is reused, so a stopped run continues where it stopped."""
   import jax
   import numpy as np
   from tdjax import trainer
@@ -63,7 +72,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   config, task, state = trainer.load_for_inference(workdir)
   if not hasattr(task, "image_sampler"):
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint; sampling supports: "
-                     f"next_detail, transdiff")
+                     f"next_detail, transdiff, next_detail_diffusion")
   overrides = {k: v for k, v in overrides.items() if v is not None}
   unknown = sorted(set(overrides) - set(task.sample_options))
   if unknown:
@@ -74,12 +83,35 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   labels = labels.astype(np.int32)
   sample = task.image_sampler(**overrides)
   key = jax.random.key(seed)
+  if parts_dir:
+    os.makedirs(parts_dir, exist_ok=True)
+    settings = dict(workdir=os.path.abspath(workdir), classes=str(classes), num=num, seed=seed,
+                    batch_size=batch_size, use_ema=use_ema, **overrides)
+    path = os.path.join(parts_dir, "settings.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old != json.loads(json.dumps(settings)):
+        raise ValueError(f"{parts_dir} holds parts of a run with other settings ({old}); use the "
+                         f"same flags to resume it, or delete the folder")
+    else:
+      with open(path, "w") as f:
+        json.dump(settings, f)
+  from tqdm import tqdm
   images = []
-  for i in range(0, len(labels), batch_size):
+  for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch",
+                disable=len(labels) <= batch_size):
     chunk = labels[i:i + batch_size]
+    part = os.path.join(parts_dir, f"{i:08d}_{len(chunk)}.npy") if parts_dir else None
+    if part and os.path.exists(part):
+      images.append(np.load(part))
+      continue
     pad = batch_size - len(chunk)  # fixed shapes: one compilation for every chunk
-    out = sample(params, np.pad(chunk, (0, pad)), jax.random.fold_in(key, i))
-    images.append(np.asarray(out)[:len(chunk)])
+    out = np.asarray(sample(params, np.pad(chunk, (0, pad)), jax.random.fold_in(key, i)))
+    images.append(out[:len(chunk)])
+    if part:
+      np.save(part + ".tmp.npy", images[-1])
+      os.replace(part + ".tmp.npy", part)      # a killed run never leaves a half-written part
     logging.info("sampled %d/%d", i + len(chunk), len(labels))
   return np.concatenate(images), labels, config
 
@@ -88,14 +120,20 @@ def main(argv):
   del argv
   import numpy as np
   from tdjax import evaluation, metrics
+  stem, ext = os.path.splitext(FLAGS.out)
+  if ext not in (".png", ".npz"):
+    raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
   images, labels, config = generate(
       FLAGS.workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      use_ema=FLAGS.ema, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+      use_ema=FLAGS.ema, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
-  stem, ext = os.path.splitext(FLAGS.out)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if ext == ".npz":
-    np.savez(FLAGS.out, arr_0=metrics.to_uint8(images), labels=labels)
+    tmp = stem + ".tmp.npz"
+    np.savez(tmp, arr_0=metrics.to_uint8(images), labels=labels)
+    os.replace(tmp, FLAGS.out)
+    import shutil
+    shutil.rmtree(stem + ".parts", ignore_errors=True)
   elif ext == ".png":
     rows = images.reshape((-1, FLAGS.num) + images.shape[1:])
     metrics.save_png(metrics.image_grid(rows[:, :min(FLAGS.num, 16)]), FLAGS.out)

@@ -28,8 +28,12 @@ class ConvNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, return_features: bool = False):
+  def __call__(self, x, *, return_features: bool = False, return_spatial: bool = False):
+    """logits; with return_features (logits, pooled features); with return_spatial also the first 7
+    channels of the second stage's map, flattened (the analogue of ADM's sFID features, Inception's
+    mixed_6/conv[:7])."""
     x = x.astype(self.dtype)
+    spatial = None
     for i, ch in enumerate(self.channels):
       for j in range(self.blocks):
         x = nn.Conv(ch, (3, 3), strides=2 if (j == 0 and i > 0) else 1, dtype=self.dtype,
@@ -40,6 +44,8 @@ class ConvNet(nn.Module):
                          bias_init=_lp(nn.initializers.zeros, ("conv_out",)), name=f"norm{i}_{j}")(x)
         x = nn.gelu(x)
       x = nn.with_logical_constraint(x, ("batch", None, None, "conv_out"))
+      if i == min(1, len(self.channels) - 1):
+        spatial = x[..., :7].reshape(x.shape[0], -1).astype(jnp.float32)
     x = x.mean(axis=(1, 2))
     feats = nn.Dense(self.features, dtype=self.dtype,
                      kernel_init=_lp(nn.initializers.lecun_normal(), ("conv_in", "embed")),
@@ -49,6 +55,8 @@ class ConvNet(nn.Module):
                       kernel_init=_lp(nn.initializers.zeros, ("embed", "classes")),
                       bias_init=_lp(nn.initializers.zeros, ("classes",)), name="head")(feats)
     logits = logits.astype(jnp.float32)
+    if return_spatial:
+      return logits, feats.astype(jnp.float32), spatial
     return (logits, feats.astype(jnp.float32)) if return_features else logits
 
 
@@ -86,3 +94,7 @@ class ClassifierTask(Task):
   def features(self, params, images):
     """(logits, penultimate features) for evaluation of generated images."""
     return self.model.apply({"params": params}, images, return_features=True)
+
+  def all_features(self, params, images):
+    """(logits, pooled features, spatial features) for the evaluation suite."""
+    return self.model.apply({"params": params}, images, return_spatial=True)
