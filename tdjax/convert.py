@@ -1,0 +1,220 @@
+r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
+
+  python -m tdjax.convert --kind detailflow_gpt --input DetailFlow-16-GPT-L/checkpoints/128.pt \
+      --output runs/df16_gpt_l --tokens 128 [--tokenizer TOKENIZER_WORKDIR]
+
+Kinds written so far: `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference
+detailflow.md 4.3: the checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused
+wqkv split as [q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped).  The other kinds
+of issue 6 (tokenizer, TransDiff, MAR VAE, LPIPS, InceptionV3) are not written yet.
+
+Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
+the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
+unexpected or mis-shaped key is reported by name with both shapes, and nothing is written unless
+the conversion is complete; an existing checkpoint at --output is never replaced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Mapping
+
+import numpy as np
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("detailflow_gpt",)
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def _define_flags():
+  flags.DEFINE_enum("kind", None, list(KINDS), "What the input file holds.")
+  flags.DEFINE_string("input", None, "Official checkpoint (.pt) or its state dict as .npz.")
+  flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
+  flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
+  flags.DEFINE_integer("num_heads", 0, "detailflow_gpt: attention heads (0: from the GPT size table).")
+  flags.DEFINE_string("tokenizer", "", "detailflow_gpt: tokenizer workdir that decodes samples.")
+
+
+def read_state_dict(path: str, entries=("ema", "model")) -> dict[str, np.ndarray]:
+  """{name: float32 array} from a .pt (first of `entries` present, else the dict itself) or .npz."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      sd = {k: f[k] for k in f.files}
+  else:
+    try:
+      import torch
+    except ImportError:
+      raise ConversionError(f"{path}: reading .pt files needs torch (pip install 'tdjax[torch]'), "
+                            f"or save the state dict as .npz") from None
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for e in entries:
+      if isinstance(obj, Mapping) and e in obj and isinstance(obj[e], Mapping):
+        logging.info("%s: using the %r entry", path, e)
+        obj = obj[e]
+        break
+    sd = {k: v.float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+  out = {}
+  for k, v in sd.items():
+    for prefix in ("module.", "_orig_mod."):
+      if k.startswith(prefix):
+        k = k[len(prefix):]
+    out[k] = np.asarray(v, np.float32)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow GPT (LlamaGen layout) -> tdjax.generators.next_detail.NextDetailTransformer
+# ------------------------------------------------------------------------------------------------
+
+def gpt_dims(sd: Mapping[str, np.ndarray]) -> dict:
+  """Model dims read off the state dict (depth, dim, mlp_dim, vocab, classes, group)."""
+  need = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight",
+          "spe_tok_embeddings.special_embeddings.weight", "layers.0.feed_forward.w1.weight")
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise ConversionError(f"not a DetailFlow GPT state dict: missing {', '.join(missing)}")
+  depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+  vocab, dim = sd["tok_embeddings.weight"].shape
+  return dict(depth=depth, dim=dim, mlp_dim=sd["layers.0.feed_forward.w1.weight"].shape[0],
+              vocab_size=vocab, num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1,
+              group_size=sd["spe_tok_embeddings.special_embeddings.weight"].shape[0] + 1)
+
+
+def detailflow_gpt_params(sd: Mapping[str, np.ndarray], depth: int, num_heads: int,
+                          expected: Mapping | None = None) -> dict:
+  """The unrolled ('blocks_i') Flax params of NextDetailTransformer from a DetailFlow GPT state
+  dict.  `expected`: a params tree of the target shapes; any difference is a ConversionError."""
+  sd = dict(sd)
+  used, errors = set(), []
+
+  def take(key, shape=None):
+    if key not in sd:
+      errors.append(f"missing {key}")
+      return np.zeros(shape or (0,), np.float32)
+    used.add(key)
+    return sd[key]
+
+  dim = sd["tok_embeddings.weight"].shape[1] if "tok_embeddings.weight" in sd else 0
+  if num_heads < 1 or dim % num_heads:
+    raise ConversionError(f"num_heads={num_heads} does not divide the width {dim}")
+  hd = dim // num_heads
+  p = {"cls_embedding": take("cls_embedding.embedding_table.weight"),
+       "tok_embeddings": take("tok_embeddings.weight"),
+       "spe_tok_embeddings": take("spe_tok_embeddings.special_embeddings.weight"),
+       "norm": {"scale": take("norm.weight")},
+       "output": {"kernel": take("output.weight").T},
+       "transformer": {}}
+  for i in range(depth):
+    pre = f"layers.{i}."
+    wqkv = take(pre + "attention.wqkv.weight")
+    if wqkv.shape != (3 * dim, dim):
+      errors.append(f"{pre}attention.wqkv.weight has shape {wqkv.shape}, expected {(3 * dim, dim)}")
+      wqkv = np.zeros((3 * dim, dim), np.float32)
+    q, k, v = (w.T.reshape(dim, num_heads, hd) for w in np.split(wqkv, 3, axis=0))
+    wo = take(pre + "attention.wo.weight")
+    p["transformer"][f"blocks_{i}"] = {"block": {
+        "attn": {"query": {"kernel": q}, "key": {"kernel": k}, "value": {"kernel": v},
+                 "out": {"kernel": wo.T.reshape(num_heads, hd, -1) if wo.size else wo}},
+        "mlp": {"w1": {"kernel": take(pre + "feed_forward.w1.weight").T},
+                "w2": {"kernel": take(pre + "feed_forward.w2.weight").T},
+                "w3": {"kernel": take(pre + "feed_forward.w3.weight").T}},
+        "norm1": {"scale": take(pre + "attention_norm.weight")},
+        "norm2": {"scale": take(pre + "ffn_norm.weight")}}}
+  ignored = ("freqs_cis", "causal_mask", "group_causal_mask")
+  errors += [f"unexpected {k} {sd[k].shape}" for k in sorted(set(sd) - used)
+             if k.split(".")[-1] not in ignored]
+  if expected is not None and not errors:
+    import jax
+    got = dict(jax.tree_util.tree_flatten_with_path(p)[0])
+    for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
+      have = got.get(path)
+      if have is None:
+        errors.append(f"missing target {jax.tree_util.keystr(path)}")
+      elif tuple(have.shape) != tuple(want.shape):
+        errors.append(f"{jax.tree_util.keystr(path)}: checkpoint gives {tuple(have.shape)}, the "
+                      f"model expects {tuple(want.shape)}")
+  if errors:
+    raise ConversionError("; ".join(errors))
+  return p
+
+
+def _load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_heads: int = 0,
+                           tokenizer: str = "") -> dict:
+  """Writes a `next_detail` checkpoint (params = EMA = the converted weights) to `output`."""
+  import jax
+  from tdjax import checkpoint as ckpt_lib
+  from tdjax import parallel, trainer
+  from tdjax.generators.next_detail import GPT_SIZES
+  from tdjax.nn.layers import stack_layers, unstack_layers
+
+  sd = read_state_dict(input_path)
+  dims = gpt_dims(sd)
+  size = next((s for s, v in GPT_SIZES.items()
+               if (v["depth"], v["dim"], v["mlp_dim"]) == (dims["depth"], dims["dim"],
+                                                             dims["mlp_dim"])), None)
+  heads = num_heads or (GPT_SIZES[size]["num_heads"] if size else 0)
+  if not heads:
+    raise ConversionError(f"width {dims['dim']} x depth {dims['depth']} is not a GPT size table "
+                          f"entry: pass --num_heads")
+  arg = (f"size={size or 'demo'},tokens={tokens},group={dims['group_size']},"
+         f"vocab={dims['vocab_size']},classes={dims['num_classes']}" +
+         (f",tokenizer={tokenizer}" if tokenizer else ""))
+  config = _load_config("detailflow_ar", arg)
+  config.model.update(dict(depth=dims["depth"], dim=dims["dim"], num_heads=heads,
+                           mlp_dim=dims["mlp_dim"]))
+  ck = ckpt_lib.Checkpointer(output, use_async=False)
+  if ck.latest_step() is not None:
+    raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
+                          f"choose a new --output")
+  setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
+  abstract = setup.abstract_state()
+  target = abstract["params"]
+  scanned = "layers" in target["transformer"]
+  expected = dict(target)
+  if scanned:
+    expected["transformer"] = jax.eval_shape(lambda t: unstack_layers(t, dims["depth"]),
+                                             target["transformer"])
+  params = detailflow_gpt_params(sd, dims["depth"], heads, expected)
+  if scanned:
+    params["transformer"] = stack_layers(params["transformer"], dims["depth"])
+  params = jax.tree.map(np.asarray, params)
+  state = setup.init_state()
+  state["params"] = jax.device_put(params, setup.state_shardings["params"])
+  if "ema" in state:
+    state["ema"] = jax.device_put(params, setup.state_shardings["ema"])
+  ck.save(0, state, config.to_dict(), {})
+  ck.wait()
+  ck.close()
+  ckpt_lib.write_config_json(output, config.to_dict())
+  n = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  return dict(kind="detailflow_gpt", output=output, params=n, **dims, num_heads=heads,
+              num_tokens=tokens)
+
+
+def main(argv):
+  del argv
+  if FLAGS.kind == "detailflow_gpt":
+    result = convert_detailflow_gpt(FLAGS.input, FLAGS.output, tokens=FLAGS.tokens,
+                                    num_heads=FLAGS.num_heads, tokenizer=FLAGS.tokenizer)
+  print(result)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["kind", "input", "output"])
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Official-checkpoint converters: a state dict with the reference's key names and (out, in) shapes,
+converted, must give the outputs of a numpy forward pass written from the model's equations."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdjax import convert
+from tdjax.generators import next_detail as nd
+from tdjax.nn.rope import rope_2d_grid
+
+N, G, D, H, F, V, C, L = 16, 4, 32, 2, 64, 256, 3, 2
+
+
+def gpt_state_dict(seed=0):
+  """DetailFlow GPT keys (reference detailflow.md 4.3) at a tiny size, PyTorch (out, in) layout."""
+  rng = np.random.default_rng(seed)
+  r = lambda *s: (0.3 * rng.normal(size=s)).astype(np.float32)
+  sd = {"cls_embedding.embedding_table.weight": r(C + 1, D), "tok_embeddings.weight": r(V, D),
+        "spe_tok_embeddings.special_embeddings.weight": r(G - 1, D),
+        "norm.weight": 1 + r(D), "output.weight": r(V, D)}
+  for i in range(L):
+    p = f"layers.{i}."
+    sd.update({p + "attention.wqkv.weight": r(3 * D, D), p + "attention.wo.weight": r(D, D),
+               p + "feed_forward.w1.weight": r(F, D), p + "feed_forward.w3.weight": r(F, D),
+               p + "feed_forward.w2.weight": r(D, F), p + "attention_norm.weight": 1 + r(D),
+               p + "ffn_norm.weight": 1 + r(D)})
+  return sd
+
+
+def reference_forward(sd, codes, label):
+  """LlamaGen/DetailFlow GPT in numpy: pre-norm RMSNorm (eps 1e-5), fused qkv, 2D RoPE on
+  interleaved pairs, group-causal mask, SwiGLU w2(silu(w1 x) * w3 x), untied output."""
+  rms = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * w
+  x = np.zeros((N, D), np.float32)
+  x[0] = sd["cls_embedding.embedding_table.weight"][label]
+  x[1:G + 1] = sd["tok_embeddings.weight"][codes[:G]]
+  x[G + 1:2 * G] = sd["spe_tok_embeddings.special_embeddings.weight"]
+  x[2 * G:] = sd["tok_embeddings.weight"][codes[G:N - G]]
+  hd = D // H
+  cos, sin = (np.asarray(a)[:N] for a in rope_2d_grid(N // G, G, hd))
+
+  def rope(t):                        # [N, H, hd], pairs (2i, 2i + 1) as complex numbers
+    z = (t[..., 0::2] + 1j * t[..., 1::2]) * (cos + 1j * sin)[:, None]
+    return np.stack([z.real, z.imag], -1).reshape(t.shape)
+
+  mask = nd.group_causal_mask(N, G)
+  for i in range(L):
+    p = f"layers.{i}."
+    h = rms(x, sd[p + "attention_norm.weight"])
+    q, k, v = np.split(h @ sd[p + "attention.wqkv.weight"].T, 3, axis=-1)
+    q, k, v = (a.reshape(N, H, hd) for a in (q, k, v))
+    q, k = rope(q), rope(k)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    s = np.where(mask[None], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("hqk,khd->qhd", a, v).reshape(N, D)
+    x = x + o @ sd[p + "attention.wo.weight"].T
+    h = rms(x, sd[p + "ffn_norm.weight"])
+    u = h @ sd[p + "feed_forward.w1.weight"].T
+    x = x + ((u / (1 + np.exp(-u))) * (h @ sd[p + "feed_forward.w3.weight"].T)) @ \
+        sd[p + "feed_forward.w2.weight"].T
+  return rms(x, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+def _model(scan=False):
+  return nd.NextDetailTransformer(vocab_size=V, num_tokens=N, group_size=G, num_classes=C, dim=D,
+                                  depth=L, num_heads=H, mlp_dim=F, class_dropout=0.0,
+                                  token_dropout=0.0, dropout=0.0, scan=scan)
+
+
+def test_converted_gpt_matches_the_numpy_reference_forward():
+  sd = gpt_state_dict()
+  params = convert.detailflow_gpt_params(sd, L, H)
+  codes = np.random.default_rng(1).integers(0, V, N)
+  ids = nd.layout_ids(jnp.asarray(codes[None, :N - G]), N, G)
+  got = _model().apply({"params": params}, ids, jnp.array([2]))[0]
+  want = reference_forward(sd, codes, 2)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+
+
+def test_conversion_errors_name_every_bad_key():
+  sd = gpt_state_dict()
+  del sd["layers.1.ffn_norm.weight"]
+  sd["layers.0.attention.wo.weight"] = np.zeros((D, D + 1), np.float32)
+  sd["repa_model.visual_model.x"] = np.zeros((2,), np.float32)
+  expected = jax.eval_shape(lambda: __import__("flax").linen.unbox(
+      nd.init_params(_model(), jax.random.key(0))))
+  with pytest.raises(convert.ConversionError) as e:
+    convert.detailflow_gpt_params(sd, L, H, expected)
+  msg = str(e.value)
+  assert "missing layers.1.ffn_norm.weight" in msg and "unexpected repa_model.visual_model.x" in msg
+  sd = gpt_state_dict()
+  sd["layers.0.feed_forward.w1.weight"] = np.zeros((F + 2, D), np.float32)
+  with pytest.raises(convert.ConversionError, match=r"w1.*checkpoint gives \(32, 66\), the model "
+                                                    r"expects \(32, 64\)"):
+    convert.detailflow_gpt_params(sd, L, H, expected)
+
+
+def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path):
+  """A .npz state dict (with a DDP prefix) -> a next_detail workdir; the tokenizer named decodes
+  its samples; a second conversion into the same folder is refused."""
+  import importlib.util
+  from tdjax import sample as sample_cli
+  from tdjax import trainer
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "tok", os.path.join(root, "configs", "detailflow_tokenizer.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  tok_dir = str(tmp_path / "tok")
+  trainer.train_and_evaluate(mod.get_config("size=tiny,steps=1,batch=8"), tok_dir)
+  sd = gpt_state_dict()
+  path = str(tmp_path / "gpt.npz")
+  np.savez(path, **{"module." + k: v for k, v in sd.items()})
+  out = str(tmp_path / "gpt")
+  info = convert.convert_detailflow_gpt(path, out, tokens=N, num_heads=H, tokenizer=tok_dir)
+  assert info["depth"] == L and info["vocab_size"] == V and info["group_size"] == G
+  config, task, state = trainer.load_for_inference(out)
+  codes = np.random.default_rng(1).integers(0, V, N)
+  ids = nd.layout_ids(jnp.asarray(codes[None, :N - G]), N, G)
+  got = task.model.apply({"params": state["ema"]}, ids, jnp.array([1]))[0]
+  np.testing.assert_allclose(np.asarray(got), reference_forward(sd, codes, 1), rtol=2e-4, atol=2e-4)
+  images, labels, _ = sample_cli.generate(out, "0,2", 2)
+  assert images.shape == (4, 32, 32, 1)
+  with pytest.raises(convert.ConversionError, match="already holds a checkpoint"):
+    convert.convert_detailflow_gpt(path, out, tokens=N, num_heads=H)
+  with pytest.raises(FileNotFoundError, match="nope.pt"):
+    convert.read_state_dict(str(tmp_path / "nope.pt"))
