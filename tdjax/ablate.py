@@ -1,0 +1,248 @@
+r"""Paper ablation tables by one command.
+
+  python -m tdjax.ablate --table NAME --scale demo|tiny|full --workdir DIR [--judge CLASSIFIER_DIR]
+
+Every row is a set of config arguments (never a copied config file).  `demo` (and `tiny`, the
+seconds-long smoke scale of the tests) trains and samples each row here, scores the samples with
+the classifier judge (class accuracy and Fréchet distance on its features, 100 samples per class),
+and writes DIR/NAME.md, DIR/NAME.json and DIR/NAME.png (one bar per row); `full` prints the launch
+commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g. the tokenizer of
+the CFG table) share its workdir, and a finished stage is skipped on re-runs, so a stopped
+ablation resumes.  The paper's figures (from the reference notes) sit beside ours, marked as such.
+
+Tables: detailflow_cfg (Table 5), detailflow_degrade (Table 3), detailflow_group (Table 4),
+detailflow_alpha (Fig. 4c), detailflow_tokens, transdiff_heads (head type and the attention-in-head
+variants), transdiff_depth, transdiff_steps, transdiff_mrar.  DetailFlow Table 2's first rows
+(unordered tokens, a non-causal encoder, no R(n) supervision) need tokenizer switches that are not in
+the model yet, so that table is not listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+@dataclass
+class Row:
+  label: str
+  tokenizer: str = ""          # DetailFlow: tokenizer config args added to the scale's base
+  generator: str = ""          # AR / TransDiff config args added to the scale's base
+  sample: dict = field(default_factory=dict)   # tdjax.sample flags
+  paper: str = ""              # the paper's figures for this row, as text
+
+
+@dataclass
+class Table:
+  title: str
+  family: str                  # 'detailflow' | 'transdiff'
+  rows: list
+  paper_source: str
+
+
+_DF = "reference detailflow.md 3.2"
+_TD = "not in the reference notes (TransDiff's ablation tables were not retrieved)"
+TABLES = {
+    "detailflow_cfg": Table("DetailFlow Table 5: CFG scale", "detailflow", [
+        Row(f"CFG {c}", sample={"cfg": c}, paper=p) for c, p in
+        ((1.4, "gFID 2.79, IS 229.1"), (1.5, "gFID 2.75, IS 250.8"), (1.6, "gFID 2.81, IS 268.1"),
+         (1.7, "gFID 3.02, IS 283.2"))], _DF),
+    "detailflow_degrade": Table("DetailFlow Table 3: coarse-to-fine (degraded prefix) probability",
+                                "detailflow", [
+        Row(f"{p}%", tokenizer=f"degrade_p={p / 100}", paper=f) for p, f in
+        ((10, "rFID 2.0, gFID 4.18"), (20, "rFID 1.8, gFID 3.81"), (30, "rFID 1.9, gFID 4.18"))],
+        _DF),
+    "detailflow_group": Table("DetailFlow Table 4: group size", "detailflow", [
+        Row(f"g = {g}", tokenizer=f"group={g}", generator=f"group={g}", paper=f) for g, f in
+        ((4, ""), (8, "gFID 2.75, 39 steps (N = 256)"), (16, "gFID 2.88, 31 steps (N = 256)"))],
+        _DF),
+    "detailflow_alpha": Table("DetailFlow Fig. 4c: R(n) power alpha", "detailflow", [
+        Row(f"alpha {a}", tokenizer=f"alpha={a}", paper="best" if a == 1.5 else "")
+        for a in (0.5, 1.0, 1.5, 2.0)], "reference detailflow.md 3.2 (Fig. 4c: optimum 1.5)"),
+    "detailflow_tokens": Table("DetailFlow: token count", "detailflow", [
+        Row(f"N = {n}", tokenizer=f"tokens={n}", generator=f"tokens={n}") for n in (16, 32, 64)],
+        "paper: N = 128 / 256 / 512 (DetailFlow-16/32/64)"),
+    "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
+        Row("attention head, cross-attention (TransDiff)"),
+        Row("attention head, no self-attention", generator="self_attention=False"),
+        Row("attention head, adaLN conditioning", generator="conditioning=adaln"),
+        Row("attention head, in-context conditioning", generator="conditioning=incontext"),
+        Row("MLP head, rectified flow", generator="head=mlp"),
+        Row("MLP head, DDPM (MAR)", generator="head=mlp,diffusion=ddpm")], _TD),
+    "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
+        Row(f"head depth {d}", generator=f"head_depth={d}") for d in (1, 2, 4)], _TD),
+    "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
+        Row(f"{s} steps", sample={"steps": s}) for s in (10, 25, 50, 100)], _TD),
+    "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [
+        Row("1-step"), Row("MRAR (3 references), from the 1-step run", generator="mrar=True")],
+        _TD),
+}
+
+# per scale: base config args of each stage
+SCALES = {
+    "tiny": dict(tokenizer="size=tiny,steps=30,batch=16", ar="size=demo,steps=30,batch=16",
+                 transdiff="size=demo,steps=20,batch=8", num=2,
+                 ar_override="--config.model.depth=1"),
+    "demo": dict(tokenizer="size=demo", ar="size=demo", transdiff="size=demo", num=100,
+                 ar_override=""),
+    "full": dict(tokenizer="size=full,tokens=128", ar="size=L", transdiff="size=L", num=50,
+                 ar_override=""),
+}
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "base"
+
+
+def _join(*args) -> str:
+  return ",".join(a for a in args if a)
+
+
+def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None):
+  """[(done_marker, argv)] for one row; shared stages have the same workdir (and marker)."""
+  s = SCALES[scale]
+  py = [sys.executable, "-m"]
+  stages = []
+  if table.family == "detailflow":
+    tok_args = _join(s["tokenizer"], row.tokenizer)
+    tok = os.path.join(workdir, "tokenizer_" + _slug(row.tokenizer))
+    codes = os.path.join(tok, "codes.npz")
+    ar_args = _join(s["ar"], row.generator, f"codes={codes}", f"tokenizer={tok}")
+    gen = os.path.join(workdir, "ar_" + _slug(row.tokenizer + "_" + row.generator))
+    stages += [(os.path.join(tok, "config.json"),
+                py + ["tdjax.train", f"--config=configs/detailflow_tokenizer.py:{tok_args}",
+                      f"--workdir={tok}"]),
+               (codes, py + ["tdjax.data.codes", f"--tokenizer_workdir={tok}", f"--out={codes}",
+                             "--views=flip"]),
+               (os.path.join(gen, "config.json"),
+                py + ["tdjax.train", f"--config=configs/detailflow_ar.py:{ar_args}",
+                      f"--workdir={gen}"] + ([s["ar_override"]] if s["ar_override"] else []))]
+  else:
+    base = os.path.join(workdir, "transdiff_" + _slug(""))
+    if "mrar=True" in row.generator:
+      stages += [(os.path.join(base, "config.json"),
+                  py + ["tdjax.train", f"--config=configs/transdiff.py:{s['transdiff']}",
+                        f"--workdir={base}"])]
+      args = _join(s["transdiff"], row.generator, f"init_from={base}")
+    else:
+      args = _join(s["transdiff"], row.generator)
+    gen = os.path.join(workdir, "transdiff_" + _slug(row.generator))
+    stages += [(os.path.join(gen, "config.json"),
+                py + ["tdjax.train", f"--config=configs/transdiff.py:{args}", f"--workdir={gen}"])]
+  out = os.path.join(workdir, "samples", _slug(row.label) + ".png")
+  sample = py + ["tdjax.sample", f"--workdir={gen}", f"--out={out}", "--classes=all",
+                 f"--num={s['num']}"] + [f"--{k}={v}" for k, v in row.sample.items()]
+  if judge:
+    sample.append(f"--judge={judge}")
+  stages.append((out[:-4] + ("_judge.json" if judge else ".png"), sample))
+  return stages
+
+
+def _finished(marker: str) -> bool:
+  if marker.endswith("config.json"):   # a training stage: its last checkpoint is the final step
+    d = os.path.dirname(marker)
+    return os.path.exists(os.path.join(d, "metrics.jsonl")) and _trained(d)
+  return os.path.exists(marker)
+
+
+def _trained(workdir: str) -> bool:
+  with open(os.path.join(workdir, "config.json")) as f:
+    total = int(json.load(f)["total_steps"])
+  steps = [json.loads(line).get("step", 0) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return max(steps, default=0) >= total
+
+
+def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
+              dry_run: bool = False) -> dict:
+  if name not in TABLES:
+    raise ValueError(f"--table={name!r}: expected one of {', '.join(sorted(TABLES))}")
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale!r}: expected one of {', '.join(SCALES)}")
+  table = TABLES[name]
+  if scale == "full":
+    dry_run = True
+  elif not judge or not os.path.isdir(judge):
+    raise ValueError(f"--judge={judge!r}: scale {scale} scores samples with a classifier workdir "
+                     f"(python -m tdjax.train --config configs/classifier.py --workdir DIR)")
+  os.makedirs(workdir, exist_ok=True)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results, printed = [], set()
+  for row in table.rows:
+    for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
+      cmd = " ".join(argv[1:]) if dry_run else " ".join(argv)
+      if dry_run:
+        if cmd not in printed:
+          print("python " + cmd)
+          printed.add(cmd)
+        continue
+      if _finished(marker):
+        logging.info("done already: %s", cmd)
+        continue
+      logging.info("running: %s", cmd)
+      os.makedirs(os.path.dirname(marker), exist_ok=True)
+      subprocess.run(argv, check=True, cwd=root)
+    if not dry_run:
+      with open(marker) as f:
+        r = json.load(f)
+      results.append(dict(row=row.label, class_accuracy=r["class_accuracy"],
+                          frechet_distance=r["frechet_distance"], paper=row.paper))
+  if dry_run:
+    return {}
+  report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
+                rows=results)
+  write_report(report, os.path.join(workdir, name))
+  return report
+
+
+def write_report(report: dict, stem: str) -> None:
+  """STEM.json, STEM.md (ours beside the paper's figures) and STEM.png (bars per row)."""
+  with open(stem + ".json", "w") as f:
+    json.dump(report, f, indent=2)
+  lines = [f"**{report['title']}** (scale {report['scale']}; paper figures: "
+           f"{report['paper_source']})", "",
+           "| row | class accuracy | Fréchet distance (judge) | paper figures |", "|---|---|---|---|"]
+  for r in report["rows"]:
+    lines.append(f"| {r['row']} | {100 * r['class_accuracy']:.1f} % | "
+                 f"{r['frechet_distance']:.2f} | {r['paper'] or '-'} |")
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = report["rows"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.5))
+  for ax, key, title in ((axes[0], "class_accuracy", "class accuracy"),
+                         (axes[1], "frechet_distance", "Fréchet distance (lower is better)")):
+    ax.barh([r["row"] for r in rows], [r[key] for r in rows])
+    ax.set_title(title)
+    ax.invert_yaxis()
+  axes[1].set_yticklabels([])
+  fig.suptitle(report["title"])
+  fig.tight_layout()
+  fig.savefig(stem + ".png", dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run)
+  if report:
+    print(open(os.path.join(FLAGS.workdir, FLAGS.table + ".md")).read())
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("table", None, f"One of: {', '.join(sorted(TABLES))}.")
+  flags.DEFINE_enum("scale", "demo", list(SCALES), "tiny (smoke), demo (here), full (commands).")
+  flags.DEFINE_string("workdir", None, "Folder for every row's runs and the table.")
+  flags.DEFINE_string("judge", None, "Classifier workdir scoring the samples (tiny/demo).")
+  flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+  flags.mark_flags_as_required(["table", "workdir"])
+  app.run(main)
