@@ -3,10 +3,15 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind detailflow_gpt --input DetailFlow-16-GPT-L/checkpoints/128.pt \
       --output runs/df16_gpt_l --tokens 128 [--tokenizer TOKENIZER_WORKDIR]
 
+  python -m tdjax.convert --kind mar_vae --input kl16.ckpt --output kl16.npz
+
 Kinds written so far: `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference
 detailflow.md 4.3: the checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused
-wqkv split as [q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped).  The other kinds
-of issue 6 (tokenizer, TransDiff, MAR VAE, LPIPS, InceptionV3) are not written yet.
+wqkv split as [q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped) -> a tdjax workdir;
+`mar_vae` (MAR's / TransDiff's KL-16 `AutoencoderKL`, key "model"; conv weights (O, I, kh, kw) ->
+(kh, kw, I, O), GroupNorm weight -> scale, LDM's `loss.*` training keys dropped) -> an .npz of the
+`tdjax.tokenizers.kl_vae.AutoencoderKL` params (`kl_vae.load_params`).  The other kinds of issue 6
+(DetailFlow tokenizer, TransDiff, LPIPS, InceptionV3) are not written yet.
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -25,7 +31,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("detailflow_gpt",)
+KINDS = ("detailflow_gpt", "mar_vae")
 
 
 class ConversionError(ValueError):
@@ -146,6 +152,81 @@ def detailflow_gpt_params(sd: Mapping[str, np.ndarray], depth: int, num_heads: i
   return p
 
 
+# ------------------------------------------------------------------------------------------------
+# MAR KL-16 VAE (LDM AutoencoderKL) -> tdjax.tokenizers.kl_vae.AutoencoderKL
+# ------------------------------------------------------------------------------------------------
+
+_VAE_RULES = (
+    (re.compile(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(.+)$"),
+     lambda m: [m[1], f"{m[2]}_{m[3]}_{m[4]}_{m[5]}"] + m[6].split(".")),
+    (re.compile(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(\w+)$"),
+     lambda m: [m[1], f"{m[2]}_{m[3]}_{m[4]}", m[5]]),
+    (re.compile(r"^(encoder|decoder)\.mid\.(block_1|attn_1|block_2)\.(.+)$"),
+     lambda m: [m[1], "mid", m[2]] + m[3].split(".")),
+    (re.compile(r"^(encoder|decoder)\.(conv_in|conv_out|norm_out)\.(\w+)$"),
+     lambda m: [m[1], m[2], m[3]]),
+    (re.compile(r"^(quant_conv|post_quant_conv)\.(\w+)$"), lambda m: [m[1], m[2]]),
+)
+
+
+def mar_vae_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
+  """Nested Flax params of `kl_vae.AutoencoderKL` from an LDM/MAR state dict; every missing,
+  unexpected (except LDM's `loss.*` training modules) or mis-shaped key is a ConversionError."""
+  import jax
+  flat, errors = {}, []
+  for key, value in sd.items():
+    if key.startswith("loss."):
+      continue
+    for pattern, path_of in _VAE_RULES:
+      m = pattern.match(key)
+      if m:
+        path = path_of(m)
+        break
+    else:
+      errors.append(f"unexpected {key} {value.shape}")
+      continue
+    leaf = path[-1]
+    if leaf == "weight" and value.ndim == 4:
+      path[-1], value = "kernel", value.transpose(2, 3, 1, 0)
+    elif leaf == "weight" and value.ndim == 1:
+      path[-1] = "scale"                              # GroupNorm
+    flat[tuple(path)] = (key, value)
+  want = {tuple(getattr(k, "key", k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  for path, leaf in want.items():
+    if path not in flat:
+      errors.append(f"missing {'/'.join(path)} {tuple(leaf.shape)}")
+    elif tuple(flat[path][1].shape) != tuple(leaf.shape):
+      errors.append(f"{flat[path][0]}: checkpoint gives {tuple(flat[path][1].shape)} (converted), "
+                    f"the model expects {tuple(leaf.shape)}")
+  errors += [f"unexpected {key} {v.shape}" for path, (key, v) in flat.items() if path not in want]
+  if errors:
+    raise ConversionError("; ".join(errors))
+  params: dict = {}
+  for path, (_, value) in flat.items():
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = np.asarray(value, np.float32)
+  return params
+
+
+def convert_mar_vae(input_path: str, output: str, config: str = "kl16") -> dict:
+  """Writes the converted VAE params to `output` (.npz, '/'-joined keys), atomically."""
+  import jax
+  from tdjax.tokenizers import kl_vae
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  cfg = {"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[config]
+  vae = kl_vae.AutoencoderKL(cfg)
+  x = np.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels), np.float32)
+  expected = jax.eval_shape(lambda: vae.init(jax.random.key(0), x)["params"])
+  params = mar_vae_params(read_state_dict(input_path, entries=("model", "state_dict")), expected)
+  kl_vae.save_params(params, output)
+  return dict(kind="mar_vae", output=output, params=int(sum(np.size(a) for a in
+                                                              jax.tree.leaves(params))))
+
+
 def _load_config(name: str, arg: str):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
   mod = importlib.util.module_from_spec(spec)
@@ -211,6 +292,8 @@ def main(argv):
   if FLAGS.kind == "detailflow_gpt":
     result = convert_detailflow_gpt(FLAGS.input, FLAGS.output, tokens=FLAGS.tokens,
                                     num_heads=FLAGS.num_heads, tokenizer=FLAGS.tokenizer)
+  else:
+    result = convert_mar_vae(FLAGS.input, FLAGS.output)
   print(result)
 
 

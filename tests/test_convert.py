@@ -131,3 +131,85 @@ def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path):
     convert.convert_detailflow_gpt(path, out, tokens=N, num_heads=H)
   with pytest.raises(FileNotFoundError, match="nope.pt"):
     convert.read_state_dict(str(tmp_path / "nope.pt"))
+
+
+def ldm_vae_keys(cfg):
+  """LDM AutoencoderKL module names (encoder.down.{i}.block.{j}, ...), written from its layout."""
+  def resnet(pre, cin, cout):
+    names = [f"{pre}.norm1", f"{pre}.conv1", f"{pre}.norm2", f"{pre}.conv2"]
+    return names + ([f"{pre}.nin_shortcut"] if cin != cout else [])
+  attn = lambda pre: [f"{pre}.{n}" for n in ("norm", "q", "k", "v", "proj_out")]
+  mid = lambda p: resnet(f"{p}.mid.block_1", 1, 1) + attn(f"{p}.mid.attn_1") + \
+      resnet(f"{p}.mid.block_2", 1, 1)
+  names, cin, res = ["encoder.conv_in"], cfg.ch, cfg.resolution
+  for i, m in enumerate(cfg.ch_mult):
+    for j in range(cfg.num_res_blocks):
+      names += resnet(f"encoder.down.{i}.block.{j}", cin, cfg.ch * m)
+      cin = cfg.ch * m
+      if res in cfg.attn_resolutions:
+        names += attn(f"encoder.down.{i}.attn.{j}")
+    if i != len(cfg.ch_mult) - 1:
+      names.append(f"encoder.down.{i}.downsample.conv")
+      res //= 2
+  names += mid("encoder") + ["encoder.norm_out", "encoder.conv_out", "quant_conv",
+                             "post_quant_conv", "decoder.conv_in"] + mid("decoder")
+  cin = cfg.ch * cfg.ch_mult[-1]
+  for i in reversed(range(len(cfg.ch_mult))):
+    for j in range(cfg.num_res_blocks + 1):
+      names += resnet(f"decoder.up.{i}.block.{j}", cin, cfg.ch * cfg.ch_mult[i])
+      cin = cfg.ch * cfg.ch_mult[i]
+    if i:
+      names.append(f"decoder.up.{i}.upsample.conv")
+  return names + ["decoder.norm_out", "decoder.conv_out"]
+
+
+def test_mar_vae_conversion_puts_every_ldm_weight_in_its_place(tmp_path):
+  """Random Flax params -> an LDM-named torch-layout state dict (names from the LDM layout above,
+  shapes transposed back) -> converter: the same params, the same reconstructions."""
+  import flax
+  from tdjax.tokenizers import kl_vae
+  cfg = kl_vae.DEMO
+  vae = kl_vae.AutoencoderKL(cfg)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1), minval=-1, maxval=1)
+  params = vae.init(jax.random.key(0), x)["params"]
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  sd = {}
+  for name in ldm_vae_keys(cfg):
+    parts = name.split(".")
+    if name.startswith(("encoder.down", "decoder.up")):
+      kind = parts[3]
+      mod = f"{parts[1]}_{parts[2]}_{kind}" + ("" if kind in ("downsample", "upsample")
+                                               else f"_{parts[4]}")
+      sub = parts[5:] if kind in ("block", "attn") else []
+      base = "/".join([parts[0], mod] + sub)
+    else:
+      base = "/".join(parts)
+    if base + "/scale" in flat:                                       # GroupNorm
+      sd[name + ".weight"], sd[name + ".bias"] = flat.pop(base + "/scale"), flat.pop(base + "/bias")
+    else:
+      sd[name + ".weight"] = np.asarray(flat.pop(base + "/kernel")).transpose(3, 2, 0, 1)
+      sd[name + ".bias"] = flat.pop(base + "/bias")
+  assert not flat, sorted(flat)                  # the LDM names cover every Flax parameter
+  sd["loss.discriminator.main.0.weight"] = np.zeros((4, 3, 4, 4), np.float32)   # dropped
+  path = str(tmp_path / "vae.npz")
+  np.savez(path, **{k: np.asarray(v) for k, v in sd.items()})
+  out = str(tmp_path / "vae_flax.npz")
+  info = convert.convert_mar_vae(path, out, config="demo")
+  assert info["params"] == sum(np.size(a) for a in jax.tree.leaves(params))
+  back = kl_vae.load_params(out)
+  y0, _ = vae.apply({"params": params}, x)
+  y1, _ = vae.apply({"params": back}, x)
+  np.testing.assert_allclose(np.asarray(y0), np.asarray(y1), atol=1e-6)
+  bad = dict(sd)
+  del bad["decoder.up.1.upsample.conv.bias"]
+  bad["encoder.conv_in.weight"] = np.zeros((3, 1, 3, 3), np.float32)
+  bad["encoder.extra.weight"] = np.zeros((2,), np.float32)
+  np.savez(str(tmp_path / "bad.npz"), **{k: np.asarray(v) for k, v in bad.items()})
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_mar_vae(str(tmp_path / "bad.npz"), str(tmp_path / "bad_out.npz"), "demo")
+  msg = str(e.value)
+  assert "missing decoder/up_1_upsample/bias" in msg and "unexpected encoder.extra.weight" in msg
+  assert "encoder.conv_in.weight: checkpoint gives (3, 3, 1, 3)" in msg
+  assert not os.path.exists(str(tmp_path / "bad_out.npz"))
+  with pytest.raises(convert.ConversionError, match="exists"):
+    convert.convert_mar_vae(path, out, config="demo")

@@ -187,3 +187,28 @@ def images_to_latents(vae: AutoencoderKL, params, images, rng=None):
 
 def latents_to_images(vae: AutoencoderKL, params, latents):
   return vae.apply({"params": params}, latents / vae.cfg.scale, method=AutoencoderKL.decode)
+
+
+def save_params(params, path: str) -> None:
+  """Params as an .npz of '/'-joined names (written to a temporary file, then renamed)."""
+  import os
+  import numpy as np
+  flat = {"/".join(getattr(k, "key", str(k)) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **flat)
+  os.replace(tmp, path)
+
+
+def load_params(path: str) -> dict:
+  """Inverse of `save_params` (e.g. the output of `python -m tdjax.convert --kind mar_vae`)."""
+  import numpy as np
+  params: dict = {}
+  with np.load(path) as f:
+    for name in f.files:
+      node = params
+      *parents, leaf = name.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = jnp.asarray(f[name])
+  return params
