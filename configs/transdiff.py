@@ -13,7 +13,9 @@
 Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), init_from (MRAR: a 1-step workdir, weight
 surgery of reference 2.3), head=attention|mlp, head_depth, self_attention (head),
 conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
-batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, seed.
+batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, latent=pixels|cached|vae and
+vae_weights (KL VAE params from `python -m tdjax.convert --kind mar_vae`: 'vae' encodes images in the
+step, 'cached' latents are decoded with it for pictures and sampling), seed.
 """
 
 import ml_collections
@@ -38,7 +40,8 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", mrar=False, init_from="", head="attention", head_depth=0,
                        self_attention=True, conditioning="cross", diffusion="flow",
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
-                       scale_0=0.0, scale_1=0.0, sample_steps=100, seed=0)
+                       scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
+                       seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
   if a.init_from and not a.mrar:
@@ -67,9 +70,15 @@ def get_config(arg=None):
   c.input.batch_size = a.batch or d["batch"]
   c.input.group_size = 4 if a.mrar else 1
   if small:
-    c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0))
+    c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0,
+                                              grid=d["image"] // d["patch"],   # cached only
+                                              channels=d["patch"] ** 2,
+                                              vae="demo", vae_weights=a.vae_weights))
   else:  # MAR KL-16: 256 px -> 16 x 16 x 16, posterior sample x 0.2325 (cached latents)
-    c.latent = ml_collections.ConfigDict(dict(kind="cached", grid=16, channels=16, scale=0.2325))
+    c.latent = ml_collections.ConfigDict(dict(kind="cached", grid=16, channels=16, scale=0.2325,
+                                              vae="kl16", vae_weights=a.vae_weights))
+  if a.latent:   # 'pixels' | 'cached' | 'vae' (encode in the step with the VAE of vae_weights)
+    c.latent.kind = a.latent
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
       ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=3 if a.mrar else 0, ref_patch=2,

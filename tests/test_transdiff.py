@@ -229,3 +229,30 @@ def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
                          ema["ar"]["z_proj"]["kernel"].shape)
   with pytest.raises(ValueError, match="only MRAR"):
     get_config(f"size=tiny,init_from={one_dir}")
+
+
+def test_vae_latents_train_and_decode(tmp_path):
+  """latent.kind='vae': images -> KL VAE posterior samples x scale in the step; samples decoded by
+  the same VAE.  A cached-latent config whose VAE gives another grid is refused by name."""
+  from tdjax.tokenizers import kl_vae
+  vae = kl_vae.AutoencoderKL(kl_vae.DEMO)
+  path = str(tmp_path / "vae.npz")
+  kl_vae.save_params(vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"], path)
+  task = _task(f"size=demo,latent=vae,vae_weights={path},steps=2,batch=4")
+  task.config.head.depth = 1
+  assert (task.grid, task.latent_dim, task.L) == (8, 4, 64)
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)) * 2 - 1,
+           "label": jnp.arange(4)}
+  loss, _ = jax.jit(lambda p: task.loss(p, {}, batch, jax.random.key(2), 0))(params)
+  assert np.isfinite(float(loss))
+  z = task._to_latent(batch["image"])        # the posterior mean x scale without a key
+  mean, _ = vae.apply({"params": task.vae_params}, batch["image"], method="encode")
+  np.testing.assert_allclose(np.asarray(z), np.asarray(mean) * kl_vae.DEMO.scale, atol=1e-5)
+  images = task.image_sampler(steps=2)(params, jnp.arange(2), jax.random.key(3))
+  assert images.shape == (2, 32, 32, 1)
+  with pytest.raises(ValueError, match="the VAE gives 8x8x4 latents at 32 px, the config's cached "
+                                       "latents are 8x8x16"):
+    _task(f"size=demo,latent=cached,vae_weights={path}")
+  with pytest.raises(ValueError, match="needs latent.vae_weights"):
+    _task("size=demo,latent=vae")

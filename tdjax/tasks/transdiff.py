@@ -18,6 +18,8 @@ call with a condition mask.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -62,9 +64,16 @@ class TransDiffTask(Task):
       self.grid, self.latent_dim = c.image_size // p, self.channels * p * p
     elif lc.kind == "cached":   # batch['latent'] holds VAE latents (x scale), e.g. 16x16x16
       self.grid, self.latent_dim = int(lc.grid), int(lc.channels)
+    elif lc.kind == "vae":      # images encoded in the step by the KL VAE of latent.vae_weights
+      if not lc.get("vae_weights", ""):
+        raise ValueError("config.latent.kind='vae' needs latent.vae_weights (an .npz from "
+                         "python -m tdjax.convert --kind mar_vae)")
     else:
-      raise ValueError(f"config.latent.kind={lc.kind!r}: expected 'pixels' or 'cached'")
+      raise ValueError(f"config.latent.kind={lc.kind!r}: expected 'pixels', 'cached' or 'vae'")
     self.cached = lc.kind == "cached"
+    self.vae = None
+    if lc.get("vae_weights", ""):   # 'vae', or 'cached' latents decoded for pictures and sampling
+      self._load_vae(lc)
     self.L = self.grid ** 2
     self.num_refs = int(m.get("num_refs", 0))
     if self.num_refs and int(c.get("group_size", 1)) != self.num_refs + 1:
@@ -86,6 +95,38 @@ class TransDiffTask(Task):
     self.head = make_head(head_cfg, self.latent_dim * (2 if self.learn_sigma else 1))
     self.batch_mul = int(m.get("batch_mul", 1))
     self.label_drop = float(m.get("label_drop", 0.1))
+
+  def _load_vae(self, lc):
+    """The KL VAE (`tdjax.tokenizers.kl_vae`, config latent.vae = 'kl16' | 'demo') and its
+    converted weights; its latent grid must be the one the generator is built for."""
+    from tdjax.tokenizers import kl_vae
+    cfg = {"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[lc.get("vae", "kl16")]
+    cfg = dataclasses.replace(cfg, scale=float(lc.get("scale", cfg.scale)))
+    self.vae = kl_vae.AutoencoderKL(cfg)
+    self.vae_params = kl_vae.load_params(lc.vae_weights)
+    grid = int(self.config.input.image_size) // cfg.stride
+    if lc.kind == "vae":
+      self.grid, self.latent_dim = grid, cfg.embed_dim
+    elif (self.grid, self.latent_dim) != (grid, cfg.embed_dim):
+      raise ValueError(f"latent.vae_weights: the VAE gives {grid}x{grid}x{cfg.embed_dim} latents at "
+                       f"{self.config.input.image_size} px, the config's cached latents are "
+                       f"{self.grid}x{self.grid}x{self.latent_dim}")
+
+  def _to_latent(self, images, rng=None):
+    """Images -> latent grids: pixel patches, or VAE posterior samples x scale (rng given)."""
+    if self.vae is not None:
+      from tdjax.tokenizers import kl_vae
+      lead = images.shape[:-3]
+      x = images.reshape((-1,) + images.shape[-3:])
+      z = kl_vae.images_to_latents(self.vae, self.vae_params, x, rng)
+      return jax.lax.stop_gradient(z.reshape(lead + z.shape[1:]))
+    return images_to_latent(images, self.config.latent)
+
+  def _to_images(self, z):
+    if self.vae is not None:
+      from tdjax.tokenizers import kl_vae
+      return kl_vae.latents_to_images(self.vae, self.vae_params, z)
+    return latent_to_images(z, self.config.latent, self.channels)
 
   # --- params -----------------------------------------------------------------------------------
   def _refs(self, latents):
@@ -192,7 +233,10 @@ class TransDiffTask(Task):
     if self.cached:
       lat = batch["latent"].astype(jnp.float32)
     else:
-      lat = images_to_latent(batch["image"].astype(jnp.float32), self.config.latent)
+      k_vae = None
+      if self.vae is not None:
+        k_flow, k_vae = jax.random.split(k_flow)
+      lat = self._to_latent(batch["image"].astype(jnp.float32), k_vae)
     drop = (jax.random.uniform(k_drop, labels.shape) < self.label_drop) if train else None
     rngs = {"dropout": k_ar} if train else {}
     if not self.num_refs:
@@ -273,9 +317,10 @@ class TransDiffTask(Task):
 
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] (jit-compiled)."""
-    if self.cached:
-      raise ValueError("this model was trained on cached VAE latents; decoding them to images "
-                       "needs the KL-16 VAE, which tdjax does not have yet")
+    if self.cached and self.vae is None:
+      raise ValueError("this model was trained on cached VAE latents; name the VAE that decodes "
+                       "them: --config.latent.vae_weights=kl16.npz (python -m tdjax.convert "
+                       "--kind mar_vae)")
     kw = dict(self.config.get("sample", {}), **overrides)
     if int(kw.get("steps", 100)) <= 0:
       raise ValueError(f"sampling steps={kw.get('steps')}: expected > 0")
@@ -283,7 +328,7 @@ class TransDiffTask(Task):
     @jax.jit
     def fn(params, labels, rng):
       lat = self.sample_latents(params, labels, rng, **kw)
-      return jnp.clip(latent_to_images(lat, self.config.latent, self.channels), -1, 1)
+      return jnp.clip(self._to_images(lat), -1, 1)
     return fn
 
   def images(self, params, model_state, batch, rng):
@@ -291,4 +336,6 @@ class TransDiffTask(Task):
     kw = dict(self.config.get("sample", {}))
     kw["steps"] = min(int(kw.get("steps", 100)), 25)
     lat = self.sample_latents(params, labels, rng, **kw)
-    return {"samples": latent_to_images(lat, self.config.latent, self.channels)}
+    if self.cached and self.vae is None:
+      return {}
+    return {"samples": self._to_images(lat)}
