@@ -40,6 +40,7 @@ def _define_flags():
   flags.DEFINE_float("scale_0", None, "Euler-Maruyama drift scale (TransDiff).")
   flags.DEFINE_float("scale_1", None, "Euler-Maruyama noise scale (TransDiff).")
   flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
   flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
 
@@ -59,7 +60,8 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_size: int = 100,
-             use_ema: bool = True, parts_dir: str | None = None, **overrides):
+             use_ema: bool = True, parts_dir: str | None = None, step: int | None = None,
+             **overrides):
   """(images [C*num, H, W, ch] in [-1, 1], labels) from the checkpoint in `workdir`.
 
   Chunk i (of `batch_size` labels) uses key fold_in(seed, i), so a run is the same however it is
@@ -69,7 +71,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   import numpy as np
   from tdjax import trainer
 
-  config, task, state = trainer.load_for_inference(workdir)
+  config, task, state = trainer.load_for_inference(workdir, step=step)
   if not hasattr(task, "image_sampler"):
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint; sampling supports: "
                      f"next_detail, transdiff, next_detail_diffusion")
@@ -85,7 +87,8 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   key = jax.random.key(seed)
   if parts_dir:
     os.makedirs(parts_dir, exist_ok=True)
-    settings = dict(workdir=os.path.abspath(workdir), classes=str(classes), num=num, seed=seed,
+    settings = dict(workdir=os.path.abspath(workdir), step=step, classes=str(classes), num=num,
+                    seed=seed,
                     batch_size=batch_size, use_ema=use_ema, **overrides)
     path = os.path.join(parts_dir, "settings.json")
     if os.path.exists(path):
@@ -125,7 +128,7 @@ def main(argv):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
   images, labels, config = generate(
       FLAGS.workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      use_ema=FLAGS.ema, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+      use_ema=FLAGS.ema, step=FLAGS.step, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if ext == ".npz":

@@ -380,6 +380,9 @@ def load_for_inference(workdir: str, mesh: jax.sharding.Mesh | None = None, step
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   if checkpointer.latest_step() is None:
     raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}")
+  if step is not None and step not in checkpointer.steps():
+    raise ckpt_lib.CheckpointError(f"no checkpoint of step {step} in {checkpointer.directory} "
+                                   f"(steps: {checkpointer.steps()})")
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))
   if mesh is None:
     mesh = parallel.make_mesh({"data": -1})

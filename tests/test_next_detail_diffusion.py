@@ -187,6 +187,8 @@ def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path):
   again, _, _ = sample_cli.generate(gen_dir, "0,1,2", 2, steps=3, batch_size=2, parts_dir=parts)
   np.testing.assert_array_equal(again[:2], 0.0)                 # part 0 was reused, not redone
   np.testing.assert_allclose(again[2:], full[2:], atol=1e-5)     # part 2 redone identically
+  with pytest.raises(Exception, match="no checkpoint of step 7 in .*steps: \\[30\\]"):
+    sample_cli.generate(gen_dir, "0", 1, step=7)
   with pytest.raises(ValueError, match="other settings"):
     sample_cli.generate(gen_dir, "0,1,2", 2, steps=4, batch_size=2, parts_dir=parts)
   # a VQ tokenizer is refused by name
