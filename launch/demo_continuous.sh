@@ -5,7 +5,8 @@
 #   2. MRAR fine-tuned from it (4 same-class images, 3 references),
 #   3. MAR's baseline: per-token MLP head with DDPM,
 #   4. a continuous DetailFlow tokenizer, then next-detail diffusion on its 1D tokens,
-# each sampled (100 per class, rows = classes) and judged; the table lands in pictures/table.md.
+# each sampled (100 per class, rows = classes; flow models with 50 Euler-Maruyama steps) and judged;
+# the table lands in pictures/table.md.
 #
 #   bash launch/demo_continuous.sh [DEMO_DIR]     DEMO_DIR: the demo's run folder (runs/demo_long)
 # ~60 min on 2 cores.  Re-running resumes each stage from its checkpoints.
@@ -26,18 +27,19 @@ train() {  # name config
   python -m tdjax.train --config "$2" --workdir "$OUT/$1" 2>"$OUT/$1.log" || { tail -20 "$OUT/$1.log"; exit 1; }
   grep "eval at" "$OUT/$1.log" | tail -1 || true
 }
-judge() {  # name [sampling flags]
+judge() {  # name [sampling flags]; skipped when its judge report exists
   local name="$1"; shift
+  [ -f "$PICS/${name}_judge.json" ] && { cat "$PICS/${name}_judge.json"; echo; return; }
   python -m tdjax.sample --workdir "$OUT/$name" --out "$PICS/$name.png" --classes all --num 100 \
     --judge "$JUDGE" "$@" 2>"$OUT/${name}_sample.log" | tail -1 || { tail -20 "$OUT/${name}_sample.log"; exit 1; }
 }
 
 stage "1/4 TransDiff 1-step"
 train transdiff configs/transdiff.py:size=demo
-judge transdiff
+judge transdiff --steps 50
 stage "2/4 MRAR from the 1-step run"
 train mrar "configs/transdiff.py:size=demo,mrar=True,init_from=$OUT/transdiff"
-judge mrar
+judge mrar --steps 50
 stage "3/4 MLP head + DDPM (MAR baseline)"
 train mlp_ddpm configs/transdiff.py:size=demo,head=mlp,diffusion=ddpm
 judge mlp_ddpm
