@@ -7,10 +7,12 @@
       --workdir gs://b/df_tok --config.loss.lpips_weights=/w/lpips_vgg.npz ...
 
 Options: size=tiny|demo|full, tokens (N), group (g), patch, alpha (R(n) power), degrade_p
-(probability of a degraded prefix step), correction (self-correction branch on/off), top_k,
-codebook, code_dim, bottleneck=vq|continuous (kl, latent_noise: its regularisers), steps, batch, lr, warmup, lpips/adv/align (loss
-weights; > 0 needs the matching weights file in config.loss), disc=patchgan|dino, paper (the
-reference loss weights: lpips 1, adv 0.2 with the DINO disc, align 1), scan, remat, image_size, seed.
+(probability of a degraded prefix step; 0 = always all N tokens at full resolution, i.e. no
+coarse-to-fine supervision), causal_encoder (False: unordered tokens), correction (self-correction
+branch on/off), top_k, codebook, code_dim, bottleneck=vq|continuous (kl, latent_noise: its
+regularisers), steps, batch, lr, warmup, lpips/adv/align (loss weights; > 0 needs the matching
+weights file in config.loss), disc=patchgan|dino, paper (the reference loss weights: lpips 1, adv 0.2
+with the DINO disc, align 1), scan, remat, image_size, seed.
 
 Paper run: size=full,paper plus --config.loss.lpips_weights=... --config.loss.disc_backbone_weights=...
 --config.loss.align_teacher_weights=... --config.model.encoder_init=/w/siglip2_so400m.npz
@@ -48,7 +50,7 @@ DEFAULTS = {
 def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", tokens=0, group=0, patch=0, alpha=1.5, degrade_p=0.2,
                        correction=True, correction_every=0, top_k=50, codebook=0, code_dim=0,
-                       bottleneck="vq", kl=0.0, latent_noise=0.0,
+                       bottleneck="vq", kl=0.0, latent_noise=0.0, causal_encoder=True,
                        steps=0, batch=0, lr=0.0, warmup=-1, lpips=0.0, adv=0.0, align=0.0,
                        disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
                        seed=0)
@@ -88,6 +90,7 @@ def get_config(arg=None):
       num_tokens=tokens,
       group=group,
       causal_num=0,                # 0 = group (first group token-causal)
+      causal_encoder=a.causal_encoder,  # False: unordered tokens (Table 2 baseline)
       pos_grid=0,                  # 0 = image_size // patch
       gelu_approximate=True,
       alpha=a.alpha,               # R(n) power

@@ -10,11 +10,13 @@ commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g
 the CFG table) share its workdir, and a finished stage is skipped on re-runs, so a stopped
 ablation resumes.  The paper's figures (from the reference notes) sit beside ours, marked as such.
 
-Tables: detailflow_cfg (Table 5), detailflow_degrade (Table 3), detailflow_group (Table 4),
-detailflow_alpha (Fig. 4c), detailflow_tokens, transdiff_heads (head type and the attention-in-head
-variants), transdiff_depth, transdiff_steps, transdiff_mrar.  DetailFlow Table 2's first rows
-(unordered tokens, a non-causal encoder, no R(n) supervision) need tokenizer switches that are not in
-the model yet, so that table is not listed.
+Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
+degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is
+merged with "+ first group causal", since tdjax's AR always decodes the first group token by token,
+and the alignment row needs SigLIP2 teacher weights), detailflow_cfg (Table 5), detailflow_degrade
+(Table 3), detailflow_group (Table 4), detailflow_alpha (Fig. 4c), detailflow_tokens,
+transdiff_heads (head type and the attention-in-head variants), transdiff_depth, transdiff_steps,
+transdiff_mrar.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Row:
   generator: str = ""          # AR / TransDiff config args added to the scale's base
   sample: dict = field(default_factory=dict)   # tdjax.sample flags
   paper: str = ""              # the paper's figures for this row, as text
+  needs: str = ""              # what the row needs beyond this machine (skipped below full scale)
 
 
 @dataclass
@@ -50,7 +53,24 @@ class Table:
 
 _DF = "reference detailflow.md 3.2"
 _TD = "not in the reference notes (TransDiff's ablation tables were not retrieved)"
+_T2_AR = "correction=0.0"     # the AR model's self-correction training belongs to its own row
 TABLES = {
+    "detailflow_table2": Table("DetailFlow Table 2: cumulative additions", "detailflow", [
+        Row("baseline (unordered 1D tokens)", tokenizer="causal_encoder=False,degrade_p=0.0,"
+            "correction=False,group=1", generator=f"group=1,{_T2_AR}", paper="gFID 3.97, R 0.50, "
+            "128 steps"),
+        Row("+ causal encoder", tokenizer="degrade_p=0.0,correction=False,group=1",
+            generator=f"group=1,{_T2_AR}", paper="gFID 3.66, R 0.53, 128 steps"),
+        Row("+ coarse-to-fine (R(n) supervision)", tokenizer="correction=False,group=1",
+            generator=f"group=1,{_T2_AR}", paper="gFID 3.33, R 0.54, 128 steps"),
+        Row("+ parallel (g = 4) and first group causal", tokenizer="correction=False",
+            generator=_T2_AR, paper="parallel: gFID 4.11 (32 steps); + first group causal: 3.59 "
+            "(35 steps); tdjax's AR always decodes the first group token by token"),
+        Row("+ self-correction", paper="gFID 3.68, R 0.51, 32 steps"),
+        Row("+ alignment loss (first token vs SigLIP2)", tokenizer="align=1.0",
+            paper="gFID 3.35, R 0.55, 35 steps",
+            needs="SigLIP2 teacher weights: --config.loss.align_teacher_weights=siglip2.npz")],
+        _DF),
     "detailflow_cfg": Table("DetailFlow Table 5: CFG scale", "detailflow", [
         Row(f"CFG {c}", sample={"cfg": c}, paper=p) for c, p in
         ((1.4, "gFID 2.79, IS 229.1"), (1.5, "gFID 2.75, IS 250.8"), (1.6, "gFID 2.81, IS 268.1"),
@@ -176,6 +196,10 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results, printed = [], set()
   for row in table.rows:
+    if row.needs and not dry_run:
+      logging.warning("skipping row %r: it needs %s", row.label, row.needs)
+      results.append(dict(row=row.label, skipped=f"needs {row.needs}", paper=row.paper))
+      continue
     for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
       cmd = " ".join(argv[1:]) if dry_run else " ".join(argv)
       if dry_run:
@@ -210,6 +234,9 @@ def write_report(report: dict, stem: str) -> None:
            f"{report['paper_source']})", "",
            "| row | class accuracy | Fréchet distance (judge) | paper figures |", "|---|---|---|---|"]
   for r in report["rows"]:
+    if "skipped" in r:
+      lines.append(f"| {r['row']} | not run: {r['skipped']} | | {r['paper'] or '-'} |")
+      continue
     lines.append(f"| {r['row']} | {100 * r['class_accuracy']:.1f} % | "
                  f"{r['frechet_distance']:.2f} | {r['paper'] or '-'} |")
   with open(stem + ".md", "w") as f:
@@ -217,7 +244,7 @@ def write_report(report: dict, stem: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = report["rows"]
+  rows = [r for r in report["rows"] if "skipped" not in r]
   fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.5))
   for ax, key, title in ((axes[0], "class_accuracy", "class accuracy"),
                          (axes[1], "frechet_distance", "Fréchet distance (lower is better)")):

@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 def _define_flags():
   """CLI flags (defined only when run as a program, so the module imports anywhere)."""
   flags.DEFINE_string("workdir", None, "Generator training directory (its checkpoints).")
+  flags.DEFINE_string("checkpoint", None, "Instead of --workdir: one checkpoint, WORKDIR/checkpoints/STEP.")
   flags.DEFINE_string("out", None, "Output .png (labelled grid, rows = classes) or .npz (arr_0, labels).")
   flags.DEFINE_string("classes", "all", "'all' or a comma-separated list of class ids.")
   flags.DEFINE_integer("num", 8, "Samples per class.")
@@ -57,6 +58,20 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     raise ValueError(f"--classes: {bad or text!r} out of range; the model has {num_classes} classes "
                      f"(0..{num_classes - 1})")
   return classes
+
+
+def split_checkpoint_path(path: str) -> tuple[str, int]:
+  """WORKDIR/checkpoints/STEP -> (WORKDIR, STEP), with a clear error for anything else."""
+  from tdjax.checkpoint import CKPT_DIR
+  path = os.path.abspath(path.rstrip("/"))
+  parent, step = os.path.split(path)
+  workdir, ckpts = os.path.split(parent)
+  if ckpts != CKPT_DIR or not step.isdigit():
+    raise ValueError(f"--checkpoint={path}: expected WORKDIR/{CKPT_DIR}/STEP (a step folder of a "
+                     f"tdjax run)")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--checkpoint={path}: no such checkpoint")
+  return workdir, int(step)
 
 
 def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_size: int = 100,
@@ -126,9 +141,16 @@ def main(argv):
   stem, ext = os.path.splitext(FLAGS.out)
   if ext not in (".png", ".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
+  workdir, step = FLAGS.workdir, FLAGS.step
+  if FLAGS.checkpoint:
+    if workdir:
+      raise ValueError("give --workdir or --checkpoint, not both")
+    workdir, step = split_checkpoint_path(FLAGS.checkpoint)
+  elif not workdir:
+    raise ValueError("--workdir (or --checkpoint) is required")
   images, labels, config = generate(
-      FLAGS.workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      use_ema=FLAGS.ema, step=FLAGS.step, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+      workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+      use_ema=FLAGS.ema, step=step, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if ext == ".npz":
@@ -166,5 +188,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flags_as_required(["workdir", "out"])
+  flags.mark_flags_as_required(["out"])
   app.run(main)

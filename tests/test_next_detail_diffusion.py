@@ -189,6 +189,10 @@ def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path):
   np.testing.assert_allclose(again[2:], full[2:], atol=1e-5)     # part 2 redone identically
   with pytest.raises(Exception, match="no checkpoint of step 7 in .*steps: \\[30\\]"):
     sample_cli.generate(gen_dir, "0", 1, step=7)
+  assert sample_cli.split_checkpoint_path(os.path.join(gen_dir, "checkpoints", "30")) == (
+      os.path.abspath(gen_dir), 30)
+  with pytest.raises(ValueError, match="expected WORKDIR/checkpoints/STEP"):
+    sample_cli.split_checkpoint_path(gen_dir)
   with pytest.raises(ValueError, match="other settings"):
     sample_cli.generate(gen_dir, "0,1,2", 2, steps=4, batch_size=2, parts_dir=parts)
   # a VQ tokenizer is refused by name

@@ -40,6 +40,8 @@ def test_encoder_mask_layout():
   assert q[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
   assert q[2].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]    # then groups of 2 see each other
   assert q[7].tolist() == [1] * 8
+  free = encoder_mask(4, 8, 2, causal=False)          # Table 2 baseline: unordered tokens
+  assert free[4:].all() and (free[:4] == m[:4]).all()
 
 
 def test_encoder_queries_are_group_causal(tiny):

@@ -32,8 +32,12 @@ _lp = nn.with_logical_partitioning
 Dtype = Any
 
 
-def encoder_mask(num_patches: int, num_tokens: int, group: int, causal_num: int | None = None):
-  """Boolean [P + N, P + N] "may attend" mask of the tokenizer encoder (reference 1.2)."""
+def encoder_mask(num_patches: int, num_tokens: int, group: int, causal_num: int | None = None,
+                 causal: bool = True):
+  """Boolean [P + N, P + N] "may attend" mask of the tokenizer encoder (reference 1.2).
+
+  causal=False: the latent tokens attend to each other freely (the unordered-1D-token baseline of
+  DetailFlow's Table 2, TiTok-style)."""
   c = group if causal_num is None else causal_num
   P, N = num_patches, num_tokens
   m = np.zeros((P + N, P + N), bool)
@@ -41,7 +45,7 @@ def encoder_mask(num_patches: int, num_tokens: int, group: int, causal_num: int 
   m[P:, :P] = True
   a = np.arange(N)[:, None]
   b = np.arange(N)[None, :]
-  m[P:, P:] = (b <= a) | ((a >= c) & (a // group == b // group))
+  m[P:, P:] = (b <= a) | ((a >= c) & (a // group == b // group)) if causal else True
   return m
 
 
@@ -93,6 +97,7 @@ class DetailFlowTokenizer(nn.Module):
   num_tokens: int = 128
   group: int = 8
   causal_num: int | None = None          # None = group
+  causal_encoder: bool = True            # False: latent tokens attend freely (Table 2 baseline)
   enc_width: int = 1152
   enc_depth: int = 12
   enc_heads: int = 16
@@ -205,7 +210,8 @@ class DetailFlowTokenizer(nn.Module):
     q = (q + self.latent_pos_embed[None]).astype(self.dtype)
     q = jnp.broadcast_to(q, (b,) + q.shape[1:])
     seq = jnp.concatenate([p, q], axis=1)
-    mask = jnp.asarray(encoder_mask(gh * gw, self.num_tokens, self.group, self.c))
+    mask = jnp.asarray(encoder_mask(gh * gw, self.num_tokens, self.group, self.c,
+                                    self.causal_encoder))
     seq = self.encoder(seq, mask)
     z = self.enc_norm(seq[:, gh * gw:])
     return self.quant_proj(z).astype(jnp.float32)
@@ -340,7 +346,8 @@ def build_tokenizer(m, image_size: int, channels: int, dtype=jnp.float32) -> Det
       dims[k] = m[k]
   return DetailFlowTokenizer(
       image_size=image_size, channels=channels, patch=m.patch, num_tokens=m.num_tokens,
-      group=m.group, causal_num=m.get("causal_num") or None, pos_grid=m.get("pos_grid") or None,
+      group=m.group, causal_num=m.get("causal_num") or None,
+      causal_encoder=m.get("causal_encoder", True), pos_grid=m.get("pos_grid") or None,
       gelu_approximate=m.get("gelu_approximate", True), bottleneck=m.get("bottleneck", "vq"),
       codebook_size=m.codebook_size, code_dim=m.code_dim, commitment=m.get("commitment", 0.25),
       codebook_weight=m.get("codebook_weight", 1.0), usage_decay=m.get("usage_decay", 0.99),
