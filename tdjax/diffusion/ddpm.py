@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdjax.diffusion.flow import repeat_batch
+
 
 def cosine_betas(num_steps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
   abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -148,11 +150,7 @@ def training_loss(s: Schedule, model_fn: Callable, x0, cond, rng, *, batch_mul: 
                   learn_sigma: bool = True):
   """Hybrid loss of module docstring; model_fn(x_t, t_index [B], cond) -> [B, .., 2C or C].
   `batch_mul` repeats (x0, cond) with independent (t, eps), as MAR's `diffusion_batch_mul`."""
-  if batch_mul < 1:
-    raise ValueError(f"batch_mul={batch_mul}: expected >= 1")
-  tile = lambda a: jnp.tile(a, (batch_mul,) + (1,) * (a.ndim - 1))
-  x0 = tile(x0)
-  cond = jax.tree.map(tile, cond)
+  x0, cond = repeat_batch(x0, cond, batch_mul)
   k_t, k_e = jax.random.split(rng)
   t = jax.random.randint(k_t, (x0.shape[0],), 0, s.num_steps)
   eps = jax.random.normal(k_e, x0.shape, jnp.float32)

@@ -49,16 +49,21 @@ def velocity_target(x0, eps):
   return eps - x0
 
 
+def repeat_batch(x0, cond, batch_mul: int):
+  """`diffusion_batch_mul`: every example (x0 and each leaf of `cond`, leading axis) repeated
+  batch_mul times, row i of the output = example i mod B, for independent noise draws."""
+  if batch_mul < 1:
+    raise ValueError(f"batch_mul={batch_mul}: expected >= 1")
+  tile = lambda a: jnp.tile(a, (batch_mul,) + (1,) * (a.ndim - 1))
+  return tile(x0), jax.tree.map(tile, cond)
+
+
 def flow_matching_loss(velocity_fn: Callable, x0, cond, rng, *, batch_mul: int = 1,
                        t_mean: float = 0.0, t_std: float = 1.0):
   """Mean-squared velocity error.  `batch_mul` repeats every example (x0 and each leaf of `cond`,
   leading axis, row i of the output = example i mod B) with independent (t, eps) draws, as the
   reference's `diffusion_batch_mul`.  velocity_fn(x_t, t, cond) -> v.  Returns (loss, metrics)."""
-  if batch_mul < 1:
-    raise ValueError(f"batch_mul={batch_mul}: expected >= 1")
-  tile = lambda a: jnp.tile(a, (batch_mul,) + (1,) * (a.ndim - 1))
-  x0 = tile(x0)
-  cond = jax.tree.map(tile, cond)
+  x0, cond = repeat_batch(x0, cond, batch_mul)
   k_t, k_e = jax.random.split(rng)
   t = sample_t(k_t, x0.shape[0], mean=t_mean, std=t_std)
   eps = jax.random.normal(k_e, x0.shape, x0.dtype)
