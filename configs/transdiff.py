@@ -7,7 +7,7 @@
       --workdir /tmp/td_mrar
   # MAR's baseline: per-token MLP head trained and sampled with DDPM (cosine, eps, temperature)
   python -m tdjax.train --config configs/transdiff.py:size=demo,head=mlp,diffusion=ddpm --workdir /tmp/mlp
-  # paper: TransDiff-L 1-step on ImageNet 256 latents (KL-16 VAE latents: not in tdjax yet)
+  # paper: TransDiff-L 1-step on ImageNet 256 KL-16 latents (cached; add vae_weights=kl16.npz to decode)
   python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
 
 Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), init_from (MRAR: a 1-step workdir, weight

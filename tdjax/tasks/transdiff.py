@@ -4,9 +4,12 @@ Batch: {'image': [B, H, W, C] (1-step) or [B, K, H, W, C] (MRAR, K same-class im
 pipeline's `group_size`), 'label': [B]} in [-1, 1].  Images become latent grids [B, h, w, c] by
 `config.latent`:
   kind='pixels': the identity "autoencoder", h = H / p, w = W / p, c = C p^2 (pixel patches; the
-  demo's stand-in for the KL-16 VAE, which is not in tdjax yet);
+  demo's stand-in for a VAE: no demo-size VAE is trained);
   kind='cached': the batch holds 'latent' [B, (K,) h, w, c], VAE posterior samples x scale
-  (the reference's cached-latent training; full-size configs, AOT).
+  (the reference's cached-latent training; full-size configs, AOT);
+  kind='vae': images encoded in the step by the KL VAE of `latent.vae_weights` (tdjax.tokenizers.
+  kl_vae, converted by `tdjax.convert --kind mar_vae`), posterior samples x scale.
+With `latent.vae_weights`, samples of 'vae' and 'cached' models are decoded by that VAE.
 Latent grids become L = h w tokens of c features (`patchify_latent` with p = 1) for the decoder;
 MRAR references use p = `ref_patch` (2).
 
