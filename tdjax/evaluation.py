@@ -48,11 +48,15 @@ class ClassifierJudge:
     self._all = jax.jit(lambda p, x: task.all_features(p, x))
     self.image_size = int(config.input.image_size)
 
-  def logits_and_features(self, images, batch_size: int = 500):
+  def _checked(self, images):
     images = np.asarray(images, np.float32)
     if images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the classifier expects "
                        f"{self.image_size}x{self.image_size}")
+    return images
+
+  def logits_and_features(self, images, batch_size: int = 500):
+    images = self._checked(images)
     logits, feats = [], []
     for i in range(0, len(images), batch_size):
       lo, fe = self._fn(self.params, images[i:i + batch_size])
@@ -62,11 +66,7 @@ class ClassifierJudge:
 
   def extract(self, images):
     """(logits, pooled features, spatial features) of one batch in [-1, 1] (evaluate_batches)."""
-    images = np.asarray(images, np.float32)
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the classifier expects "
-                       f"{self.image_size}x{self.image_size}")
-    return self._all(self.params, images)
+    return self._all(self.params, self._checked(images))
 
   def class_accuracy(self, images, labels) -> float:
     logits, _ = self.logits_and_features(images)

@@ -219,14 +219,9 @@ def sample(model: NextDetailDiffusion, params, labels, rng, *, cfg: float = 1.0,
     raise ValueError(f"cfg={cfg} must be >= 1 (1 = no guidance; it scales the drift difference)")
   if sampler not in ("euler_maruyama", "euler"):
     raise ValueError(f"sampler={sampler!r}: expected 'euler_maruyama' or 'euler'")
-  nd.validate_sampling(_trunk_view(model), labels, cfg=cfg,
+  nd.validate_sampling(model, labels, cfg=cfg,
                        cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0)
   fn = _compiled(model, float(cfg), int(steps), sampler, float(scale_0), float(scale_1),
                  bool(use_cache))
   return fn(params, jnp.asarray(labels, jnp.int32), rng)
 
-
-def _trunk_view(model: NextDetailDiffusion):
-  """The trunk's configuration (for label validation outside `apply`, where setup has not run)."""
-  return nd.NextDetailTransformer(vocab_size=1, num_tokens=model.num_tokens,
-                                  group_size=model.group_size, num_classes=model.num_classes)

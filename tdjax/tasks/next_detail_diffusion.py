@@ -117,7 +117,5 @@ class NextDetailDiffusionTask(Task):
     labels = jnp.arange(min(8, self.model.num_classes))
     kw = dict(self.config.get("sample", {}))
     kw["steps"] = min(int(kw.get("steps", 50)), 25)
-    z = ndd._decode(self.model, params, labels, rng, cfg=float(kw.get("cfg", 1.0)),
-                    steps=kw["steps"], sampler=kw.get("sampler", "euler_maruyama"),
-                    scale_0=kw.get("scale_0", 1.0), scale_1=kw.get("scale_1", 1.0), use_cache=True)
+    z = ndd.sample(self.model, params, labels, rng, **kw)
     return {"samples": self.tokens_to_images(z)}

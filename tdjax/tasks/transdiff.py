@@ -32,6 +32,7 @@ from tdjax.diffusion import ddpm, flow
 from tdjax.generators import transdiff as td
 from tdjax.generators.heads import make_head
 from tdjax.tasks.base import Task
+from tdjax.tokenizers import kl_vae
 
 
 def images_to_latent(images, latent_cfg):
@@ -102,7 +103,6 @@ class TransDiffTask(Task):
   def _load_vae(self, lc):
     """The KL VAE (`tdjax.tokenizers.kl_vae`, config latent.vae = 'kl16' | 'demo') and its
     converted weights; its latent grid must be the one the generator is built for."""
-    from tdjax.tokenizers import kl_vae
     cfg = {"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[lc.get("vae", "kl16")]
     cfg = dataclasses.replace(cfg, scale=float(lc.get("scale", cfg.scale)))
     self.vae = kl_vae.AutoencoderKL(cfg)
@@ -118,7 +118,6 @@ class TransDiffTask(Task):
   def _to_latent(self, images, rng=None):
     """Images -> latent grids: pixel patches, or VAE posterior samples x scale (rng given)."""
     if self.vae is not None:
-      from tdjax.tokenizers import kl_vae
       lead = images.shape[:-3]
       x = images.reshape((-1,) + images.shape[-3:])
       z = kl_vae.images_to_latents(self.vae, self.vae_params, x, rng)
@@ -127,7 +126,6 @@ class TransDiffTask(Task):
 
   def _to_images(self, z):
     if self.vae is not None:
-      from tdjax.tokenizers import kl_vae
       return kl_vae.latents_to_images(self.vae, self.vae_params, z)
     return latent_to_images(z, self.config.latent, self.channels)
 
