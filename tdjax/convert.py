@@ -4,14 +4,21 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
       --output runs/df16_gpt_l --tokens 128 [--tokenizer TOKENIZER_WORKDIR]
 
   python -m tdjax.convert --kind mar_vae --input kl16.ckpt --output kl16.npz
+  python -m tdjax.convert --kind inception --input pt_inception-2015-12-05-6726825d.pth \
+      --output inception.npz
+  python -m tdjax.convert --kind lpips --input vgg16-397923af.pth,lpips_vgg.pth --output lpips.npz
 
-Kinds written so far: `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference
-detailflow.md 4.3: the checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused
-wqkv split as [q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped) -> a tdjax workdir;
+Kinds: `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference detailflow.md 4.3: the
+checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused wqkv split as
+[q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped) -> a tdjax workdir;
 `mar_vae` (MAR's / TransDiff's KL-16 `AutoencoderKL`, key "model"; conv weights (O, I, kh, kw) ->
 (kh, kw, I, O), GroupNorm weight -> scale, LDM's `loss.*` training keys dropped) -> an .npz of the
-`tdjax.tokenizers.kl_vae.AutoencoderKL` params (`kl_vae.load_params`).  The other kinds of issue 6
-(DetailFlow tokenizer, TransDiff, LPIPS, InceptionV3) are not written yet.
+`tdjax.tokenizers.kl_vae.AutoencoderKL` params (`kl_vae.load_params`); `inception` (pytorch-fid's
+FID InceptionV3: BatchNorm running statistics -> `batch_stats`, `num_batches_tracked` and
+`AuxLogits.*` dropped) -> the .npz `tdjax.evaluate --inception` reads; `lpips` (torchvision's VGG16
+`features.N` or LPIPS's `net.sliceK.N`, plus the `linI.model.1` heads; the scaling-layer buffers
+must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`.  Not written yet: the DetailFlow
+tokenizer and TransDiff B/L/H/MRAR.
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
@@ -31,7 +38,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("detailflow_gpt", "mar_vae")
+KINDS = ("detailflow_gpt", "mar_vae", "inception", "lpips")
 
 
 class ConversionError(ValueError):
@@ -40,7 +47,8 @@ class ConversionError(ValueError):
 
 def _define_flags():
   flags.DEFINE_enum("kind", None, list(KINDS), "What the input file holds.")
-  flags.DEFINE_string("input", None, "Official checkpoint (.pt) or its state dict as .npz.")
+  flags.DEFINE_string("input", None, "Official checkpoint (.pt/.pth) or its state dict as .npz; "
+                      "lpips: the VGG16 and LPIPS-heads files, comma-separated.")
   flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
   flags.DEFINE_integer("num_heads", 0, "detailflow_gpt: attention heads (0: from the GPT size table).")
@@ -172,7 +180,6 @@ _VAE_RULES = (
 def mar_vae_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
   """Nested Flax params of `kl_vae.AutoencoderKL` from an LDM/MAR state dict; every missing,
   unexpected (except LDM's `loss.*` training modules) or mis-shaped key is a ConversionError."""
-  import jax
   flat, errors = {}, []
   for key, value in sd.items():
     if key.startswith("loss."):
@@ -191,6 +198,13 @@ def mar_vae_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
     elif leaf == "weight" and value.ndim == 1:
       path[-1] = "scale"                              # GroupNorm
     flat[tuple(path)] = (key, value)
+  return _place(flat, expected, errors)
+
+
+def _place(flat: dict, expected: Mapping, errors: list) -> dict:
+  """Nested params from {target path: (source key, array)}; every target leaf missing from `flat`,
+  every mis-shaped one and every source key without a target joins `errors` -> ConversionError."""
+  import jax
   want = {tuple(getattr(k, "key", k) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
   for path, leaf in want.items():
@@ -225,6 +239,113 @@ def convert_mar_vae(input_path: str, output: str, config: str = "kl16") -> dict:
   kl_vae.save_params(params, output)
   return dict(kind="mar_vae", output=output, params=int(sum(np.size(a) for a in
                                                               jax.tree.leaves(params))))
+
+
+# ------------------------------------------------------------------------------------------------
+# pytorch-fid InceptionV3 -> tdjax.nn.inception.InceptionV3;  LPIPS (VGG16 + lin heads) -> LPIPS
+# ------------------------------------------------------------------------------------------------
+
+def _torch_leaf(path: list, value: np.ndarray):
+  """(collection, flax path, value) of one torch conv / BatchNorm / Linear leaf."""
+  *mod, leaf = path
+  if leaf == "weight" and value.ndim == 4:
+    return "params", mod + ["kernel"], value.transpose(2, 3, 1, 0)
+  if leaf == "weight" and value.ndim == 2:
+    return "params", mod + ["kernel"], value.T
+  if leaf in ("running_mean", "running_var"):
+    return "batch_stats", mod + [leaf[len("running_"):]], value
+  if leaf == "weight":
+    return "params", mod + ["scale"], value
+  return "params", mod + [leaf], value
+
+
+def inception_variables(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
+  """{'params', 'batch_stats'} of `InceptionV3` from pytorch-fid's `pt_inception-2015-12-05`
+  state dict (torchvision key names; `num_batches_tracked` and any `AuxLogits.*` dropped)."""
+  flat, errors = {}, []
+  for key, value in sd.items():
+    path = key.split(".")
+    if path[-1] == "num_batches_tracked" or path[0] == "AuxLogits":
+      continue
+    col, target, value = _torch_leaf(path, value)
+    flat[(col, *target)] = (key, value)
+  return _place(flat, expected, errors)
+
+
+# lpips.pretrained_networks.vgg16 keeps torchvision's feature indices inside its five slices
+_VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+_VGG_NAMES = {i: f"conv{s}_{c}" for i, (s, c) in zip(_VGG_CONVS, [
+    (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (4, 3), (5, 1), (5, 2),
+    (5, 3)])}
+
+
+def lpips_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
+  """Params of `tdjax.losses.lpips.LPIPS` from torchvision's VGG16 (`features.N.*`, classifier
+  dropped) or the LPIPS model's own `net.sliceK.N.*`, plus the LPIPS heads `linI.model.1.weight`.
+  The fixed scaling layer (`scaling_layer.shift/scale`) must equal tdjax's constants."""
+  from tdjax.losses import lpips
+  flat, errors = {}, []
+  for key, value in sd.items():
+    m = re.match(r"^(?:features|net\.slice\d)\.(\d+)\.(weight|bias)$", key)
+    if m and int(m[1]) in _VGG_NAMES:
+      _, target, v = _torch_leaf(["features", _VGG_NAMES[int(m[1])], m[2]], value)
+      flat[tuple(target)] = (key, v)
+    elif re.match(r"^lin\d\.model\.1\.weight$", key):
+      flat[(key.split(".")[0], "kernel")] = (key, value.transpose(2, 3, 1, 0))
+    elif key.startswith("classifier."):
+      continue
+    elif key in ("scaling_layer.shift", "scaling_layer.scale"):
+      want = np.asarray(lpips.SHIFT if key.endswith("shift") else lpips.SCALE, np.float32)
+      if not np.allclose(value.reshape(-1), want, atol=1e-6):
+        errors.append(f"{key} is {value.reshape(-1).tolist()}, tdjax's LPIPS uses {want.tolist()}")
+    else:
+      errors.append(f"unexpected {key} {value.shape}")
+  return _place(flat, expected, errors)
+
+
+def _read_merged(paths: str, entries=("state_dict", "model")) -> dict:
+  """One state dict from a comma-separated list of files (e.g. torchvision VGG16 + LPIPS heads)."""
+  sd = {}
+  for path in paths.split(","):
+    for k, v in read_state_dict(path, entries).items():
+      if k in sd:
+        raise ConversionError(f"{path}: key {k} is in more than one input file")
+      sd[k] = v
+  return sd
+
+
+def convert_inception(input_path: str, output: str) -> dict:
+  """Writes InceptionV3 variables ('params/...', 'batch_stats/...' keys) to the `output` .npz."""
+  from tdjax.losses.weights import save_npz_params
+  from tdjax.nn import inception
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  variables = inception_variables(_read_merged(input_path), inception.expected_variables())
+  _save_atomically(save_npz_params, output, variables)
+  return dict(kind="inception", output=output, params=_count(variables))
+
+
+def convert_lpips(input_paths: str, output: str) -> dict:
+  """Writes LPIPS params (the layout of `tdjax.losses.lpips`) to the `output` .npz."""
+  from tdjax.losses import lpips
+  from tdjax.losses.weights import expected_params, save_npz_params
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  x = np.zeros((1, lpips.MIN_SIZE, lpips.MIN_SIZE, 3), np.float32)
+  params = lpips_params(_read_merged(input_paths), expected_params(lpips.LPIPS(), x, x))
+  _save_atomically(save_npz_params, output, params)
+  return dict(kind="lpips", output=output, params=_count(params))
+
+
+def _save_atomically(save, output: str, tree) -> None:
+  tmp = output + ".partial"
+  save(tmp, tree)
+  os.replace(tmp, output)
+
+
+def _count(tree) -> int:
+  import jax
+  return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
 
 def _load_config(name: str, arg: str):
@@ -292,6 +413,10 @@ def main(argv):
   if FLAGS.kind == "detailflow_gpt":
     result = convert_detailflow_gpt(FLAGS.input, FLAGS.output, tokens=FLAGS.tokens,
                                     num_heads=FLAGS.num_heads, tokenizer=FLAGS.tokenizer)
+  elif FLAGS.kind == "inception":
+    result = convert_inception(FLAGS.input, FLAGS.output)
+  elif FLAGS.kind == "lpips":
+    result = convert_lpips(FLAGS.input, FLAGS.output)
   else:
     result = convert_mar_vae(FLAGS.input, FLAGS.output)
   print(result)

@@ -1,15 +1,18 @@
 r"""The ADM evaluation suite on sample batches: FID, sFID, Inception Score, precision, recall.
 
-  python -m tdjax.evaluate --samples S.npz --reference R.npz --judge CLASSIFIER_DIR [--out M.json]
+  python -m tdjax.evaluate --samples S.npz --reference R.npz --inception inception.npz [--out M.json]
+  python -m tdjax.evaluate --samples S.npz --reference R.npz --judge CLASSIFIER_DIR
   python -m tdjax.evaluate --samples S.npz --reference split:test --judge CLASSIFIER_DIR
 
 S.npz is what `tdjax.sample --out S.npz` writes (arr_0 uint8 NHWC, labels); R.npz the same format
 (ADM's reference batches), or `split:NAME` for as many real images of the judge's dataset split as
 there are samples.  The feature net is a classifier trained on the dataset (`configs/classifier.py`):
 pooled features for FID and precision/recall (k = 3), the first 7 channels of its second stage for
-sFID, its logits for IS, and class accuracy when the samples carry labels.  The formulas are ADM's
-(`tdjax.evaluation`); InceptionV3 features (ImageNet numbers comparable with the papers) are not in
-tdjax yet.
+sFID, its logits for IS, and class accuracy when the samples carry labels.  With `--inception` the
+feature net is the FID InceptionV3 instead (`tdjax.nn.inception`, weights converted from pytorch-fid's
+file by `python -m tdjax.convert --kind inception`): ImageNet numbers comparable with the papers',
+up to the resize (pytorch-fid's half-pixel bilinear, not TF's).  The formulas are ADM's
+(`tdjax.evaluation`), statistics in float64.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def _define_flags():
   flags.DEFINE_string("reference", None, "Reference .npz, or split:NAME (real images of the "
                       "judge's dataset).")
   flags.DEFINE_string("judge", None, "Classifier workdir whose features the metrics use.")
+  flags.DEFINE_string("inception", None, "InceptionV3 weights .npz (tdjax.convert --kind "
+                      "inception): ADM's feature net instead of a classifier.")
   flags.DEFINE_string("out", None, "Write the metrics here as JSON as well.")
   flags.DEFINE_integer("batch_size", 500, "Images per feature batch.")
   flags.DEFINE_integer("k", 3, "Neighbourhood size of precision/recall.")
@@ -43,25 +48,35 @@ def real_images(judge, split: str, num: int):
   return metrics.to_uint8(images)
 
 
-def evaluate(samples: str, reference: str, judge_dir: str, *, batch_size: int = 500,
-             k: int = 3) -> dict:
+def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
+             inception: str | None = None, batch_size: int = 500, k: int = 3) -> dict:
   from tdjax import evaluation
-  judge = evaluation.ClassifierJudge(judge_dir)
+  if bool(judge_dir) == bool(inception):
+    raise ValueError("give exactly one feature net: --judge CLASSIFIER_DIR or --inception "
+                     "WEIGHTS.npz")
+  if inception:
+    judge, features = evaluation.InceptionJudge(inception), f"InceptionV3 {inception}"
+  else:
+    judge, features = evaluation.ClassifierJudge(judge_dir), f"classifier {judge_dir}"
   images, labels = evaluation.load_image_batch(samples)
   if reference.startswith("split:"):
+    if inception:
+      raise ValueError(f"--reference={reference}: real splits come from a classifier judge's "
+                       f"dataset; with --inception give a reference .npz")
     ref = real_images(judge, reference[len("split:"):], len(images))
   else:
     ref, _ = evaluation.load_image_batch(reference)
-  result = evaluation.evaluate_batches(judge.extract, images, ref, labels, batch_size=batch_size,
-                                       k=k)
-  result.update(samples=samples, reference=reference, features=f"classifier {judge_dir}")
+  # class accuracy only for the classifier: Inception's 1008 outputs are not the dataset's labels
+  result = evaluation.evaluate_batches(judge.extract, images, ref, None if inception else labels,
+                                       batch_size=batch_size, k=k)
+  result.update(samples=samples, reference=reference, features=features)
   return result
 
 
 def main(argv):
   del argv
-  result = evaluate(FLAGS.samples, FLAGS.reference, FLAGS.judge, batch_size=FLAGS.batch_size,
-                    k=FLAGS.k)
+  result = evaluate(FLAGS.samples, FLAGS.reference, FLAGS.judge, inception=FLAGS.inception,
+                    batch_size=FLAGS.batch_size, k=FLAGS.k)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=2)
@@ -71,5 +86,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flags_as_required(["samples", "reference", "judge"])
+  flags.mark_flags_as_required(["samples", "reference"])
   app.run(main)

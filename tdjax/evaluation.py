@@ -82,6 +82,21 @@ class ClassifierJudge:
 # The ADM evaluation suite's metrics on any feature net (guided-diffusion evaluations/evaluator.py)
 # ------------------------------------------------------------------------------------------------
 
+class InceptionJudge:
+  """The FID InceptionV3 (`tdjax.nn.inception`) with converted pytorch-fid weights as the feature
+  net of `evaluate_batches`: logits (1008), pool_3 (2048), ADM's sFID spatial features (2023)."""
+
+  def __init__(self, weights: str):
+    import jax
+    from tdjax.nn import inception
+    self.variables = inception.load_variables(weights)
+    self._fn = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
+
+  def extract(self, images):
+    """Images in [-1, 1], [B, H, W, 1 or 3], any size (resized to 299x299 inside)."""
+    return self._fn(self.variables, np.asarray(images, np.float32))
+
+
 def inception_score(logits, split_size: int = 5000) -> float:
   """exp(E_x KL(p(y|x) || p(y))), p(y) the mean over each split of `split_size` samples, averaged
   over the splits (ADM: splits of 5,000; the last, shorter split included only when it is full)."""

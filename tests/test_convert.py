@@ -213,3 +213,63 @@ def test_mar_vae_conversion_puts_every_ldm_weight_in_its_place(tmp_path):
   assert not os.path.exists(str(tmp_path / "bad_out.npz"))
   with pytest.raises(convert.ConversionError, match="exists"):
     convert.convert_mar_vae(path, out, config="demo")
+
+
+def lpips_torch_files(tmp_path, slices=False):
+  """torchvision VGG16 (features.N, classifier) + LPIPS heads (linI.model.1.weight), as the two
+  official files hold them; slices=True: the LPIPS model's own `net.sliceK.N` names instead."""
+  rng = np.random.default_rng(0)
+  widths = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128),
+            12: (256, 256), 14: (256, 256), 17: (512, 256), 19: (512, 512), 21: (512, 512),
+            24: (512, 512), 26: (512, 512), 28: (512, 512)}
+  vgg = {}
+  for i, (o, c) in widths.items():
+    pre = (f"net.slice{1 + sum(i >= b for b in (4, 9, 16, 23))}.{i}" if slices
+           else f"features.{i}")
+    vgg[pre + ".weight"] = (rng.normal(size=(o, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
+    vgg[pre + ".bias"] = 0.01 * rng.normal(size=(o,)).astype(np.float32)
+  if not slices:
+    vgg["classifier.0.weight"] = np.zeros((8, 4), np.float32)     # dropped (tiny stand-in)
+  heads = {f"lin{i}.model.1.weight": np.abs(rng.normal(size=(1, c, 1, 1))).astype(np.float32)
+           for i, c in enumerate((64, 128, 256, 512, 512))}
+  np.savez(str(tmp_path / "vgg.npz"), **vgg)
+  np.savez(str(tmp_path / "heads.npz"), **heads)
+  return vgg, heads
+
+
+@pytest.mark.parametrize("slices", [False, True])
+def test_lpips_conversion_puts_every_weight_in_its_place(tmp_path, slices):
+  from tdjax.losses import lpips
+  vgg, heads = lpips_torch_files(tmp_path, slices)
+  out = str(tmp_path / "lpips.npz")
+  info = convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/heads.npz", out)
+  p = lpips.load_lpips_params(out)
+  assert info["params"] == sum(v.size for k, v in {**vgg, **heads}.items() if "classifier" not in k)
+  conv3_2 = "net.slice3.12.weight" if slices else "features.12.weight"
+  np.testing.assert_array_equal(p["features"]["conv3_2"]["kernel"],
+                                vgg[conv3_2].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(p["lin4"]["kernel"][0, 0, :, 0],
+                                heads["lin4.model.1.weight"][0, :, 0, 0])
+  # a first conv checked as a forward pass: NHWC conv of an impulse = the torch (out, in) kernel
+  x = np.zeros((1, 16, 16, 3), np.float32)
+  x[0, 8, 8, 1] = 1.0
+  w = p["features"]["conv1_1"]["kernel"]
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  first = vgg["net.slice1.0.weight" if slices else "features.0.weight"]
+  np.testing.assert_allclose(np.asarray(y)[0, 7, 9, :], first[:, 1, 2, 0], rtol=1e-6)
+  d = lpips.LPIPS().apply({"params": p}, jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 16, 16, 3)) * .5)
+  assert float(d[0]) > 0
+
+
+def test_lpips_conversion_errors(tmp_path):
+  vgg, heads = lpips_torch_files(tmp_path)
+  del heads["lin2.model.1.weight"]
+  heads["scaling_layer.shift"] = np.zeros((1, 3, 1, 1), np.float32)
+  np.savez(str(tmp_path / "heads.npz"), **heads)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/heads.npz", str(tmp_path / "o.npz"))
+  assert "missing lin2/kernel (1, 1, 256, 1)" in str(e.value)
+  assert "scaling_layer.shift is [0.0, 0.0, 0.0]" in str(e.value)
+  assert not os.path.exists(str(tmp_path / "o.npz"))
+  with pytest.raises(convert.ConversionError, match="more than one input file"):
+    convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/vgg.npz", str(tmp_path / "o.npz"))
