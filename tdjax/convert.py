@@ -3,12 +3,18 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind detailflow_gpt --input DetailFlow-16-GPT-L/checkpoints/128.pt \
       --output runs/df16_gpt_l --tokens 128 [--tokenizer TOKENIZER_WORKDIR]
 
+  python -m tdjax.convert --kind detailflow_tokenizer --input DetailFlow-16/checkpoints/128.pt \
+      --output runs/df16_tok [--group 8]
   python -m tdjax.convert --kind mar_vae --input kl16.ckpt --output kl16.npz
   python -m tdjax.convert --kind inception --input pt_inception-2015-12-05-6726825d.pth \
       --output inception.npz
   python -m tdjax.convert --kind lpips --input vgg16-397923af.pth,lpips_vgg.pth --output lpips.npz
 
-Kinds: `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference detailflow.md 4.3: the
+Kinds: `detailflow_tokenizer` (reference detailflow.md 4.3: its "model" entry; the SigLIP2-style
+encoder/decoder blocks as in `tdjax.tokenizers.siglip2`, (1, N, W) query tables squeezed, the
+training-only SigLIP2 teacher `repa_model.*`, alignment MLP `global_token_proj.*` and
+`quantize.codebook_used` dropped; dims read off the weights, heads = widths / 72 and / 64) -> a
+tdjax workdir for `tdjax.reconstruct` / `tdjax.data.codes`; `detailflow_gpt` (DetailFlow's LlamaGen-style AR model, reference detailflow.md 4.3: the
 checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused wqkv split as
 [q | k | v] head-major, `module.` / `_orig_mod.` prefixes stripped) -> a tdjax workdir;
 `mar_vae` (MAR's / TransDiff's KL-16 `AutoencoderKL`, key "model"; conv weights (O, I, kh, kw) ->
@@ -17,8 +23,8 @@ checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused wqkv
 FID InceptionV3: BatchNorm running statistics -> `batch_stats`, `num_batches_tracked` and
 `AuxLogits.*` dropped) -> the .npz `tdjax.evaluate --inception` reads; `lpips` (torchvision's VGG16
 `features.N` or LPIPS's `net.sliceK.N`, plus the `linI.model.1` heads; the scaling-layer buffers
-must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`.  Not written yet: the DetailFlow
-tokenizer and TransDiff B/L/H/MRAR.
+must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`.  Not written yet: TransDiff
+B/L/H/MRAR.
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
@@ -38,7 +44,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("detailflow_gpt", "mar_vae", "inception", "lpips")
+KINDS = ("detailflow_tokenizer", "detailflow_gpt", "mar_vae", "inception", "lpips")
 
 
 class ConversionError(ValueError):
@@ -53,6 +59,9 @@ def _define_flags():
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
   flags.DEFINE_integer("num_heads", 0, "detailflow_gpt: attention heads (0: from the GPT size table).")
   flags.DEFINE_string("tokenizer", "", "detailflow_gpt: tokenizer workdir that decodes samples.")
+  flags.DEFINE_integer("group", 8, "detailflow_tokenizer: group size g (not stored in the weights).")
+  flags.DEFINE_string("tokenizer_heads", "", "detailflow_tokenizer: ENC,DEC attention heads "
+                      "(default: widths / 72 and / 64, SigLIP2's head widths).")
 
 
 def read_state_dict(path: str, entries=("ema", "model")) -> dict[str, np.ndarray]:
@@ -158,6 +167,106 @@ def detailflow_gpt_params(sd: Mapping[str, np.ndarray], depth: int, num_heads: i
   if errors:
     raise ConversionError("; ".join(errors))
   return p
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow tokenizer (SigLIP2-style ViT encoder/decoder, VQ) -> tokenizers.detailflow
+# ------------------------------------------------------------------------------------------------
+
+_TOK_TRAINING_ONLY = ("repa_model.", "global_token_proj.", "quantize.codebook_used")
+_TOK_RENAME = {   # reference key (after the '.'-stripped (1, N, W) / (1, 1, W) leading axes)
+    "encoder.latent_tokens": "latent_tokens", "encoder.refined_tokens": "refined_tokens",
+    "encoder.latent_pos_embed": "latent_pos_embed", "decoder.mask_token": "mask_token",
+    "decoder.latent_pos_embed": "dec_latent_pos", "quantize.embedding.weight": "quantizer/codebook",
+    "encoder.visual_model.embeddings.position_embedding.weight": "enc_pos/table",
+    "decoder.visual_model.embeddings.position_embedding.weight": "dec_pos/table"}
+_TOK_LINEARS = {"encoder.visual_model.embeddings.patch_embedding": "patch_embed",
+                "decoder.to_pixel.model": "to_pixel", "quant_conv": "quant_proj",
+                "post_quant_conv": "post_quant", "refine_conv": "refine_proj",
+                "encoder.visual_model.post_layernorm": "enc_norm/ln",
+                "decoder.visual_model.post_layernorm": "dec_norm/ln"}
+
+
+def tokenizer_dims(sd: Mapping[str, np.ndarray]) -> dict:
+  """Tokenizer dims read off a DetailFlow tokenizer state dict (reference detailflow.md 4.3)."""
+  need = ("encoder.latent_tokens", "quantize.embedding.weight", "decoder.to_pixel.model.weight",
+          "encoder.visual_model.embeddings.patch_embedding.weight",
+          "decoder.visual_model.embeddings.position_embedding.weight")
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise ConversionError(f"not a DetailFlow tokenizer state dict: missing {', '.join(missing)}")
+  depth = lambda side: len({k.split(".")[4] for k in sd
+                            if k.startswith(f"{side}.visual_model.encoder.layers.")})
+  _, n, enc_w = sd["encoder.latent_tokens"].shape
+  dec_w = sd["decoder.to_pixel.model.weight"].shape[1]
+  grid = int(round(np.sqrt(sd["decoder.visual_model.embeddings.position_embedding.weight"]
+                           .shape[0])))
+  patch_in = sd["encoder.visual_model.embeddings.patch_embedding.weight"].shape[1]  # P * P * C
+  square = lambda v: v > 0 and int(round(np.sqrt(v))) ** 2 == v
+  channels = 3 if patch_in % 3 == 0 and square(patch_in // 3) else 1
+  if not square(patch_in // channels):
+    raise ConversionError(f"patch_embedding takes {patch_in} inputs: not P * P * C for C = 1 or 3")
+  patch = int(round(np.sqrt(patch_in // channels)))
+  codebook, code_dim = sd["quantize.embedding.weight"].shape
+  return dict(num_tokens=n, enc_width=enc_w, enc_depth=depth("encoder"),
+              enc_mlp=sd["encoder.visual_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+              dec_width=dec_w, dec_depth=depth("decoder"),
+              dec_mlp=sd["decoder.visual_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+              patch=patch, channels=channels, image_size=grid * patch, codebook_size=codebook,
+              code_dim=code_dim)
+
+
+def detailflow_tokenizer_params(sd: Mapping[str, np.ndarray], expected: Mapping, enc_heads: int,
+                                dec_heads: int) -> dict:
+  """Unrolled Flax params of `DetailFlowTokenizer` from the reference state dict: Linear
+  W(out, in) -> kernel W^T, q/k/v/out split by heads, LayerNorm weight -> scale, the leading
+  singleton axes of the query / position tables dropped; training-only keys (SigLIP2 teacher
+  `repa_model.*`, alignment MLP `global_token_proj.*`, `quantize.codebook_used`) ignored."""
+  flat, errors = {}, []
+  for key, value in sd.items():
+    if key.startswith(_TOK_TRAINING_ONLY):
+      continue
+    mod, _, leaf = key.rpartition(".")
+    m = re.match(r"^(encoder|decoder)\.visual_model\.encoder\.layers\.(\d+)\.(.+)$", mod)
+    if key in _TOK_RENAME:                   # (1, N, W) tables -> (N, W); mask token (1, 1, W) -> (W,)
+      target = _TOK_RENAME[key]
+      value = value.reshape(-1) if key == "decoder.mask_token" else (
+          value[0] if value.ndim == 3 else value)
+    elif mod in _TOK_LINEARS:
+      target = f"{_TOK_LINEARS[mod]}/" + {"weight": "kernel" if value.ndim == 2 else "scale"}.get(
+          leaf, leaf)
+      value = value.T if value.ndim == 2 else value
+    elif m:
+      side, i, sub = m[1], m[2], m[3]
+      heads = enc_heads if side == "encoder" else dec_heads
+      base = f"{side}/blocks_{i}/block/"
+      if sub in ("layer_norm1", "layer_norm2"):
+        target = base + f"norm{sub[-1]}/ln/" + ("scale" if leaf == "weight" else leaf)
+      elif sub in ("mlp.fc1", "mlp.fc2"):
+        target = base + sub.replace(".", "/") + "/" + ("kernel" if leaf == "weight" else leaf)
+        value = value.T if leaf == "weight" else value
+      elif sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                   "self_attn.out_proj"):
+        name = {"q": "query", "k": "key", "v": "value", "o": "out"}[sub.split(".")[1][0]]
+        target = base + f"attn/{name}/" + ("kernel" if leaf == "weight" else leaf)
+        width = value.shape[-1]
+        if width % heads:
+          errors.append(f"{key}: width {width} is not divisible by {heads} heads")
+          continue
+        hd = width // heads
+        if name == "out":
+          value = value.T.reshape(heads, hd, width) if leaf == "weight" else value
+        else:
+          value = (value.T.reshape(width, heads, hd) if leaf == "weight"
+                   else value.reshape(heads, hd))
+      else:
+        errors.append(f"unexpected {key} {value.shape}")
+        continue
+    else:
+      errors.append(f"unexpected {key} {value.shape}")
+      continue
+    flat[tuple(target.split("/"))] = (key, value)
+  return _place(flat, expected, errors)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,14 +464,77 @@ def _load_config(name: str, arg: str):
   return mod.get_config(arg)
 
 
+def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
+                   under: str | None = None) -> dict:
+  """Builds the task of `config`, converts with convert_fn(expected unrolled params tree) and
+  writes step 0 (params = EMA = the converted weights) plus config.json into the new workdir
+  `output`.  `stacks`: {params key: depth} of the TransformerStacks (scanned ones are restacked);
+  `under`: the key of the converted model inside the task's params (e.g. the tokenizer's 'gen')."""
+  import flax.linen as nn
+  import jax
+  from tdjax import checkpoint as ckpt_lib
+  from tdjax import parallel, trainer
+  from tdjax.nn.layers import stack_layers, unstack_layers
+  ck = ckpt_lib.Checkpointer(output, use_async=False)
+  if ck.latest_step() is not None:
+    raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
+                          f"choose a new --output")
+  setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
+  target = nn.unbox(setup.abstract_state()["params"])
+  target = target[under] if under else target
+  scanned = {k for k in stacks if "layers" in target[k]}
+  expected = dict(target)
+  for k in scanned:
+    expected[k] = jax.eval_shape(lambda t, d=stacks[k]: unstack_layers(t, d), target[k])
+  params = convert_fn(expected)
+  for k in scanned:
+    params[k] = stack_layers(params[k], stacks[k])
+  params = jax.tree.map(np.asarray, params)
+  state = setup.init_state()
+  for name in ("params", "ema"):
+    if name in state:
+      tree = dict(state[name], **{under: params}) if under else params
+      state[name] = jax.device_put(tree, setup.state_shardings[name])
+  ck.save(0, state, config.to_dict(), {})
+  ck.wait()
+  ck.close()
+  ckpt_lib.write_config_json(output, config.to_dict())
+  return params
+
+
+def convert_detailflow_tokenizer(input_path: str, output: str, *, group: int = 8,
+                                 enc_heads: int = 0, dec_heads: int = 0) -> dict:
+  """Writes a `tokenizer` workdir (configs/detailflow_tokenizer.py:size=full with the checkpoint's
+  dims) that `tdjax.reconstruct` and `tdjax.data.codes` load.  Heads are not in the weights: by
+  default the SigLIP2 head widths (encoder 72, decoder 64) divide the widths."""
+  import jax
+  sd = read_state_dict(input_path, entries=("model", "ema"))
+  dims = tokenizer_dims(sd)
+  enc_heads = enc_heads or dims["enc_width"] // 72
+  dec_heads = dec_heads or dims["dec_width"] // 64
+  if not enc_heads or dims["enc_width"] % enc_heads or not dec_heads or \
+      dims["dec_width"] % dec_heads:
+    raise ConversionError(f"widths {dims['enc_width']} / {dims['dec_width']}: pass "
+                          f"--tokenizer_heads ENC,DEC that divide them")
+  config = _load_config("detailflow_tokenizer", f"size=full,tokens={dims['num_tokens']},"
+                        f"group={group},image_size={dims['image_size']}")
+  config.input.channels = dims["channels"]
+  config.model.update({k: dims[k] for k in ("enc_width", "enc_depth", "enc_mlp", "dec_width",
+                                            "dec_depth", "dec_mlp", "patch", "codebook_size",
+                                            "code_dim")})
+  config.model.update(dict(enc_heads=enc_heads, dec_heads=dec_heads))
+  params = _write_workdir(config, output, lambda expected: detailflow_tokenizer_params(
+      sd, expected, enc_heads, dec_heads), stacks={"encoder": dims["enc_depth"],
+                                                   "decoder": dims["dec_depth"]}, under="gen")
+  return dict(kind="detailflow_tokenizer", output=output, params=_count(params), **dims,
+              enc_heads=enc_heads, dec_heads=dec_heads, group=group)
+
+
 def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_heads: int = 0,
                            tokenizer: str = "") -> dict:
   """Writes a `next_detail` checkpoint (params = EMA = the converted weights) to `output`."""
   import jax
-  from tdjax import checkpoint as ckpt_lib
-  from tdjax import parallel, trainer
   from tdjax.generators.next_detail import GPT_SIZES
-  from tdjax.nn.layers import stack_layers, unstack_layers
 
   sd = read_state_dict(input_path)
   dims = gpt_dims(sd)
@@ -379,30 +551,8 @@ def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_hea
   config = _load_config("detailflow_ar", arg)
   config.model.update(dict(depth=dims["depth"], dim=dims["dim"], num_heads=heads,
                            mlp_dim=dims["mlp_dim"]))
-  ck = ckpt_lib.Checkpointer(output, use_async=False)
-  if ck.latest_step() is not None:
-    raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
-                          f"choose a new --output")
-  setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
-  abstract = setup.abstract_state()
-  target = abstract["params"]
-  scanned = "layers" in target["transformer"]
-  expected = dict(target)
-  if scanned:
-    expected["transformer"] = jax.eval_shape(lambda t: unstack_layers(t, dims["depth"]),
-                                             target["transformer"])
-  params = detailflow_gpt_params(sd, dims["depth"], heads, expected)
-  if scanned:
-    params["transformer"] = stack_layers(params["transformer"], dims["depth"])
-  params = jax.tree.map(np.asarray, params)
-  state = setup.init_state()
-  state["params"] = jax.device_put(params, setup.state_shardings["params"])
-  if "ema" in state:
-    state["ema"] = jax.device_put(params, setup.state_shardings["ema"])
-  ck.save(0, state, config.to_dict(), {})
-  ck.wait()
-  ck.close()
-  ckpt_lib.write_config_json(output, config.to_dict())
+  params = _write_workdir(config, output, lambda expected: detailflow_gpt_params(
+      sd, dims["depth"], heads, expected), stacks={"transformer": dims["depth"]})
   n = int(sum(np.size(x) for x in jax.tree.leaves(params)))
   return dict(kind="detailflow_gpt", output=output, params=n, **dims, num_heads=heads,
               num_tokens=tokens)
@@ -413,6 +563,10 @@ def main(argv):
   if FLAGS.kind == "detailflow_gpt":
     result = convert_detailflow_gpt(FLAGS.input, FLAGS.output, tokens=FLAGS.tokens,
                                     num_heads=FLAGS.num_heads, tokenizer=FLAGS.tokenizer)
+  elif FLAGS.kind == "detailflow_tokenizer":
+    heads = [int(h) for h in FLAGS.tokenizer_heads.split(",")] if FLAGS.tokenizer_heads else [0, 0]
+    result = convert_detailflow_tokenizer(FLAGS.input, FLAGS.output, group=FLAGS.group,
+                                          enc_heads=heads[0], dec_heads=heads[1])
   elif FLAGS.kind == "inception":
     result = convert_inception(FLAGS.input, FLAGS.output)
   elif FLAGS.kind == "lpips":

@@ -273,3 +273,89 @@ def test_lpips_conversion_errors(tmp_path):
   assert not os.path.exists(str(tmp_path / "o.npz"))
   with pytest.raises(convert.ConversionError, match="more than one input file"):
     convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/vgg.npz", str(tmp_path / "o.npz"))
+
+
+def tokenizer_state_dict(params, n, enc_heads, dec_heads):
+  """Reference DetailFlow tokenizer keys (detailflow.md 4.3) from tdjax params, PyTorch layout:
+  Linear (out, in), q/k/v/o as full matrices, (1, N, W) query tables, (1, 1, W) mask token; plus
+  the training-only keys a converter must ignore."""
+  p = jax.tree.map(np.asarray, params)
+  lin = lambda d: {"weight": d["kernel"].T, "bias": d["bias"]}
+  sd = {"encoder.latent_tokens": p["latent_tokens"][None],
+        "encoder.refined_tokens": p["refined_tokens"][None],
+        "encoder.latent_pos_embed": p["latent_pos_embed"][None],
+        "decoder.mask_token": p["mask_token"][None, None],
+        "decoder.latent_pos_embed": p["dec_latent_pos"][None],
+        "quantize.embedding.weight": p["quantizer"]["codebook"],
+        "quantize.codebook_used": np.zeros((64,), np.float32),
+        "global_token_proj.0.weight": np.zeros((16, 8), np.float32),
+        "repa_model.visual_model.post_layernorm.weight": np.zeros((4,), np.float32)}
+  for src, dst in (("encoder.visual_model.embeddings.patch_embedding", "patch_embed"),
+                   ("decoder.to_pixel.model", "to_pixel"), ("quant_conv", "quant_proj"),
+                   ("post_quant_conv", "post_quant"), ("refine_conv", "refine_proj")):
+    sd.update({f"{src}.{k}": v for k, v in lin(p[dst]).items()})
+  for side, pos, norm in (("encoder", "enc_pos", "enc_norm"), ("decoder", "dec_pos", "dec_norm")):
+    vm = f"{side}.visual_model."
+    sd[vm + "embeddings.position_embedding.weight"] = p[pos]["table"]
+    sd[vm + "post_layernorm.weight"] = p[norm]["ln"]["scale"]
+    sd[vm + "post_layernorm.bias"] = p[norm]["ln"]["bias"]
+    for name, blk in p[side].items():
+      b, pre = blk["block"], f"{vm}encoder.layers.{name.split('_')[1]}."
+      for i in "12":
+        sd[pre + f"layer_norm{i}.weight"] = b[f"norm{i}"]["ln"]["scale"]
+        sd[pre + f"layer_norm{i}.bias"] = b[f"norm{i}"]["ln"]["bias"]
+      for t in ("q", "k", "v"):
+        a = b["attn"][{"q": "query", "k": "key", "v": "value"}[t]]
+        sd[pre + f"self_attn.{t}_proj.weight"] = a["kernel"].reshape(a["kernel"].shape[0], -1).T
+        sd[pre + f"self_attn.{t}_proj.bias"] = a["bias"].reshape(-1)
+      o = b["attn"]["out"]
+      sd[pre + "self_attn.out_proj.weight"] = o["kernel"].reshape(-1, o["kernel"].shape[-1]).T
+      sd[pre + "self_attn.out_proj.bias"] = o["bias"]
+      for f in ("fc1", "fc2"):
+        sd.update({pre + f"mlp.{f}.{k}": v for k, v in lin(b["mlp"][f]).items()})
+  return sd
+
+
+def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
+  """tdjax params -> reference-named state dict -> converter -> a workdir whose restored params are
+  the same leaf for leaf (scanned stacks unrolled), and which encodes and decodes."""
+  from tdjax import trainer
+  from tdjax.nn.layers import unstack_layers
+  from tdjax.tokenizers import detailflow as df
+  m = df.DetailFlowTokenizer(image_size=32, channels=3, patch=8, num_tokens=8, group=4,
+                             enc_width=144, enc_depth=2, enc_heads=2, enc_mlp=32, dec_width=128,
+                             dec_depth=2, dec_heads=2, dec_mlp=48, codebook_size=32, code_dim=4)
+  params = m.init({"params": jax.random.key(0), "noise": jax.random.key(1)},
+                  jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+  sd = tokenizer_state_dict(params, 8, 2, 2)
+  path = str(tmp_path / "tok.npz")
+  np.savez(path, **sd)
+  out = str(tmp_path / "tok_workdir")
+  info = convert.convert_detailflow_tokenizer(path, out, group=4)
+  assert (info["patch"], info["channels"], info["image_size"], info["num_tokens"]) == (8, 3, 32, 8)
+  assert (info["enc_heads"], info["dec_heads"]) == (2, 2)   # 144 / 72, 128 / 64
+  config, task, state = trainer.load_for_inference(out)
+  got = jax.tree.map(np.asarray, state["params"]["gen"])
+  for k in ("encoder", "decoder"):
+    if "layers" in got[k]:
+      got[k] = unstack_layers(got[k], 2)
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  assert set(flat_want) == set(flat_got)
+  for path_, v in flat_want.items():
+    np.testing.assert_array_equal(flat_got[path_], v, err_msg=jax.tree_util.keystr(path_))
+  rec = task.reconstruct(state["params"], jnp.zeros((2, 32, 32, 3)))
+  assert rec.shape == (2, 32, 32, 3) and bool(jnp.isfinite(rec).all())
+  bad = dict(sd)
+  del bad["refine_conv.bias"]
+  bad["encoder.visual_model.encoder.layers.1.mlp.fc2.weight"] = np.zeros((144, 30), np.float32)
+  bad["decoder.extra.weight"] = np.zeros((3,), np.float32)
+  np.savez(str(tmp_path / "bad.npz"), **bad)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_detailflow_tokenizer(str(tmp_path / "bad.npz"), str(tmp_path / "o2"), group=4)
+  msg = str(e.value)
+  assert "missing refine_proj/bias (144,)" in msg and "unexpected decoder.extra.weight" in msg
+  assert "layers.1.mlp.fc2.weight: checkpoint gives (30, 144)" in msg
+  with pytest.raises(convert.ConversionError, match="already holds a checkpoint"):
+    convert.convert_detailflow_tokenizer(path, out, group=4)
