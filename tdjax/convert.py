@@ -44,7 +44,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("detailflow_tokenizer", "detailflow_gpt", "mar_vae", "inception", "lpips")
+KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips")
 
 
 class ConversionError(ValueError):
@@ -57,8 +57,10 @@ def _define_flags():
                       "lpips: the VGG16 and LPIPS-heads files, comma-separated.")
   flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
-  flags.DEFINE_integer("num_heads", 0, "detailflow_gpt: attention heads (0: from the GPT size table).")
+  flags.DEFINE_integer("num_heads", 0, "detailflow_gpt / transdiff: attention heads (0: from the "
+                       "size tables).")
   flags.DEFINE_string("tokenizer", "", "detailflow_gpt: tokenizer workdir that decodes samples.")
+  flags.DEFINE_string("vae", "", "transdiff: the KL-16 VAE .npz (--kind mar_vae) that decodes.")
   flags.DEFINE_integer("group", 8, "detailflow_tokenizer: group size g (not stored in the weights).")
   flags.DEFINE_string("tokenizer_heads", "", "detailflow_tokenizer: ENC,DEC attention heads "
                       "(default: widths / 72 and / 64, SigLIP2's head widths).")
@@ -270,6 +272,85 @@ def detailflow_tokenizer_params(sd: Mapping[str, np.ndarray], expected: Mapping,
 
 
 # ------------------------------------------------------------------------------------------------
+# TransDiff (MAR-style AR encoder + attention diffusion decoder) -> generators.transdiff
+# ------------------------------------------------------------------------------------------------
+
+_TD_RENAME = {   # reference key -> tdjax params path; (1, L, D) tables lose the leading axis
+    "class_emb.weight": "ar/class_emb", "fake_latent": "ar/fake_latent",
+    "mask_token": "ar/mask_token", "encoder_pos_embed_learned": "ar/enc_pos",
+    "diffusion_pos_embed_learned": "ar/diff_pos", "z_proj": "ar/z_proj",
+    "z_proj_ln": "ar/z_proj_ln/ln", "encoder_norm": "ar/norm/ln",
+    "diffdecoder.net.time_embed.time_embedder.linear_1": "head/time_embed/linear_1",
+    "diffdecoder.net.time_embed.time_embedder.linear_2": "head/time_embed/linear_2",
+    "diffdecoder.net.time_embed.time_proj": "head/time_proj",
+    "diffdecoder.net.cond_embed": "head/cond_embed", "diffdecoder.net.input_proj": "head/input_proj",
+    "diffdecoder.net.diffusion_pos_embed_learned": "head/pos_embed",
+    "diffdecoder.net.final_layer.linear": "head/final_linear",
+    "diffdecoder.net.final_layer.scale_shift_table": "head/final_scale_shift"}
+# block submodules: reference -> tdjax (the decoder's norm2 sits before the cross-attention, norm3
+# before the MLP; tdjax names them norm_cross and norm2)
+_TD_BLOCK = {"norm1": "norm1/ln", "norm2": "norm2/ln", "attn.proj": "attn/out",
+             "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
+_TD_HEAD_BLOCK = {"norm1": "norm1/ln", "norm2": "norm_cross/ln", "norm3": "norm2/ln",
+                  "attn1.proj": "attn/out", "attn2.wq": "cross_attn/query",
+                  "attn2.wk": "cross_attn/key", "attn2.wv": "cross_attn/value",
+                  "attn2.proj": "cross_attn/out", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
+
+
+def _linear_leaf(target: str, leaf: str, value: np.ndarray, heads: int = 0):
+  """(path, value) of a torch Linear / LayerNorm leaf; `heads` > 0: an attention projection in
+  tdjax's per-head layout (q/k/v kernels [D, H, hd], biases [H, hd]; out kernels [H, hd, D])."""
+  if value.ndim == 1 and leaf == "weight":
+    return f"{target}/scale", value
+  if leaf == "weight":
+    value = value.T
+  if heads and not target.endswith("/out"):
+    value = value.reshape(value.shape[:-1] + (heads, value.shape[-1] // heads))
+  elif heads and leaf == "weight":
+    value = value.reshape(heads, value.shape[0] // heads, value.shape[1])
+  return f"{target}/{'kernel' if leaf == 'weight' else leaf}", value
+
+
+def transdiff_params(sd: Mapping[str, np.ndarray], expected: Mapping, num_heads: int) -> dict:
+  """Unrolled Flax params {'ar', 'head'} of `TransDiff` from the reference state dict (reference
+  transdiff.md 4.4: fused qkv rows [q | k | v] heads contiguous, `scale_shift_table`s (1, k, D) ->
+  (k, D), position tables (1, L, D) -> (L, D)).  VAE keys (`encoder.*`, `decoder.*`, ...) are not
+  part of the generator: convert them with --kind mar_vae."""
+  flat, errors = {}, []
+
+  def put(key, path, value):
+    flat[tuple(path.split("/"))] = (key, value)
+
+  for key, value in sd.items():
+    mod, _, leaf = key.rpartition(".")
+    m = re.match(r"^encoder_blocks\.(\d+)\.(.+)$", mod)
+    h = re.match(r"^diffdecoder\.net\.res_blocks\.(\d+)\.(.+)$", mod)
+    hs = re.match(r"^diffdecoder\.net\.res_blocks\.(\d+)\.scale_shift_table$", key)
+    if key in _TD_RENAME:                      # tables and parameters without a module
+      put(key, _TD_RENAME[key], value[0] if value.ndim == 3 else
+          (value.reshape(-1) if key == "fake_latent" else value))
+    elif mod in _TD_RENAME:
+      put(key, *_linear_leaf(_TD_RENAME[mod], leaf, value))
+    elif hs:
+      put(key, f"head/blocks/blocks_{hs[1]}/block/scale_shift_table", value[0])
+    elif (m or h) and (m or h)[2] in ("attn.qkv", "attn1.qkv"):
+      base = f"ar/blocks/blocks_{m[1]}" if m else f"head/blocks/blocks_{h[1]}"
+      for name, part in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
+        put(f"{key}[{name}]", *_linear_leaf(f"{base}/block/attn/{name}", leaf, part, num_heads))
+    elif m and m[2] in _TD_BLOCK:
+      sub = _TD_BLOCK[m[2]]
+      put(key, *_linear_leaf(f"ar/blocks/blocks_{m[1]}/block/{sub}", leaf, value,
+                             num_heads if "attn" in sub else 0))
+    elif h and h[2] in _TD_HEAD_BLOCK:
+      sub = _TD_HEAD_BLOCK[h[2]]
+      put(key, *_linear_leaf(f"head/blocks/blocks_{h[1]}/block/{sub}", leaf, value,
+                             num_heads if "attn" in sub else 0))
+    else:
+      errors.append(f"unexpected {key} {value.shape}")
+  return _place(flat, expected, errors)
+
+
+# ------------------------------------------------------------------------------------------------
 # MAR KL-16 VAE (LDM AutoencoderKL) -> tdjax.tokenizers.kl_vae.AutoencoderKL
 # ------------------------------------------------------------------------------------------------
 
@@ -468,7 +549,8 @@ def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
                    under: str | None = None) -> dict:
   """Builds the task of `config`, converts with convert_fn(expected unrolled params tree) and
   writes step 0 (params = EMA = the converted weights) plus config.json into the new workdir
-  `output`.  `stacks`: {params key: depth} of the TransformerStacks (scanned ones are restacked);
+  `output`.  `stacks`: {params path 'a/b': depth} of the TransformerStacks (scanned ones are
+  restacked);
   `under`: the key of the converted model inside the task's params (e.g. the tokenizer's 'gen')."""
   import flax.linen as nn
   import jax
@@ -482,13 +564,24 @@ def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
   setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
   target = nn.unbox(setup.abstract_state()["params"])
   target = target[under] if under else target
-  scanned = {k for k in stacks if "layers" in target[k]}
-  expected = dict(target)
+
+  def at(tree, path):                  # the subtree at a '/'-path
+    for k in path.split("/"):
+      tree = tree[k]
+    return tree
+
+  def replaced(tree, path, value):     # a copy of `tree` with the subtree at `path` replaced
+    head, _, rest = path.partition("/")
+    return dict(tree, **{head: replaced(tree[head], rest, value) if rest else value})
+
+  scanned = [k for k in stacks if "layers" in at(target, k)]
+  expected = target
   for k in scanned:
-    expected[k] = jax.eval_shape(lambda t, d=stacks[k]: unstack_layers(t, d), target[k])
+    expected = replaced(expected, k, jax.eval_shape(
+        lambda t, d=stacks[k]: unstack_layers(t, d), at(target, k)))
   params = convert_fn(expected)
   for k in scanned:
-    params[k] = stack_layers(params[k], stacks[k])
+    params = replaced(params, k, stack_layers(at(params, k), stacks[k]))
   params = jax.tree.map(np.asarray, params)
   state = setup.init_state()
   for name in ("params", "ema"):
@@ -530,6 +623,50 @@ def convert_detailflow_tokenizer(input_path: str, output: str, *, group: int = 8
               enc_heads=enc_heads, dec_heads=dec_heads, group=group)
 
 
+def transdiff_dims(sd: Mapping[str, np.ndarray]) -> dict:
+  need = ("class_emb.weight", "mask_token", "encoder_pos_embed_learned",
+          "diffdecoder.net.diffusion_pos_embed_learned")
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise ConversionError(f"not a TransDiff state dict: missing {', '.join(missing)}")
+  count = lambda pre: len({k.split(".")[int(pre.count("."))] for k in sd if k.startswith(pre)})
+  classes, width = sd["class_emb.weight"].shape
+  n = sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1]
+  return dict(width=width, num_classes=classes, ar_depth=count("encoder_blocks."),
+              head_depth=count("diffdecoder.net.res_blocks."), tokens=n,
+              buffer_size=sd["encoder_pos_embed_learned"].shape[1] - n,
+              mrar=sd["mask_token"].shape[1] > 1)
+
+
+def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: str = "") -> dict:
+  """Writes a `transdiff` workdir (configs/transdiff.py at the matching size B / L / H, MRAR when
+  the checkpoint has reference tokens, 512 px when N = 1024) from the EMA weights (`model_ema`,
+  else `model`).  `vae`: the KL-16 .npz of `--kind mar_vae`, which decodes the samples."""
+  from tdjax.generators.transdiff import SIZES
+  sd = read_state_dict(input_path, entries=("model_ema", "ema", "model"))
+  dims = transdiff_dims(sd)
+  size = next((k for k, v in SIZES.items() if (v.width, v.ar_depth, v.head_depth) ==
+               (dims["width"], dims["ar_depth"], dims["head_depth"])), None)
+  heads = num_heads or (SIZES[size].num_heads if size else 0)
+  if not heads or dims["width"] % heads:
+    raise ConversionError(f"width {dims['width']}, depths {dims['ar_depth']}/{dims['head_depth']} "
+                          f"match no TransDiff size: pass --num_heads")
+  grid = int(round(np.sqrt(dims["tokens"])))
+  config = _load_config("transdiff", f"size={size if size in ('B', 'L', 'H') else 'L'},"
+                        f"mrar={dims['mrar']},vae_weights={vae}")
+  if size not in ("B", "L", "H"):             # a non-paper size: the dims of the checkpoint
+    config.model.update(dict(width=dims["width"], num_heads=heads, ar_depth=dims["ar_depth"]))
+    config.head.update(dict(width=dims["width"], num_heads=heads, depth=dims["head_depth"]))
+  config.model.update(dict(size=size or "custom", num_classes=dims["num_classes"],
+                           buffer_size=dims["buffer_size"]))
+  stride = config.input.image_size // config.latent.grid
+  config.input.image_size, config.latent.grid = grid * stride, grid
+  params = _write_workdir(config, output, lambda expected: transdiff_params(sd, expected, heads),
+                          stacks={"ar/blocks": dims["ar_depth"], "head/blocks": dims["head_depth"]})
+  return dict(kind="transdiff", output=output, params=_count(params), size=size, **dims,
+              num_heads=heads, image_size=int(config.input.image_size))
+
+
 def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_heads: int = 0,
                            tokenizer: str = "") -> dict:
   """Writes a `next_detail` checkpoint (params = EMA = the converted weights) to `output`."""
@@ -567,6 +704,8 @@ def main(argv):
     heads = [int(h) for h in FLAGS.tokenizer_heads.split(",")] if FLAGS.tokenizer_heads else [0, 0]
     result = convert_detailflow_tokenizer(FLAGS.input, FLAGS.output, group=FLAGS.group,
                                           enc_heads=heads[0], dec_heads=heads[1])
+  elif FLAGS.kind == "transdiff":
+    result = convert_transdiff(FLAGS.input, FLAGS.output, num_heads=FLAGS.num_heads, vae=FLAGS.vae)
   elif FLAGS.kind == "inception":
     result = convert_inception(FLAGS.input, FLAGS.output)
   elif FLAGS.kind == "lpips":
