@@ -275,6 +275,14 @@ def test_lpips_conversion_errors(tmp_path):
     convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/vgg.npz", str(tmp_path / "o.npz"))
 
 
+def _perturbed(params, seed=0):
+  """Every leaf + distinct noise: initial values (LayerNorm 1 / 0, zero biases) would hide swaps."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [(np.asarray(a) + 0.1 * rng.normal(size=np.shape(a)))
+                                   .astype(np.float32) for a in leaves])
+
+
 def tokenizer_state_dict(params, n, enc_heads, dec_heads):
   """Reference DetailFlow tokenizer keys (detailflow.md 4.3) from tdjax params, PyTorch layout:
   Linear (out, in), q/k/v/o as full matrices, (1, N, W) query tables, (1, 1, W) mask token; plus
@@ -327,7 +335,7 @@ def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
                              dec_depth=2, dec_heads=2, dec_mlp=48, codebook_size=32, code_dim=4)
   params = m.init({"params": jax.random.key(0), "noise": jax.random.key(1)},
                   jnp.zeros((1, 32, 32, 3)))["params"]
-  params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+  params = _perturbed(__import__("flax").linen.unbox(params))
   sd = tokenizer_state_dict(params, 8, 2, 2)
   path = str(tmp_path / "tok.npz")
   np.savez(path, **sd)
@@ -416,7 +424,7 @@ def test_transdiff_conversion_round_trip(tmp_path):
   del configlib
   cfg = convert._load_config("transdiff", "size=tiny")
   setup = trainer.Setup(cfg, parallel.make_mesh({"data": -1}))
-  params = jax.tree.map(np.asarray, setup.init_state()["params"])
+  params = _perturbed(setup.init_state()["params"])
   sd = transdiff_state_dict(params, 2)
   path = str(tmp_path / "td.npz")
   np.savez(path, **sd)
