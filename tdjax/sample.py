@@ -11,8 +11,10 @@ to as many real test images (`OUT_stem_judge.json`).
 
 An .npz output (`arr_0` uint8 NHWC, `labels`: the ADM format `tdjax.evaluate` reads) is built from
 per-batch parts kept in OUT_stem.parts/ until the end, so a stopped 50k-sample run resumes where it
-stopped (same keys, same images) when started again with the same flags.  One process samples; the
-multi-host split of a 50k run is not written yet.
+stopped (same keys, same images) when started again with the same flags.  Every chunk is split
+over the local devices, and `--multihost` (on every host, as the launch/ scripts start jobs) splits
+the chunks over the processes, which write their parts to the shared parts folder; process 0
+gathers them.  The samples are the same for any device or process count.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
   flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() and split the chunks "
+                    "over all processes (the .npz parts folder must be on shared storage).")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -74,17 +78,41 @@ def split_checkpoint_path(path: str) -> tuple[str, int]:
   return workdir, int(step)
 
 
+def sampling_devices(batch_size: int, devices=None) -> list:
+  """The local devices a batch is split over: the most of them that divide `batch_size` (the batch
+  shape, hence every sample, never depends on the device count)."""
+  import jax
+  devices = list(devices or jax.local_devices())
+  n = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+  if n < len(devices):
+    logging.warning("--batch_size=%d: sampling on %d of %d local devices (use a multiple of %d to "
+                    "use them all)", batch_size, n, len(devices), len(devices))
+  return devices[:n]
+
+
 def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_size: int = 100,
              use_ema: bool = True, parts_dir: str | None = None, step: int | None = None,
+             devices=None, process_index: int | None = None, process_count: int | None = None,
              **overrides):
-  """(images [C*num, H, W, ch] in [-1, 1], labels) from the checkpoint in `workdir`.
+  """(images [C*num, H, W, ch] in [-1, 1], labels, config) from the checkpoint in `workdir`.
 
   Chunk i (of `batch_size` labels) uses key fold_in(seed, i), so a run is the same however it is
-  split.  `parts_dir`: each finished chunk is kept there (uint8-exact float arrays, .npy) and an
-  existing one is reused, so a stopped run continues where it stopped."""
+  split.  Each chunk is split over the local devices (batch axis; params replicated).  With several
+  processes (multi-host; or `process_index` / `process_count` given), process p samples chunks
+  j = p, p + P, ... and writes them to the shared `parts_dir`; after a barrier process 0 gathers
+  every part and returns the whole set, the others return None.  `parts_dir`: each finished chunk
+  is kept there (uint8-exact float arrays, .npy) and an existing one is reused, so a stopped run
+  continues where it stopped."""
   import jax
   import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from tdjax import trainer
+
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if pc > 1 and not parts_dir:
+    raise ValueError("sampling on several processes writes parts to shared storage: give an .npz "
+                     "--out that every host can reach")
 
   config, task, state = trainer.load_for_inference(workdir, step=step)
   if not hasattr(task, "image_sampler"):
@@ -95,7 +123,10 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   if unknown:
     raise ValueError(f"{', '.join('--' + k for k in unknown)} does not apply to a {task.kind!r} "
                      f"model (its options: {', '.join(sorted(task.sample_options))})")
-  params = jax.device_get(state["ema"] if use_ema and "ema" in state else state["params"])
+  mesh = Mesh(np.array(sampling_devices(batch_size, devices)), ("data",))
+  params = jax.device_put(jax.device_get(state["ema"] if use_ema and "ema" in state
+                                         else state["params"]), NamedSharding(mesh, PartitionSpec()))
+  by_example = NamedSharding(mesh, PartitionSpec("data"))
   labels = np.repeat(parse_classes(str(classes), int(config.model.num_classes)), num)
   labels = labels.astype(np.int32)
   sample = task.image_sampler(**overrides)
@@ -116,22 +147,35 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
       with open(path, "w") as f:
         json.dump(settings, f)
   from tqdm import tqdm
-  images = []
-  for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch",
+  starts = list(range(0, len(labels), batch_size))
+  part_of = lambda i: os.path.join(parts_dir, f"{i:08d}_{len(labels[i:i + batch_size])}.npy")
+  images = {}
+  for i in tqdm(starts[pi::pc], desc=f"sampling (process {pi} of {pc})", unit="batch",
                 disable=len(labels) <= batch_size):
     chunk = labels[i:i + batch_size]
-    part = os.path.join(parts_dir, f"{i:08d}_{len(chunk)}.npy") if parts_dir else None
+    part = part_of(i) if parts_dir else None
     if part and os.path.exists(part):
-      images.append(np.load(part))
+      images[i] = np.load(part)
       continue
     pad = batch_size - len(chunk)  # fixed shapes: one compilation for every chunk
-    out = np.asarray(sample(params, np.pad(chunk, (0, pad)), jax.random.fold_in(key, i)))
-    images.append(out[:len(chunk)])
+    padded = jax.device_put(np.pad(chunk, (0, pad)), by_example)
+    images[i] = np.asarray(sample(params, padded, jax.random.fold_in(key, i)))[:len(chunk)]
     if part:
-      np.save(part + ".tmp.npy", images[-1])
+      np.save(part + ".tmp.npy", images[i])
       os.replace(part + ".tmp.npy", part)      # a killed run never leaves a half-written part
     logging.info("sampled %d/%d", i + len(chunk), len(labels))
-  return np.concatenate(images), labels, config
+  if pc > 1:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tdjax.sample: all parts written")
+    if pi != 0:
+      return None, labels, config
+    missing = [part_of(i) for i in starts if i not in images and not os.path.exists(part_of(i))]
+    if missing:
+      raise RuntimeError(f"{len(missing)} sample parts are missing after every process finished, "
+                         f"e.g. {missing[0]}: is {parts_dir} shared by all hosts?")
+    images.update({i: np.load(part_of(i)) for i in starts if i not in images})
+  return np.concatenate([images[i] for i in starts]), labels, config
 
 
 def main(argv):
@@ -148,10 +192,16 @@ def main(argv):
     workdir, step = split_checkpoint_path(FLAGS.checkpoint)
   elif not workdir:
     raise ValueError("--workdir (or --checkpoint) is required")
+  if FLAGS.multihost:
+    import jax
+    jax.distributed.initialize()     # Cloud TPU / SLURM: the coordinator is found automatically
   images, labels, config = generate(
       workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      use_ema=FLAGS.ema, step=step, parts_dir=stem + ".parts" if ext == ".npz" else None, cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p, steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
+      use_ema=FLAGS.ema, step=step, parts_dir=stem + ".parts" if ext == ".npz" else None,
+      cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+      steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
+  if images is None:                 # another process writes the output
+    return
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if ext == ".npz":
     tmp = stem + ".tmp.npz"

@@ -195,6 +195,23 @@ def test_train_then_sample_from_the_checkpoint(tmp_path):
     sample.generate(str(tmp_path), "0", 1, top_k=5)
   with pytest.raises(ValueError, match="out of range; the model has 10 classes"):
     sample.generate(str(tmp_path), "12", 1)
+  # the same samples on 1 device, split over 8 devices, and split over 2 processes (simulated in
+  # turn: process 1 writes its parts, process 0 writes its own and gathers the rest)
+  kw = dict(batch_size=8, steps=2, cfg=1.5)
+  one, _, _ = sample.generate(str(tmp_path), "0,3,7", 8, devices=jax.devices()[:1], **kw)
+  eight, _, _ = sample.generate(str(tmp_path), "0,3,7", 8, **kw)
+  assert len(sample.sampling_devices(8)) == 8 and len(sample.sampling_devices(12)) == 6
+  np.testing.assert_allclose(eight, one, atol=1e-5)
+  parts = str(tmp_path / "parts")
+  none, _, _ = sample.generate(str(tmp_path), "0,3,7", 8, parts_dir=parts, process_index=1,
+                               process_count=2, **kw)
+  assert none is None and len([f for f in os.listdir(parts) if f.endswith(".npy")]) == 1
+  both, labels, _ = sample.generate(str(tmp_path), "0,3,7", 8, parts_dir=parts, process_index=0,
+                                    process_count=2, **kw)
+  np.testing.assert_allclose(both, one, atol=1e-5)
+  assert labels.tolist() == [0] * 8 + [3] * 8 + [7] * 8
+  with pytest.raises(ValueError, match="writes parts to shared storage"):
+    sample.generate(str(tmp_path), "0", 8, process_index=0, process_count=2, **kw)
 
 
 def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
