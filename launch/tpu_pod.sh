@@ -3,6 +3,7 @@
 #
 #   TPU=my-v5p-512 ZONE=us-east5-a WORKDIR=gs://bucket/runs/df_tok \
 #   bash launch/tpu_pod.sh tdjax.train --config configs/detailflow_tokenizer.py:size=full,tokens=128
+#   bash launch/tpu_pod.sh tdjax.sample --out /mnt/shared/df.npz --classes all --num 50   # WORKDIR = the run
 #
 # Every worker runs the same command (SPMD): `--config.distributed=True` makes each process call
 # jax.distributed.initialize(), which reads the pod topology from the TPU metadata; each host
@@ -20,6 +21,9 @@ if [ "${SETUP:-0}" = 1 ]; then
        .venv/bin/pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 fi
 ARGS=$(printf ' %q' "$@")
-# one log per worker under the workdir's logs/ (the first worker also prints to this terminal)
-ssh "cd $DIR && .venv/bin/python -m $MODULE $ARGS --workdir $WORKDIR --config.distributed=True \
-     --config.compilation_cache=$WORKDIR/xla_cache 2>&1 | tee /tmp/tdjax_\$(hostname).log"
+case "$MODULE" in   # the sampler: --out on a filesystem every worker mounts (NFS, gcsfuse), not gs://
+  tdjax.sample) EXTRA="--workdir $WORKDIR --multihost" ;;
+  *) EXTRA="--workdir $WORKDIR --config.distributed=True --config.compilation_cache=$WORKDIR/xla_cache" ;;
+esac
+# one log per worker in /tmp (the first worker also prints to this terminal)
+ssh "cd $DIR && .venv/bin/python -m $MODULE $ARGS $EXTRA 2>&1 | tee /tmp/tdjax_\$(hostname).log"
