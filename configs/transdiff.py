@@ -10,7 +10,7 @@
   # paper: TransDiff-L 1-step on ImageNet 256 KL-16 latents (cached; add vae_weights=kl16.npz to decode)
   python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
 
-Options: size=tiny|demo|B|L|H, mrar (3 references, K = 4), init_from (MRAR: a 1-step workdir, weight
+Options: size=tiny|demo|B|L|H, mrar (refs = 3 references by default, K = refs + 1), init_from (MRAR: a 1-step workdir, weight
 surgery of reference 2.3), head=attention|mlp, head_depth, self_attention (head),
 conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
 batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, latent=pixels|cached|vae and
@@ -37,7 +37,7 @@ DEFAULTS = {
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="demo", mrar=False, init_from="", head="attention", head_depth=0,
+  a = common.parse_arg(arg, size="demo", mrar=False, refs=3, init_from="", head="attention", head_depth=0,
                        self_attention=True, conditioning="cross", diffusion="flow",
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
                        scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
@@ -68,7 +68,9 @@ def get_config(arg=None):
     c.input.channels = 3
   c.input.image_size = d["image"]
   c.input.batch_size = a.batch or d["batch"]
-  c.input.group_size = 4 if a.mrar else 1
+  if a.mrar and a.refs < 1:
+    raise ValueError(f"config arg refs={a.refs}: MRAR needs at least 1 reference image")
+  c.input.group_size = a.refs + 1 if a.mrar else 1
   if small:
     c.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=d["patch"], scale=1.0,
                                               grid=d["image"] // d["patch"],   # cached only
@@ -81,7 +83,7 @@ def get_config(arg=None):
     c.latent.kind = a.latent
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
-      ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=3 if a.mrar else 0, ref_patch=2,
+      ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=a.refs if a.mrar else 0, ref_patch=2,
       init_from=a.init_from,
       dropout=0.0 if small else 0.1, label_drop=0.1, batch_mul=a.batch_mul or d["mul"],
       scan=not small, remat="none"))

@@ -18,7 +18,7 @@ merged with "+ first group causal", since tdjax's AR always decodes the first gr
 and the alignment row needs SigLIP2 teacher weights), detailflow_cfg (Table 5), detailflow_degrade
 (Table 3), detailflow_group (Table 4), detailflow_alpha (Fig. 4c), detailflow_tokens,
 transdiff_heads (head type and the attention-in-head variants), transdiff_depth, transdiff_steps,
-transdiff_mrar.
+transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references).
 """
 
 from __future__ import annotations
@@ -106,6 +106,10 @@ TABLES = {
     "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [
         Row("1-step"), Row("MRAR (3 references), from the 1-step run", generator="mrar=True")],
         _TD),
+    "transdiff_refs": Table("TransDiff MRAR: number of reference images", "transdiff", [
+        Row("1-step (0 references)")] + [
+        Row(f"MRAR, {r} reference{'s' * (r > 1)}", generator=f"mrar=True,refs={r}")
+        for r in (1, 2, 3)], _TD),
 }
 
 # per scale: base config args of each stage

@@ -170,6 +170,15 @@ def test_mrar_loss_conditions_image_k_on_its_prefix():
   later = dict(batch, image=batch["image"].at[:, 3].add(0.5))
   earlier = dict(batch, image=batch["image"].at[:, 0].add(0.5))
   assert float(f(later)) != float(base) and float(f(earlier)) != float(base)
+  # fewer references (the ablation's refs=): groups of refs + 1 images, the same prefix rule
+  task2 = _task("size=tiny,mrar=True,refs=2")
+  assert task2.num_refs == 2 and task2.config.input.group_size == 3
+  p2 = nn.unbox(task2.init(jax.random.key(0))[0])
+  b2 = _batch(task2, 3)
+  f2 = jax.jit(lambda b: task2._losses(p2, b, jax.random.key(5), False)[0])
+  base2 = f2(b2)
+  assert np.isfinite(float(base2))
+  assert float(f2(dict(b2, image=b2["image"].at[:, 2].add(0.5)))) != float(base2)
   with pytest.raises(ValueError, match="needs input.group_size=4"):
     from configs.transdiff import get_config
     from tdjax.tasks.transdiff import TransDiffTask
