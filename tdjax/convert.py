@@ -632,10 +632,12 @@ def transdiff_dims(sd: Mapping[str, np.ndarray]) -> dict:
   count = lambda pre: len({k.split(".")[int(pre.count("."))] for k in sd if k.startswith(pre)})
   classes, width = sd["class_emb.weight"].shape
   n = sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1]
+  enc_len, mask_len = sd["encoder_pos_embed_learned"].shape[1], sd["mask_token"].shape[1]
+  mrar = mask_len > 1          # MRAR: one mask token per 2x2-patchified position; buffer = mask_len
   return dict(width=width, num_classes=classes, ar_depth=count("encoder_blocks."),
               head_depth=count("diffdecoder.net.res_blocks."), tokens=n,
-              buffer_size=sd["encoder_pos_embed_learned"].shape[1] - n,
-              mrar=sd["mask_token"].shape[1] > 1)
+              buffer_size=mask_len if mrar else enc_len - n, mrar=mrar,
+              refs=enc_len // mask_len - 2 if mrar else 0)
 
 
 def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: str = "") -> dict:
@@ -653,7 +655,7 @@ def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: 
                           f"match no TransDiff size: pass --num_heads")
   grid = int(round(np.sqrt(dims["tokens"])))
   config = _load_config("transdiff", f"size={size if size in ('B', 'L', 'H') else 'L'},"
-                        f"mrar={dims['mrar']},vae_weights={vae}")
+                        f"mrar={dims['mrar']},refs={dims['refs'] or 3},vae_weights={vae}")
   if size not in ("B", "L", "H"):             # a non-paper size: the dims of the checkpoint
     config.model.update(dict(width=dims["width"], num_heads=heads, ar_depth=dims["ar_depth"]))
     config.head.update(dict(width=dims["width"], num_heads=heads, depth=dims["head_depth"]))

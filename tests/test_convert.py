@@ -416,13 +416,14 @@ def transdiff_state_dict(p, heads):
   return sd
 
 
-def test_transdiff_conversion_round_trip(tmp_path):
-  """tdjax TransDiff params (tiny) -> reference-named EMA state dict -> converter -> a workdir whose
-  restored params match leaf for leaf; a wrong key / shape is named."""
+@pytest.mark.parametrize("arg", ["size=tiny", "size=tiny,mrar=True,refs=2"])
+def test_transdiff_conversion_round_trip(tmp_path, arg):
+  """tdjax TransDiff params (tiny 1-step, MRAR) -> reference-named EMA state dict -> converter -> a
+  workdir whose restored params match leaf for leaf; a wrong key / shape is named."""
   from tdjax import configlib, parallel, trainer
   from tdjax.nn.layers import unstack_layers
   del configlib
-  cfg = convert._load_config("transdiff", "size=tiny")
+  cfg = convert._load_config("transdiff", arg)
   setup = trainer.Setup(cfg, parallel.make_mesh({"data": -1}))
   params = _perturbed(setup.init_state()["params"])
   sd = transdiff_state_dict(params, 2)
@@ -431,7 +432,8 @@ def test_transdiff_conversion_round_trip(tmp_path):
   out = str(tmp_path / "td_workdir")
   info = convert.convert_transdiff(path, out, num_heads=2)
   assert (info["width"], info["ar_depth"], info["head_depth"], info["tokens"]) == (32, 2, 2, 16)
-  assert info["size"] == "tiny" and not info["mrar"] and info["buffer_size"] == 4
+  assert info["size"] == "tiny" and info["buffer_size"] == 4
+  assert (info["mrar"], info["refs"]) == ((True, 2) if "mrar" in arg else (False, 0))
   _, task, state = trainer.load_for_inference(out)
   got = jax.tree.map(np.asarray, state["params"])
   for k in ("ar", "head"):
