@@ -93,12 +93,13 @@ TABLES = {
         Row(f"N = {n}", tokenizer=f"tokens={n}", generator=f"tokens={n}") for n in (16, 32, 64)],
         "paper: N = 128 / 256 / 512 (DetailFlow-16/32/64)"),
     "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
-        Row("attention head, cross-attention (TransDiff)"),
-        Row("attention head, no self-attention", generator="self_attention=False"),
-        Row("attention head, adaLN conditioning", generator="conditioning=adaln"),
-        Row("attention head, in-context conditioning", generator="conditioning=incontext"),
-        Row("MLP head, rectified flow", generator="head=mlp"),
-        Row("MLP head, DDPM (MAR)", generator="head=mlp,diffusion=ddpm")], _TD),
+        Row(label, generator=g, sample={"steps": 50}) for label, g in (   # 50 sampler steps each
+            ("attention head, cross-attention (TransDiff)", ""),
+            ("attention head, no self-attention", "self_attention=False"),
+            ("attention head, adaLN conditioning", "conditioning=adaln"),
+            ("attention head, in-context conditioning", "conditioning=incontext"),
+            ("MLP head, rectified flow", "head=mlp"),
+            ("MLP head, DDPM (MAR)", "head=mlp,diffusion=ddpm"))], _TD),
     "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
         Row(f"head depth {d}", generator=f"head_depth={d}") for d in (1, 2, 4)], _TD),
     "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
@@ -198,7 +199,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   table = TABLES[name]
   if scale == "full":
     dry_run = True
-  elif not judge or not os.path.isdir(judge):
+  elif not dry_run and (not judge or not os.path.isdir(judge)):
     raise ValueError(f"--judge={judge!r}: scale {scale} scores samples with a classifier workdir "
                      f"(python -m tdjax.train --config configs/classifier.py --workdir DIR)")
   os.makedirs(workdir, exist_ok=True)
