@@ -3,7 +3,7 @@ r"""Paper ablation tables by one command.
   python -m tdjax.ablate --table NAME --scale demo|quick|tiny|full --workdir DIR [--judge CLASSIFIER_DIR]
 
 Every row is a set of config arguments (never a copied config file).  `demo`, `quick` (the demo
-models on half-length schedules, 50 samples per class) and `tiny` (the seconds-long smoke scale of
+models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samples per class) and `tiny` (the seconds-long smoke scale of
 the tests) train and sample each row here, scores the samples with
 the classifier judge (class accuracy and Fréchet distance on its features, 100 samples per class
 at demo scale),
@@ -120,9 +120,10 @@ SCALES = {
                  ar_override="--config.model.depth=1"),
     "demo": dict(tokenizer="size=demo", ar="size=demo", transdiff="size=demo", num=100,
                  ar_override=""),
-    # the demo models on half-length schedules: a table in about an hour on 2 CPU cores
+    # the demo models on shorter schedules (tokenizer and AR half, TransDiff a quarter), 50 samples
+    # per class: a table in about an hour on 2 CPU cores
     "quick": dict(tokenizer="size=demo,steps=500", ar="size=demo,steps=750",
-                  transdiff="size=demo,steps=800", num=50, ar_override=""),
+                  transdiff="size=demo,steps=500", num=50, ar_override=""),
     "full": dict(tokenizer="size=full,tokens=128", ar="size=L", transdiff="size=L", num=50,
                  ar_override=""),
 }
