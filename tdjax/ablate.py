@@ -95,11 +95,11 @@ TABLES = {
     "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
         Row(label, generator=g, sample={"steps": 50}) for label, g in (   # 50 sampler steps each
             ("attention head, cross-attention (TransDiff)", ""),
+            ("MLP head, rectified flow", "head=mlp"),
+            ("MLP head, DDPM (MAR)", "head=mlp,diffusion=ddpm"),
             ("attention head, no self-attention", "self_attention=False"),
             ("attention head, adaLN conditioning", "conditioning=adaln"),
-            ("attention head, in-context conditioning", "conditioning=incontext"),
-            ("MLP head, rectified flow", "head=mlp"),
-            ("MLP head, DDPM (MAR)", "head=mlp,diffusion=ddpm"))], _TD),
+            ("attention head, in-context conditioning", "conditioning=incontext"))], _TD),
     "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
         Row(f"head depth {d}", generator=f"head_depth={d}") for d in (1, 2, 4)], _TD),
     "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
