@@ -600,7 +600,6 @@ def convert_detailflow_tokenizer(input_path: str, output: str, *, group: int = 8
   """Writes a `tokenizer` workdir (configs/detailflow_tokenizer.py:size=full with the checkpoint's
   dims) that `tdjax.reconstruct` and `tdjax.data.codes` load.  Heads are not in the weights: by
   default the SigLIP2 head widths (encoder 72, decoder 64) divide the widths."""
-  import jax
   sd = read_state_dict(input_path, entries=("model", "ema"))
   dims = tokenizer_dims(sd)
   enc_heads = enc_heads or dims["enc_width"] // 72

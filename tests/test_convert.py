@@ -420,9 +420,8 @@ def transdiff_state_dict(p, heads):
 def test_transdiff_conversion_round_trip(tmp_path, arg):
   """tdjax TransDiff params (tiny 1-step, MRAR) -> reference-named EMA state dict -> converter -> a
   workdir whose restored params match leaf for leaf; a wrong key / shape is named."""
-  from tdjax import configlib, parallel, trainer
+  from tdjax import parallel, trainer
   from tdjax.nn.layers import unstack_layers
-  del configlib
   cfg = convert._load_config("transdiff", arg)
   setup = trainer.Setup(cfg, parallel.make_mesh({"data": -1}))
   params = _perturbed(setup.init_state()["params"])
