@@ -192,12 +192,17 @@ def _trained(workdir: str) -> bool:
 
 
 def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
-              dry_run: bool = False) -> dict:
+              dry_run: bool = False, rows: list[int] | None = None) -> dict:
+  """Runs (or prints) each row's stages and writes the table.  `rows` (0-based indices) runs only
+  those rows; the others are reported from their judge files if an earlier run wrote them."""
   if name not in TABLES:
     raise ValueError(f"--table={name!r}: expected one of {', '.join(sorted(TABLES))}")
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: expected one of {', '.join(SCALES)}")
   table = TABLES[name]
+  bad = [i for i in rows or () if not 0 <= i < len(table.rows)]
+  if bad:
+    raise ValueError(f"--rows={bad}: table {name} has rows 0..{len(table.rows) - 1}")
   if scale == "full":
     dry_run = True
   elif not dry_run and (not judge or not os.path.isdir(judge)):
@@ -206,7 +211,13 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   os.makedirs(workdir, exist_ok=True)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results, printed = [], set()
-  for row in table.rows:
+  for index, row in enumerate(table.rows):
+    if rows is not None and index not in rows:
+      marker = row_stages(table, row, scale, workdir, judge)[-1][0]
+      if not dry_run:
+        results.append(_result(row, marker) if os.path.exists(marker) else
+                       dict(row=row.label, skipped="not run yet (--rows)", paper=row.paper))
+      continue
     if row.needs and not dry_run:
       logging.warning("skipping row %r: it needs %s", row.label, row.needs)
       results.append(dict(row=row.label, skipped=f"needs {row.needs}", paper=row.paper))
@@ -225,16 +236,20 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
       os.makedirs(os.path.dirname(marker), exist_ok=True)
       subprocess.run(argv, check=True, cwd=root)
     if not dry_run:
-      with open(marker) as f:
-        r = json.load(f)
-      results.append(dict(row=row.label, class_accuracy=r["class_accuracy"],
-                          frechet_distance=r["frechet_distance"], paper=row.paper))
+      results.append(_result(row, marker))
   if dry_run:
     return {}
   report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
                 rows=results)
   write_report(report, os.path.join(workdir, name))
   return report
+
+
+def _result(row: Row, judge_file: str) -> dict:
+  with open(judge_file) as f:
+    r = json.load(f)
+  return dict(row=row.label, class_accuracy=r["class_accuracy"],
+              frechet_distance=r["frechet_distance"], paper=row.paper)
 
 
 def write_report(report: dict, stem: str) -> None:
@@ -271,7 +286,8 @@ def write_report(report: dict, stem: str) -> None:
 
 def main(argv):
   del argv
-  report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run)
+  rows = [int(i) for i in FLAGS.rows] if FLAGS.rows else None
+  report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run, rows)
   if report:
     print(open(os.path.join(FLAGS.workdir, FLAGS.table + ".md")).read())
 
@@ -283,5 +299,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Folder for every row's runs and the table.")
   flags.DEFINE_string("judge", None, "Classifier workdir scoring the samples (tiny/demo).")
   flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+  flags.DEFINE_list("rows", None, "Run only these rows (0-based indices); the others are "
+                    "reported from earlier runs' results where they exist.")
   flags.mark_flags_as_required(["table", "workdir"])
   app.run(main)

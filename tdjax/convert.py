@@ -6,6 +6,7 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind detailflow_tokenizer --input DetailFlow-16/checkpoints/128.pt \
       --output runs/df16_tok [--group 8]
   python -m tdjax.convert --kind mar_vae --input kl16.ckpt --output kl16.npz
+  python -m tdjax.convert --kind transdiff --input transdiff_l.pth --output runs/td_l --vae kl16.npz
   python -m tdjax.convert --kind inception --input pt_inception-2015-12-05-6726825d.pth \
       --output inception.npz
   python -m tdjax.convert --kind lpips --input vgg16-397923af.pth,lpips_vgg.pth --output lpips.npz
@@ -23,8 +24,10 @@ checkpoint's "ema" entry, else "model"; W(out, in) -> kernel W^T, the fused wqkv
 FID InceptionV3: BatchNorm running statistics -> `batch_stats`, `num_batches_tracked` and
 `AuxLogits.*` dropped) -> the .npz `tdjax.evaluate --inception` reads; `lpips` (torchvision's VGG16
 `features.N` or LPIPS's `net.sliceK.N`, plus the `linI.model.1` heads; the scaling-layer buffers
-must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`.  Not written yet: TransDiff
-B/L/H/MRAR.
+must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`; `transdiff` (reference
+transdiff.md 4.4: "model_ema" first; B / L / H from the dims, MRAR and its reference count from
+the mask token and position table, 512 px from N = 1024) -> a TransDiff workdir (`--vae kl16.npz`
+to decode).
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
@@ -182,6 +185,10 @@ _TOK_RENAME = {   # reference key (after the '.'-stripped (1, N, W) / (1, 1, W) 
     "decoder.latent_pos_embed": "dec_latent_pos", "quantize.embedding.weight": "quantizer/codebook",
     "encoder.visual_model.embeddings.position_embedding.weight": "enc_pos/table",
     "decoder.visual_model.embeddings.position_embedding.weight": "dec_pos/table"}
+# SigLIP encoder-layer submodules (both stacks) -> tdjax's `block`
+_TOK_BLOCK = {"layer_norm1": "norm1/ln", "layer_norm2": "norm2/ln", "mlp.fc1": "mlp/fc1",
+              "mlp.fc2": "mlp/fc2", "self_attn.q_proj": "attn/query", "self_attn.k_proj": "attn/key",
+              "self_attn.v_proj": "attn/value", "self_attn.out_proj": "attn/out"}
 _TOK_LINEARS = {"encoder.visual_model.embeddings.patch_embedding": "patch_embed",
                 "decoder.to_pixel.model": "to_pixel", "quant_conv": "quant_proj",
                 "post_quant_conv": "post_quant", "refine_conv": "refine_proj",
@@ -235,35 +242,14 @@ def detailflow_tokenizer_params(sd: Mapping[str, np.ndarray], expected: Mapping,
       value = value.reshape(-1) if key == "decoder.mask_token" else (
           value[0] if value.ndim == 3 else value)
     elif mod in _TOK_LINEARS:
-      target = f"{_TOK_LINEARS[mod]}/" + {"weight": "kernel" if value.ndim == 2 else "scale"}.get(
-          leaf, leaf)
-      value = value.T if value.ndim == 2 else value
-    elif m:
-      side, i, sub = m[1], m[2], m[3]
-      heads = enc_heads if side == "encoder" else dec_heads
-      base = f"{side}/blocks_{i}/block/"
-      if sub in ("layer_norm1", "layer_norm2"):
-        target = base + f"norm{sub[-1]}/ln/" + ("scale" if leaf == "weight" else leaf)
-      elif sub in ("mlp.fc1", "mlp.fc2"):
-        target = base + sub.replace(".", "/") + "/" + ("kernel" if leaf == "weight" else leaf)
-        value = value.T if leaf == "weight" else value
-      elif sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                   "self_attn.out_proj"):
-        name = {"q": "query", "k": "key", "v": "value", "o": "out"}[sub.split(".")[1][0]]
-        target = base + f"attn/{name}/" + ("kernel" if leaf == "weight" else leaf)
-        width = value.shape[-1]
-        if width % heads:
-          errors.append(f"{key}: width {width} is not divisible by {heads} heads")
-          continue
-        hd = width // heads
-        if name == "out":
-          value = value.T.reshape(heads, hd, width) if leaf == "weight" else value
-        else:
-          value = (value.T.reshape(width, heads, hd) if leaf == "weight"
-                   else value.reshape(heads, hd))
-      else:
-        errors.append(f"unexpected {key} {value.shape}")
+      target, value = _linear_leaf(_TOK_LINEARS[mod], leaf, value)
+    elif m and m[3] in _TOK_BLOCK:
+      side, i, name = m[1], m[2], _TOK_BLOCK[m[3]]
+      heads = (enc_heads if side == "encoder" else dec_heads) if "attn/" in name else 0
+      if heads and value.shape[-1] % heads:
+        errors.append(f"{key}: width {value.shape[-1]} is not divisible by {heads} heads")
         continue
+      target, value = _linear_leaf(f"{side}/blocks_{i}/block/{name}", leaf, value, heads)
     else:
       errors.append(f"unexpected {key} {value.shape}")
       continue
@@ -438,15 +424,12 @@ def convert_mar_vae(input_path: str, output: str, config: str = "kl16") -> dict:
 def _torch_leaf(path: list, value: np.ndarray):
   """(collection, flax path, value) of one torch conv / BatchNorm / Linear leaf."""
   *mod, leaf = path
-  if leaf == "weight" and value.ndim == 4:
-    return "params", mod + ["kernel"], value.transpose(2, 3, 1, 0)
-  if leaf == "weight" and value.ndim == 2:
-    return "params", mod + ["kernel"], value.T
   if leaf in ("running_mean", "running_var"):
     return "batch_stats", mod + [leaf[len("running_"):]], value
-  if leaf == "weight":
-    return "params", mod + ["scale"], value
-  return "params", mod + [leaf], value
+  if leaf == "weight" and value.ndim == 4:
+    return "params", mod + ["kernel"], value.transpose(2, 3, 1, 0)
+  target, value = _linear_leaf("/".join(mod), leaf, value)
+  return "params", target.split("/"), value
 
 
 def inception_variables(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:

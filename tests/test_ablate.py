@@ -29,6 +29,8 @@ def test_full_scale_prints_every_rows_commands(tmp_path, capsys):
   assert len(cfg_tok) == 1
   with pytest.raises(ValueError, match="--table='nope'"):
     ablate.run_table("nope", "full", str(tmp_path))
+  with pytest.raises(ValueError, match=r"--rows=\[6\]: table transdiff_heads has rows 0..5"):
+    ablate.run_table("transdiff_heads", "full", str(tmp_path), rows=[0, 6])
   with pytest.raises(ValueError, match="--judge=None"):
     ablate.run_table("transdiff_steps", "demo", str(tmp_path))
 
@@ -55,6 +57,9 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   ckpts = os.path.join(wd, "transdiff_base", "checkpoints")
   before = sorted(os.listdir(ckpts))
   os.remove(os.path.join(wd, "samples", "25_steps_judge.json"))
+  only = ablate.run_table("transdiff_steps", "tiny", wd, judge, rows=[0])  # row 1 left alone
+  assert only["rows"][0] == report["rows"][0] and "--rows" in only["rows"][1]["skipped"]
+  assert not os.path.exists(os.path.join(wd, "samples", "25_steps_judge.json"))
   again = ablate.run_table("transdiff_steps", "tiny", wd, judge)   # resumes: re-samples one row
   assert sorted(os.listdir(ckpts)) == before
   assert json.load(open(os.path.join(wd, "transdiff_steps.json")))["rows"] == again["rows"]

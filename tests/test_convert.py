@@ -283,12 +283,28 @@ def _perturbed(params, seed=0):
                                    .astype(np.float32) for a in leaves])
 
 
+# tdjax (Flax) leaves -> PyTorch state-dict leaves
+def _lin(d):         # Dense: kernel (in, out) -> weight (out, in)
+  return {"weight": d["kernel"].T, "bias": d["bias"]}
+
+
+def _ln(d):          # tdjax LayerNorm wrapper -> torch LayerNorm
+  return {"weight": d["ln"]["scale"], "bias": d["ln"]["bias"]}
+
+
+def _head_proj(a):   # per-head q/k/v (D, H, hd) / (H, hd) -> Linear (H * hd, D)
+  return {"weight": a["kernel"].reshape(a["kernel"].shape[0], -1).T, "bias": a["bias"].reshape(-1)}
+
+
+def _out_proj(a):    # per-head out (H, hd, D) -> Linear (D, H * hd)
+  return {"weight": a["kernel"].reshape(-1, a["kernel"].shape[-1]).T, "bias": a["bias"]}
+
+
 def tokenizer_state_dict(params, n, enc_heads, dec_heads):
   """Reference DetailFlow tokenizer keys (detailflow.md 4.3) from tdjax params, PyTorch layout:
   Linear (out, in), q/k/v/o as full matrices, (1, N, W) query tables, (1, 1, W) mask token; plus
   the training-only keys a converter must ignore."""
   p = jax.tree.map(np.asarray, params)
-  lin = lambda d: {"weight": d["kernel"].T, "bias": d["bias"]}
   sd = {"encoder.latent_tokens": p["latent_tokens"][None],
         "encoder.refined_tokens": p["refined_tokens"][None],
         "encoder.latent_pos_embed": p["latent_pos_embed"][None],
@@ -301,7 +317,7 @@ def tokenizer_state_dict(params, n, enc_heads, dec_heads):
   for src, dst in (("encoder.visual_model.embeddings.patch_embedding", "patch_embed"),
                    ("decoder.to_pixel.model", "to_pixel"), ("quant_conv", "quant_proj"),
                    ("post_quant_conv", "post_quant"), ("refine_conv", "refine_proj")):
-    sd.update({f"{src}.{k}": v for k, v in lin(p[dst]).items()})
+    sd.update({f"{src}.{k}": v for k, v in _lin(p[dst]).items()})
   for side, pos, norm in (("encoder", "enc_pos", "enc_norm"), ("decoder", "dec_pos", "dec_norm")):
     vm = f"{side}.visual_model."
     sd[vm + "embeddings.position_embedding.weight"] = p[pos]["table"]
@@ -309,18 +325,12 @@ def tokenizer_state_dict(params, n, enc_heads, dec_heads):
     sd[vm + "post_layernorm.bias"] = p[norm]["ln"]["bias"]
     for name, blk in p[side].items():
       b, pre = blk["block"], f"{vm}encoder.layers.{name.split('_')[1]}."
-      for i in "12":
-        sd[pre + f"layer_norm{i}.weight"] = b[f"norm{i}"]["ln"]["scale"]
-        sd[pre + f"layer_norm{i}.bias"] = b[f"norm{i}"]["ln"]["bias"]
-      for t in ("q", "k", "v"):
-        a = b["attn"][{"q": "query", "k": "key", "v": "value"}[t]]
-        sd[pre + f"self_attn.{t}_proj.weight"] = a["kernel"].reshape(a["kernel"].shape[0], -1).T
-        sd[pre + f"self_attn.{t}_proj.bias"] = a["bias"].reshape(-1)
-      o = b["attn"]["out"]
-      sd[pre + "self_attn.out_proj.weight"] = o["kernel"].reshape(-1, o["kernel"].shape[-1]).T
-      sd[pre + "self_attn.out_proj.bias"] = o["bias"]
-      for f in ("fc1", "fc2"):
-        sd.update({pre + f"mlp.{f}.{k}": v for k, v in lin(b["mlp"][f]).items()})
+      mods = {f"layer_norm{i}": _ln(b[f"norm{i}"]) for i in "12"}
+      mods.update({f"self_attn.{t[0]}_proj": _head_proj(b["attn"][t])
+                   for t in ("query", "key", "value")})
+      mods.update({"self_attn.out_proj": _out_proj(b["attn"]["out"]),
+                   "mlp.fc1": _lin(b["mlp"]["fc1"]), "mlp.fc2": _lin(b["mlp"]["fc2"])})
+      sd.update({f"{pre}{m}.{k}": v for m, leaves in mods.items() for k, v in leaves.items()})
   return sd
 
 
@@ -373,44 +383,37 @@ def transdiff_state_dict(p, heads):
   """Reference TransDiff keys (transdiff.md 4.4) from tdjax params, PyTorch layout: fused qkv rows
   [q | k | v] (heads contiguous), (1, L, D) tables, (1, k, D) scale-shift tables."""
   p = jax.tree.map(np.asarray, p)
-  lin = lambda d: {"weight": d["kernel"].T, "bias": d["bias"]}
-  ln = lambda d: {"weight": d["ln"]["scale"], "bias": d["ln"]["bias"]}
-  proj = lambda a: {"weight": a["kernel"].reshape(-1, a["kernel"].shape[-1]).T, "bias": a["bias"]}
-  qkv_w = lambda a: np.concatenate([a[n]["kernel"].reshape(a[n]["kernel"].shape[0], -1).T
-                                    for n in ("query", "key", "value")])
-  qkv_b = lambda a: np.concatenate([a[n]["bias"].reshape(-1) for n in ("query", "key", "value")])
+  qkv = lambda a: {k: np.concatenate([_head_proj(a[n])[k] for n in ("query", "key", "value")])
+                   for k in ("weight", "bias")}
   ar, hd = p["ar"], p["head"]
   sd = {"class_emb.weight": ar["class_emb"], "fake_latent": ar["fake_latent"][None],
         "mask_token": ar["mask_token"][None], "encoder_pos_embed_learned": ar["enc_pos"][None],
         "diffusion_pos_embed_learned": ar["diff_pos"][None],
         "diffdecoder.net.diffusion_pos_embed_learned": hd["pos_embed"][None],
         "diffdecoder.net.final_layer.scale_shift_table": hd["final_scale_shift"][None]}
-  groups = {"z_proj": lin(ar["z_proj"]), "z_proj_ln": ln(ar["z_proj_ln"]),
-            "encoder_norm": ln(ar["norm"]),
-            "diffdecoder.net.time_embed.time_embedder.linear_1": lin(hd["time_embed"]["linear_1"]),
-            "diffdecoder.net.time_embed.time_embedder.linear_2": lin(hd["time_embed"]["linear_2"]),
-            "diffdecoder.net.time_embed.time_proj": lin(hd["time_proj"]),
-            "diffdecoder.net.cond_embed": lin(hd["cond_embed"]),
-            "diffdecoder.net.input_proj": lin(hd["input_proj"]),
-            "diffdecoder.net.final_layer.linear": lin(hd["final_linear"])}
+  groups = {"z_proj": _lin(ar["z_proj"]), "z_proj_ln": _ln(ar["z_proj_ln"]),
+            "encoder_norm": _ln(ar["norm"]),
+            **{f"diffdecoder.net.time_embed.time_embedder.{n}": _lin(hd["time_embed"][n])
+               for n in ("linear_1", "linear_2")},
+            "diffdecoder.net.time_embed.time_proj": _lin(hd["time_proj"]),
+            "diffdecoder.net.cond_embed": _lin(hd["cond_embed"]),
+            "diffdecoder.net.input_proj": _lin(hd["input_proj"]),
+            "diffdecoder.net.final_layer.linear": _lin(hd["final_linear"])}
   for name, b in ar["blocks"].items():
     b, pre = b["block"], f"encoder_blocks.{name.split('_')[1]}."
-    groups.update({pre + "norm1": ln(b["norm1"]), pre + "norm2": ln(b["norm2"]),
-                   pre + "attn.proj": proj(b["attn"]["out"]), pre + "mlp.fc1": lin(b["mlp"]["fc1"]),
-                   pre + "mlp.fc2": lin(b["mlp"]["fc2"]),
-                   pre + "attn.qkv": {"weight": qkv_w(b["attn"]), "bias": qkv_b(b["attn"])}})
+    groups.update({pre + "norm1": _ln(b["norm1"]), pre + "norm2": _ln(b["norm2"]),
+                   pre + "attn.proj": _out_proj(b["attn"]["out"]), pre + "attn.qkv": qkv(b["attn"]),
+                   pre + "mlp.fc1": _lin(b["mlp"]["fc1"]), pre + "mlp.fc2": _lin(b["mlp"]["fc2"])})
   for name, b in hd["blocks"].items():
     b, pre = b["block"], f"diffdecoder.net.res_blocks.{name.split('_')[1]}."
     sd[pre + "scale_shift_table"] = b["scale_shift_table"][None]
-    groups.update({pre + "norm1": ln(b["norm1"]), pre + "norm2": ln(b["norm_cross"]),
-                   pre + "norm3": ln(b["norm2"]), pre + "attn1.proj": proj(b["attn"]["out"]),
-                   pre + "attn1.qkv": {"weight": qkv_w(b["attn"]), "bias": qkv_b(b["attn"])},
-                   pre + "mlp.fc1": lin(b["mlp"]["fc1"]), pre + "mlp.fc2": lin(b["mlp"]["fc2"])})
+    groups.update({pre + "norm1": _ln(b["norm1"]), pre + "norm2": _ln(b["norm_cross"]),
+                   pre + "norm3": _ln(b["norm2"]), pre + "attn1.qkv": qkv(b["attn"]),
+                   pre + "attn1.proj": _out_proj(b["attn"]["out"]),
+                   pre + "mlp.fc1": _lin(b["mlp"]["fc1"]), pre + "mlp.fc2": _lin(b["mlp"]["fc2"])})
     for t, n in (("wq", "query"), ("wk", "key"), ("wv", "value")):
-      a = b["cross_attn"][n]
-      groups[pre + f"attn2.{t}"] = {"weight": a["kernel"].reshape(a["kernel"].shape[0], -1).T,
-                                    "bias": a["bias"].reshape(-1)}
-    groups[pre + "attn2.proj"] = proj(b["cross_attn"]["out"])
+      groups[pre + f"attn2.{t}"] = _head_proj(b["cross_attn"][n])
+    groups[pre + "attn2.proj"] = _out_proj(b["cross_attn"]["out"])
   for mod, leaves in groups.items():
     sd.update({f"{mod}.{k}": v for k, v in leaves.items()})
   return sd
