@@ -13,3 +13,18 @@ def test_train_step_figures_and_fsdp_ratio():
   assert ratio["devices"] == 8 and 1.0 <= ratio["ratio_max_to_even_share"] < 1.1
   m = bench.matmul_flops_per_sec(n=256, repeats=1)
   assert m["flops_per_sec"] > 0
+
+
+def test_a_scanned_stack_counts_every_layer():
+  """XLA's compiled cost analysis counts a scanned stack's loop body once; the bench must not."""
+  import pytest
+  scanned = bench.load_config("configs/detailflow_ar.py", "size=demo,batch=8", {"model.depth": 3})
+  unrolled = bench.load_config("configs/detailflow_ar.py", "size=demo,batch=8,scan=False",
+                               {"model.depth": 3})
+  assert scanned.model.scan and not unrolled.model.scan and scanned.model.depth == 3
+  s = bench.train_step_figures(scanned, steps=1, repeats=1)
+  u = bench.train_step_figures(unrolled, steps=1, repeats=1)
+  assert s["flops_per_step"] == pytest.approx(u["compiled_flops_per_step"], rel=0.02)
+  assert s["compiled_flops_per_step"] < 0.6 * s["flops_per_step"]     # the loop body once
+  path, arg, over = bench.MODELS["next_detail_w512"]
+  assert bench.load_config(path, arg, over).model.dim == 512
