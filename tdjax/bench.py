@@ -4,7 +4,7 @@ the step lowered with its layer stacks unrolled (as in `tdjax.aot`): the compile
 scanned stack counts the loop body once, so its own figure (`compiled_flops_per_step`, also
 reported) undercounts a depth-L scanned model about L times.
 
-  python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json]
+  python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json] [--markdown]
 
 With several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8) it also reports
 how evenly FSDP spreads each model's parameter bytes.  The train-step figures use the config's
@@ -163,11 +163,31 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
   return out
 
 
+def markdown_table(result: dict) -> str:
+  """The README's table of the train-step figures (one row per model) from a bench result."""
+  peak = result["matmul"]["flops_per_sec"]
+  lines = [f"plain f32 matmul {result['matmul']['n']}^3: {peak / 1e9:.0f} GFLOP/s", "",
+           "| model | params | batch | step | GFLOP / step | GFLOP/s | ratio to matmul | compile "
+           "| FSDP bytes: max / even share |", "|---|---|---|---|---|---|---|---|---|"]
+  for key, f in result.items():
+    if not key.startswith("train_step/"):
+      continue
+    name = key.split("/", 1)[1]
+    fsdp = result.get(f"fsdp_bytes/{name}", {}).get("ratio_max_to_even_share")
+    lines.append(f"| {name} | {f['params'] / 1e6:.1f} M | {f['batch_size']} | "
+                 f"{f['seconds_per_step']:.3f} s | {f['flops_per_step'] / 1e9:.1f} | "
+                 f"{f['flops_per_sec'] / 1e9:.0f} | {f['ratio_to_matmul']:.2f} | "
+                 f"{f['compile_seconds']:.1f} s | {'-' if fsdp is None else f'{fsdp:.2f}'} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   result = run_benchmarks(FLAGS.models, FLAGS.repeats, FLAGS.steps)
   text = json.dumps(result, indent=2)
   print(text)
+  if FLAGS.markdown:
+    print(markdown_table(result))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
@@ -178,4 +198,5 @@ if __name__ == "__main__":   # flags defined here: tdjax.aot imports this module
   flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
   flags.DEFINE_integer("steps", 5, "Train steps per timed repeat.")
   flags.DEFINE_string("out", None, "Also write the JSON to this file.")
+  flags.DEFINE_bool("markdown", False, "Also print the train-step figures as a Markdown table.")
   app.run(main)

@@ -13,6 +13,10 @@ def test_train_step_figures_and_fsdp_ratio():
   assert ratio["devices"] == 8 and 1.0 <= ratio["ratio_max_to_even_share"] < 1.1
   m = bench.matmul_flops_per_sec(n=256, repeats=1)
   assert m["flops_per_sec"] > 0
+  table = bench.markdown_table({"matmul": m, "fsdp_bytes/toy": ratio, "train_step/toy": dict(
+      figs, ratio_to_matmul=figs["flops_per_sec"] / m["flops_per_sec"])})
+  row = table.splitlines()[-1].split(" | ")
+  assert row[0] == "| toy" and row[2] == "16" and row[-1] == f"{ratio['ratio_max_to_even_share']:.2f} |"
 
 
 def test_a_scanned_stack_counts_every_layer():
