@@ -216,7 +216,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
       marker = row_stages(table, row, scale, workdir, judge)[-1][0]
       if not dry_run:
         results.append(_result(row, marker) if os.path.exists(marker) else
-                       dict(row=row.label, skipped="not run yet (--rows)", paper=row.paper))
+                       dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
       continue
     if row.needs and not dry_run:
       logging.warning("skipping row %r: it needs %s", row.label, row.needs)
