@@ -148,3 +148,14 @@ def test_evaluate_cli_on_real_images_with_a_tiny_judge(tmp_path):
   other = evaluate.evaluate(path, "split:train", judge_dir, batch_size=64)
   assert 0.0 < other["fid"] and 0.0 < other["sfid"]
   assert set(other) >= {"fid", "sfid", "inception_score", "precision", "recall", "class_accuracy"}
+  # the sampling CLI's bad input: a classifier checkpoint, an empty workdir, a bad checkpoint path
+  import pytest
+  from tdjax import sample
+  with pytest.raises(ValueError, match=r"clf holds a 'classifier' checkpoint; sampling supports"):
+    sample.generate(judge_dir, "0", 1)
+  with pytest.raises(Exception, match=r"no checkpoint in .*empty"):
+    sample.generate(str(tmp_path / "empty"), "0", 1)
+  with pytest.raises(ValueError, match=r"expected WORKDIR/checkpoints/STEP"):
+    sample.split_checkpoint_path(judge_dir)
+  with pytest.raises(FileNotFoundError, match=r"checkpoints/99: no such checkpoint"):
+    sample.split_checkpoint_path(os.path.join(judge_dir, "checkpoints", "99"))
