@@ -149,7 +149,6 @@ def test_evaluate_cli_on_real_images_with_a_tiny_judge(tmp_path):
   assert 0.0 < other["fid"] and 0.0 < other["sfid"]
   assert set(other) >= {"fid", "sfid", "inception_score", "precision", "recall", "class_accuracy"}
   # the sampling CLI's bad input: a classifier checkpoint, an empty workdir, a bad checkpoint path
-  import pytest
   from tdjax import sample
   with pytest.raises(ValueError, match=r"clf holds a 'classifier' checkpoint; sampling supports"):
     sample.generate(judge_dir, "0", 1)
