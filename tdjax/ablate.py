@@ -212,15 +212,16 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results, printed = [], set()
   for index, row in enumerate(table.rows):
+    if row.needs and not dry_run:       # below full scale, whether or not --rows names it
+      if rows is None or index in rows:
+        logging.warning("skipping row %r: it needs %s", row.label, row.needs)
+      results.append(dict(row=row.label, skipped=f"needs {row.needs}", paper=row.paper))
+      continue
     if rows is not None and index not in rows:
       marker = row_stages(table, row, scale, workdir, judge)[-1][0]
       if not dry_run:
         results.append(_result(row, marker) if os.path.exists(marker) else
                        dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
-      continue
-    if row.needs and not dry_run:
-      logging.warning("skipping row %r: it needs %s", row.label, row.needs)
-      results.append(dict(row=row.label, skipped=f"needs {row.needs}", paper=row.paper))
       continue
     for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
       cmd = " ".join(argv[1:]) if dry_run else " ".join(argv)

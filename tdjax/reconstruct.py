@@ -62,13 +62,15 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   res = {n: decoder_resolution(resolution_for_prefix(n, N, R, task.alpha), model.patch) for n in ns}
   tgt = {n: resolution_for_prefix(n, N, R, task.alpha) for n in ns}
 
+  # the weights are jit arguments, not closed-over constants: smaller programs, and XLA:CPU was
+  # seen to miscompile dots against uniform constant matrices (zero-initialised layers)
   @jax.jit
-  def codes_of(x):
+  def codes_of(gen, x):
     q = model.apply({"params": gen}, model.apply({"params": gen}, x, method="encode"),
                     method="quantize")
     return q["z_q"], q.get("indices", jnp.zeros(x.shape[:1] + (N,), jnp.int32))
 
-  decoders = {n: jax.jit(lambda z, n=n: model.apply({"params": gen}, z[:, :n], res[n],
+  decoders = {n: jax.jit(lambda gen, z, n=n: model.apply({"params": gen}, z[:, :n], res[n],
                                                     method="decode")) for n in ns}
   up = {n: bicubic_matrix(res[n], R) for n in ns}
   down = {n: degrade_matrix(R, tgt[n], res[n]) for n in ns}
@@ -83,11 +85,11 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   while count < eval_images:
     b = next(data)
     x = b["image"][:eval_images - count]
-    zq, idx = codes_of(x)
+    zq, idx = codes_of(gen, x)
     x01 = (np.asarray(x) + 1) / 2
     cols = [np.asarray(x)]
     for n in ns:
-      rec = np.asarray(decoders[n](zq))
+      rec = np.asarray(decoders[n](gen, zq))
       full = np.asarray(apply_separable(jnp.asarray(rec), up[n]))
       target = np.asarray(apply_separable(jnp.asarray(x), down[n]))
       rec01 = np.clip((full + 1) / 2, 0, 1)

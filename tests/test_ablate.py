@@ -39,8 +39,10 @@ def test_full_scale_prints_every_rows_commands(tmp_path, capsys):
 def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatch):
   from tdjax import trainer
   full = ablate.TABLES["transdiff_steps"]       # two of its rows keep the test short
+  outside = ablate.Row("needs weights", needs="teacher weights W")   # never runs below full
   monkeypatch.setitem(ablate.TABLES, "transdiff_steps",
-                      ablate.Table(full.title, full.family, full.rows[:2], full.paper_source))
+                      ablate.Table(full.title, full.family, full.rows[:2] + [outside],
+                                   full.paper_source))
   spec = importlib.util.spec_from_file_location("clf", os.path.join(ROOT, "configs", "classifier.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -48,8 +50,9 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   trainer.train_and_evaluate(mod.get_config("size=tiny,steps=10,batch=32"), judge)
   wd = str(tmp_path / "abl")
   report = ablate.run_table("transdiff_steps", "tiny", wd, judge)
-  assert [r["row"] for r in report["rows"]] == ["10 steps", "25 steps"]
-  fds = [r["frechet_distance"] for r in report["rows"]]
+  assert [r["row"] for r in report["rows"]] == ["10 steps", "25 steps", "needs weights"]
+  assert report["rows"][2]["skipped"] == "needs teacher weights W"
+  fds = [r["frechet_distance"] for r in report["rows"][:2]]
   assert len(set(fds)) == 2                       # the rows really sampled differently
   for ext in ("md", "json", "png"):
     assert os.path.getsize(os.path.join(wd, f"transdiff_steps.{ext}")) > 0
@@ -59,6 +62,7 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   os.remove(os.path.join(wd, "samples", "25_steps_judge.json"))
   only = ablate.run_table("transdiff_steps", "tiny", wd, judge, rows=[0])  # row 1 left alone
   assert only["rows"][0] == report["rows"][0] and "--rows" in only["rows"][1]["skipped"]
+  assert only["rows"][2] == report["rows"][2]     # the reason stays, not "no result yet"
   assert not os.path.exists(os.path.join(wd, "samples", "25_steps_judge.json"))
   again = ablate.run_table("transdiff_steps", "tiny", wd, judge)   # resumes: re-samples one row
   assert sorted(os.listdir(ckpts)) == before

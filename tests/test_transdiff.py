@@ -165,17 +165,39 @@ def test_mrar_loss_conditions_image_k_on_its_prefix():
   task = _task("size=tiny,mrar=True")
   params = nn.unbox(task.init(jax.random.key(0))[0])
   batch = _batch(task, 4)
-  f = jax.jit(lambda b: task._losses(params, b, jax.random.key(5), False)[0])
+  # params go in as jit arguments, as in the trainer: closed over, they become constants, and
+  # XLA:CPU (jaxlib 0.10.2) miscompiles the zero-initialised final linear folded into a
+  # broadcast scalar (a dot against broadcast(0) inside a fusion): the loss came out inf or
+  # 1e20 in about half of the compilations
+  loss = jax.jit(lambda p, b: task._losses(p, b, jax.random.key(5), False)[0])
+  f = lambda b: loss(params, b)
   base = f(batch)
   later = dict(batch, image=batch["image"].at[:, 3].add(0.5))
   earlier = dict(batch, image=batch["image"].at[:, 0].add(0.5))
+  assert np.isfinite(float(base))
   assert float(f(later)) != float(base) and float(f(earlier)) != float(base)
+  # the head sees only image k's prefix of the conditions (its final linear made non-zero, else
+  # its output is 0 whatever the conditions)
+  fl = params["head"]["final_linear"]
+  ph = dict(params, head=dict(params["head"], final_linear=dict(
+      fl, kernel=jax.random.normal(jax.random.key(3), fl["kernel"].shape))))
+  m = task.ar.mask_len
+  x = jax.random.normal(jax.random.key(1), (2, task.L, task.latent_dim))
+  t = jnp.array([0.3, 0.7])
+  cond = jax.random.normal(jax.random.key(2), (2, 4 * m, task.ar.width))
+  later_cond = cond.at[:, m:].add(1.0)                 # every token after image 0's prefix
+  head = jax.jit(lambda p, c, mask: task._head(p, x, t, c, mask))
+  prefix = jnp.arange(4 * m)[None] < jnp.array([[m], [4 * m]])
+  out, out2 = head(ph, cond, prefix), head(ph, later_cond, prefix)
+  np.testing.assert_allclose(out2[0], out[0], atol=1e-5)          # image 0: prefix M only
+  assert float(jnp.abs(out2[1] - out[1]).max()) > 1e-3            # image 3: all 4 M
   # fewer references (the ablation's refs=): groups of refs + 1 images, the same prefix rule
   task2 = _task("size=tiny,mrar=True,refs=2")
   assert task2.num_refs == 2 and task2.config.input.group_size == 3
   p2 = nn.unbox(task2.init(jax.random.key(0))[0])
   b2 = _batch(task2, 3)
-  f2 = jax.jit(lambda b: task2._losses(p2, b, jax.random.key(5), False)[0])
+  loss2 = jax.jit(lambda p, b: task2._losses(p, b, jax.random.key(5), False)[0])
+  f2 = lambda b: loss2(p2, b)
   base2 = f2(b2)
   assert np.isfinite(float(base2))
   assert float(f2(dict(b2, image=b2["image"].at[:, 2].add(0.5)))) != float(base2)

@@ -124,8 +124,8 @@ class NextDetailTask(Task):
     if tok is None:
       raise ValueError("the config names no tokenizer_workdir to decode samples with")
     sample = self.sample_fn()
-    decode = jax.jit(lambda c: nd.decode_codes(tok[0], tok[1], c, ar_model=self.model))
-    return lambda params, labels, rng: decode(sample(params, labels, rng, **overrides))
+    decode = jax.jit(lambda t, c: nd.decode_codes(tok[0], t, c, ar_model=self.model))
+    return lambda params, labels, rng: decode(tok[1], sample(params, labels, rng, **overrides))
 
   def sample_fn(self):
     """(params, labels [B], rng, **overrides) -> codes [B, N]; defaults from config.sample."""

@@ -49,8 +49,8 @@ class NextDetailDiffusionTask(Task):
     self.mean, self.std = self._token_stats(int(config.get("token_stats_images", 1024)))
 
   # --- tokens -----------------------------------------------------------------------------------
-  def _raw_tokens(self, images):
-    v = {"params": self.tokenizer_params}
+  def _raw_tokens(self, images, tokenizer_params=None):
+    v = {"params": self.tokenizer_params if tokenizer_params is None else tokenizer_params}
     z = self.tokenizer.apply(v, images.astype(jnp.float32), method="encode")
     return self.tokenizer.apply(v, z, method="quantize")["z_q"]
 
@@ -61,10 +61,10 @@ class NextDetailDiffusionTask(Task):
     inp.update(dict(batch_size=min(256, num_images), augment="none", shuffle=False))
     data = pipeline.make_pipeline(inp, seed=0, process_index=0, process_count=1, split=inp.split,
                                   train=False)
-    encode = jax.jit(self._raw_tokens)
+    encode = jax.jit(lambda p, x: self._raw_tokens(x, p))
     z = []
     while sum(len(a) for a in z) < num_images:
-      z.append(np.asarray(encode(next(data)["image"])))
+      z.append(np.asarray(encode(self.tokenizer_params, next(data)["image"])))
     z = np.concatenate(z)[:num_images].reshape(-1, self.tokenizer.code_dim).astype(np.float64)
     return z.mean(0).astype(np.float32), np.maximum(z.std(0), 1e-6).astype(np.float32)
 
@@ -72,8 +72,8 @@ class NextDetailDiffusionTask(Task):
     """Images [B, H, W, C] -> standardised continuous tokens [B, N, C] (no gradient)."""
     return jax.lax.stop_gradient((self._raw_tokens(images) - self.mean) / self.std)
 
-  def tokens_to_images(self, z):
-    v = {"params": self.tokenizer_params}
+  def tokens_to_images(self, z, tokenizer_params=None):
+    v = {"params": self.tokenizer_params if tokenizer_params is None else tokenizer_params}
     x = self.tokenizer.apply(v, z * self.std + self.mean, None, method="decode")
     return jnp.clip(x, -1.0, 1.0)
 
@@ -107,10 +107,10 @@ class NextDetailDiffusionTask(Task):
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1], decoded by the tokenizer."""
     kw = dict(self.config.get("sample", {}), **overrides)
-    decode = jax.jit(self.tokens_to_images)
+    decode = jax.jit(self.tokens_to_images)  # frozen weights as arguments, not jit constants
 
     def fn(params, labels, rng):
-      return decode(ndd.sample(self.model, params, labels, rng, **kw))
+      return decode(ndd.sample(self.model, params, labels, rng, **kw), self.tokenizer_params)
     return fn
 
   def images(self, params, model_state, batch, rng):

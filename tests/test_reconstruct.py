@@ -1,0 +1,52 @@
+"""tdjax.reconstruct: the coarse-to-fine strip, PSNR curve and report of a trained tokenizer."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tdjax import metrics, reconstruct, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, monkeypatch):
+  tok = str(tmp_path / "tok")
+  trainer.train_and_evaluate(_config("detailflow_tokenizer", "size=tiny,steps=2,batch=8"), tok)
+  strips = []
+  grid = metrics.image_grid
+  monkeypatch.setattr(metrics, "image_grid", lambda s: strips.append(np.asarray(s)) or grid(s))
+  out = str(tmp_path / "pics" / "strip.png")
+  os.makedirs(os.path.dirname(out))
+  # 12 images in batches of 8: the second batch is cut to 4
+  report = reconstruct.reconstruct_report(tok, out, num=4, eval_images=12, batch_size=8)
+  _, task, state = trainer.load_for_inference(tok)
+  ns = reconstruct.prefix_lengths(task.N)
+  assert report["num_images"] == 12 and report["curve"]["tokens"] == ns and ns[-1] == task.N
+  # the curve's last point is the full-N PSNR, averaged over the same images
+  assert report["curve"]["psnr"][-1] == pytest.approx(report["full"]["psnr"], rel=1e-5)
+  assert report["curve"]["decoder_resolution"][-1] == task.image_size
+  assert 0 < report["full"]["codebook_usage"] <= 1
+  # the strip: originals, then one column per prefix; its last column is the task's own
+  # full-N reconstruction of the originals
+  (strip,) = strips
+  assert strip.shape == (4, 1 + len(ns), task.image_size, task.image_size, 1)
+  want = np.asarray(task.reconstruct(state["params"], strip[:, 0]))
+  np.testing.assert_allclose(strip[:, -1], want, atol=1e-4)
+  for path in (out, str(tmp_path / "pics" / "strip_psnr.png")):
+    assert os.path.getsize(path) > 0
+  assert json.load(open(str(tmp_path / "pics" / "strip.json")))["num_images"] == 12
+
+  clf = str(tmp_path / "clf")
+  trainer.train_and_evaluate(_config("classifier", "size=tiny,steps=1,batch=8"), clf)
+  with pytest.raises(ValueError, match="holds a 'classifier' checkpoint, expected a tokenizer"):
+    reconstruct.reconstruct_report(clf, str(tmp_path / "x.png"), eval_images=8, batch_size=8)
