@@ -49,8 +49,12 @@ class NextDetailDiffusionTask(Task):
     self.mean, self.std = self._token_stats(int(config.get("token_stats_images", 1024)))
 
   # --- tokens -----------------------------------------------------------------------------------
+  def _tokenizer_vars(self, tokenizer_params=None):
+    """Frozen tokenizer variables; pass the params explicitly to make them a jit argument."""
+    return {"params": self.tokenizer_params if tokenizer_params is None else tokenizer_params}
+
   def _raw_tokens(self, images, tokenizer_params=None):
-    v = {"params": self.tokenizer_params if tokenizer_params is None else tokenizer_params}
+    v = self._tokenizer_vars(tokenizer_params)
     z = self.tokenizer.apply(v, images.astype(jnp.float32), method="encode")
     return self.tokenizer.apply(v, z, method="quantize")["z_q"]
 
@@ -73,7 +77,7 @@ class NextDetailDiffusionTask(Task):
     return jax.lax.stop_gradient((self._raw_tokens(images) - self.mean) / self.std)
 
   def tokens_to_images(self, z, tokenizer_params=None):
-    v = {"params": self.tokenizer_params if tokenizer_params is None else tokenizer_params}
+    v = self._tokenizer_vars(tokenizer_params)
     x = self.tokenizer.apply(v, z * self.std + self.mean, None, method="decode")
     return jnp.clip(x, -1.0, 1.0)
 
