@@ -104,9 +104,10 @@ TABLES = {
         Row(f"head depth {d}", generator=f"head_depth={d}") for d in (1, 2, 4)], _TD),
     "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
         Row(f"{s} steps", sample={"steps": s}) for s in (10, 25, 50, 100)], _TD),
-    "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [
-        Row("1-step"), Row("MRAR (3 references), from the 1-step run", generator="mrar=True")],
-        _TD),
+    "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [   # 50 sampler steps
+        Row("1-step", sample={"steps": 50}),
+        Row("MRAR (3 references), from the 1-step run", generator="mrar=True",
+            sample={"steps": 50})], _TD),
     "transdiff_refs": Table("TransDiff MRAR: number of reference images", "transdiff", [
         Row("1-step (0 references)")] + [
         Row(f"MRAR, {r} reference{'s' * (r > 1)}", generator=f"mrar=True,refs={r}")

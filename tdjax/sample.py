@@ -42,6 +42,8 @@ def _define_flags():
   flags.DEFINE_integer("steps", None, "Diffusion sampling steps (TransDiff; default: the config's).")
   flags.DEFINE_float("scale_0", None, "Euler-Maruyama drift scale (TransDiff).")
   flags.DEFINE_float("scale_1", None, "Euler-Maruyama noise scale (TransDiff).")
+  flags.DEFINE_bool("clip_denoised", None, "DDPM heads: clip x0 predictions to [-1, 1] (default: "
+                    "on for pixel latents, off for VAE latents).")
   flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
@@ -199,7 +201,8 @@ def main(argv):
       workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
       use_ema=FLAGS.ema, step=step, parts_dir=stem + ".parts" if ext == ".npz" else None,
       cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-      steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1)
+      steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1,
+      clip_denoised=FLAGS.clip_denoised)
   if images is None:                 # another process writes the output
     return
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -68,6 +68,28 @@ def test_sampler_reaches_the_gaussian_target_and_temperature_shrinks_it():
     ddpm.p_sample_loop(s, model, noise, jax.random.key(1), temperature=0)
 
 
+def test_clip_denoised_clips_the_x0_prediction_before_the_posterior():
+  s = ddpm.Schedule.make(1000, 50)
+  x = 3.0 * jax.random.normal(jax.random.key(0), (64, 4))
+  out = jax.random.normal(jax.random.key(1), (64, 8))
+  t = jnp.array([49] * 32 + [10] * 32)
+  mean, logvar, _ = ddpm.p_mean_logvar(s, out, x, t, clip_x0=True)
+  a = jnp.asarray(s.alphas_cumprod, jnp.float32)[t][:, None]
+  x0 = (x - jnp.sqrt(1 - a) * out[:, :4]) / jnp.sqrt(a)
+  assert float(jnp.abs(x0).max()) > 10            # the unclipped prediction leaves [-1, 1]
+  want, _ = ddpm.q_posterior(s, jnp.clip(x0, -1, 1), x, t)
+  np.testing.assert_allclose(mean, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(logvar, ddpm.p_mean_logvar(s, out, x, t)[1])
+  # the last step (t = 0) returns the x0 prediction itself: clipped, a valid image whatever the
+  # network says (here an eps that is half of x_t); unclipped, far outside
+  noise = jax.random.normal(jax.random.key(2), (2000, 2))
+  run = lambda clip: np.asarray(ddpm.p_sample_loop(s, lambda x, t: 0.5 * x, noise,
+                                                   jax.random.key(3), learn_sigma=False,
+                                                   clip_denoised=clip))
+  assert np.abs(run(True)).max() <= 1.0
+  assert np.abs(run(False)).max() > 2.0
+
+
 def test_cfg_guides_eps_and_keeps_the_conditional_variance():
   s = ddpm.Schedule.make(1000, 5)
   calls = []

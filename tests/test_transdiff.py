@@ -130,12 +130,15 @@ def test_mlp_head_with_ddpm_trains_and_samples(monkeypatch):
   seen = []
   orig = ddpm.p_sample_loop
   monkeypatch.setattr(ddpm, "p_sample_loop",
-                      lambda s, *a, **k: seen.append((s.num_steps, k["temperature"])) or
-                      orig(s, *a, **k))
+                      lambda s, *a, **k: seen.append((s.num_steps, k["temperature"],
+                                                      k["clip_denoised"])) or orig(s, *a, **k))
   imgs = np.asarray(task.image_sampler(steps=7)(params, np.array([0, 3]), jax.random.key(1)))
   assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
-  assert seen == [(7, 0.9)]
-  assert set(task.sample_options) == {"cfg", "steps", "temperature"}
+  # pixel-patch latents lie in [-1, 1]: x0 predictions are clipped unless the caller says not
+  assert seen == [(7, 0.9, True)]
+  task.image_sampler(steps=3, clip_denoised=False)(params, np.array([0]), jax.random.key(1))
+  assert seen[-1] == (3, 0.9, False)
+  assert set(task.sample_options) == {"cfg", "steps", "temperature", "clip_denoised"}
 
 
 def _train_tiny(task, steps=60):

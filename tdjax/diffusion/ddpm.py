@@ -16,8 +16,15 @@ computed with the predicted mean frozen (only the variance learns from L_vb).
 
 Sampling: respaced to S steps (`space_timesteps`: S evenly spaced, rounded, indices of 0..T-1; the
 respaced betas are 1 - abar_{tau_i} / abar_{tau_{i-1}}), ancestral steps
-x_{t-1} = mean + [t > 0] exp(log sigma^2 / 2) z * temperature, no clipping of x0 (MAR), CFG on eps
-only (each half keeps its own variance).  The network always sees the original 0..T-1 index.
+x_{t-1} = mean + [t > 0] exp(log sigma^2 / 2) z * temperature, CFG on eps only (each half keeps its
+own variance).  The network always sees the original 0..T-1 index.  `clip_denoised` clips the
+predicted x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) to [-1, 1] before the posterior mean
+(iDDPM / ADM for pixels); MAR samples its unbounded KL-16 latents without it.  Data in [-1, 1]
+(tdjax's pixel-patch latents) need it: the cosine schedule's last step has abar ~ 2.4e-9, so the
+first respaced step multiplies the eps error by 1 / sqrt(alpha) (316 at 100 steps, 632 at 50).  In
+a 500-step demo-size MLP head the first x0 prediction has std ~1,500 (eps error ~0.08); unclipped,
+the chain never comes back (x std 48 after one step, ~1,400 at the end: saturated pixel noise);
+clipped, x keeps std ~1 and ends at the data's ~0.7.
 """
 
 from __future__ import annotations
@@ -109,9 +116,9 @@ def q_posterior(s: Schedule, x0, x_t, t):
           _at(s.posterior_log_variance_clipped, t, x_t))
 
 
-def p_mean_logvar(s: Schedule, out, x_t, t, learn_sigma: bool = True):
+def p_mean_logvar(s: Schedule, out, x_t, t, learn_sigma: bool = True, clip_x0: bool = False):
   """Network output [.., 2C] (eps, v) or [.., C] (eps; fixed small variance beta~) -> (mean,
-  log variance, eps)."""
+  log variance, eps); `clip_x0` clips the predicted x0 to [-1, 1] (module docstring)."""
   c = x_t.shape[-1]
   eps = out[..., :c]
   if learn_sigma:
@@ -122,6 +129,8 @@ def p_mean_logvar(s: Schedule, out, x_t, t, learn_sigma: bool = True):
     logvar = jnp.broadcast_to(_at(s.posterior_log_variance_clipped, t, x_t), x_t.shape)
   a = s.alphas_cumprod
   x0 = _at(np.sqrt(1 / a), t, x_t) * x_t - _at(np.sqrt(1 / a - 1), t, x_t) * eps
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
   mean, _ = q_posterior(s, x0, x_t, t)
   return mean, logvar, eps
 
@@ -175,9 +184,11 @@ def training_loss(s: Schedule, model_fn: Callable, x0, cond, rng, *, batch_mul: 
 
 
 def p_sample_loop(s: Schedule, model_fn: Callable, noise, rng, *, cfg: float = 1.0,
-                  temperature: float = 1.0, learn_sigma: bool = True):
+                  temperature: float = 1.0, learn_sigma: bool = True,
+                  clip_denoised: bool = False):
   """Ancestral sampling over the (respaced) schedule `s`.  cfg > 1: model_fn returns (out_cond,
-  out_uncond) for one batch and eps is guided, eps = eps_u + cfg (eps_c - eps_u)."""
+  out_uncond) for one batch and eps is guided, eps = eps_u + cfg (eps_c - eps_u).
+  `clip_denoised`: x0 predictions clipped to [-1, 1] (for data in that range)."""
   if cfg < 1:
     raise ValueError(f"cfg={cfg} must be >= 1 (1 = no guidance)")
   if temperature <= 0:
@@ -194,7 +205,7 @@ def p_sample_loop(s: Schedule, model_fn: Callable, noise, rng, *, cfg: float = 1
       oc, ou = model_fn(x, net_t[t])
       eps = ou[..., :c] + cfg * (oc[..., :c] - ou[..., :c])
       out = jnp.concatenate([eps, oc[..., c:]], -1)
-    mean, logvar, _ = p_mean_logvar(s, out.astype(jnp.float32), x, t, learn_sigma)
+    mean, logvar, _ = p_mean_logvar(s, out.astype(jnp.float32), x, t, learn_sigma, clip_denoised)
     z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
     return mean + (i > 0) * jnp.exp(0.5 * logvar) * z * temperature
 

@@ -75,6 +75,7 @@ class TransDiffTask(Task):
     else:
       raise ValueError(f"config.latent.kind={lc.kind!r}: expected 'pixels', 'cached' or 'vae'")
     self.cached = lc.kind == "cached"
+    self.bounded_latents = lc.kind == "pixels"     # in [-1, 1]: DDPM sampling clips x0 predictions
     self.vae = None
     if lc.get("vae_weights", ""):   # 'vae', or 'cached' latents decoded for pictures and sampling
       self._load_vae(lc)
@@ -268,10 +269,13 @@ class TransDiffTask(Task):
 
   # --- sampling ---------------------------------------------------------------------------------
   def sample_latents(self, params, labels, rng, *, cfg=1.0, steps=100, scale_0=1.0, scale_1=1.0,
-                     sampler="euler_maruyama", temperature=1.0):
+                     sampler="euler_maruyama", temperature=1.0, clip_denoised=None):
     """Labels [B] -> latent grids [B, h, w, c] (MRAR: K rounds from one initial noise, 2.4).
     Flow models: Euler-Maruyama (scale_0, scale_1) or Euler; DDPM models: ancestral sampling
-    over `steps` respaced steps with `temperature`."""
+    over `steps` respaced steps with `temperature`, x0 predictions clipped to [-1, 1] when
+    `clip_denoised` (default: for pixel latents, not for VAE latents, as MAR)."""
+    if clip_denoised is None:
+      clip_denoised = self.bounded_latents
     params = jax.tree.map(jnp.asarray, params)
     b = labels.shape[0]
     k_noise, k_s = jax.random.split(rng)
@@ -294,7 +298,7 @@ class TransDiffTask(Task):
       if self.diffusion == "ddpm":
         sched = ddpm.Schedule.make(self.ddpm_train.num_steps, int(steps))
         return ddpm.p_sample_loop(sched, vf, noise, key, cfg=cfg, temperature=temperature,
-                                  learn_sigma=self.learn_sigma)
+                                  learn_sigma=self.learn_sigma, clip_denoised=bool(clip_denoised))
       if sampler == "euler":
         return flow.euler_sample(vf, noise, steps=steps, cfg=cfg)
       return flow.euler_maruyama_sample(vf, noise, key, steps=steps, cfg=cfg, scale_0=scale_0,
@@ -313,7 +317,7 @@ class TransDiffTask(Task):
   @property
   def sample_options(self):
     if self.diffusion == "ddpm":
-      return ("cfg", "steps", "temperature")
+      return ("cfg", "steps", "temperature", "clip_denoised")
     return ("cfg", "steps", "scale_0", "scale_1", "sampler")
 
   def image_sampler(self, **overrides):
