@@ -15,6 +15,23 @@ from tdjax.nn.rope import rope_2d_grid
 N, G, D, H, F, V, C, L = 16, 4, 32, 2, 64, 256, 3, 2
 
 
+def assert_same_leaves(want, got):
+  """Every leaf of `want` is in `got` under the same path, bit for bit, and nothing else is."""
+  want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  assert set(want) == set(got)
+  for path, v in want.items():
+    np.testing.assert_array_equal(got[path], v, err_msg=jax.tree_util.keystr(path))
+
+
+def conversion_error(tmp_path, bad_sd, convert_fn, *args, **kwargs) -> str:
+  """Saves `bad_sd` as bad.npz, runs convert_fn(bad.npz, *args) and returns its error message."""
+  np.savez(str(tmp_path / "bad.npz"), **{k: np.asarray(v) for k, v in bad_sd.items()})
+  with pytest.raises(convert.ConversionError) as e:
+    convert_fn(str(tmp_path / "bad.npz"), *args, **kwargs)
+  return str(e.value)
+
+
 def gpt_state_dict(seed=0):
   """DetailFlow GPT keys (reference detailflow.md 4.3) at a tiny size, PyTorch (out, in) layout."""
   rng = np.random.default_rng(seed)
@@ -204,10 +221,8 @@ def test_mar_vae_conversion_puts_every_ldm_weight_in_its_place(tmp_path):
   del bad["decoder.up.1.upsample.conv.bias"]
   bad["encoder.conv_in.weight"] = np.zeros((3, 1, 3, 3), np.float32)
   bad["encoder.extra.weight"] = np.zeros((2,), np.float32)
-  np.savez(str(tmp_path / "bad.npz"), **{k: np.asarray(v) for k, v in bad.items()})
-  with pytest.raises(convert.ConversionError) as e:
-    convert.convert_mar_vae(str(tmp_path / "bad.npz"), str(tmp_path / "bad_out.npz"), "demo")
-  msg = str(e.value)
+  msg = conversion_error(tmp_path, bad, convert.convert_mar_vae, str(tmp_path / "bad_out.npz"),
+                         "demo")
   assert "missing decoder/up_1_upsample/bias" in msg and "unexpected encoder.extra.weight" in msg
   assert "encoder.conv_in.weight: checkpoint gives (3, 3, 1, 3)" in msg
   assert not os.path.exists(str(tmp_path / "bad_out.npz"))
@@ -358,21 +373,15 @@ def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
   for k in ("encoder", "decoder"):
     if "layers" in got[k]:
       got[k] = unstack_layers(got[k], 2)
-  flat_want = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  assert set(flat_want) == set(flat_got)
-  for path_, v in flat_want.items():
-    np.testing.assert_array_equal(flat_got[path_], v, err_msg=jax.tree_util.keystr(path_))
+  assert_same_leaves(params, got)
   rec = task.reconstruct(state["params"], jnp.zeros((2, 32, 32, 3)))
   assert rec.shape == (2, 32, 32, 3) and bool(jnp.isfinite(rec).all())
   bad = dict(sd)
   del bad["refine_conv.bias"]
   bad["encoder.visual_model.encoder.layers.1.mlp.fc2.weight"] = np.zeros((144, 30), np.float32)
   bad["decoder.extra.weight"] = np.zeros((3,), np.float32)
-  np.savez(str(tmp_path / "bad.npz"), **bad)
-  with pytest.raises(convert.ConversionError) as e:
-    convert.convert_detailflow_tokenizer(str(tmp_path / "bad.npz"), str(tmp_path / "o2"), group=4)
-  msg = str(e.value)
+  msg = conversion_error(tmp_path, bad, convert.convert_detailflow_tokenizer, str(tmp_path / "o2"),
+                         group=4)
   assert "missing refine_proj/bias (144,)" in msg and "unexpected decoder.extra.weight" in msg
   assert "layers.1.mlp.fc2.weight: checkpoint gives (30, 144)" in msg
   with pytest.raises(convert.ConversionError, match="already holds a checkpoint"):
@@ -441,17 +450,10 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
   for k in ("ar", "head"):
     if "layers" in got[k]["blocks"]:
       got[k]["blocks"] = unstack_layers(got[k]["blocks"], 2)
-  want = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  assert set(want) == set(have)
-  for p, v in want.items():
-    np.testing.assert_array_equal(have[p], v, err_msg=jax.tree_util.keystr(p))
+  assert_same_leaves(params, got)
   bad = dict(sd)
   bad["diffdecoder.net.res_blocks.1.attn2.wk.weight"] = np.zeros((32, 31), np.float32)
   bad["diffdecoder.net.res_blocks.0.norm4.weight"] = np.zeros((32,), np.float32)
-  np.savez(str(tmp_path / "bad.npz"), **bad)
-  with pytest.raises(convert.ConversionError) as e:
-    convert.convert_transdiff(str(tmp_path / "bad.npz"), str(tmp_path / "o"), num_heads=2)
-  msg = str(e.value)
+  msg = conversion_error(tmp_path, bad, convert.convert_transdiff, str(tmp_path / "o"), num_heads=2)
   assert "unexpected diffdecoder.net.res_blocks.0.norm4.weight" in msg
   assert "res_blocks.1.attn2.wk.weight: checkpoint gives (31, 2, 16)" in msg
