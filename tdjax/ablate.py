@@ -138,6 +138,10 @@ def _join(*args) -> str:
   return ",".join(a for a in args if a)
 
 
+def _tokenizer_dir(workdir: str, row: Row) -> str:
+  return os.path.join(workdir, "tokenizer_" + _slug(row.tokenizer))
+
+
 def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None):
   """[(done_marker, argv)] for one row; shared stages have the same workdir (and marker)."""
   s = SCALES[scale]
@@ -145,7 +149,7 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
   stages = []
   if table.family == "detailflow":
     tok_args = _join(s["tokenizer"], row.tokenizer)
-    tok = os.path.join(workdir, "tokenizer_" + _slug(row.tokenizer))
+    tok = _tokenizer_dir(workdir, row)
     codes = os.path.join(tok, "codes.npz")
     ar_args = _join(s["ar"], row.generator, f"codes={codes}", f"tokenizer={tok}")
     gen = os.path.join(workdir, "ar_" + _slug(row.tokenizer + "_" + row.generator))
@@ -221,7 +225,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
     if rows is not None and index not in rows:
       marker = row_stages(table, row, scale, workdir, judge)[-1][0]
       if not dry_run:
-        results.append(_result(row, marker) if os.path.exists(marker) else
+        results.append(_result(row, marker, table.family, workdir) if os.path.exists(marker) else
                        dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
       continue
     for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
@@ -238,7 +242,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
       os.makedirs(os.path.dirname(marker), exist_ok=True)
       subprocess.run(argv, check=True, cwd=root)
     if not dry_run:
-      results.append(_result(row, marker))
+      results.append(_result(row, marker, table.family, workdir))
   if dry_run:
     return {}
   report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
@@ -247,39 +251,70 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   return report
 
 
-def _result(row: Row, judge_file: str) -> dict:
+def _last_eval(workdir: str) -> dict:
+  """The last `eval/*` record of a training run's metrics.jsonl ({} when there is none)."""
+  last = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if any(k.startswith("eval/") for k in record):
+          last = record
+  return last
+
+
+def _result(row: Row, judge_file: str, family: str, workdir: str) -> dict:
+  """The row's judged samples; DetailFlow rows add their tokenizer's test PSNR and codebook usage
+  (the reconstruction side of the paper's rFID column)."""
   with open(judge_file) as f:
     r = json.load(f)
-  return dict(row=row.label, class_accuracy=r["class_accuracy"],
-              frechet_distance=r["frechet_distance"], paper=row.paper)
+  out = dict(row=row.label, class_accuracy=r["class_accuracy"],
+             frechet_distance=r["frechet_distance"], paper=row.paper)
+  if family == "detailflow":
+    ev = _last_eval(_tokenizer_dir(workdir, row))
+    if "eval/psnr" in ev:
+      out.update(tokenizer_psnr=ev["eval/psnr"], codebook_usage=ev.get("eval/codebook_usage"))
+  return out
 
 
 def write_report(report: dict, stem: str) -> None:
   """STEM.json, STEM.md (ours beside the paper's figures) and STEM.png (bars per row)."""
   with open(stem + ".json", "w") as f:
     json.dump(report, f, indent=2)
+  recon = any("tokenizer_psnr" in r for r in report["rows"])
+  head = "| row | class accuracy | Fréchet distance (judge) |" + (
+      " tokenizer PSNR (test) | codebook usage |" if recon else "")
   lines = [f"**{report['title']}** (scale {report['scale']}; paper figures: "
-           f"{report['paper_source']})", "",
-           "| row | class accuracy | Fréchet distance (judge) | paper figures |", "|---|---|---|---|"]
+           f"{report['paper_source']})", "", head + " paper figures |",
+           "|---" * (head.count("|")) + "|"]
   for r in report["rows"]:
     if "skipped" in r:
-      lines.append(f"| {r['row']} | not run: {r['skipped']} | | {r['paper'] or '-'} |")
+      lines.append(f"| {r['row']} | not run: {r['skipped']} | |" + " | |" * recon +
+                   f" {r['paper'] or '-'} |")
       continue
-    lines.append(f"| {r['row']} | {100 * r['class_accuracy']:.1f} % | "
-                 f"{r['frechet_distance']:.2f} | {r['paper'] or '-'} |")
+    cells = f"| {r['row']} | {100 * r['class_accuracy']:.1f} % | {r['frechet_distance']:.2f} |"
+    if recon:
+      cells += (f" {r['tokenizer_psnr']:.2f} dB | {100 * r['codebook_usage']:.1f} % |"
+                if "tokenizer_psnr" in r else " - | - |")
+    lines.append(cells + f" {r['paper'] or '-'} |")
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rows = [r for r in report["rows"] if "skipped" not in r]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.5))
-  for ax, key, title in ((axes[0], "class_accuracy", "class accuracy"),
-                         (axes[1], "frechet_distance", "Fréchet distance (lower is better)")):
-    ax.barh([r["row"] for r in rows], [r[key] for r in rows])
+  panels = [("class_accuracy", "class accuracy"),
+            ("frechet_distance", "Fréchet distance (lower is better)")]
+  if recon:
+    panels.append(("tokenizer_psnr", "tokenizer PSNR, dB (test)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.5 * len(rows) + 1.5))
+  for ax, (key, title) in zip(axes, panels):
+    ax.barh([r["row"] for r in rows], [r.get(key, 0.0) for r in rows])
     ax.set_title(title)
     ax.invert_yaxis()
-  axes[1].set_yticklabels([])
+  for ax in axes[1:]:
+    ax.set_yticklabels([])
   fig.suptitle(report["title"])
   fig.tight_layout()
   fig.savefig(stem + ".png", dpi=100)

@@ -68,3 +68,33 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   assert sorted(os.listdir(ckpts)) == before
   assert json.load(open(os.path.join(wd, "transdiff_steps.json")))["rows"] == again["rows"]
   assert again["rows"][1]["frechet_distance"] == pytest.approx(fds[1], rel=1e-4)
+
+
+def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
+  """The paper's Table 3 pairs gFID with rFID: DetailFlow rows carry their own tokenizer's last
+  test PSNR and codebook usage (not an earlier eval, not another row's tokenizer)."""
+  table = ablate.TABLES["detailflow_degrade"]
+  wd = str(tmp_path)
+  for i, row in enumerate(table.rows[:2]):
+    tok = ablate._tokenizer_dir(wd, row)
+    os.makedirs(tok)
+    with open(os.path.join(tok, "metrics.jsonl"), "w") as f:
+      for step, psnr in ((500, 10.0), (1000, 15.0 + i)):
+        f.write(json.dumps({"step": step, "eval/psnr": psnr, "eval/codebook_usage": 0.25}) + "\n")
+        f.write(json.dumps({"step": step, "train/loss": 1.0}) + "\n")
+  judge = str(tmp_path / "judge.json")
+  with open(judge, "w") as f:
+    json.dump({"class_accuracy": 0.5, "frechet_distance": 3.0}, f)
+  rows = [ablate._result(r, judge, "detailflow", wd) for r in table.rows[:2]]
+  assert [r["tokenizer_psnr"] for r in rows] == [15.0, 16.0]
+  assert "tokenizer_psnr" not in ablate._result(table.rows[2], judge, "detailflow", wd)
+  assert "tokenizer_psnr" not in ablate._result(table.rows[0], judge, "transdiff", wd)
+  report = dict(title="t", scale="demo", paper_source="p", rows=rows + [
+      ablate._result(table.rows[2], judge, "detailflow", wd),
+      dict(row="skipped row", skipped="needs W", paper="")])
+  ablate.write_report(report, str(tmp_path / "t"))
+  lines = open(str(tmp_path / "t.md")).read().splitlines()
+  assert "tokenizer PSNR (test) | codebook usage | paper figures |" in lines[2]
+  assert all(l.count("|") == 7 for l in lines[2:])        # every row has all six columns
+  assert "| 10% | 50.0 % | 3.00 | 15.00 dB | 25.0 % |" in lines[4]
+  assert "| 30% | 50.0 % | 3.00 | - | - |" in lines[6]
