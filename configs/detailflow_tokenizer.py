@@ -16,7 +16,7 @@ with the DINO disc, align 1), scan, remat, image_size, seed.
 
 Paper run: size=full,paper plus --config.loss.lpips_weights=... --config.loss.disc_backbone_weights=...
 --config.loss.align_teacher_weights=... --config.model.encoder_init=/w/siglip2_so400m.npz
-(each a .npz in the tdjax layouts; `python -m tdjax.tokenizers.siglip2` converts the HF SigLIP2
+(each a .npz in the tdjax layouts; `python -m tdjax.convert --kind siglip2` converts the HF SigLIP2
 safetensors file).
 """
 
@@ -111,7 +111,7 @@ def get_config(arg=None):
       align_hidden=1024,
       scan=a.scan or d["scan"],
       remat=a.remat,
-      encoder_init="",             # SigLIP2 .npz (tdjax.tokenizers.siglip2); paper: so400m
+      encoder_init="",             # SigLIP2 .npz (tdjax.convert --kind siglip2); paper: so400m
       attention_impl="einsum",     # 'fused' / 'cudnn': jax.nn.dot_product_attention (GPU flash)
   )
   c.loss = dict(

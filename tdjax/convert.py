@@ -10,6 +10,8 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind inception --input pt_inception-2015-12-05-6726825d.pth \
       --output inception.npz
   python -m tdjax.convert --kind lpips --input vgg16-397923af.pth,lpips_vgg.pth --output lpips.npz
+  python -m tdjax.convert --kind siglip2 --input siglip2-so400m-patch16-naflex/model.safetensors \
+      --output siglip2.npz [--num_heads 16]
 
 Kinds: `detailflow_tokenizer` (reference detailflow.md 4.3: its "model" entry; the SigLIP2-style
 encoder/decoder blocks as in `tdjax.tokenizers.siglip2`, (1, N, W) query tables squeezed, the
@@ -27,10 +29,13 @@ FID InceptionV3: BatchNorm running statistics -> `batch_stats`, `num_batches_tra
 must equal tdjax's constants) -> the .npz of `tdjax.losses.lpips`; `transdiff` (reference
 transdiff.md 4.4: "model_ema" first; B / L / H from the dims, MRAR and its reference count from
 the mask token and position table, 512 px from N = 1024) -> a TransDiff workdir (`--vae kl16.npz`
-to decode).
+to decode); `siglip2` (HF `Siglip2VisionModel`, reference detailflow.md 1.2; the attention-pool
+head dropped) -> the SigLIP2 .npz that the alignment teacher and the tokenizer's encoder
+initialisation read (`tdjax.tokenizers.siglip2`, `tdjax.losses.alignment`).
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
-the reference pickles its argparse Namespace) or an `.npz` of the state dict.  Every missing,
+the reference pickles its argparse Namespace), a `.safetensors` file (needs `pip install
+safetensors`) or an `.npz` of the state dict.  Every missing,
 unexpected or mis-shaped key is reported by name with both shapes, and nothing is written unless
 the conversion is complete; an existing checkpoint at --output is never replaced.
 """
@@ -47,7 +52,8 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips")
+KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips",
+         "siglip2")
 
 
 class ConversionError(ValueError):
@@ -61,7 +67,7 @@ def _define_flags():
   flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
   flags.DEFINE_integer("num_heads", 0, "detailflow_gpt / transdiff: attention heads (0: from the "
-                       "size tables).")
+                       "size tables); siglip2: 0 = 16 (so400m).")
   flags.DEFINE_string("tokenizer", "", "detailflow_gpt: tokenizer workdir that decodes samples.")
   flags.DEFINE_string("vae", "", "transdiff: the KL-16 VAE .npz (--kind mar_vae) that decodes.")
   flags.DEFINE_integer("group", 8, "detailflow_tokenizer: group size g (not stored in the weights).")
@@ -70,12 +76,20 @@ def _define_flags():
 
 
 def read_state_dict(path: str, entries=("ema", "model")) -> dict[str, np.ndarray]:
-  """{name: float32 array} from a .pt (first of `entries` present, else the dict itself) or .npz."""
+  """{name: float32 array} from a .pt (first of `entries` present, else the dict itself), a
+  .safetensors or an .npz file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
   if path.endswith(".npz"):
     with np.load(path) as f:
       sd = {k: f[k] for k in f.files}
+  elif path.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import load_file
+    except ImportError:
+      raise ConversionError(f"{path}: reading .safetensors files needs the optional package "
+                            f"(pip install safetensors)") from None
+    sd = load_file(path)
   else:
     try:
       import torch
@@ -290,7 +304,7 @@ def _linear_leaf(target: str, leaf: str, value: np.ndarray, heads: int = 0):
     return f"{target}/scale", value
   if leaf == "weight":
     value = value.T
-  if heads and not target.endswith("/out"):
+  if heads and not target.endswith(("/out", "/o")):   # 'o': the SigLIP2 teacher layout
     value = value.reshape(value.shape[:-1] + (heads, value.shape[-1] // heads))
   elif heads and leaf == "weight":
     value = value.reshape(heads, value.shape[0] // heads, value.shape[1])
@@ -415,6 +429,64 @@ def convert_mar_vae(input_path: str, output: str, config: str = "kl16") -> dict:
   kl_vae.save_params(params, output)
   return dict(kind="mar_vae", output=output, params=int(sum(np.size(a) for a in
                                                               jax.tree.leaves(params))))
+
+
+# ------------------------------------------------------------------------------------------------
+# HF SigLIP2 vision tower -> the SigLIP2 .npz of tdjax.tokenizers.siglip2 / tdjax.losses.alignment
+# ------------------------------------------------------------------------------------------------
+
+_SIGLIP2_RENAME = {"embeddings.patch_embedding": "patch_embed", "post_layernorm": "post_ln"}
+_SIGLIP2_BLOCK = {"layer_norm1": "ln1", "layer_norm2": "ln2", "self_attn.q_proj": "attn/q",
+                  "self_attn.k_proj": "attn/k", "self_attn.v_proj": "attn/v",
+                  "self_attn.out_proj": "attn/o", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
+
+
+def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+  """HF `Siglip2VisionModel` state dict -> the flat SigLIP2 .npz layout ('blocks_i/attn/q/kernel'
+  [W, H, d], 'blocks_i/attn/o/kernel' [H, d, W], Linear W(out, in) -> kernel W^T, LayerNorm
+  weight -> scale; the patch embedding is a Linear over (py, px, c) patches in the NaFlex model).
+  The attention-pool head (`head.*`) is not part of the tower and is dropped."""
+  sd = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in sd.items()}
+  flat, errors = {}, []
+  for key, value in sd.items():
+    mod, _, leaf = key.rpartition(".")
+    m = re.match(r"^encoder\.layers\.(\d+)\.(.+)$", mod)
+    if key.startswith("head."):
+      continue
+    if key == "embeddings.position_embedding.weight":
+      flat["pos_embed"] = value
+    elif mod in _SIGLIP2_RENAME:
+      path, flat_value = _linear_leaf(_SIGLIP2_RENAME[mod], leaf, value)
+      flat[path] = flat_value
+    elif m and m[2] in _SIGLIP2_BLOCK:
+      name = _SIGLIP2_BLOCK[m[2]]
+      heads = num_heads if name.startswith("attn/") else 0
+      if heads and value.shape[-1] % heads:
+        errors.append(f"{key}: width {value.shape[-1]} is not divisible by {heads} heads")
+        continue
+      path, flat_value = _linear_leaf(f"blocks_{m[1]}/{name}", leaf, value, heads)
+      flat[path] = flat_value
+    else:
+      errors.append(f"unexpected {key} {tuple(value.shape)}")
+  if "blocks_0/ln1/scale" not in flat:
+    errors.append("no 'encoder.layers.0.*' keys: not a SigLIP2 vision tower")
+  if errors:
+    raise ConversionError("SigLIP2 state dict: " + "; ".join(errors))
+  return flat
+
+
+def convert_siglip2(input_path: str, output: str, *, num_heads: int = 16) -> dict:
+  """Writes the SigLIP2 .npz to `output`, atomically; never replaces an existing file."""
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  flat = siglip2_params(read_state_dict(input_path), num_heads)
+  def save(path, tree):
+    with open(path, "wb") as f:      # np.savez would append '.npz' to the '.partial' name
+      np.savez(f, **tree)
+
+  _save_atomically(save, output, flat)
+  return dict(kind="siglip2", output=output, params=_count(flat), num_heads=num_heads,
+              blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -694,6 +766,8 @@ def main(argv):
     result = convert_inception(FLAGS.input, FLAGS.output)
   elif FLAGS.kind == "lpips":
     result = convert_lpips(FLAGS.input, FLAGS.output)
+  elif FLAGS.kind == "siglip2":
+    result = convert_siglip2(FLAGS.input, FLAGS.output, num_heads=FLAGS.num_heads or 16)
   else:
     result = convert_mar_vae(FLAGS.input, FLAGS.output)
   print(result)

@@ -457,3 +457,68 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
   msg = conversion_error(tmp_path, bad, convert.convert_transdiff, str(tmp_path / "o"), num_heads=2)
   assert "unexpected diffdecoder.net.res_blocks.0.norm4.weight" in msg
   assert "res_blocks.1.attn2.wk.weight: checkpoint gives (31, 2, 16)" in msg
+
+
+def hf_siglip2_state_dict(w=8, h=2, f=12, depth=2, patch=4, grid=4, seed=0):
+  """A tiny HF `Siglip2VisionModel` state dict (NaFlex: Linear patch embedding), random weights."""
+  rng = np.random.default_rng(seed)
+  n = lambda *s: rng.normal(size=s).astype(np.float32)
+  sd = {"vision_model.embeddings.patch_embedding.weight": n(w, patch * patch * 3),
+        "vision_model.embeddings.patch_embedding.bias": n(w),
+        "vision_model.embeddings.position_embedding.weight": n(grid * grid, w),
+        "vision_model.post_layernorm.weight": n(w), "vision_model.post_layernorm.bias": n(w),
+        "vision_model.head.probe": n(1, 1, w), "vision_model.head.mlp.fc1.weight": n(f, w)}
+  for i in range(depth):
+    p = f"vision_model.encoder.layers.{i}."
+    for name in ("layer_norm1", "layer_norm2"):
+      sd[p + name + ".weight"], sd[p + name + ".bias"] = n(w), n(w)
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = n(w, w), n(w)
+    sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = n(f, w), n(f)
+    sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = n(w, f), n(w)
+  return sd
+
+
+def test_siglip2_conversion_matches_hf_linears_and_loads_as_the_teacher(tmp_path):
+  """HF Linear weights are [out, in]: q = x W^T + b must equal the converted per-head kernel, and
+  the written file must load, key for key and shape for shape, as the alignment teacher."""
+  from tdjax.losses.alignment import ViTTeacher, load_teacher_params
+  w, h = 8, 2
+  from safetensors.numpy import save_file
+  sd = hf_siglip2_state_dict(w=w, h=h)
+  np.savez(str(tmp_path / "hf.npz"), **sd)
+  save_file(sd, str(tmp_path / "model.safetensors"))       # the HF release's format
+  out_path = str(tmp_path / "siglip2.npz")
+  info = convert.convert_siglip2(str(tmp_path / "model.safetensors"), out_path, num_heads=h)
+  assert info["blocks"] == 2
+  with np.load(out_path) as f:
+    out = {k: f[k] for k in f.files}
+  assert not any(k.startswith("head") for k in out) and "blocks_1/mlp/fc2/kernel" in out
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, w))
+  layer = "vision_model.encoder.layers.1.self_attn."
+  q_hf = x @ sd[layer + "q_proj.weight"].T + sd[layer + "q_proj.bias"]
+  q = np.einsum("bw,whd->bhd", x, out["blocks_1/attn/q/kernel"]) + out["blocks_1/attn/q/bias"]
+  np.testing.assert_allclose(q.reshape(3, w), q_hf, rtol=1e-5, atol=1e-5)
+  o_in = rng.normal(size=(3, h, w // h))
+  o_hf = o_in.reshape(3, w) @ sd[layer + "out_proj.weight"].T + sd[layer + "out_proj.bias"]
+  o = np.einsum("bhd,hdw->bw", o_in, out["blocks_1/attn/o/kernel"]) + out["blocks_1/attn/o/bias"]
+  np.testing.assert_allclose(o, o_hf, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["patch_embed/kernel"],
+                                sd["vision_model.embeddings.patch_embedding.weight"].T)
+  np.testing.assert_array_equal(out["blocks_0/ln2/scale"],
+                                sd["vision_model.encoder.layers.0.layer_norm2.weight"])
+  teacher = ViTTeacher(width=w, depth=2, num_heads=h, mlp_dim=12, patch_size=4, pos_grid=4)
+  load_teacher_params(out_path, teacher, strict=True)
+  with pytest.raises(convert.ConversionError, match="exists"):
+    convert.convert_siglip2(str(tmp_path / "hf.npz"), out_path, num_heads=h)
+  bad = dict(sd)
+  bad["vision_model.encoder.layers.0.self_attn.extra.weight"] = np.zeros((2,), np.float32)
+  msg = conversion_error(tmp_path, bad, convert.convert_siglip2, str(tmp_path / "o.npz"),
+                         num_heads=3)
+  assert "unexpected encoder.layers.0.self_attn.extra.weight (2,)" in msg
+  assert "q_proj.weight: width 8 is not divisible by 3 heads" in msg
+  assert not os.path.exists(str(tmp_path / "o.npz"))
+  msg = conversion_error(tmp_path, {"vision_model.post_layernorm.weight": np.ones(8)},
+                         convert.convert_siglip2, str(tmp_path / "o.npz"))
+  assert "not a SigLIP2 vision tower" in msg

@@ -432,42 +432,6 @@ def test_encoder_init_from_siglip2_errors(tmp_path):
     init_encoder_from_siglip2(wide, path)
 
 
-def test_hf_siglip2_state_dict_conversion():
-  """HF Linear weights are [out, in]: q = x W^T + b must equal the converted DenseGeneral."""
-  from tdjax.tokenizers.siglip2 import convert_hf_state_dict
-  rng = np.random.default_rng(0)
-  w, h, f, pp = 8, 2, 12, 4 * 4 * 3
-  sd = {"vision_model.embeddings.patch_embedding.weight": rng.normal(size=(w, pp)),
-        "vision_model.embeddings.patch_embedding.bias": rng.normal(size=(w,)),
-        "vision_model.embeddings.position_embedding.weight": rng.normal(size=(16, w)),
-        "vision_model.post_layernorm.weight": rng.normal(size=(w,)),
-        "vision_model.post_layernorm.bias": rng.normal(size=(w,)),
-        "vision_model.head.probe": rng.normal(size=(1, 1, w))}
-  for i in range(2):
-    p = f"vision_model.encoder.layers.{i}."
-    for n in ("layer_norm1", "layer_norm2"):
-      sd[p + n + ".weight"], sd[p + n + ".bias"] = rng.normal(size=(w,)), rng.normal(size=(w,))
-    for n in "qkvo":
-      name = "out_proj" if n == "o" else f"{n}_proj"
-      sd[p + f"self_attn.{name}.weight"] = rng.normal(size=(w, w))
-      sd[p + f"self_attn.{name}.bias"] = rng.normal(size=(w,))
-    sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = rng.normal(size=(f, w)), rng.normal(size=(f,))
-    sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = rng.normal(size=(w, f)), rng.normal(size=(w,))
-  out = convert_hf_state_dict(sd, num_heads=h)
-  assert not any("head" in k.split("/")[0] for k in out) and "blocks_1/mlp/fc2/kernel" in out
-  x = rng.normal(size=(3, w))
-  q_hf = x @ sd["vision_model.encoder.layers.1.self_attn.q_proj.weight"].T + \
-      sd["vision_model.encoder.layers.1.self_attn.q_proj.bias"]
-  q = np.einsum("bw,whd->bhd", x, out["blocks_1/attn/q/kernel"]) + out["blocks_1/attn/q/bias"]
-  np.testing.assert_allclose(q.reshape(3, w), q_hf, rtol=1e-5, atol=1e-5)
-  o_in = rng.normal(size=(3, h, w // h))
-  o_hf = o_in.reshape(3, w) @ sd["vision_model.encoder.layers.1.self_attn.out_proj.weight"].T
-  np.testing.assert_allclose(np.einsum("bhd,hdw->bw", o_in, out["blocks_1/attn/o/kernel"]), o_hf,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out["patch_embed/kernel"],
-                             sd["vision_model.embeddings.patch_embedding.weight"].T)
-
-
 def test_training_setup_starts_from_the_siglip2_encoder(tmp_path):
   """The loop reads the file on a fresh start (host side, sharded after init) for every copy."""
   from tdjax import parallel, trainer

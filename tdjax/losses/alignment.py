@@ -30,7 +30,7 @@ for i in 0 .. depth-1.  From HF Siglip2VisionModel: embeddings.patch_embedding.w
 -> .T; embeddings.position_embedding.weight [G*G, W] as is; encoder.layers.i.self_attn.{q,k,v}_proj
 .weight [W,W] -> .T.reshape(W,H,D), bias -> reshape(H,D); out_proj.weight -> .T.reshape(H,D,W);
 layer_norm1/2 -> ln1/ln2; mlp.fc1/fc2 -> .T; post_layernorm -> post_ln.  The attention-pooling head
-is not used.
+is not used.  `python -m tdjax.convert --kind siglip2` writes this file from the HF checkpoint.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ the pretrained parts into a freshly initialised tokenizer `params` tree:
 
 The file is the SigLIP2 `.npz` of `tdjax.losses.alignment` (the alignment teacher uses the same
 file; its docstring gives the key list and the mapping from the HF `Siglip2VisionModel` state dict).
-`python -m tdjax.tokenizers.siglip2 --input model.safetensors --output siglip2.npz` writes that file
-from an HF checkpoint (needs the optional `safetensors` package; nothing is downloaded).
+`python -m tdjax.convert --kind siglip2 --input model.safetensors --output siglip2.npz` writes that
+file from an HF checkpoint (needs the optional `safetensors` package; nothing is downloaded).
 
 Every shape is checked: a missing key, a file with fewer blocks than `enc_depth`, or a width/head/MLP
 mismatch raises `WeightsError` naming the key and both shapes.  Nothing else in `params` changes.
@@ -99,59 +99,3 @@ def init_encoder_from_siglip2(params: dict, path: str) -> dict:
       val = new[k].astype(flat[k].dtype)
       out[k] = v.replace_boxed(val) if isinstance(v, nn.meta.AxisMetadata) else val
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
-
-
-def convert_hf_state_dict(sd: dict, num_heads: int) -> dict[str, np.ndarray]:
-  """HF `Siglip2VisionModel` state dict (numpy) -> the teacher-layout flat dict (attention-pool
-  head dropped).  Linear weights [out, in] are transposed to [in, out]; q/k/v/o split by heads."""
-  pre = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
-  g = lambda k: np.asarray(sd[pre + k], np.float32)
-  w = g("embeddings.patch_embedding.weight")
-  width = w.shape[0]
-  d = width // num_heads
-  out = {"patch_embed/kernel": w.T, "patch_embed/bias": g("embeddings.patch_embedding.bias"),
-         "pos_embed": g("embeddings.position_embedding.weight"),
-         "post_ln/scale": g("post_layernorm.weight"), "post_ln/bias": g("post_layernorm.bias")}
-  i = 0
-  while f"{pre}encoder.layers.{i}.layer_norm1.weight" in sd:
-    p = f"encoder.layers.{i}."
-    for n, t in (("1", "ln1"), ("2", "ln2")):
-      out[f"blocks_{i}/{t}/scale"] = g(p + f"layer_norm{n}.weight")
-      out[f"blocks_{i}/{t}/bias"] = g(p + f"layer_norm{n}.bias")
-    for n in "qkv":
-      out[f"blocks_{i}/attn/{n}/kernel"] = g(p + f"self_attn.{n}_proj.weight").T.reshape(
-          width, num_heads, d)
-      out[f"blocks_{i}/attn/{n}/bias"] = g(p + f"self_attn.{n}_proj.bias").reshape(num_heads, d)
-    out[f"blocks_{i}/attn/o/kernel"] = g(p + "self_attn.out_proj.weight").T.reshape(
-        num_heads, d, width)
-    out[f"blocks_{i}/attn/o/bias"] = g(p + "self_attn.out_proj.bias")
-    for n in ("fc1", "fc2"):
-      out[f"blocks_{i}/mlp/{n}/kernel"] = g(p + f"mlp.{n}.weight").T
-      out[f"blocks_{i}/mlp/{n}/bias"] = g(p + f"mlp.{n}.bias")
-    i += 1
-  if i == 0:
-    raise WeightsError("HF SigLIP2 state dict has no 'encoder.layers.0.*' keys")
-  return out
-
-
-def main(argv=None):
-  import argparse
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--input", required=True, help="HF Siglip2 model.safetensors")
-  ap.add_argument("--output", required=True, help=".npz in the tdjax teacher layout")
-  ap.add_argument("--num_heads", type=int, default=16)
-  a = ap.parse_args(argv)
-  try:
-    from safetensors.numpy import load_file
-  except ImportError:
-    raise SystemExit("reading .safetensors needs the optional package: pip install safetensors")
-  flat = convert_hf_state_dict(load_file(a.input), a.num_heads)
-  tmp = a.output + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **flat)
-  os.replace(tmp, a.output)
-  print(f"wrote {a.output}: {len(flat)} arrays")
-
-
-if __name__ == "__main__":
-  main()
