@@ -449,10 +449,10 @@ def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np
   sd = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in sd.items()}
   flat, errors = {}, []
   for key, value in sd.items():
-    mod, _, leaf = key.rpartition(".")
-    m = re.match(r"^encoder\.layers\.(\d+)\.(.+)$", mod)
     if key.startswith("head."):
       continue
+    mod, _, leaf = key.rpartition(".")
+    m = re.match(r"^encoder\.layers\.(\d+)\.(.+)$", mod)
     if key == "embeddings.position_embedding.weight":
       flat["pos_embed"] = value
     elif mod in _SIGLIP2_RENAME:
@@ -479,12 +479,9 @@ def convert_siglip2(input_path: str, output: str, *, num_heads: int = 16) -> dic
   """Writes the SigLIP2 .npz to `output`, atomically; never replaces an existing file."""
   if os.path.exists(output):
     raise ConversionError(f"{output} exists; choose a new --output")
+  from tdjax.losses.weights import save_npz_params
   flat = siglip2_params(read_state_dict(input_path), num_heads)
-  def save(path, tree):
-    with open(path, "wb") as f:      # np.savez would append '.npz' to the '.partial' name
-      np.savez(f, **tree)
-
-  _save_atomically(save, output, flat)
+  _save_atomically(save_npz_params, output, flat)    # '/'-joined keys are kept as they are
   return dict(kind="siglip2", output=output, params=_count(flat), num_heads=num_heads,
               blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
 
