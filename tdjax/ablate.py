@@ -9,8 +9,10 @@ the classifier judge (class accuracy and Fréchet distance on its features, 100 
 at demo scale),
 and writes DIR/NAME.md, DIR/NAME.json and DIR/NAME.png (one bar per row); `full` prints the launch
 commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g. the tokenizer of
-the CFG table) share its workdir, and a finished stage is skipped on re-runs, so a stopped
-ablation resumes.  The paper's figures (from the reference notes) sit beside ours, marked as such.
+the CFG table) share its workdir, and so do rows whose arguments only restate a default (the
+default row of Tables 3 and 4, the alpha sweep and the token count is one run: `canonical_args`);
+samples are named by model and sampling flags, so rows that sample one model alike share them;
+a finished stage is skipped on re-runs, so a stopped ablation resumes.  The paper's figures (from the reference notes) sit beside ours, marked as such.
 
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
 degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is
@@ -23,6 +25,8 @@ transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -138,8 +143,42 @@ def _join(*args) -> str:
   return ",".join(a for a in args if a)
 
 
-def _tokenizer_dir(workdir: str, row: Row) -> str:
-  return os.path.join(workdir, "tokenizer_" + _slug(row.tokenizer))
+@functools.lru_cache(maxsize=None)
+def _config_module(name: str):
+  spec = importlib.util.spec_from_file_location(f"_ablate_{name}",
+                                                os.path.join(_ROOT, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config(name: str, arg: str) -> dict:
+  return _config_module(name).get_config(arg).to_dict()
+
+
+def canonical_args(config: str, base: str, args: str) -> str:
+  """`args` less the items that leave configs/CONFIG.py:BASE,ARGS as it is (a row restating a
+  default), so rows of one configuration share one run, across tables too: at the demo scale
+  Table 3's 20 %, Table 4's g = 4, alpha 1.5 and N = 32 are all the default tokenizer."""
+  items = [i for i in args.split(",") if i]
+  full = _config(config, _join(base, *items))
+  kept = [i for i in items
+          if _config(config, _join(base, *(j for j in items if j != i))) != full]
+  return ",".join(kept) if _config(config, _join(base, *kept)) == full else args
+
+
+def _detailflow_args(row: Row, scale: str) -> tuple[str, str]:
+  """(tokenizer, AR) row args in canonical form; the AR's are judged with the N, g and vocabulary
+  its codes file will give it (those of the row's tokenizer)."""
+  s = SCALES[scale]
+  tok = canonical_args("detailflow_tokenizer", s["tokenizer"], row.tokenizer)
+  m = _config("detailflow_tokenizer", _join(s["tokenizer"], tok))["model"]
+  codes = f"tokens={m['num_tokens']},group={m['group']},vocab={m['codebook_size']}"
+  return tok, canonical_args("detailflow_ar", _join(s["ar"], codes), row.generator)
+
+
+def _tokenizer_dir(workdir: str, row: Row, scale: str) -> str:
+  return os.path.join(workdir, "tokenizer_" + _slug(_detailflow_args(row, scale)[0]))
 
 
 def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None):
@@ -148,11 +187,12 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
   py = [sys.executable, "-m"]
   stages = []
   if table.family == "detailflow":
+    # commands keep the row's own arguments; run folders are named by their canonical form
     tok_args = _join(s["tokenizer"], row.tokenizer)
-    tok = _tokenizer_dir(workdir, row)
+    tok = _tokenizer_dir(workdir, row, scale)
     codes = os.path.join(tok, "codes.npz")
     ar_args = _join(s["ar"], row.generator, f"codes={codes}", f"tokenizer={tok}")
-    gen = os.path.join(workdir, "ar_" + _slug(row.tokenizer + "_" + row.generator))
+    gen = os.path.join(workdir, "ar_" + _slug("_".join(_detailflow_args(row, scale))))
     stages += [(os.path.join(tok, "config.json"),
                 py + ["tdjax.train", f"--config=configs/detailflow_tokenizer.py:{tok_args}",
                       f"--workdir={tok}"]),
@@ -170,10 +210,13 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
       args = _join(s["transdiff"], row.generator, f"init_from={base}")
     else:
       args = _join(s["transdiff"], row.generator)
-    gen = os.path.join(workdir, "transdiff_" + _slug(row.generator))
+    gen = os.path.join(workdir, "transdiff_" + _slug(
+        canonical_args("transdiff", s["transdiff"], row.generator)))
     stages += [(os.path.join(gen, "config.json"),
                 py + ["tdjax.train", f"--config=configs/transdiff.py:{args}", f"--workdir={gen}"])]
-  out = os.path.join(workdir, "samples", _slug(row.label) + ".png")
+  # named by the model and the sampling flags, so rows that sample one model alike share samples
+  sampling = "_".join(f"{k}_{v}" for k, v in sorted(row.sample.items()))
+  out = os.path.join(workdir, "samples", _slug(os.path.basename(gen) + "_" + sampling) + ".png")
   sample = py + ["tdjax.sample", f"--workdir={gen}", f"--out={out}", "--classes=all",
                  f"--num={s['num']}"] + [f"--{k}={v}" for k, v in row.sample.items()]
   if judge:
@@ -214,7 +257,6 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
     raise ValueError(f"--judge={judge!r}: scale {scale} scores samples with a classifier workdir "
                      f"(python -m tdjax.train --config configs/classifier.py --workdir DIR)")
   os.makedirs(workdir, exist_ok=True)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results, printed = [], set()
   for index, row in enumerate(table.rows):
     if row.needs and not dry_run:       # below full scale, whether or not --rows names it
@@ -225,7 +267,8 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
     if rows is not None and index not in rows:
       marker = row_stages(table, row, scale, workdir, judge)[-1][0]
       if not dry_run:
-        results.append(_result(row, marker, table.family, workdir) if os.path.exists(marker) else
+        results.append(_result(row, marker, table.family, workdir, scale)
+                       if os.path.exists(marker) else
                        dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
       continue
     for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
@@ -240,9 +283,9 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
         continue
       logging.info("running: %s", cmd)
       os.makedirs(os.path.dirname(marker), exist_ok=True)
-      subprocess.run(argv, check=True, cwd=root)
+      subprocess.run(argv, check=True, cwd=_ROOT)
     if not dry_run:
-      results.append(_result(row, marker, table.family, workdir))
+      results.append(_result(row, marker, table.family, workdir, scale))
   if dry_run:
     return {}
   report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
@@ -264,7 +307,7 @@ def _last_eval(workdir: str) -> dict:
   return last
 
 
-def _result(row: Row, judge_file: str, family: str, workdir: str) -> dict:
+def _result(row: Row, judge_file: str, family: str, workdir: str, scale: str) -> dict:
   """The row's judged samples; DetailFlow rows add their tokenizer's test PSNR and codebook usage
   (the reconstruction side of the paper's rFID column)."""
   with open(judge_file) as f:
@@ -272,7 +315,7 @@ def _result(row: Row, judge_file: str, family: str, workdir: str) -> dict:
   out = dict(row=row.label, class_accuracy=r["class_accuracy"],
              frechet_distance=r["frechet_distance"], paper=row.paper)
   if family == "detailflow":
-    ev = _last_eval(_tokenizer_dir(workdir, row))
+    ev = _last_eval(_tokenizer_dir(workdir, row, scale))
     if "eval/psnr" in ev:
       out.update(tokenizer_psnr=ev["eval/psnr"], codebook_usage=ev.get("eval/codebook_usage"))
   return out

@@ -59,11 +59,11 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   assert "paper figures" in open(os.path.join(wd, "transdiff_steps.md")).read()
   ckpts = os.path.join(wd, "transdiff_base", "checkpoints")
   before = sorted(os.listdir(ckpts))
-  os.remove(os.path.join(wd, "samples", "25_steps_judge.json"))
+  os.remove(os.path.join(wd, "samples", "transdiff_base_steps_25_judge.json"))
   only = ablate.run_table("transdiff_steps", "tiny", wd, judge, rows=[0])  # row 1 left alone
   assert only["rows"][0] == report["rows"][0] and "--rows" in only["rows"][1]["skipped"]
   assert only["rows"][2] == report["rows"][2]     # the reason stays, not "no result yet"
-  assert not os.path.exists(os.path.join(wd, "samples", "25_steps_judge.json"))
+  assert not os.path.exists(os.path.join(wd, "samples", "transdiff_base_steps_25_judge.json"))
   again = ablate.run_table("transdiff_steps", "tiny", wd, judge)   # resumes: re-samples one row
   assert sorted(os.listdir(ckpts)) == before
   assert json.load(open(os.path.join(wd, "transdiff_steps.json")))["rows"] == again["rows"]
@@ -76,7 +76,7 @@ def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
   table = ablate.TABLES["detailflow_degrade"]
   wd = str(tmp_path)
   for i, row in enumerate(table.rows[:2]):
-    tok = ablate._tokenizer_dir(wd, row)
+    tok = ablate._tokenizer_dir(wd, row, "demo")
     os.makedirs(tok)
     with open(os.path.join(tok, "metrics.jsonl"), "w") as f:
       for step, psnr in ((500, 10.0), (1000, 15.0 + i)):
@@ -85,12 +85,12 @@ def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
   judge = str(tmp_path / "judge.json")
   with open(judge, "w") as f:
     json.dump({"class_accuracy": 0.5, "frechet_distance": 3.0}, f)
-  rows = [ablate._result(r, judge, "detailflow", wd) for r in table.rows[:2]]
+  rows = [ablate._result(r, judge, "detailflow", wd, "demo") for r in table.rows[:2]]
   assert [r["tokenizer_psnr"] for r in rows] == [15.0, 16.0]
-  assert "tokenizer_psnr" not in ablate._result(table.rows[2], judge, "detailflow", wd)
-  assert "tokenizer_psnr" not in ablate._result(table.rows[0], judge, "transdiff", wd)
+  assert "tokenizer_psnr" not in ablate._result(table.rows[2], judge, "detailflow", wd, "demo")
+  assert "tokenizer_psnr" not in ablate._result(table.rows[0], judge, "transdiff", wd, "demo")
   report = dict(title="t", scale="demo", paper_source="p", rows=rows + [
-      ablate._result(table.rows[2], judge, "detailflow", wd),
+      ablate._result(table.rows[2], judge, "detailflow", wd, "demo"),
       dict(row="skipped row", skipped="needs W", paper="")])
   ablate.write_report(report, str(tmp_path / "t"))
   lines = open(str(tmp_path / "t.md")).read().splitlines()
@@ -98,3 +98,38 @@ def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
   assert all(l.count("|") == 7 for l in lines[2:])        # every row has all six columns
   assert "| 10% | 50.0 % | 3.00 | 15.00 dB | 25.0 % |" in lines[4]
   assert "| 30% | 50.0 % | 3.00 | - | - |" in lines[6]
+
+
+def test_rows_of_one_configuration_share_their_runs_and_samples():
+  """A row that restates a default is the default run (the paper's default row appears in several
+  tables); a row that changes anything, the AR's group against its tokenizer's included, is not."""
+  def stages(name, label, scale="demo"):
+    table = ablate.TABLES[name]
+    row = next(r for r in table.rows if r.label == label)
+    return [m for m, _ in ablate.row_stages(table, row, scale, "W", None)]
+
+  default = stages("detailflow_table2", "+ self-correction")
+  assert default[0] == "W/tokenizer_base/config.json" and default[2] == "W/ar_base/config.json"
+  for name, label in (("detailflow_degrade", "20%"), ("detailflow_group", "g = 4"),
+                      ("detailflow_alpha", "alpha 1.5"), ("detailflow_tokens", "N = 32")):
+    assert stages(name, label) == default, (name, label)
+  for name, label in (("detailflow_degrade", "10%"), ("detailflow_group", "g = 8"),
+                      ("detailflow_alpha", "alpha 2.0"), ("detailflow_tokens", "N = 64")):
+    assert not set(stages(name, label)) & set(default), (name, label)
+  # the full scale's default group is 8: there g = 8 is the default and g = 4 is not
+  assert stages("detailflow_group", "g = 8", "full")[0] == "W/tokenizer_base/config.json"
+  assert stages("detailflow_group", "g = 4", "full")[0] == "W/tokenizer_group_4/config.json"
+  # the AR's group=1 restates its g = 1 tokenizer's; against a g = 4 tokenizer it would not
+  tok, gen = ablate._detailflow_args(ablate.Row("x", tokenizer="group=1", generator="group=1"),
+                                     "demo")
+  assert (tok, gen) == ("group=1", "")
+  assert ablate._detailflow_args(ablate.Row("x", generator="group=1"), "demo") == ("", "group=1")
+  # TransDiff: 3 references is MRAR's default; one model sampled alike is sampled once
+  assert stages("transdiff_refs", "MRAR, 3 references")[:2] == stages(
+      "transdiff_mrar", "MRAR (3 references), from the 1-step run")[:2]
+  assert stages("transdiff_refs", "MRAR, 2 references")[1] == "W/transdiff_mrar_True_refs_2/config.json"
+  one_step = stages("transdiff_mrar", "1-step")
+  assert one_step == stages("transdiff_steps", "50 steps")
+  assert one_step[-1] == "W/samples/transdiff_base_steps_50.png"
+  assert stages("transdiff_steps", "25 steps")[-1] != one_step[-1]
+  assert stages("detailflow_cfg", "CFG 1.4")[-1] == "W/samples/ar_base_cfg_1_4.png"
