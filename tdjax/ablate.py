@@ -3,16 +3,17 @@ r"""Paper ablation tables by one command.
   python -m tdjax.ablate --table NAME --scale demo|quick|tiny|full --workdir DIR [--judge CLASSIFIER_DIR]
 
 Every row is a set of config arguments (never a copied config file).  `demo`, `quick` (the demo
-models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samples per class) and `tiny` (the seconds-long smoke scale of
-the tests) train and sample each row here, scores the samples with
-the classifier judge (class accuracy and Fréchet distance on its features, 100 samples per class
-at demo scale),
-and writes DIR/NAME.md, DIR/NAME.json and DIR/NAME.png (one bar per row); `full` prints the launch
+models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samples per class) and
+`tiny` (the seconds-long smoke scale of the tests) train and sample each row here, score the
+samples with the classifier judge (class accuracy and Fréchet distance on its features, 100
+samples per class at demo scale),
+and write DIR/NAME.md, DIR/NAME.json and DIR/NAME.png (one bar per row); `full` prints the launch
 commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g. the tokenizer of
 the CFG table) share its workdir, and so do rows whose arguments only restate a default (the
 default row of Tables 3 and 4, the alpha sweep and the token count is one run: `canonical_args`);
 samples are named by model and sampling flags, so rows that sample one model alike share them;
-a finished stage is skipped on re-runs, so a stopped ablation resumes.  The paper's figures (from the reference notes) sit beside ours, marked as such.
+a finished stage is skipped on re-runs, so a stopped ablation resumes.  The paper's figures (from
+the reference notes) sit beside ours, marked as such.
 
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
 degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is

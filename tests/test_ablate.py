@@ -127,7 +127,8 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
   # TransDiff: 3 references is MRAR's default; one model sampled alike is sampled once
   assert stages("transdiff_refs", "MRAR, 3 references")[:2] == stages(
       "transdiff_mrar", "MRAR (3 references), from the 1-step run")[:2]
-  assert stages("transdiff_refs", "MRAR, 2 references")[1] == "W/transdiff_mrar_True_refs_2/config.json"
+  refs_2 = stages("transdiff_refs", "MRAR, 2 references")[1]
+  assert refs_2 == "W/transdiff_mrar_True_refs_2/config.json"
   one_step = stages("transdiff_mrar", "1-step")
   assert one_step == stages("transdiff_steps", "50 steps")
   assert one_step[-1] == "W/samples/transdiff_base_steps_50.png"
