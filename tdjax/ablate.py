@@ -157,6 +157,7 @@ def _config(name: str, arg: str) -> dict:
   return _config_module(name).get_config(arg).to_dict()
 
 
+@functools.lru_cache(maxsize=None)   # row_stages and _result ask again for the same row
 def canonical_args(config: str, base: str, args: str) -> str:
   """`args` less the items that leave configs/CONFIG.py:BASE,ARGS as it is (a row restating a
   default), so rows of one configuration share one run, across tables too: at the demo scale
