@@ -106,8 +106,10 @@ TABLES = {
             ("attention head, no self-attention", "self_attention=False"),
             ("attention head, adaLN conditioning", "conditioning=adaln"),
             ("attention head, in-context conditioning", "conditioning=incontext"))], _TD),
+    # 50 sampler steps, as the head and MRAR tables: the shared rows reuse their samples
     "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
-        Row(f"head depth {d}", generator=f"head_depth={d}") for d in (1, 2, 4)], _TD),
+        Row(f"head depth {d}", generator=f"head_depth={d}", sample={"steps": 50})
+        for d in (1, 2, 4)], _TD),
     "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
         Row(f"{s} steps", sample={"steps": s}) for s in (10, 25, 50, 100)], _TD),
     "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [   # 50 sampler steps
@@ -115,9 +117,9 @@ TABLES = {
         Row("MRAR (3 references), from the 1-step run", generator="mrar=True",
             sample={"steps": 50})], _TD),
     "transdiff_refs": Table("TransDiff MRAR: number of reference images", "transdiff", [
-        Row("1-step (0 references)")] + [
-        Row(f"MRAR, {r} reference{'s' * (r > 1)}", generator=f"mrar=True,refs={r}")
-        for r in (1, 2, 3)], _TD),
+        Row("1-step (0 references)", sample={"steps": 50})] + [
+        Row(f"MRAR, {r} reference{'s' * (r > 1)}", generator=f"mrar=True,refs={r}",
+            sample={"steps": 50}) for r in (1, 2, 3)], _TD),
 }
 
 # per scale: base config args of each stage

@@ -125,12 +125,15 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
   assert (tok, gen) == ("group=1", "")
   assert ablate._detailflow_args(ablate.Row("x", generator="group=1"), "demo") == ("", "group=1")
   # TransDiff: 3 references is MRAR's default; one model sampled alike is sampled once
-  assert stages("transdiff_refs", "MRAR, 3 references")[:2] == stages(
-      "transdiff_mrar", "MRAR (3 references), from the 1-step run")[:2]
+  assert stages("transdiff_refs", "MRAR, 3 references") == stages(
+      "transdiff_mrar", "MRAR (3 references), from the 1-step run")
   refs_2 = stages("transdiff_refs", "MRAR, 2 references")[1]
   assert refs_2 == "W/transdiff_mrar_True_refs_2/config.json"
   one_step = stages("transdiff_mrar", "1-step")
   assert one_step == stages("transdiff_steps", "50 steps")
+  for name, label in (("transdiff_depth", "head depth 4"), ("transdiff_refs", "1-step (0 references)"),
+                      ("transdiff_heads", "attention head, cross-attention (TransDiff)")):
+    assert stages(name, label) == one_step, (name, label)
   assert one_step[-1] == "W/samples/transdiff_base_steps_50.png"
   assert stages("transdiff_steps", "25 steps")[-1] != one_step[-1]
   assert stages("detailflow_cfg", "CFG 1.4")[-1] == "W/samples/ar_base_cfg_1_4.png"
