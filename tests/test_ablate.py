@@ -131,7 +131,8 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
   assert refs_2 == "W/transdiff_mrar_True_refs_2/config.json"
   one_step = stages("transdiff_mrar", "1-step")
   assert one_step == stages("transdiff_steps", "50 steps")
-  for name, label in (("transdiff_depth", "head depth 4"), ("transdiff_refs", "1-step (0 references)"),
+  for name, label in (("transdiff_depth", "head depth 4"),
+                      ("transdiff_refs", "1-step (0 references)"),
                       ("transdiff_heads", "attention head, cross-attention (TransDiff)")):
     assert stages(name, label) == one_step, (name, label)
   assert one_step[-1] == "W/samples/transdiff_base_steps_50.png"
