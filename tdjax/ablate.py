@@ -61,6 +61,9 @@ class Table:
 
 _DF = "reference detailflow.md 3.2"
 _TD = "not in the reference notes (TransDiff's ablation tables were not retrieved)"
+# the TransDiff tables sample at 50 Euler-Maruyama steps (the steps table's plateau), so rows of one
+# model (the default 1-step model, MRAR with 3 references) share their samples across tables
+_TD_SAMPLE = {"steps": 50}
 _T2_AR = "correction=0.0"     # the AR model's self-correction training belongs to its own row
 TABLES = {
     "detailflow_table2": Table("DetailFlow Table 2: cumulative additions", "detailflow", [
@@ -99,27 +102,26 @@ TABLES = {
         Row(f"N = {n}", tokenizer=f"tokens={n}", generator=f"tokens={n}") for n in (16, 32, 64)],
         "paper: N = 128 / 256 / 512 (DetailFlow-16/32/64)"),
     "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
-        Row(label, generator=g, sample={"steps": 50}) for label, g in (   # 50 sampler steps each
+        Row(label, generator=g, sample=_TD_SAMPLE) for label, g in (
             ("attention head, cross-attention (TransDiff)", ""),
             ("MLP head, rectified flow", "head=mlp"),
             ("MLP head, DDPM (MAR)", "head=mlp,diffusion=ddpm"),
             ("attention head, no self-attention", "self_attention=False"),
             ("attention head, adaLN conditioning", "conditioning=adaln"),
             ("attention head, in-context conditioning", "conditioning=incontext"))], _TD),
-    # 50 sampler steps, as the head and MRAR tables: the shared rows reuse their samples
     "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
-        Row(f"head depth {d}", generator=f"head_depth={d}", sample={"steps": 50})
+        Row(f"head depth {d}", generator=f"head_depth={d}", sample=_TD_SAMPLE)
         for d in (1, 2, 4)], _TD),
     "transdiff_steps": Table("TransDiff: sampling steps", "transdiff", [
         Row(f"{s} steps", sample={"steps": s}) for s in (10, 25, 50, 100)], _TD),
-    "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [   # 50 sampler steps
-        Row("1-step", sample={"steps": 50}),
+    "transdiff_mrar": Table("TransDiff: 1-step vs MRAR", "transdiff", [
+        Row("1-step", sample=_TD_SAMPLE),
         Row("MRAR (3 references), from the 1-step run", generator="mrar=True",
-            sample={"steps": 50})], _TD),
+            sample=_TD_SAMPLE)], _TD),
     "transdiff_refs": Table("TransDiff MRAR: number of reference images", "transdiff", [
-        Row("1-step (0 references)", sample={"steps": 50})] + [
+        Row("1-step (0 references)", sample=_TD_SAMPLE)] + [
         Row(f"MRAR, {r} reference{'s' * (r > 1)}", generator=f"mrar=True,refs={r}",
-            sample={"steps": 50}) for r in (1, 2, 3)], _TD),
+            sample=_TD_SAMPLE) for r in (1, 2, 3)], _TD),
 }
 
 # per scale: base config args of each stage
