@@ -6,6 +6,11 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The test models are tiny, so XLA's compile time dominates the suite: compile without LLVM's
+# expensive passes (jax_disable_most_optimizations; it roughly halves the compile-bound tests on
+# this 2-core machine). Subprocesses (train CLI, multi-host, ablate) inherit it through the
+# environment. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimised.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 from absl import flags  # noqa: E402
@@ -13,3 +18,25 @@ from absl import flags  # noqa: E402
 # absl-using libraries must not choke on pytest's own arguments (maxtext's conftest does the same).
 if not flags.FLAGS.is_parsed():
   flags.FLAGS(sys.argv[:1], known_only=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+  """A DetailFlow VQ tokenizer workdir (size=tiny, 2 steps), trained once per test process for
+  the tests that only load one (reconstruct, the GPT converter, the next-detail tasks' checks).
+  Trained without prefix degradation or self-correction (half the compile time; the checkpoint's
+  shapes are the same). Tests must not write into it."""
+  import importlib.util
+  from tdjax import trainer
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "detailflow_tokenizer_cfg", os.path.join(root, "configs", "detailflow_tokenizer.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  workdir = str(tmp_path_factory.mktemp("tiny_tokenizer"))
+  config = mod.get_config("size=tiny,steps=2,batch=8,degrade_p=0,correction=False")
+  trainer.train_and_evaluate(config, workdir)
+  return workdir

@@ -118,19 +118,12 @@ def test_conversion_errors_name_every_bad_key():
     convert.detailflow_gpt_params(sd, L, H, expected)
 
 
-def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path):
+def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path, tiny_tokenizer_dir):
   """A .npz state dict (with a DDP prefix) -> a next_detail workdir; the tokenizer named decodes
   its samples; a second conversion into the same folder is refused."""
-  import importlib.util
   from tdjax import sample as sample_cli
   from tdjax import trainer
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      "tok", os.path.join(root, "configs", "detailflow_tokenizer.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  tok_dir = str(tmp_path / "tok")
-  trainer.train_and_evaluate(mod.get_config("size=tiny,steps=1,batch=8"), tok_dir)
+  tok_dir = tiny_tokenizer_dir
   sd = gpt_state_dict()
   path = str(tmp_path / "gpt.npz")
   np.savez(path, **{"module." + k: v for k, v in sd.items()})

@@ -48,15 +48,6 @@ def random_params(model, seed=0, scale=0.3):
   return make(jax.random.key(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny models: compile time dominates, so skip most XLA optimisations in this module."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 # ------------------------------------------------------------------------------------------------
 # layout, mask, targets, RoPE
 # ------------------------------------------------------------------------------------------------

@@ -36,14 +36,6 @@ def noisy_params(model, seed=0, scale=0.2):
                                    for p, k in zip(leaves, keys)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def test_trunk_hidden_state_ignores_later_groups():
   """h at positions of block b depends on the tokens of blocks <= b only (group-causal mask), and
   the first g positions are token-causal."""
@@ -155,7 +147,7 @@ def _config(path, arg):
   return mod.get_config(arg)
 
 
-def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path):
+def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path, tiny_tokenizer_dir):
   from tdjax import sample as sample_cli
   from tdjax import trainer
   tok_dir, gen_dir = str(tmp_path / "tok"), str(tmp_path / "ndd")
@@ -196,10 +188,7 @@ def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path):
   with pytest.raises(ValueError, match="other settings"):
     sample_cli.generate(gen_dir, "0,1,2", 2, steps=4, batch_size=2, parts_dir=parts)
   # a VQ tokenizer is refused by name
-  vq_dir = str(tmp_path / "vq")
-  trainer.train_and_evaluate(_config(os.path.join(ROOT, "configs", "detailflow_tokenizer.py"),
-                                     "size=tiny,steps=1,batch=8"), vq_dir)
-  c.tokenizer_workdir = vq_dir
+  c.tokenizer_workdir = tiny_tokenizer_dir
   from tdjax.tasks.next_detail_diffusion import NextDetailDiffusionTask
   with pytest.raises(ValueError, match="a VQ tokenizer"):
     NextDetailDiffusionTask(c)

@@ -19,9 +19,9 @@ def _config(name, arg):
   return mod.get_config(arg)
 
 
-def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, monkeypatch):
-  tok = str(tmp_path / "tok")
-  trainer.train_and_evaluate(_config("detailflow_tokenizer", "size=tiny,steps=2,batch=8"), tok)
+def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, monkeypatch,
+                                                                    tiny_tokenizer_dir):
+  tok = tiny_tokenizer_dir
   strips = []
   grid = metrics.image_grid
   monkeypatch.setattr(metrics, "image_grid", lambda s: strips.append(np.asarray(s)) or grid(s))
