@@ -29,14 +29,9 @@ def tiny_tokenizer_dir(tmp_path_factory):
   the tests that only load one (reconstruct, the GPT converter, the next-detail tasks' checks).
   Trained without prefix degradation or self-correction (half the compile time; the checkpoint's
   shapes are the same). Tests must not write into it."""
-  import importlib.util
-  from tdjax import trainer
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      "detailflow_tokenizer_cfg", os.path.join(root, "configs", "detailflow_tokenizer.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  from tdjax import convert, trainer
   workdir = str(tmp_path_factory.mktemp("tiny_tokenizer"))
-  config = mod.get_config("size=tiny,steps=2,batch=8,degrade_p=0,correction=False")
+  config = convert._load_config("detailflow_tokenizer",
+                                "size=tiny,steps=2,batch=8,degrade_p=0,correction=False")
   trainer.train_and_evaluate(config, workdir)
   return workdir
