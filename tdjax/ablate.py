@@ -27,7 +27,6 @@ transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -37,8 +36,9 @@ from dataclasses import dataclass, field
 
 from absl import app, flags, logging
 
+from tdjax import configlib
+
 FLAGS = flags.FLAGS
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -148,17 +148,8 @@ def _join(*args) -> str:
   return ",".join(a for a in args if a)
 
 
-@functools.lru_cache(maxsize=None)
-def _config_module(name: str):
-  spec = importlib.util.spec_from_file_location(f"_ablate_{name}",
-                                                os.path.join(_ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _config(name: str, arg: str) -> dict:
-  return _config_module(name).get_config(arg).to_dict()
+  return configlib.load_config(name, arg).to_dict()
 
 
 @functools.lru_cache(maxsize=None)   # row_stages and _result ask again for the same row
@@ -289,7 +280,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
         continue
       logging.info("running: %s", cmd)
       os.makedirs(os.path.dirname(marker), exist_ok=True)
-      subprocess.run(argv, check=True, cwd=_ROOT)
+      subprocess.run(argv, check=True, cwd=configlib.ROOT)
     if not dry_run:
       results.append(_result(row, marker, table.family, workdir, scale))
   if dry_run:

@@ -20,6 +20,8 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from tdjax import configlib
+
 FLAGS = flags.FLAGS
 
 
@@ -60,23 +62,6 @@ MODELS = {
     "next_detail_w512": ("configs/detailflow_ar.py", "size=demo", _W512_AR),
     "transdiff_w512": ("configs/transdiff.py", "size=demo", _W512_TD),
 }
-
-
-def load_config(path: str, arg: str, overrides: dict | None = None):
-  import importlib.util
-  import os
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  full = path if os.path.isabs(path) else os.path.join(root, path)
-  if not os.path.exists(full):
-    raise FileNotFoundError(full)
-  spec = importlib.util.spec_from_file_location("tdjax_bench_config", full)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for key, value in (overrides or {}).items():   # get_config's ConfigDicts are unlocked
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
 
 
 def _scanned(config) -> bool:
@@ -160,7 +145,7 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
   for name in models or MODELS:
     path, arg, overrides = MODELS[name]
     try:
-      config = load_config(path, arg, overrides)
+      config = configlib.load_config(path, arg, overrides)
     except FileNotFoundError:
       logging.info("bench: %s has no config yet, skipped", name)
       continue

@@ -6,7 +6,13 @@ Config files are Python modules with `get_config(arg)`; `arg` is the text after 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import ml_collections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout: configs/ lives here
 
 
 def _convert(key: str, text: str, default):
@@ -70,3 +76,41 @@ def base_config() -> ml_collections.ConfigDict:
       decay_min_ndim=2))
   c.optimizer_groups = ml_collections.ConfigDict()  # per-group overrides, e.g. {'disc': {'lr': ..}}
   return c
+
+
+def config_path(name: str) -> str:
+  """'transdiff' -> <checkout>/configs/transdiff.py; a path ('configs/x.py', '/abs/x.py') is kept,
+  relative paths being read from the checkout."""
+  if not name.endswith(".py"):
+    return os.path.join(ROOT, "configs", name + ".py")
+  return name if os.path.isabs(name) else os.path.join(ROOT, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_module(path: str):
+  spec = importlib.util.spec_from_file_location(
+      "tdjax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name: str, arg: str = "", overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config NAME:ARG` gives it to tdjax.train.
+
+  `name` is a file under configs/ ('transdiff') or a path to one; `overrides` sets dotted fields
+  after parsing ({'model.depth': 3}), for benchmarks and tests that need a shape no option names.
+  """
+  path = config_path(name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist (from {name!r})")
+  config = _config_module(os.path.realpath(path)).get_config(arg)
+  for key, value in (overrides or {}).items():   # get_config's ConfigDicts are unlocked
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"config override {key!r}: {name} has no field {leaf!r} there")
+    node[leaf] = value
+  return config

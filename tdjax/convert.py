@@ -42,7 +42,6 @@ the conversion is complete; an existing checkpoint at --output is never replaced
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Mapping
@@ -50,8 +49,9 @@ from typing import Mapping
 import numpy as np
 from absl import app, flags, logging
 
+from tdjax import configlib
+
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips",
          "siglip2")
 
@@ -590,13 +590,6 @@ def _count(tree) -> int:
   return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
 
-def _load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
 def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
                    under: str | None = None) -> dict:
   """Builds the task of `config`, converts with convert_fn(expected unrolled params tree) and
@@ -660,7 +653,7 @@ def convert_detailflow_tokenizer(input_path: str, output: str, *, group: int = 8
       dims["dec_width"] % dec_heads:
     raise ConversionError(f"widths {dims['enc_width']} / {dims['dec_width']}: pass "
                           f"--tokenizer_heads ENC,DEC that divide them")
-  config = _load_config("detailflow_tokenizer", f"size=full,tokens={dims['num_tokens']},"
+  config = configlib.load_config("detailflow_tokenizer", f"size=full,tokens={dims['num_tokens']},"
                         f"group={group},image_size={dims['image_size']}")
   config.input.channels = dims["channels"]
   config.model.update({k: dims[k] for k in ("enc_width", "enc_depth", "enc_mlp", "dec_width",
@@ -705,7 +698,7 @@ def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: 
     raise ConversionError(f"width {dims['width']}, depths {dims['ar_depth']}/{dims['head_depth']} "
                           f"match no TransDiff size: pass --num_heads")
   grid = int(round(np.sqrt(dims["tokens"])))
-  config = _load_config("transdiff", f"size={size if size in ('B', 'L', 'H') else 'L'},"
+  config = configlib.load_config("transdiff", f"size={size if size in ('B', 'L', 'H') else 'L'},"
                         f"mrar={dims['mrar']},refs={dims['refs'] or 3},vae_weights={vae}")
   if size not in ("B", "L", "H"):             # a non-paper size: the dims of the checkpoint
     config.model.update(dict(width=dims["width"], num_heads=heads, ar_depth=dims["ar_depth"]))
@@ -738,7 +731,7 @@ def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_hea
   arg = (f"size={size or 'demo'},tokens={tokens},group={dims['group_size']},"
          f"vocab={dims['vocab_size']},classes={dims['num_classes']}" +
          (f",tokenizer={tokenizer}" if tokenizer else ""))
-  config = _load_config("detailflow_ar", arg)
+  config = configlib.load_config("detailflow_ar", arg)
   config.model.update(dict(depth=dims["depth"], dim=dims["dim"], num_heads=heads,
                            mlp_dim=dims["mlp_dim"]))
   params = _write_workdir(config, output, lambda expected: detailflow_gpt_params(

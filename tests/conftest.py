@@ -29,9 +29,9 @@ def tiny_tokenizer_dir(tmp_path_factory):
   the tests that only load one (reconstruct, the GPT converter, the next-detail tasks' checks).
   Trained without prefix degradation or self-correction (half the compile time; the checkpoint's
   shapes are the same). Tests must not write into it."""
-  from tdjax import convert, trainer
+  from tdjax import configlib, trainer
   workdir = str(tmp_path_factory.mktemp("tiny_tokenizer"))
-  config = convert._load_config("detailflow_tokenizer",
-                                "size=tiny,steps=2,batch=8,degrade_p=0,correction=False")
+  config = configlib.load_config("detailflow_tokenizer",
+                                 "size=tiny,steps=2,batch=8,degrade_p=0,correction=False")
   trainer.train_and_evaluate(config, workdir)
   return workdir

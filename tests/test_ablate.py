@@ -1,14 +1,12 @@
 """tdjax.ablate: rows as config arguments, full-scale commands, a tiny table end to end."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from tdjax import ablate
+from tdjax import ablate, configlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_full_scale_prints_every_rows_commands(tmp_path, capsys):
@@ -43,11 +41,8 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   monkeypatch.setitem(ablate.TABLES, "transdiff_steps",
                       ablate.Table(full.title, full.family, full.rows[:2] + [outside],
                                    full.paper_source))
-  spec = importlib.util.spec_from_file_location("clf", os.path.join(ROOT, "configs", "classifier.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
   judge = str(tmp_path / "clf")
-  trainer.train_and_evaluate(mod.get_config("size=tiny,steps=10,batch=32"), judge)
+  trainer.train_and_evaluate(configlib.load_config("classifier", "size=tiny,steps=10,batch=32"), judge)
   wd = str(tmp_path / "abl")
   report = ablate.run_table("transdiff_steps", "tiny", wd, judge)
   assert [r["row"] for r in report["rows"]] == ["10 steps", "25 steps", "needs weights"]

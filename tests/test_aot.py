@@ -1,15 +1,13 @@
 """Ahead-of-time compilation of a sharded train step (pod readiness on fake devices)."""
 
-import os
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from tdjax import aot, bench
+from tdjax import aot, bench, configlib
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_parse_mesh():
@@ -23,7 +21,7 @@ def test_parse_mesh():
 def test_report_shards_state_and_counts_flops():
   """fsdp=8: the compiled step's argument buffers per device are ~1/8 of the train state; the HLO
   FLOPs of the unrolled step match the analytic transformer count within 10 %."""
-  c = bench.load_config(os.path.join(ROOT, "configs/detailflow_ar.py"), "size=demo")
+  c = configlib.load_config("detailflow_ar", "size=demo")
   out = aot.report(c, {"data": 1, "fsdp": 8, "tensor": 1}, 16)
   rep = aot.report(c, {"data": 8, "fsdp": 1, "tensor": 1}, 16)
   state = 4 * 4 * out["params"]   # fp32 params + Adam mu, nu + EMA
@@ -53,7 +51,7 @@ def test_indivisible_dimensions_are_replicated_not_rejected():
 
 
 def test_tokenizer_hlo_flops_match_analytic():
-  c = bench.load_config(os.path.join(ROOT, "configs/detailflow_tokenizer.py"),
+  c = configlib.load_config("detailflow_tokenizer",
                         "size=demo,degrade_p=0.0")
   assert abs(aot.unrolled_hlo_flops(c, {"data": 8}, 16) /
              aot.analytic_flops(*_setup_and_batch(c, 16)) - 1) < 0.1
@@ -71,7 +69,7 @@ def _setup_and_batch(c, b):
                                  "size=B,batch_mul=1"])
 def test_transdiff_hlo_flops_match_analytic(arg):
   """Lowering only (no compile); size=B also checks that scanned stacks are unrolled for the count."""
-  c = bench.load_config(os.path.join(ROOT, "configs/transdiff.py"), arg)
+  c = configlib.load_config("transdiff", arg)
   c.model.dropout = c.head.dropout = 0.0
   ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
   assert abs(ratio - 1) < 0.1, ratio

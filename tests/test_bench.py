@@ -1,6 +1,6 @@
 """The benchmark's figures are computed from real compiled steps and real shards."""
 
-from tdjax import bench
+from tdjax import bench, configlib
 from toy_task import toy_config
 
 
@@ -22,9 +22,9 @@ def test_train_step_figures_and_fsdp_ratio():
 def test_a_scanned_stack_counts_every_layer():
   """XLA's compiled cost analysis counts a scanned stack's loop body once; the bench must not."""
   import pytest
-  scanned = bench.load_config("configs/detailflow_ar.py", "size=demo,batch=8", {"model.depth": 3})
-  unrolled = bench.load_config("configs/detailflow_ar.py", "size=demo,batch=8,scan=False",
-                               {"model.depth": 3})
+  scanned = configlib.load_config("configs/detailflow_ar.py", "size=demo,batch=8", {"model.depth": 3})
+  unrolled = configlib.load_config("configs/detailflow_ar.py", "size=demo,batch=8,scan=False",
+                                   {"model.depth": 3})
   assert scanned.model.scan and not unrolled.model.scan and scanned.model.depth == 3
   s = bench.train_step_figures(scanned, steps=1, repeats=1)
   u = bench.train_step_figures(unrolled, steps=1, repeats=1)
@@ -32,7 +32,24 @@ def test_a_scanned_stack_counts_every_layer():
   # the unscanned model's figure comes from its own lowering, the scanned one's from an unrolled copy
   assert u["flops_per_step"] == pytest.approx(s["flops_per_step"], rel=0.02)
   assert bench._scanned(scanned) and not bench._scanned(unrolled)
-  assert bench._scanned(bench.load_config("configs/transdiff.py", "size=B"))   # head + AR stacks
+  assert bench._scanned(configlib.load_config("configs/transdiff.py", "size=B"))   # head + AR stacks
   assert s["compiled_flops_per_step"] < 0.6 * s["flops_per_step"]     # the loop body once
   path, arg, over = bench.MODELS["next_detail_w512"]
-  assert bench.load_config(path, arg, over).model.dim == 512
+  assert configlib.load_config(path, arg, over).model.dim == 512
+
+
+def test_load_config_by_name_or_path_and_its_errors(tmp_path):
+  """One loader for every CLI: a configs/ name and a path give the same config; a missing file, an
+  unknown override field and an unknown config arg are each named."""
+  import pytest
+  by_name = configlib.load_config("transdiff", "size=demo,mrar=True", {"head.depth": 3})
+  by_path = configlib.load_config("configs/transdiff.py", "size=demo,mrar=True")
+  assert by_name.head.depth == 3 and by_path.head.depth != 3
+  by_name.head.depth = by_path.head.depth
+  assert by_name.to_dict() == by_path.to_dict()
+  with pytest.raises(FileNotFoundError, match="transdif.py"):
+    configlib.load_config("transdif", "size=demo")
+  with pytest.raises(KeyError, match="head.dept"):
+    configlib.load_config("transdiff", "size=demo", {"head.dept": 3})
+  with pytest.raises(ValueError, match="'sise' is unknown"):
+    configlib.load_config("transdiff", "sise=demo")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdjax import convert
+from tdjax import configlib, convert
 from tdjax.generators import next_detail as nd
 from tdjax.nn.rope import rope_2d_grid
 
@@ -427,7 +427,7 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
   workdir whose restored params match leaf for leaf; a wrong key / shape is named."""
   from tdjax import parallel, trainer
   from tdjax.nn.layers import unstack_layers
-  cfg = convert._load_config("transdiff", arg)
+  cfg = configlib.load_config("transdiff", arg)
   setup = trainer.Setup(cfg, parallel.make_mesh({"data": -1}))
   params = _perturbed(setup.init_state()["params"])
   sd = transdiff_state_dict(params, 2)

@@ -1,5 +1,7 @@
 """Fréchet distance against closed forms, and the classifier judge on a trained checkpoint."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -130,15 +132,10 @@ def test_evaluate_batches_same_set_and_shifted_set():
 def test_evaluate_cli_on_real_images_with_a_tiny_judge(tmp_path):
   """tdjax.evaluate end to end: real test images as 'samples' against split:test and split:train;
   the same images score FID 0 and P = R = 1, other real images a small positive FID."""
-  import importlib.util
-  import os
-  from tdjax import evaluate, evaluation, trainer
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("clf", os.path.join(root, "configs", "classifier.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  from tdjax import configlib, evaluate, evaluation, trainer
   judge_dir = str(tmp_path / "clf")
-  trainer.train_and_evaluate(mod.get_config("size=tiny,steps=20,batch=32"), judge_dir)
+  trainer.train_and_evaluate(configlib.load_config("classifier", "size=tiny,steps=20,batch=32"),
+                             judge_dir)
   judge = evaluation.ClassifierJudge(judge_dir)
   real = evaluate.real_images(judge, "test", 200)
   path = str(tmp_path / "s.npz")

@@ -2,7 +2,6 @@
 
 import functools
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -11,21 +10,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tdjax import optim
+from tdjax import configlib, optim
 from tdjax.data import codes as codes_lib
 from tdjax.generators import next_detail as nd
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("detailflow_ar_config",
-                                                os.path.join(ROOT, "configs", "detailflow_ar.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configlib.load_config("detailflow_ar", arg)
 
 
 def tiny_model(**kw):

@@ -2,7 +2,6 @@
 and the task end to end on a tiny continuous tokenizer."""
 
 import functools
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -12,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from tdjax import configlib
 from tdjax.generators import next_detail as nd
 from tdjax.generators import next_detail_diffusion as ndd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**kw):
@@ -140,21 +139,17 @@ def test_bad_sampling_inputs():
 # the task, end to end on a tiny continuous tokenizer
 # ------------------------------------------------------------------------------------------------
 
-def _config(path, arg):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+_config = configlib.load_config
 
 
 def test_task_trains_and_samples_from_a_continuous_tokenizer(tmp_path, tiny_tokenizer_dir):
   from tdjax import sample as sample_cli
   from tdjax import trainer
   tok_dir, gen_dir = str(tmp_path / "tok"), str(tmp_path / "ndd")
-  tc = _config(os.path.join(ROOT, "configs", "detailflow_tokenizer.py"),
+  tc = _config("detailflow_tokenizer",
                "size=tiny,bottleneck=continuous,kl=1e-3,steps=2,batch=8")
   trainer.train_and_evaluate(tc, tok_dir)
-  c = _config(os.path.join(ROOT, "configs", "next_detail_diffusion.py"),
+  c = _config("next_detail_diffusion",
               f"size=demo,tokenizer={tok_dir},tokens=16,group=4,steps=30,batch=16,lr=3e-3,"
               f"sample_steps=3")
   c.model.update(dict(depth=1, dim=32, num_heads=2, mlp_dim=64, head_width=32, head_depth=1,

@@ -1,22 +1,16 @@
 """tdjax.reconstruct: the coarse-to-fine strip, PSNR curve and report of a trained tokenizer."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from tdjax import metrics, reconstruct, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tdjax import configlib, metrics, reconstruct, trainer
 
 
-def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+
+_config = configlib.load_config
 
 
 def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, monkeypatch,
