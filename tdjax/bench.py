@@ -25,6 +25,22 @@ from tdjax import configlib
 FLAGS = flags.FLAGS
 
 
+_persistent_cache_hits: list[int] = []     # one counter, made when the listener is registered
+
+
+def _persistent_cache_hit_count() -> int:
+  """How many executables this process has read from the persistent XLA cache so far."""
+  if not _persistent_cache_hits:
+    import jax
+    _persistent_cache_hits.append(0)
+
+    def count(event: str, **kwargs) -> None:
+      if event == "/jax/compilation_cache/cache_hits":
+        _persistent_cache_hits[0] += 1
+    jax.monitoring.register_event_listener(count)
+  return _persistent_cache_hits[0]
+
+
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
   fn()  # warm-up (and compile)
   times = []
@@ -84,10 +100,13 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
   batch = _synthetic_batch(config, setup)
   with parallel.use_mesh(setup.mesh, setup.rules):
     gbatch = parallel.host_to_global(batch, setup.mesh)
+    hits = _persistent_cache_hit_count()
     t0 = time.perf_counter()
     lowered = setup.compile_step(gbatch).lower(state, gbatch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    # with a persistent XLA cache on (the CLI turns it off) the step may have been read, not compiled
+    compile_cached = _persistent_cache_hit_count() > hits
   cost = _first(compiled.cost_analysis())
   if _scanned(config):               # the loop body is counted once: lower an unrolled copy
     from tdjax import aot
@@ -104,7 +123,7 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
     holder[0] = s
 
   sec = _median_seconds(run, repeats) / steps
-  return {"compile_seconds": compile_s, "flops_per_step": flops,
+  return {"compile_seconds": compile_s, "compile_cached": compile_cached, "flops_per_step": flops,
           "compiled_flops_per_step": float(cost.get("flops", 0.0)), "seconds_per_step": sec,
           "flops_per_sec": flops / sec, "batch_size": int(config.input.batch_size),
           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))}
@@ -175,12 +194,16 @@ def markdown_table(result: dict) -> str:
     lines.append(f"| {name} | {f['params'] / 1e6:.1f} M | {f['batch_size']} | "
                  f"{f['seconds_per_step']:.3f} s | {f['flops_per_step'] / 1e9:.1f} | "
                  f"{f['flops_per_sec'] / 1e9:.0f} | {f['ratio_to_matmul']:.2f} | "
-                 f"{f['compile_seconds']:.1f} s | {'-' if fsdp is None else f'{fsdp:.2f}'} |")
+                 f"{f['compile_seconds']:.1f} s{' (cache hit)' * f.get('compile_cached', False)} | "
+                 f"{'-' if fsdp is None else f'{fsdp:.2f}'} |")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
+  # compile times are cold compiles: no persistent XLA cache (JAX_COMPILATION_CACHE_DIR) is read
+  import jax
+  jax.config.update("jax_enable_compilation_cache", False)
   result = run_benchmarks(FLAGS.models, FLAGS.repeats, FLAGS.steps)
   text = json.dumps(result, indent=2)
   print(text)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -194,10 +195,14 @@ def maybe_initialize_distributed(enable: bool, coordinator: str | None = None,
 
 
 def enable_compilation_cache(directory: str | None) -> None:
-  """Persistent XLA compilation cache, so a restarted job does not recompile."""
+  """Persistent XLA compilation cache, so a restarted job does not recompile. Takes effect also in
+  a process that has used another cache directory already (JAX_COMPILATION_CACHE_DIR, an earlier
+  run in the same process): jax fixes the directory at the first compile, so it is reset."""
   if not directory:
     return
   os.makedirs(directory, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", directory)
+  if jax.config.jax_compilation_cache_dir != directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax_compilation_cache.reset_cache()
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -1,7 +1,10 @@
 """Test set-up: 8 fake CPU devices for every test process (set before jax is imported)."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,6 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # this 2-core machine). Subprocesses (train CLI, multi-host, ablate) inherit it through the
 # environment. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimised.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One persistent XLA cache per test run, in a fresh temporary directory: the test processes (the
+# xdist workers and the CLIs the tests start, which inherit the environment) compile many identical
+# programs (the same tiny train steps, samplers and evaluators), and the cache compiles each once.
+# Fresh per run, so no run reads another's entries; a JAX_COMPILATION_CACHE_DIR set by the caller
+# is used as it is. This conftest is loaded by the xdist controller before its workers start.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix="tdjax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 
 from absl import flags  # noqa: E402

@@ -237,11 +237,14 @@ def test_bf16_compute_keeps_fp32_master_weights():
 
 
 def test_persistent_compilation_cache(tmp_path):
+  """--config.compilation_cache takes effect although this process compiled with the suite's own
+  cache (conftest) already: jax fixes the directory at the first compile."""
   cache = str(tmp_path / "xla_cache")
   prev = jax.config.jax_compilation_cache_dir
+  assert prev, "the suite runs with a persistent cache (tests/conftest.py)"
   try:
     parallel.enable_compilation_cache(cache)
     _run_steps(toy_config(seed=123), parallel.make_mesh({"data": -1}), _batches(1))
     assert os.listdir(cache), "no compiled executables were written to the cache"
   finally:
-    jax.config.update("jax_compilation_cache_dir", prev)
+    parallel.enable_compilation_cache(prev)
