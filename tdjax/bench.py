@@ -13,6 +13,7 @@ one device.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -25,20 +26,19 @@ from tdjax import configlib
 FLAGS = flags.FLAGS
 
 
-_persistent_cache_hits: list[int] = []     # one counter, made when the listener is registered
+_persistent_cache_hits = 0     # executables this process read from the persistent XLA cache
 
 
-def _persistent_cache_hit_count() -> int:
-  """How many executables this process has read from the persistent XLA cache so far."""
-  if not _persistent_cache_hits:
-    import jax
-    _persistent_cache_hits.append(0)
+@functools.cache
+def _count_persistent_cache_hits() -> None:
+  """Registers (once) the listener that counts reads from the persistent XLA cache."""
+  import jax
 
-    def count(event: str, **kwargs) -> None:
-      if event == "/jax/compilation_cache/cache_hits":
-        _persistent_cache_hits[0] += 1
-    jax.monitoring.register_event_listener(count)
-  return _persistent_cache_hits[0]
+  def count(event: str, **kwargs) -> None:
+    global _persistent_cache_hits
+    if event == "/jax/compilation_cache/cache_hits":
+      _persistent_cache_hits += 1
+  jax.monitoring.register_event_listener(count)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -100,13 +100,14 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
   batch = _synthetic_batch(config, setup)
   with parallel.use_mesh(setup.mesh, setup.rules):
     gbatch = parallel.host_to_global(batch, setup.mesh)
-    hits = _persistent_cache_hit_count()
+    _count_persistent_cache_hits()
+    hits = _persistent_cache_hits
     t0 = time.perf_counter()
     lowered = setup.compile_step(gbatch).lower(state, gbatch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     # with a persistent XLA cache on (the CLI turns it off) the step may have been read, not compiled
-    compile_cached = _persistent_cache_hit_count() > hits
+    compile_cached = _persistent_cache_hits > hits
   cost = _first(compiled.cost_analysis())
   if _scanned(config):               # the loop body is counted once: lower an unrolled copy
     from tdjax import aot
