@@ -84,9 +84,29 @@ def test_weight_surgery_one_step_to_mrar():
   assert out["z_proj"]["kernel"].shape == (16, 32)
   jax.tree.map(np.testing.assert_array_equal, out["blocks"], one["blocks"])
   np.testing.assert_array_equal(out["class_emb"], one["class_emb"])
+  for k in ("enc_pos", "diff_pos"):    # 3 references: the 1-step lengths exactly (4 + 16 = 4 + 4 x 4)
+    np.testing.assert_array_equal(out[k], one[k])
   other = _init(td.TransDiffAR(**dict(SMALL, width=16, num_heads=2)))["params"]
   with pytest.raises(ValueError, match="weight surgery: parameter 'blocks'|weight surgery: parameter 'class_emb'"):
     td.mrar_from_one_step(other, mrar)
+
+
+@pytest.mark.parametrize("refs", [1, 2, 5])
+def test_weight_surgery_for_other_reference_counts(refs):
+  """Fewer references than 3: shorter position tables take the 1-step's leading rows (the prefix
+  the reference slices for a shorter sequence); more: rows past the 1-step length stay fresh."""
+  one = _init(td.TransDiffAR(**SMALL))["params"]
+  model = td.TransDiffAR(**SMALL, num_refs=refs)
+  mrar = _init(model, jnp.zeros((2, refs, 4, 16)))["params"]
+  out = td.mrar_from_one_step(one, mrar)
+  for k, skip in (("enc_pos", 0), ("diff_pos", model.buffer_size)):
+    n = min(len(one[k]), model.seq_len - skip)
+    assert out[k].shape == mrar[k].shape == (model.seq_len - skip, 32)
+    np.testing.assert_array_equal(out[k][:n], one[k][:n])
+    np.testing.assert_array_equal(out[k][n:], mrar[k][n:])
+  # the surgered params run the MRAR model
+  cond = model.apply({"params": out}, jnp.arange(2), jnp.zeros((2, refs, 4, 16)))
+  assert cond.shape == (2, 4 * (1 + refs), 32) and np.all(np.isfinite(cond))
 
 
 # --- the training task ------------------------------------------------------------------------

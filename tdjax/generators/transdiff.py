@@ -185,8 +185,11 @@ def mrar_from_one_step(one_step_params: dict, mrar_params: dict) -> dict:
 
   Every parameter is copied except `mask_token` (the single learned token tiled to the M MRAR mask
   positions) and `z_proj` (re-initialised: it never received gradients in the 1-step model, and its
-  input width changes from C to C p^2); `enc_pos`/`diff_pos` keep their rows (same lengths when
-  B = M, as in the reference's 64 + 256 = 320).  Shapes must otherwise match exactly."""
+  input width changes from C to C p^2); `enc_pos`/`diff_pos` keep their leading rows.  With the
+  reference's 3 references the lengths are equal (64 + 4 x 64 = 64 + 256 = 320); with fewer, the
+  MRAR tables are shorter and take the first rows, the prefix the reference itself slices for a
+  shorter sequence (`diffusion_pos_embed[:, :64(k+1)]`); with more, rows past the 1-step length
+  keep their fresh initialisation.  Shapes must otherwise match exactly."""
   out = {}
   for k, v in mrar_params.items():
     if k == "z_proj":
@@ -194,6 +197,14 @@ def mrar_from_one_step(one_step_params: dict, mrar_params: dict) -> dict:
     elif k == "mask_token":
       src = np.asarray(one_step_params[k])
       out[k] = np.broadcast_to(src[:1], np.shape(v)).copy()
+    elif k in ("enc_pos", "diff_pos"):
+      src, dst = np.asarray(one_step_params[k]), np.array(v)
+      if src.shape[1:] != dst.shape[1:]:
+        raise ValueError(f"weight surgery: parameter {k!r} has width {src.shape[1:]} in the 1-step "
+                         f"checkpoint, {dst.shape[1:]} in the MRAR model")
+      n = min(len(src), len(dst))
+      dst[:n] = src[:n]
+      out[k] = dst
     else:
       src = one_step_params[k]
       if jax.tree.structure(src) != jax.tree.structure(v):
