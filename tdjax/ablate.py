@@ -254,7 +254,7 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
     raise ValueError(f"--judge={judge!r}: scale {scale} scores samples with a classifier workdir "
                      f"(python -m tdjax.train --config configs/classifier.py --workdir DIR)")
   os.makedirs(workdir, exist_ok=True)
-  results, printed = [], set()
+  results, printed, others = [], set(), []
   for index, row in enumerate(table.rows):
     if row.needs and not dry_run:       # below full scale, whether or not --rows names it
       if rows is None or index in rows:
@@ -262,11 +262,9 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
       results.append(dict(row=row.label, skipped=f"needs {row.needs}", paper=row.paper))
       continue
     if rows is not None and index not in rows:
-      marker = row_stages(table, row, scale, workdir, judge)[-1][0]
-      if not dry_run:
-        results.append(_result(row, marker, table.family, workdir, scale)
-                       if os.path.exists(marker) else
-                       dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
+      if not dry_run:     # read when the table is written: another process may finish it meanwhile
+        others.append((len(results), row, row_stages(table, row, scale, workdir, judge)[-1][0]))
+        results.append(None)
       continue
     for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
       cmd = " ".join(argv[1:]) if dry_run else " ".join(argv)
@@ -285,6 +283,9 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
       results.append(_result(row, marker, table.family, workdir, scale))
   if dry_run:
     return {}
+  for i, row, marker in others:
+    results[i] = (_result(row, marker, table.family, workdir, scale) if os.path.exists(marker) else
+                  dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
   report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
                 rows=results)
   write_report(report, os.path.join(workdir, name))

@@ -63,6 +63,21 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   assert sorted(os.listdir(ckpts)) == before
   assert json.load(open(os.path.join(wd, "transdiff_steps.json")))["rows"] == again["rows"]
   assert again["rows"][1]["frechet_distance"] == pytest.approx(fds[1], rel=1e-4)
+  # rows left out by --rows are read when the table is written: a row that another process
+  # finishes while this one runs is in the table
+  names = [f"transdiff_base_steps_{s}_judge.json" for s in (10, 25)]
+  saved = {n: open(os.path.join(wd, "samples", n)).read() for n in names}
+  for n in names:
+    os.remove(os.path.join(wd, "samples", n))
+
+  def sample_row_1_while_another_process_finishes_row_0(argv, **kwargs):
+    for n, text in saved.items():
+      with open(os.path.join(wd, "samples", n), "w") as f:
+        f.write(text)
+
+  monkeypatch.setattr(ablate.subprocess, "run", sample_row_1_while_another_process_finishes_row_0)
+  late = ablate.run_table("transdiff_steps", "tiny", wd, judge, rows=[1])
+  assert late["rows"][:2] == again["rows"][:2]
 
 
 def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
