@@ -198,13 +198,12 @@ def mrar_from_one_step(one_step_params: dict, mrar_params: dict) -> dict:
       src = np.asarray(one_step_params[k])
       out[k] = np.broadcast_to(src[:1], np.shape(v)).copy()
     elif k in ("enc_pos", "diff_pos"):
-      src, dst = np.asarray(one_step_params[k]), np.array(v)
-      if src.shape[1:] != dst.shape[1:]:
+      src, n = np.asarray(one_step_params[k]), np.shape(v)[0]
+      if src.shape[1:] != np.shape(v)[1:]:
         raise ValueError(f"weight surgery: parameter {k!r} has width {src.shape[1:]} in the 1-step "
-                         f"checkpoint, {dst.shape[1:]} in the MRAR model")
-      n = min(len(src), len(dst))
-      dst[:n] = src[:n]
-      out[k] = dst
+                         f"checkpoint, {np.shape(v)[1:]} in the MRAR model")
+      # the fresh rows are read only when there are more (v may be sharded over hosts)
+      out[k] = src[:n] if n <= len(src) else np.concatenate([src, np.asarray(v[len(src):])])
     else:
       src = one_step_params[k]
       if jax.tree.structure(src) != jax.tree.structure(v):
