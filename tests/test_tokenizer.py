@@ -486,8 +486,10 @@ def test_branch_grads_equal_the_switch_inside_the_loss():
   out = {}
   for bg in (False, True):
     c = _cfg("size=tiny,degrade_p=0.5")
-    c.model.update(dict(branch_grads=bg, correction_every=2))
+    # patch 8: two decoder resolutions (8, 16 px), so 2 x 2 branch losses to compile, not 4 x 2
+    c.model.update(dict(branch_grads=bg, correction_every=2, patch=8))
     setup = trainer.Setup(c, mesh)
+    assert setup.task.plan.branches == [8, 16]
     assert (setup.task.loss_branch(jax.random.key(0), 0) is not None) == bg
     step = jax.jit(setup.train_step)
     state, ms = setup.init_state(), []
