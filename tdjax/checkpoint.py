@@ -10,8 +10,9 @@ Saves are asynchronous (the loop keeps training while the arrays are written) an
 writes into a temporary directory and renames it when complete), so a job killed mid-save leaves
 the previous checkpoint as the latest.  Restores always go against explicit target shardings, so a
 checkpoint written on 8 devices restores onto 4 or 1.  A latest checkpoint that cannot be read
-falls back to the previous one with a warning; a workdir whose checkpoints are all unreadable is
-an error, never a silent restart from scratch.
+falls back to the previous one with a warning, and the resumed run replaces the unreadable step
+when it reaches it again (training is deterministic, so the new one is what the old one held); a
+workdir whose checkpoints are all unreadable is an error, never a silent restart from scratch.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "config", "data"),
                                          options=options)
+    self._unreadable: set[int] = set()   # steps restore() skipped: save() may replace them
 
   # -- queries ---------------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -61,9 +63,14 @@ class Checkpointer:
 
   # -- save ------------------------------------------------------------------------------------
   def save(self, step: int, state: Any, config: dict, data_state: dict) -> bool:
-    """Starts an async save of `step`; returns False if that step is already saved."""
+    """Starts an async save of `step`; returns False if that step is already saved (and was
+    readable: a step that restore() found unreadable is deleted and written anew)."""
     if step in self.manager.all_steps():
-      return False
+      if step not in self._unreadable:
+        return False
+      logging.warning("checkpoint: replacing the unreadable step %d in %s", step, self.directory)
+      self.manager.delete(step)
+      self._unreadable.discard(step)
     saved = self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -81,6 +88,12 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:   # closed on errors too: no Orbax thread outlives its use
+    self.close()
 
   # -- restore ---------------------------------------------------------------------------------
   def restore(self, abstract_state: Any, step: int | None = None):
@@ -102,6 +115,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         errors.append((s, msg))
+        self._unreadable.add(s)
         logging.warning("checkpoint: step %d in %s is unreadable (%s); trying the previous one",
                         s, self.directory, msg[:300])
         continue

@@ -602,10 +602,10 @@ def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
   from tdjax import checkpoint as ckpt_lib
   from tdjax import parallel, trainer
   from tdjax.nn.layers import stack_layers, unstack_layers
-  ck = ckpt_lib.Checkpointer(output, use_async=False)
-  if ck.latest_step() is not None:
-    raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
-                          f"choose a new --output")
+  with ckpt_lib.Checkpointer(output, use_async=False) as ck:
+    if ck.latest_step() is not None:
+      raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
+                            f"choose a new --output")
   setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
   target = nn.unbox(setup.abstract_state()["params"])
   target = target[under] if under else target
@@ -633,9 +633,8 @@ def _write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
     if name in state:
       tree = dict(state[name], **{under: params}) if under else params
       state[name] = jax.device_put(tree, setup.state_shardings[name])
-  ck.save(0, state, config.to_dict(), {})
-  ck.wait()
-  ck.close()
+  with ckpt_lib.Checkpointer(output, use_async=False) as ck:
+    ck.save(0, state, config.to_dict(), {})
   ckpt_lib.write_config_json(output, config.to_dict())
   return params
 

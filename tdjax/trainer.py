@@ -251,8 +251,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"{sizes['per_device']}")
 
   writer = metrics_lib.MetricWriter(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
-                                       use_async=config.get("async_checkpoint", True))
+  try:  # on errors too: pending async saves finish and Orbax's threads stop, nothing leaks
+    with ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                               use_async=config.get("async_checkpoint", True)) as checkpointer:
+      last_metrics = _train_loop(setup, config_dict, writer, checkpointer)
+  finally:
+    writer.close()
+  last_metrics["wall_seconds"] = time.time() - t_start
+  return last_metrics
+
+
+def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
+  """Restores or initialises the state, then runs the steps, evaluations and saves."""
+  config, mesh = setup.config, setup.mesh
   data = _make_input(config, config.input.get("split", "train"), train=True)
 
   restored = checkpointer.restore(setup.abstract_state())
@@ -294,8 +305,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         msg = f"non-finite {', '.join(bad) or 'value'} at step {done}: " + ", ".join(
             f"{k}={float(m[k])}" for k in ("loss", "grad_norm"))
         if config.get("on_nonfinite", "stop") == "stop":
-          checkpointer.wait()
-          writer.close()
           raise NonFiniteError(msg + " (state not updated; no checkpoint written for this step; "
                                "set on_nonfinite='skip' to skip such updates)")
         logging.warning("%s: update skipped", msg)
@@ -331,10 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info("input: %s", stats)
   if not stopped_by_signal:
     _write_images(setup, state, writer, int(jax.device_get(state["step"])))
-  checkpointer.close()
-  writer.flush()
-  writer.close()
-  last_metrics["wall_seconds"] = time.time() - t_start
   last_metrics["stopped_by_signal"] = stopped_by_signal
   return last_metrics
 
@@ -377,16 +382,15 @@ def load_for_inference(workdir: str, mesh: jax.sharding.Mesh | None = None, step
   """(config, task, state) from the checkpoints in `workdir`; the model is rebuilt from the config
   stored in the checkpoint, so no config flags are needed.  Fails with a one-line error if the
   workdir has no checkpoint."""
-  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  if checkpointer.latest_step() is None:
-    raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}")
-  if step is not None and step not in checkpointer.steps():
-    raise ckpt_lib.CheckpointError(f"no checkpoint of step {step} in {checkpointer.directory} "
-                                   f"(steps: {checkpointer.steps()})")
-  config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-  if mesh is None:
-    mesh = parallel.make_mesh({"data": -1})
-  setup = Setup(config, mesh)
-  _, state, _ = checkpointer.restore(setup.abstract_state(), step)
-  checkpointer.close()
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}")
+    if step is not None and step not in checkpointer.steps():
+      raise ckpt_lib.CheckpointError(f"no checkpoint of step {step} in {checkpointer.directory} "
+                                     f"(steps: {checkpointer.steps()})")
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    if mesh is None:
+      mesh = parallel.make_mesh({"data": -1})
+    setup = Setup(config, mesh)
+    _, state, _ = checkpointer.restore(setup.abstract_state(), step)
   return config, setup.task, state

@@ -68,7 +68,9 @@ def test_two_processes_match_one(tmp_path, mesh):
   # the 2-process checkpoint restores in this (single) process and equals the 1-process one
   m = parallel.make_mesh({"data": -1})
   setup = trainer.Setup(toy_config(), m)
-  _, a, _ = ckpt_lib.Checkpointer(multi, read_only=True).restore(setup.abstract_state())
-  _, b, _ = ckpt_lib.Checkpointer(single, read_only=True).restore(setup.abstract_state())
+  with ckpt_lib.Checkpointer(multi, read_only=True) as ck_multi, \
+       ckpt_lib.Checkpointer(single, read_only=True) as ck_single:
+    _, a, _ = ck_multi.restore(setup.abstract_state())
+    _, b, _ = ck_single.restore(setup.abstract_state())
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6),
                a["params"], b["params"])

@@ -58,7 +58,8 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 def _landed_steps(workdir):
   """Finished checkpoints of a run that is still going (it may delete old steps as we list)."""
   try:
-    return ckpt_lib.Checkpointer(workdir, read_only=True).steps()
+    with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+      return ck.steps()
   except FileNotFoundError:
     return []
 
@@ -84,7 +85,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=120)
   assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
-  steps = ckpt_lib.Checkpointer(workdir, read_only=True).steps()
+  steps = _landed_steps(workdir)
   assert len(steps) == 1 and steps[0] >= 5 and steps[0] == max(_losses(workdir))
 
 
@@ -104,7 +105,7 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_exact(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  last_ckpt = max(ckpt_lib.Checkpointer(run_dir, read_only=True).steps())
+  last_ckpt = max(_landed_steps(run_dir))
   assert last_ckpt + 20 <= total
   r = _run(_cmd(run_dir, f":steps={total},ckpt={ckpt}", "--config.log_every=1"))
   assert r.returncode == 0, r.stderr[-2000:]

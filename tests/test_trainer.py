@@ -126,19 +126,20 @@ def test_train_resume_and_restore_on_smaller_meshes(tmp_path):
   records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
   assert os.path.exists(os.path.join(workdir, "config.json"))
-  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
-  assert ck.steps() == [3, 6]
-  assert ck.restore_config()["task"] == "toy"
-  # restore the 8-device checkpoint onto 4 devices and onto 1 device, against explicit shardings
-  states = {}
-  for n, axes in ((8, {"data": 2, "fsdp": 2, "tensor": 2}), (4, {"fsdp": 4}), (1, {"data": 1})):
-    mesh = parallel.make_mesh(axes, devices=jax.devices()[:n])
-    setup = trainer.Setup(toy_config(), mesh)
-    step, state, data_state = ck.restore(setup.abstract_state())
-    assert step == 6 and data_state == {"batches_consumed": 6} or "batches_consumed" not in data_state
-    leaf = state["params"]["Dense_1"]["kernel"]
-    assert leaf.sharding.mesh.size == n
-    states[n] = jax.tree.map(np.asarray, state)
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+    assert ck.steps() == [3, 6]
+    assert ck.restore_config()["task"] == "toy"
+    # restore the 8-device checkpoint onto 4 devices and onto 1 device, against explicit shardings
+    states = {}
+    for n, axes in ((8, {"data": 2, "fsdp": 2, "tensor": 2}), (4, {"fsdp": 4}), (1, {"data": 1})):
+      mesh = parallel.make_mesh(axes, devices=jax.devices()[:n])
+      setup = trainer.Setup(toy_config(), mesh)
+      step, state, data_state = ck.restore(setup.abstract_state())
+      assert (step == 6 and data_state == {"batches_consumed": 6}
+              or "batches_consumed" not in data_state)
+      leaf = state["params"]["Dense_1"]["kernel"]
+      assert leaf.sharding.mesh.size == n
+      states[n] = jax.tree.map(np.asarray, state)
   for n in (4, 1):
     jax.tree.map(np.testing.assert_array_equal, states[8], states[n])
 
@@ -146,16 +147,17 @@ def test_train_resume_and_restore_on_smaller_meshes(tmp_path):
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(toy_config(total_steps=6), workdir)
-  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+  directory = ckpt_lib.checkpoint_dir(workdir)
   # damage step 6: remove its array data (as a disk fault or a partial copy would)
-  state_dir = os.path.join(ck.directory, "6", "state")
+  state_dir = os.path.join(directory, "6", "state")
   for name in os.listdir(state_dir):
     if name.startswith("ocdbt") or name == "d" or name.endswith(".ocdbt"):
       p = os.path.join(state_dir, name)
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
   mesh = parallel.make_mesh({"data": -1})
   setup = trainer.Setup(toy_config(), mesh)
-  step, _, _ = ck.restore(setup.abstract_state())
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+    step, _, _ = ck.restore(setup.abstract_state())
   assert step == 3
   # the loop resumes from step 3 (not from scratch) and re-trains 4..6
   trainer.train_and_evaluate(toy_config(total_steps=6), workdir)
@@ -163,18 +165,26 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
   # every checkpoint unreadable: an error, never a silent restart from scratch
-  for s in ck.steps():
-    shutil.rmtree(os.path.join(ck.directory, str(s), "state"))
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+    steps = ck.steps()
+    assert ck.restore(setup.abstract_state())[0] == 6     # the damaged step 6 was written anew
+  assert steps == [3, 6]
+  for s in steps:
+    shutil.rmtree(os.path.join(directory, str(s), "state"))
   with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to start from scratch"):
     trainer.train_and_evaluate(toy_config(total_steps=9), workdir)
 
 
-def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_without_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
+  closed, close = [], ckpt_lib.Checkpointer.close
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "close",
+                      lambda self: (closed.append(self.directory), close(self))[1])
   with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss at step 5: loss=nan"):
     trainer.train_and_evaluate(toy_config(total_steps=6, nan_at_step=5), workdir)
-  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
-  assert ck.steps() == [3]
+  assert closed == [ckpt_lib.checkpoint_dir(workdir)]   # closed on the error: no Orbax thread leaks
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+    assert ck.steps() == [3]
 
 
 def test_nonfinite_skip_keeps_params(tmp_path):

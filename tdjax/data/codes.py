@@ -330,12 +330,12 @@ def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
   The task's `.model` is the `DetailFlowTokenizer`; params hold the 'gen' subtree."""
   from tdjax import checkpoint as ckpt_lib
   from tdjax import trainer
-  ck = ckpt_lib.Checkpointer(tokenizer_workdir, use_async=False, read_only=True)
-  cfg = ml_collections.ConfigDict(ck.restore_config())
-  if cfg.task != "tokenizer":
-    raise ValueError(f"{tokenizer_workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
-  setup = trainer.Setup(cfg)
-  restored = ck.restore(setup.abstract_state())
+  with ckpt_lib.Checkpointer(tokenizer_workdir, use_async=False, read_only=True) as ck:
+    cfg = ml_collections.ConfigDict(ck.restore_config())
+    if cfg.task != "tokenizer":
+      raise ValueError(f"{tokenizer_workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
+    setup = trainer.Setup(cfg)
+    restored = ck.restore(setup.abstract_state())
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {tokenizer_workdir}")
   _, state, _ = restored
