@@ -123,6 +123,9 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
   for name, label in (("detailflow_degrade", "20%"), ("detailflow_group", "g = 4"),
                       ("detailflow_alpha", "alpha 1.5"), ("detailflow_tokens", "N = 32")):
     assert stages(name, label) == default, (name, label)
+  assert stages("detailflow_seeds", "seed 0") == default
+  seed_1 = stages("detailflow_seeds", "seed 1")
+  assert seed_1[0] == "W/tokenizer_seed_1/config.json" and seed_1[2] == "W/ar_seed_1_seed_1/config.json"
   for name, label in (("detailflow_degrade", "10%"), ("detailflow_group", "g = 8"),
                       ("detailflow_alpha", "alpha 2.0"), ("detailflow_tokens", "N = 64")):
     assert not set(stages(name, label)) & set(default), (name, label)
