@@ -151,3 +151,18 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
   assert one_step[-1] == "W/samples/transdiff_base_steps_50.png"
   assert stages("transdiff_steps", "25 steps")[-1] != one_step[-1]
   assert stages("detailflow_cfg", "CFG 1.4")[-1] == "W/samples/ar_base_cfg_1_4.png"
+
+
+def test_long_scale_trains_only_the_tokenizer_longer():
+  """`long` is the demo scale with a 3,000-step tokenizer: the tokenizer command differs, every
+  other stage (codes, AR, sampling, the TransDiff rows) is the demo scale's."""
+  def argvs(name, index, scale):
+    table = ablate.TABLES[name]
+    return [argv for _, argv in ablate.row_stages(table, table.rows[index], scale, "W", None)]
+
+  demo, long = argvs("detailflow_tokens", 2, "demo"), argvs("detailflow_tokens", 2, "long")
+  assert long[1:] == demo[1:]
+  tok = next(a for a in long[0] if a.startswith("--config="))
+  cfg = configlib.load_config("detailflow_tokenizer", tok.split(":", 1)[1])
+  assert (cfg.total_steps, cfg.model.num_tokens) == (3000, 64)
+  assert argvs("transdiff_heads", 1, "long") == argvs("transdiff_heads", 1, "demo")
