@@ -135,13 +135,13 @@ TABLES = {
         "not a paper table: the spread between trainings that differ only in the seed"),
 }
 
+_DEMO = dict(tokenizer="size=demo", ar="size=demo", transdiff="size=demo", num=100, ar_override="")
 # per scale: base config args of each stage
 SCALES = {
     "tiny": dict(tokenizer="size=tiny,steps=30,batch=16", ar="size=demo,steps=30,batch=16",
                  transdiff="size=demo,steps=20,batch=8", num=2,
                  ar_override="--config.model.depth=1"),
-    "demo": dict(tokenizer="size=demo", ar="size=demo", transdiff="size=demo", num=100,
-                 ar_override=""),
+    "demo": _DEMO,
     # the demo models on shorter schedules (tokenizer and AR half, TransDiff a quarter), 50 samples
     # per class: a table in about an hour on 2 CPU cores
     "quick": dict(tokenizer="size=demo,steps=500", ar="size=demo,steps=750",
@@ -149,8 +149,7 @@ SCALES = {
     # the demo scale with the DetailFlow tokenizer trained 3x as long: the demo tokenizers stop while
     # still improving (+0.4 dB held-out PSNR per 250 steps at the end), which hides their
     # differences (token count, alpha, degradation); AR and TransDiff as at the demo scale
-    "long": dict(tokenizer="size=demo,steps=3000", ar="size=demo", transdiff="size=demo", num=100,
-                 ar_override=""),
+    "long": {**_DEMO, "tokenizer": "size=demo,steps=3000"},
     "full": dict(tokenizer="size=full,tokens=128", ar="size=L", transdiff="size=L", num=50,
                  ar_override=""),
 }
