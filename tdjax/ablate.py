@@ -1,6 +1,7 @@
 r"""Paper ablation tables by one command.
 
   python -m tdjax.ablate --table NAME --scale demo|quick|long|tiny|full --workdir DIR [--judge CLASSIFIER_DIR]
+      [--rows 0,2] [--seed K]
 
 Every row is a set of config arguments (never a copied config file).  `demo`, `quick` (the demo
 models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samples per class),
@@ -13,8 +14,9 @@ commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g
 the CFG table) share its workdir, and so do rows whose arguments only restate a default (the
 default row of Tables 3 and 4, the alpha sweep and the token count is one run: `canonical_args`);
 samples are named by model and sampling flags, so rows that sample one model alike share them;
-a finished stage is skipped on re-runs, so a stopped ablation resumes.  The paper's figures (from
-the reference notes) sit beside ours, marked as such.
+a finished stage is skipped on re-runs, so a stopped ablation resumes.  `--seed K` repeats a table
+with every training seeded K (new run folders, DIR/NAME_seedK.*): its rows' run-to-run spread.
+The paper's figures (from the reference notes) sit beside ours, marked as such.
 
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
 degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is
@@ -29,13 +31,13 @@ AR model, trained with seeds 0 / 1 / 2: the run-to-run spread).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 from absl import app, flags, logging
 
@@ -44,17 +46,17 @@ from tdjax import configlib
 FLAGS = flags.FLAGS
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
   label: str
   tokenizer: str = ""          # DetailFlow: tokenizer config args added to the scale's base
   generator: str = ""          # AR / TransDiff config args added to the scale's base
-  sample: dict = field(default_factory=dict)   # tdjax.sample flags
+  sample: dict = dataclasses.field(default_factory=dict)   # tdjax.sample flags
   paper: str = ""              # the paper's figures for this row, as text
   needs: str = ""              # what the row needs beyond this machine (skipped below full scale)
 
 
-@dataclass
+@dataclasses.dataclass
 class Table:
   title: str
   family: str                  # 'detailflow' | 'transdiff'
@@ -214,11 +216,14 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
                 py + ["tdjax.train", f"--config=configs/detailflow_ar.py:{ar_args}",
                       f"--workdir={gen}"] + ([s["ar_override"]] if s["ar_override"] else []))]
   else:
-    base = os.path.join(workdir, "transdiff_" + _slug(""))
+    # MRAR fine-tunes from the 1-step run trained with the row's seed (`--seed`)
+    seed = ",".join(i for i in row.generator.split(",") if i.startswith("seed="))
+    base = os.path.join(workdir, "transdiff_" + _slug(canonical_args("transdiff", s["transdiff"],
+                                                                       seed)))
     if "mrar=True" in row.generator:
       stages += [(os.path.join(base, "config.json"),
-                  py + ["tdjax.train", f"--config=configs/transdiff.py:{s['transdiff']}",
-                        f"--workdir={base}"])]
+                  py + ["tdjax.train", f"--config=configs/transdiff.py:"
+                        f"{_join(s['transdiff'], seed)}", f"--workdir={base}"])]
       args = _join(s["transdiff"], row.generator, f"init_from={base}")
     else:
       args = _join(s["transdiff"], row.generator)
@@ -251,15 +256,32 @@ def _trained(workdir: str) -> bool:
   return max(steps, default=0) >= total
 
 
+def with_seed(table: Table, seed: int) -> Table:
+  """The table with every training of every row seeded `seed` (tokenizer and AR model, or the
+  TransDiff run and the 1-step run MRAR starts from): a repeat of the table whose row-to-row gaps
+  can be held against the first run's.  Seed 0 is the configs' default, so it is the table itself
+  (same runs); another seed names new run folders (`tokenizer_degrade_p_0_1_seed_1`)."""
+  if not seed:
+    return table
+  if any("seed=" in r.tokenizer + r.generator for r in table.rows):
+    raise ValueError(f"--seed={seed}: the rows of {table.title!r} set their own seeds")
+  arg = f"seed={seed}"
+  rows = [dataclasses.replace(r, tokenizer=_join(r.tokenizer, arg) if table.family == "detailflow"
+                              else r.tokenizer, generator=_join(r.generator, arg))
+          for r in table.rows]
+  return dataclasses.replace(table, title=f"{table.title}, training seed {seed}", rows=rows)
+
+
 def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
-              dry_run: bool = False, rows: list[int] | None = None) -> dict:
-  """Runs (or prints) each row's stages and writes the table.  `rows` (0-based indices) runs only
-  those rows; the others are reported from their judge files if an earlier run wrote them."""
+              dry_run: bool = False, rows: list[int] | None = None, seed: int = 0) -> dict:
+  """Runs (or prints) each row's stages and writes the table (DIR/NAME.*, DIR/NAME_seedK.* for
+  `seed` K > 0: `with_seed`).  `rows` (0-based indices) runs only those rows; the others are
+  reported from their judge files if an earlier run wrote them."""
   if name not in TABLES:
     raise ValueError(f"--table={name!r}: expected one of {', '.join(sorted(TABLES))}")
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: expected one of {', '.join(SCALES)}")
-  table = TABLES[name]
+  table = with_seed(TABLES[name], seed)
   bad = [i for i in rows or () if not 0 <= i < len(table.rows)]
   if bad:
     raise ValueError(f"--rows={bad}: table {name} has rows 0..{len(table.rows) - 1}")
@@ -301,10 +323,14 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   for i, row, marker in others:
     results[i] = (_result(row, marker, table.family, workdir, scale) if os.path.exists(marker) else
                   dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
-  report = dict(table=name, title=table.title, scale=scale, paper_source=table.paper_source,
-                rows=results)
-  write_report(report, os.path.join(workdir, name))
+  report = dict(table=name, title=table.title, scale=scale, seed=seed,
+                paper_source=table.paper_source, rows=results)
+  write_report(report, os.path.join(workdir, table_stem(name, seed)))
   return report
+
+
+def table_stem(name: str, seed: int = 0) -> str:
+  return f"{name}_seed{seed}" if seed else name
 
 
 def _last_eval(workdir: str) -> dict:
@@ -380,9 +406,10 @@ def write_report(report: dict, stem: str) -> None:
 def main(argv):
   del argv
   rows = [int(i) for i in FLAGS.rows] if FLAGS.rows else None
-  report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run, rows)
+  report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run, rows,
+                     FLAGS.seed)
   if report:
-    print(open(os.path.join(FLAGS.workdir, FLAGS.table + ".md")).read())
+    print(open(os.path.join(FLAGS.workdir, table_stem(FLAGS.table, FLAGS.seed) + ".md")).read())
 
 
 if __name__ == "__main__":
@@ -392,6 +419,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Folder for every row's runs and the table.")
   flags.DEFINE_string("judge", None, "Classifier workdir scoring the samples (tiny/demo).")
   flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+  flags.DEFINE_integer("seed", 0, "Train every row with this seed (0: the configs' default), "
+                       "writing DIR/NAME_seedK.*: a repeat of the table for its run-to-run spread.")
   flags.DEFINE_list("rows", None, "Run only these rows (0-based indices); the others are "
                     "reported from earlier runs' results where they exist.")
   flags.mark_flags_as_required(["table", "workdir"])

@@ -166,3 +166,33 @@ def test_long_scale_trains_only_the_tokenizer_longer():
   cfg = configlib.load_config("detailflow_tokenizer", tok.split(":", 1)[1])
   assert (cfg.total_steps, cfg.model.num_tokens) == (3000, 64)
   assert argvs("transdiff_heads", 1, "long") == argvs("transdiff_heads", 1, "demo")
+
+
+def test_seed_repeats_a_table_in_new_runs(tmp_path, capsys):
+  """`--seed K` seeds every training of every row (the tokenizer and its AR model; the TransDiff run
+  and the 1-step run MRAR fine-tunes from) in run folders of its own; seed 0 is the table itself."""
+  def runs(name, index, seed):
+    table = ablate.with_seed(ablate.TABLES[name], seed)
+    return ablate.row_stages(table, table.rows[index], "demo", "W", None)
+
+  def seeds(argvs):    # the seed each training command's config gets
+    return [configlib.load_config(*a.split("=", 1)[1][len("configs/"):].split(".py:")).seed
+            for argv in argvs for a in argv if a.startswith("--config=")]
+
+  assert runs("detailflow_degrade", 0, 0) == ablate.row_stages(
+      ablate.TABLES["detailflow_degrade"], ablate.TABLES["detailflow_degrade"].rows[0], "demo",
+      "W", None)
+  seeded = runs("detailflow_degrade", 0, 1)
+  assert [m for m, _ in seeded][::2] == ["W/tokenizer_degrade_p_0_1_seed_1/config.json",
+                                         "W/ar_degrade_p_0_1_seed_1_seed_1/config.json"]
+  assert seeds(a for _, a in seeded) == [1, 1]
+  mrar = runs("transdiff_mrar", 1, 2)       # the 1-step base run is seeded and is its own folder
+  assert [m for m, _ in mrar][:2] == ["W/transdiff_seed_2/config.json",
+                                      "W/transdiff_mrar_True_seed_2/config.json"]
+  assert seeds(a for _, a in mrar) == [2, 2]
+  assert "init_from=W/transdiff_seed_2" in " ".join(mrar[1][1])
+  assert runs("transdiff_mrar", 1, 0)[0][0] == "W/transdiff_base/config.json"
+  with pytest.raises(ValueError, match="--seed=1: the rows of .* set their own seeds"):
+    ablate.with_seed(ablate.TABLES["detailflow_seeds"], 1)
+  ablate.run_table("detailflow_degrade", "full", str(tmp_path), seed=3)
+  assert "degrade_p=0.1,seed=3" in capsys.readouterr().out
