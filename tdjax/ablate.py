@@ -216,11 +216,11 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
                 py + ["tdjax.train", f"--config=configs/detailflow_ar.py:{ar_args}",
                       f"--workdir={gen}"] + ([s["ar_override"]] if s["ar_override"] else []))]
   else:
-    # MRAR fine-tunes from the 1-step run trained with the row's seed (`--seed`)
-    seed = ",".join(i for i in row.generator.split(",") if i.startswith("seed="))
-    base = os.path.join(workdir, "transdiff_" + _slug(canonical_args("transdiff", s["transdiff"],
-                                                                       seed)))
     if "mrar=True" in row.generator:
+      # MRAR fine-tunes from the 1-step run trained with the row's seed (`--seed`)
+      seed = ",".join(i for i in row.generator.split(",") if i.startswith("seed="))
+      base = os.path.join(workdir, "transdiff_" + _slug(canonical_args("transdiff", s["transdiff"],
+                                                                         seed)))
       stages += [(os.path.join(base, "config.json"),
                   py + ["tdjax.train", f"--config=configs/transdiff.py:"
                         f"{_join(s['transdiff'], seed)}", f"--workdir={base}"])]
