@@ -11,7 +11,8 @@ Options: size=tiny|demo|full, tokens (N), group (g), patch, alpha (R(n) power), 
 coarse-to-fine supervision), causal_encoder (False: unordered tokens), correction (self-correction
 branch on/off), top_k, codebook, code_dim, bottleneck=vq|continuous (kl, latent_noise: its
 regularisers), steps, batch, lr, warmup, lpips/adv/align (loss weights; > 0 needs the matching
-weights file in config.loss), disc=patchgan|dino, paper (the reference loss weights: lpips 1, adv 0.2
+weights file in config.loss), teacher (the alignment teacher .npz: sets align_teacher_weights and
+align_dim to the teacher's width, read from the file), disc=patchgan|dino, paper (the reference loss weights: lpips 1, adv 0.2
 with the DINO disc, align 1), scan, remat, image_size, seed.
 
 Paper run: size=full,paper plus --config.loss.lpips_weights=... --config.loss.disc_backbone_weights=...
@@ -21,6 +22,7 @@ safetensors file).
 """
 
 from tdjax import configlib as common
+from tdjax.losses.alignment import teacher_shape
 
 try:
   from tdjax.data.pipeline import default_input_config
@@ -52,7 +54,7 @@ def get_config(arg=None):
                        correction=True, correction_every=0, top_k=50, codebook=0, code_dim=0,
                        bottleneck="vq", kl=0.0, latent_noise=0.0, causal_encoder=True,
                        steps=0, batch=0, lr=0.0, warmup=-1, lpips=0.0, adv=0.0, align=0.0,
-                       disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
+                       teacher="", disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
                        seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
@@ -107,7 +109,8 @@ def get_config(arg=None):
       usage_decay=0.99,
       kl_weight=a.kl,              # continuous only: KL(q(z|x) || N(0, I)) weight (posterior sampled)
       latent_noise=a.latent_noise, # continuous only: Gaussian noise on z in training
-      align_dim=1152 if a.align > 0 else 0,
+      # the teacher's width: SigLIP2-so400m's 1152 unless a teacher file says otherwise
+      align_dim=(teacher_shape(a.teacher)["width"] if a.teacher else 1152) if a.align > 0 else 0,
       align_hidden=1024,
       scan=a.scan or d["scan"],
       remat=a.remat,
@@ -127,7 +130,7 @@ def get_config(arg=None):
       cr_weight=4.0 if a.disc == "dino" else 0.0,  # consistency regularisation of D
       cr_policy="color,translation,cutout_0.5",
       align_weight=a.align, align_start=0,
-      align_teacher_weights="",    # SigLIP2 teacher .npz (tdjax.losses.alignment layout)
+      align_teacher_weights=a.teacher,  # SigLIP2 teacher .npz (tdjax.losses.alignment layout)
       align_from_batch=False,      # True: batch['teacher_feats'] gives the teacher features
       teacher_kwargs={},
   )

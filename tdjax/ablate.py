@@ -1,7 +1,7 @@
 r"""Paper ablation tables by one command.
 
   python -m tdjax.ablate --table NAME --scale demo|quick|long|tiny|full --workdir DIR [--judge CLASSIFIER_DIR]
-      [--rows 0,2] [--seed K]
+      [--rows 0,2] [--seed K] [--teacher TEACHER.npz]
 
 Every row is a set of config arguments (never a copied config file).  `demo`, `quick` (the demo
 models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samples per class),
@@ -21,7 +21,8 @@ The paper's figures (from the reference notes) sit beside ours, marked as such.
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
 degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is
 merged with "+ first group causal", since tdjax's AR always decodes the first group token by token,
-and the alignment row needs SigLIP2 teacher weights), detailflow_cfg (Table 5), detailflow_degrade
+and the alignment row needs SigLIP2 teacher weights, or `--teacher` names another teacher file:
+`with_teacher`), detailflow_cfg (Table 5), detailflow_degrade
 (Table 3), detailflow_group (Table 4), detailflow_alpha (Fig. 4c), detailflow_tokens,
 transdiff_heads (head type and the attention-in-head variants), transdiff_depth, transdiff_steps,
 transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references), transdiff_seeds and
@@ -70,6 +71,7 @@ _TD = "not in the reference notes (TransDiff's ablation tables were not retrieve
 # model (the default 1-step model, MRAR with 3 references) share their samples across tables
 _TD_SAMPLE = {"steps": 50}
 _T2_AR = "correction=0.0"     # the AR model's self-correction training belongs to its own row
+_SIGLIP2 = "SigLIP2"          # the alignment teacher the paper names (`with_teacher` replaces it)
 TABLES = {
     "detailflow_table2": Table("DetailFlow Table 2: cumulative additions", "detailflow", [
         Row("baseline (unordered 1D tokens)", tokenizer="causal_encoder=False,degrade_p=0.0,"
@@ -83,7 +85,7 @@ TABLES = {
             generator=_T2_AR, paper="parallel: gFID 4.11 (32 steps); + first group causal: 3.59 "
             "(35 steps); tdjax's AR always decodes the first group token by token"),
         Row("+ self-correction", paper="gFID 3.68, R 0.51, 32 steps"),
-        Row("+ alignment loss (first token vs SigLIP2)", tokenizer="align=1.0",
+        Row(f"+ alignment loss (first token vs {_SIGLIP2})", tokenizer="align=1.0",
             paper="gFID 3.35, R 0.55, 35 steps",
             needs="SigLIP2 teacher weights: --config.loss.align_teacher_weights=siglip2.npz")],
         _DF),
@@ -273,15 +275,16 @@ def with_seed(table: Table, seed: int) -> Table:
 
 
 def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
-              dry_run: bool = False, rows: list[int] | None = None, seed: int = 0) -> dict:
+              dry_run: bool = False, rows: list[int] | None = None, seed: int = 0,
+              teacher: str = "") -> dict:
   """Runs (or prints) each row's stages and writes the table (DIR/NAME.*, DIR/NAME_seedK.* for
   `seed` K > 0: `with_seed`).  `rows` (0-based indices) runs only those rows; the others are
-  reported from their judge files if an earlier run wrote them."""
+  reported from their judge files if an earlier run wrote them.  `teacher`: `with_teacher`."""
   if name not in TABLES:
     raise ValueError(f"--table={name!r}: expected one of {', '.join(sorted(TABLES))}")
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: expected one of {', '.join(SCALES)}")
-  table = with_seed(TABLES[name], seed)
+  table = with_teacher(with_seed(TABLES[name], seed), teacher)
   bad = [i for i in rows or () if not 0 <= i < len(table.rows)]
   if bad:
     raise ValueError(f"--rows={bad}: table {name} has rows 0..{len(table.rows) - 1}")
@@ -327,6 +330,24 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
                 paper_source=table.paper_source, rows=results)
   write_report(report, os.path.join(workdir, table_stem(name, seed)))
   return report
+
+
+def with_teacher(table: Table, teacher: str) -> Table:
+  """The table with its alignment rows (tokenizer `align=...`) aligned to the teacher .npz
+  `teacher` (layout of tdjax.losses.alignment; e.g. `python -m tdjax.convert --kind teacher`'s
+  small ViT, a stand-in where no SigLIP2 file exists): they run below full scale, labelled with the
+  file's name in place of SigLIP2, in run folders named by its path."""
+  if not teacher:
+    return table
+  if not os.path.isfile(teacher):
+    raise FileNotFoundError(f"--teacher: alignment teacher weights file not found: {teacher!r}")
+  teacher = os.path.abspath(teacher)
+  if "," in teacher or "=" in teacher:
+    raise ValueError(f"--teacher={teacher!r}: the path may not hold ',' or '=' (config args)")
+  rows = [dataclasses.replace(r, label=r.label.replace(_SIGLIP2, os.path.basename(teacher)),
+                              tokenizer=_join(r.tokenizer, f"teacher={teacher}"), needs="")
+          if "align=" in r.tokenizer else r for r in table.rows]
+  return dataclasses.replace(table, rows=rows)
 
 
 def table_stem(name: str, seed: int = 0) -> str:
@@ -407,7 +428,7 @@ def main(argv):
   del argv
   rows = [int(i) for i in FLAGS.rows] if FLAGS.rows else None
   report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run, rows,
-                     FLAGS.seed)
+                     FLAGS.seed, FLAGS.teacher)
   if report:
     print(open(os.path.join(FLAGS.workdir, table_stem(FLAGS.table, FLAGS.seed) + ".md")).read())
 
@@ -423,5 +444,7 @@ if __name__ == "__main__":
                        "writing DIR/NAME_seedK.*: a repeat of the table for its run-to-run spread.")
   flags.DEFINE_list("rows", None, "Run only these rows (0-based indices); the others are "
                     "reported from earlier runs' results where they exist.")
+  flags.DEFINE_string("teacher", "", "Alignment teacher .npz for the alignment rows (default: "
+                      "those rows need SigLIP2's and are skipped below full scale).")
   flags.mark_flags_as_required(["table", "workdir"])
   app.run(main)

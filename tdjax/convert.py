@@ -12,6 +12,7 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind lpips --input vgg16-397923af.pth,lpips_vgg.pth --output lpips.npz
   python -m tdjax.convert --kind siglip2 --input siglip2-so400m-patch16-naflex/model.safetensors \
       --output siglip2.npz [--num_heads 16]
+  python -m tdjax.convert --kind teacher --input runs/teacher --output runs/teacher.npz
 
 Kinds: `detailflow_tokenizer` (reference detailflow.md 4.3: its "model" entry; the SigLIP2-style
 encoder/decoder blocks as in `tdjax.tokenizers.siglip2`, (1, N, W) query tables squeezed, the
@@ -31,7 +32,9 @@ transdiff.md 4.4: "model_ema" first; B / L / H from the dims, MRAR and its refer
 the mask token and position table, 512 px from N = 1024) -> a TransDiff workdir (`--vae kl16.npz`
 to decode); `siglip2` (HF `Siglip2VisionModel`, reference detailflow.md 1.2; the attention-pool
 head dropped) -> the SigLIP2 .npz that the alignment teacher and the tokenizer's encoder
-initialisation read (`tdjax.tokenizers.siglip2`, `tdjax.losses.alignment`).
+initialisation read (`tdjax.tokenizers.siglip2`, `tdjax.losses.alignment`); `teacher` (not an
+official file: a `configs/classifier.py:arch=vit` workdir, its EMA or else trained params) -> the
+same layout from its `teacher` tower, a stand-in alignment teacher where no SigLIP2 file exists.
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace), a `.safetensors` file (needs `pip install
@@ -53,7 +56,7 @@ from tdjax import configlib
 
 FLAGS = flags.FLAGS
 KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips",
-         "siglip2")
+         "siglip2", "teacher")
 
 
 class ConversionError(ValueError):
@@ -63,7 +66,8 @@ class ConversionError(ValueError):
 def _define_flags():
   flags.DEFINE_enum("kind", None, list(KINDS), "What the input file holds.")
   flags.DEFINE_string("input", None, "Official checkpoint (.pt/.pth) or its state dict as .npz; "
-                      "lpips: the VGG16 and LPIPS-heads files, comma-separated.")
+                      "lpips: the VGG16 and LPIPS-heads files, comma-separated; teacher: "
+                      "a configs/classifier.py:arch=vit workdir.")
   flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
   flags.DEFINE_integer("num_heads", 0, "detailflow_gpt / transdiff: attention heads (0: from the "
@@ -486,6 +490,24 @@ def convert_siglip2(input_path: str, output: str, *, num_heads: int = 16) -> dic
               blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
 
 
+def convert_teacher(workdir: str, output: str) -> dict:
+  """A ViT classifier run's `teacher` tower -> the alignment teacher .npz (same layout as
+  `convert_siglip2`'s), atomically; never replaces an existing file."""
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  import jax
+  from tdjax import trainer
+  from tdjax.losses.weights import save_npz_params
+  config, task, state = trainer.load_for_inference(workdir)
+  params = jax.device_get(state.get("ema", state["params"]))
+  if task.kind != "classifier" or "teacher" not in params:
+    raise ConversionError(f"{workdir} holds no ViT classifier (configs/classifier.py:arch=vit): "
+                          f"task {task.kind!r}, params {sorted(params)}")
+  _save_atomically(save_npz_params, output, params["teacher"])
+  return dict(kind="teacher", output=output, params=_count(params["teacher"]),
+              **{k: config.model[k] for k in ("width", "depth", "num_heads", "patch_size")})
+
+
 # ------------------------------------------------------------------------------------------------
 # pytorch-fid InceptionV3 -> tdjax.nn.inception.InceptionV3;  LPIPS (VGG16 + lin heads) -> LPIPS
 # ------------------------------------------------------------------------------------------------
@@ -757,6 +779,8 @@ def main(argv):
     result = convert_lpips(FLAGS.input, FLAGS.output)
   elif FLAGS.kind == "siglip2":
     result = convert_siglip2(FLAGS.input, FLAGS.output, num_heads=FLAGS.num_heads or 16)
+  elif FLAGS.kind == "teacher":
+    result = convert_teacher(FLAGS.input, FLAGS.output)
   else:
     result = convert_mar_vae(FLAGS.input, FLAGS.output)
   print(result)

@@ -196,3 +196,34 @@ def test_seed_repeats_a_table_in_new_runs(tmp_path, capsys):
     ablate.with_seed(ablate.TABLES["detailflow_seeds"], 1)
   ablate.run_table("detailflow_degrade", "full", str(tmp_path), seed=3)
   assert "degrade_p=0.1,seed=3" in capsys.readouterr().out
+
+
+def test_teacher_runs_the_alignment_row_with_that_file(tmp_path, capsys):
+  """Table 2's alignment row is skipped below full scale without SigLIP2 weights; `--teacher F`
+  aligns it to F instead: its tokenizer gets teacher=F (align_dim = F's width), its label names F,
+  its runs are its own, and no other row changes."""
+  from tdjax.losses import alignment, weights
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  tower = alignment.ViTTeacher(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8, pos_grid=4)
+  shapes = weights.expected_params(tower, jnp.zeros((1, 32, 32, 3)))
+  path = str(tmp_path / "stand_in.npz")
+  weights.save_npz_params(path, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
+  table = ablate.TABLES["detailflow_table2"]
+  assert table.rows[5].needs and "SigLIP2" in table.rows[5].label
+  taught = ablate.with_teacher(table, path)
+  assert taught.rows[:5] == table.rows[:5]
+  row = taught.rows[5]
+  assert not row.needs and row.label == "+ alignment loss (first token vs stand_in.npz)"
+  stages = ablate.row_stages(taught, row, "demo", "W", None)
+  tok_arg = next(a for a in stages[0][1] if a.startswith("--config="))
+  cfg = configlib.load_config("detailflow_tokenizer", tok_arg.split(":", 1)[1])
+  assert (cfg.loss.align_weight, cfg.loss.align_teacher_weights, cfg.model.align_dim) == (
+      1.0, path, 16)
+  default = ablate.row_stages(table, table.rows[4], "demo", "W", None)
+  assert not {m for m, _ in stages} & {m for m, _ in default}
+  ablate.run_table("detailflow_table2", "full", str(tmp_path / "full"), rows=[5], teacher=path)
+  assert f"align=1.0,teacher={path}" in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match="--teacher: alignment teacher weights file not found"):
+    ablate.with_teacher(table, str(tmp_path / "none.npz"))

@@ -515,3 +515,30 @@ def test_siglip2_conversion_matches_hf_linears_and_loads_as_the_teacher(tmp_path
   msg = conversion_error(tmp_path, {"vision_model.post_layernorm.weight": np.ones(8)},
                          convert.convert_siglip2, str(tmp_path / "o.npz"))
   assert "not a SigLIP2 vision tower" in msg
+
+
+def test_teacher_from_a_vit_classifier_run(tmp_path):
+  """--kind teacher: a configs/classifier.py:arch=vit run (trained under the mesh) -> the alignment
+  teacher .npz whose tower, mean-pooled, gives exactly the classifier's features; its dims read
+  back from the file; an existing output is never replaced."""
+  from tdjax import trainer
+  from tdjax.losses import alignment
+  wd = str(tmp_path / "vit")
+  trainer.train_and_evaluate(configlib.load_config("classifier", "arch=vit,size=tiny,steps=3,batch=8"),
+                             wd)
+  out = str(tmp_path / "teacher.npz")
+  info = convert.convert_teacher(wd, out)
+  dims = alignment.teacher_shape(out)
+  assert dims == dict(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8, pos_grid=4)
+  assert info["params"] == sum(np.load(out)[k].size for k in np.load(out).files)
+  tower = alignment.ViTTeacher(**dims)
+  tp = alignment.load_teacher_params(out, tower)
+  _, task, state = trainer.load_for_inference(wd)
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1)) * 2 - 1
+  _, feats = task.features(jax.device_get(state["params"]), x)
+  pooled = alignment.teacher_features(tower, tp, jnp.repeat(x, 3, -1)).mean(1)
+  np.testing.assert_allclose(pooled, feats, rtol=1e-5, atol=1e-6)
+  with pytest.raises(convert.ConversionError, match="exists; choose a new --output"):
+    convert.convert_teacher(wd, out)
+  with pytest.raises(ValueError, match="arch='vit', size='wide'"):
+    configlib.load_config("classifier", "arch=vit,size=wide")

@@ -482,6 +482,21 @@ def test_alignment_projector_and_teacher(tmp_path):
     teacher.apply({"params": tparams}, _img(0, (1, 30, 30, 3)))
 
 
+def test_teacher_shape_reads_the_towers_dims(tmp_path):
+  teacher = alignment.ViTTeacher(**{**TINY_TEACHER, "depth": 3})
+  tparams = nn.unbox(_jinit(teacher)(KEY, _img(52))["params"])
+  path = str(tmp_path / "teacher.npz")
+  weights.save_npz_params(path, tparams)
+  assert alignment.teacher_shape(path) == {**TINY_TEACHER, "depth": 3}
+  flat = {k: np.asarray(a) for k, a in weights.flatten_params(tparams).items()}
+  del flat["pos_embed"]
+  np.savez(tmp_path / "no_pos.npz", **flat)
+  with pytest.raises(ValueError, match="missing key 'pos_embed'"):
+    alignment.teacher_shape(str(tmp_path / "no_pos.npz"))
+  with pytest.raises(FileNotFoundError, match="alignment teacher weights file not found"):
+    alignment.teacher_shape(str(tmp_path / "none.npz"))
+
+
 def test_save_npz_without_extension(tmp_path):
   p = str(tmp_path / "weights_file")
   weights.save_npz_params(p, {"a": {"b": jnp.ones((2,))}})

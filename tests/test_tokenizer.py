@@ -186,6 +186,37 @@ def test_loss_weights_need_files():
     TokenizerTask(_cfg(align_weight=1.0))
 
 
+def test_alignment_to_a_teacher_file(tmp_path):
+  """config arg teacher=F: the frozen tower's dims and align_dim come from F's shapes, F's weights
+  are the ones applied (grey images repeated to RGB), and the loss adds -cos to the teacher."""
+  from tdjax.losses.alignment import ViTTeacher, alignment_loss
+  from tdjax.losses.weights import save_npz_params
+  from tdjax.tasks.tokenizer import TokenizerTask
+  tower = ViTTeacher(width=12, depth=1, num_heads=2, mlp_dim=24, patch_size=4, pos_grid=4)
+  tp = nn.unbox(tower.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)))["params"])
+  path = str(tmp_path / "teacher.npz")
+  save_npz_params(path, tp)
+  c = _cfg(f"size=tiny,degrade_p=0,align=1.0,teacher={path}")
+  c.model.align_hidden = 8
+  task = TokenizerTask(c)
+  assert (task._teacher.width, task._teacher.num_heads, task._teacher.mlp_dim,
+          task._teacher.patch_size, c.model.align_dim) == (12, 2, 24, 4, 12)
+  params, state = nn.unbox(task.init(jax.random.key(0)))
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1
+  feats = task._teacher_feats(state, {"image": x}, x)
+  np.testing.assert_allclose(feats, tower.apply({"params": tp}, jnp.repeat(x, 3, -1)), rtol=1e-6)
+  loss, (m, _) = jax.jit(task.loss)(params, state, {"image": x}, jax.random.key(3), 0)
+  np.testing.assert_allclose(float(loss), float(m["rec_mse"] + m["bottleneck_loss"] +
+                                                m["align_loss"]), rtol=1e-5)
+  assert -1 <= float(m["align_loss"]) <= 1
+  z0 = jax.random.normal(jax.random.key(4), (4, c.model.code_dim))
+  pred = task.model.apply({"params": params["gen"]}, z0, method="align")
+  assert pred.shape == (4, 12) and float(alignment_loss(pred, feats)) != 0
+  c.model.align_dim = 8
+  with pytest.raises(ValueError, match=r"align_dim=8: the alignment teacher .* is 12 wide"):
+    TokenizerTask(c)
+
+
 @pytest.mark.parametrize("term", ["none", "lpips", "adv", "align"])
 def test_each_loss_term_on_off(term, tmp_path):
   from tdjax.tasks.tokenizer import TokenizerTask

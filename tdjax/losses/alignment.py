@@ -30,18 +30,23 @@ for i in 0 .. depth-1.  From HF Siglip2VisionModel: embeddings.patch_embedding.w
 -> .T; embeddings.position_embedding.weight [G*G, W] as is; encoder.layers.i.self_attn.{q,k,v}_proj
 .weight [W,W] -> .T.reshape(W,H,D), bias -> reshape(H,D); out_proj.weight -> .T.reshape(H,D,W);
 layer_norm1/2 -> ln1/ln2; mlp.fc1/fc2 -> .T; post_layernorm -> post_ln.  The attention-pooling head
-is not used.  `python -m tdjax.convert --kind siglip2` writes this file from the HF checkpoint.
+is not used.  `python -m tdjax.convert --kind siglip2` writes this file from the HF checkpoint;
+`--kind teacher` writes one from a `configs/classifier.py:arch=vit` run (a small stand-in teacher).
+`teacher_shape(path)` reads the tower's dimensions back from such a file.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdjax.losses.weights import expected_params, load_npz_params
+from tdjax.nn.attention import HeadProjection
 
 _lp = nn.with_logical_partitioning
 
@@ -105,18 +110,13 @@ class _TeacherAttention(nn.Module):
     w = x.shape[-1]
     d = w // self.num_heads
     init = nn.initializers.lecun_normal()
-
-    def proj(name):
-      return nn.DenseGeneral((self.num_heads, d), name=name,
-                             kernel_init=_lp(init, ("embed", "heads", "head_dim")),
-                             bias_init=_lp(nn.initializers.zeros, ("heads", "head_dim")))
-
+    # HeadProjection, not DenseGeneral: DenseGeneral constrains its flat 2D init with the 3 logical
+    # names and fails under a mesh (when the tower is trained, configs/classifier.py:arch=vit)
+    proj = lambda name: HeadProjection((self.num_heads, d), split=True, kernel_init=init, name=name)
     q, k, v = proj("q")(x), proj("k")(x), proj("v")(x)
     a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", a, v)
-    return nn.DenseGeneral(w, axis=(-2, -1), name="o",
-                           kernel_init=_lp(init, ("heads", "head_dim", "embed")),
-                           bias_init=_lp(nn.initializers.zeros, ("embed",)))(o)
+    return HeadProjection((w,), split=False, kernel_init=init, name="o")(o)
 
 
 class _TeacherMlp(nn.Module):
@@ -177,6 +177,26 @@ class ViTTeacher(nn.Module):
     if self.double_post_ln:  # DetailFlow quirk: the same post-LN applied a second time
       x = post(x)
     return x
+
+
+def teacher_shape(path: str) -> dict:
+  """The `ViTTeacher` fields (width, depth, num_heads, mlp_dim, patch_size, pos_grid) of a teacher
+  npz, read from its array shapes (num_heads from the [W, H, D] q kernel)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"alignment teacher weights file not found: {path!r}")
+  with np.load(path, allow_pickle=False) as data:
+    shapes = {k: data[k].shape for k in data.files if not k.startswith("blocks_") or
+              k.startswith("blocks_0/")}
+    depth = len({k.split("/")[0] for k in data.files if k.startswith("blocks_")})
+  need = ("patch_embed/kernel", "pos_embed", "blocks_0/attn/q/kernel", "blocks_0/mlp/fc1/bias")
+  missing = [k for k in need if k not in shapes]
+  if missing:
+    raise ValueError(f"alignment teacher weights file {path!r} is missing key {missing[0]!r} "
+                     f"(layout: tdjax.losses.alignment)")
+  width, heads, _ = shapes["blocks_0/attn/q/kernel"]
+  patch, grid = math.isqrt(shapes["patch_embed/kernel"][0] // 3), math.isqrt(shapes["pos_embed"][0])
+  return dict(width=int(width), depth=depth, num_heads=int(heads),
+              mlp_dim=int(shapes["blocks_0/mlp/fc1/bias"][0]), patch_size=patch, pos_grid=grid)
 
 
 def load_teacher_params(path: str, teacher: ViTTeacher | None = None, *, strict: bool = True) -> dict:

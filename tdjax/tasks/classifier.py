@@ -60,8 +60,39 @@ class ConvNet(nn.Module):
     return (logits, feats.astype(jnp.float32)) if return_features else logits
 
 
-def build_model(config) -> ConvNet:
+class ViTClassifier(nn.Module):
+  """A `ViTTeacher` tower (grey images repeated to RGB, as the tokenizer feeds its teacher), its
+  tokens mean-pooled -- the pooled features DetailFlow's alignment loss (Eq. 4) targets -- and a
+  linear head.  Trained on labels, the tower is a small stand-in alignment teacher where no SigLIP2
+  weights exist (`python -m tdjax.convert --kind teacher` writes it in the teacher layout)."""
+  width: int = 128
+  depth: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 512
+  patch_size: int = 4
+  pos_grid: int = 8
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, *, return_features: bool = False, return_spatial: bool = False):
+    from tdjax.losses.alignment import ViTTeacher
+    x = x if x.shape[-1] == 3 else jnp.repeat(x, 3, axis=-1)
+    tokens = ViTTeacher(self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size,
+                        self.pos_grid, name="teacher")(x)
+    feats = tokens.mean(axis=1)
+    logits = nn.Dense(self.num_classes, name="head",
+                      kernel_init=_lp(nn.initializers.zeros, ("embed", "classes")),
+                      bias_init=_lp(nn.initializers.zeros, ("classes",)))(feats)
+    if return_spatial:
+      return logits, feats, tokens[..., :7].reshape(x.shape[0], -1)
+    return (logits, feats) if return_features else logits
+
+
+def build_model(config) -> nn.Module:
   m = config.model
+  if m.get("arch", "convnet") == "vit":
+    return ViTClassifier(m.width, m.depth, m.num_heads, m.mlp_dim, m.patch_size, m.pos_grid,
+                         m.num_classes)
   return ConvNet(channels=tuple(m.channels), blocks=m.get("blocks", 2), features=m.features,
                  num_classes=m.num_classes,
                  dtype=jnp.dtype(config.get("compute_dtype", "float32")))

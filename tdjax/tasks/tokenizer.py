@@ -115,8 +115,13 @@ class TokenizerTask(Task):
       else:
         self._disc = D.PatchGAN(**dict(l.get("disc_kwargs", {})))
     if self.use_align and l.get("align_teacher_weights"):
-      from tdjax.losses.alignment import ViTTeacher
-      self._teacher = ViTTeacher(**dict(l.get("teacher_kwargs", {})))
+      from tdjax.losses.alignment import ViTTeacher, teacher_shape
+      # the tower's dimensions: teacher_kwargs, else read from the weights file's shapes
+      self._teacher = ViTTeacher(**(dict(l.get("teacher_kwargs", {})) or
+                                    teacher_shape(l.align_teacher_weights)))
+      if self._teacher.width != int(m.align_dim):
+        raise ValueError(f"config.model.align_dim={m.align_dim}: the alignment teacher "
+                         f"{l.align_teacher_weights!r} is {self._teacher.width} wide")
 
   # -------------------------------------------------------------------------------------------
   def _dummy(self, b=1):
