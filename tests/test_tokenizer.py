@@ -186,6 +186,28 @@ def test_loss_weights_need_files():
     TokenizerTask(_cfg(align_weight=1.0))
 
 
+def test_dino_discriminator_initialises_under_the_mesh(tmp_path):
+  """The paper's loss (disc='dino') under the trainer's mesh and axis rules: its ViT's fused q/k/v
+  kernel [C, 3, H, D] is created and sharded there (DenseGeneral's flat init failed, so no such
+  tokenizer could train), and the frozen backbone is the file's."""
+  from tdjax import trainer
+  from tdjax.losses import discriminators as D
+  from tdjax.losses.weights import expected_params, save_npz_params
+  dino = dict(embed_dim=16, num_heads=2, key_depths=(0, 1), img_size=32, pos_grid=2)
+  bb = expected_params(D.DinoDiscriminator(**dino).backbone_module(), jnp.zeros((1, 32, 32, 3)))
+  bb_values = jax.tree.map(
+      lambda s: np.random.RandomState(0).randn(*s.shape).astype(np.float32) * 0.02, nn.unbox(bb))
+  save_npz_params(str(tmp_path / "dino.npz"), bb_values)
+  c = get_config("size=tiny,adv=0.1,disc=dino")
+  c.loss.update(disc_backbone_weights=str(tmp_path / "dino.npz"), disc_kwargs=dino)
+  c.mesh = dict(data=2, fsdp=2, tensor=2)
+  state = trainer.Setup(c).init_state()
+  qkv = state["params"]["disc"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert qkv.shape == (16, 3, 2, 8) and len(qkv.sharding.device_set) == 8
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]["disc"]["backbone"]),
+               bb_values)
+
+
 def test_alignment_to_a_teacher_file(tmp_path):
   """config arg teacher=F: the frozen tower's dims and align_dim come from F's shapes, F's weights
   are the ones applied (grey images repeated to RGB), and the loss adds -cos to the teacher."""

@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdjax.losses.weights import expected_params, frozen, load_npz_params
+from tdjax.nn.attention import HeadProjection
 
 _lp = nn.with_logical_partitioning
 
@@ -263,16 +264,14 @@ class _Attention(nn.Module):
     c = x.shape[-1]
     d = c // self.num_heads
     init = nn.initializers.xavier_uniform()
-    qkv = nn.DenseGeneral((3, self.num_heads, d), name="qkv",
-                          kernel_init=_lp(init, ("embed", None, "heads", "head_dim")),
-                          bias_init=_lp(nn.initializers.zeros, (None, "heads", "head_dim")))(x)
+    # HeadProjection, not DenseGeneral: DenseGeneral constrains its flat 2D init with the 4 logical
+    # names and fails under the trainer's mesh (a tokenizer with disc='dino' could not train)
+    qkv = HeadProjection((3, self.num_heads, d), split=True, kernel_init=init, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
     w = jax.nn.softmax(logits, axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
-    return nn.DenseGeneral(c, axis=(-2, -1), name="proj",
-                           kernel_init=_lp(init, ("heads", "head_dim", "embed")),
-                           bias_init=_lp(nn.initializers.zeros, ("embed",)))(o)
+    return HeadProjection((c,), split=False, kernel_init=init, name="proj")(o)
 
 
 class _Block(nn.Module):

@@ -14,6 +14,7 @@ decode mode must be those of the new positions.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -99,7 +100,8 @@ class HeadProjection(nn.Module):
 
   The kernel is initialised as the flat [in, out] matrix (so fan-in / fan-out are those of the
   equivalent Linear) and stored reshaped, with its logical axes; DenseGeneral would apply the
-  3-name constraint to the flat 2D kernel and fail under a mesh."""
+  3-name constraint to the flat 2D kernel and fail under a mesh.  split=True also takes
+  features (3, H, hd): a fused q/k/v projection, kernel [D, 3, H, hd]."""
   features: tuple
   split: bool
   use_bias: bool = True
@@ -110,11 +112,13 @@ class HeadProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.split:
-      h, hd = self.features
-      d = x.shape[-1]
-      shape, flat = (d, h, hd), (d, h * hd)
-      names, bshape, bnames = ("embed", "heads", "head_dim"), (h, hd), ("heads", "head_dim")
-      eq = "...d,dhk->...hk"
+      d, feats = x.shape[-1], tuple(self.features)
+      lead = (None,) * (len(feats) - 2)      # the q/k/v axis of a fused projection
+      shape, flat = (d, *feats), (d, math.prod(feats))
+      names, bshape = ("embed", *lead, "heads", "head_dim"), feats
+      bnames = (*lead, "heads", "head_dim")
+      out = "thk"[-len(feats):]
+      eq = f"...d,d{out}->...{out}"
     else:
       (d,) = self.features
       h, hd = x.shape[-2:]
