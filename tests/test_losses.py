@@ -497,6 +497,23 @@ def test_teacher_shape_reads_the_towers_dims(tmp_path):
     alignment.teacher_shape(str(tmp_path / "none.npz"))
 
 
+def test_npz_shapes_reads_the_headers_not_the_arrays(tmp_path, monkeypatch):
+  arrays = {"a/kernel": np.zeros((3, 4, 5), np.float32), "b": np.float32(2.0),
+            "c": np.ones((7,), np.float16)}
+  np.savez(tmp_path / "plain.npz", **arrays)
+  np.savez_compressed(tmp_path / "zipped.npz", **arrays)
+  (tmp_path / "bad.npz").write_bytes(b"not a zip")
+  def no_array_data(*args, **kwargs):
+    raise AssertionError("npz_shapes read array data")
+  monkeypatch.setattr(np.lib.format, "read_array", no_array_data)
+  for name in ("plain.npz", "zipped.npz"):
+    assert weights.npz_shapes(tmp_path / name) == {"a/kernel": (3, 4, 5), "b": (), "c": (7,)}
+  with pytest.raises(weights.WeightsError, match="bad.npz.* is not a readable .npz"):
+    weights.npz_shapes(tmp_path / "bad.npz", what="teacher")
+  with pytest.raises(FileNotFoundError, match="teacher weights file not found"):
+    weights.npz_shapes(tmp_path / "none.npz", what="teacher")
+
+
 def test_save_npz_without_extension(tmp_path):
   p = str(tmp_path / "weights_file")
   weights.save_npz_params(p, {"a": {"b": jnp.ones((2,))}})

@@ -38,14 +38,13 @@ is not used.  `python -m tdjax.convert --kind siglip2` writes this file from the
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdjax.losses.weights import expected_params, load_npz_params
+from tdjax.losses.weights import expected_params, load_npz_params, npz_shapes
 from tdjax.nn.attention import HeadProjection
 
 _lp = nn.with_logical_partitioning
@@ -182,12 +181,8 @@ class ViTTeacher(nn.Module):
 def teacher_shape(path: str) -> dict:
   """The `ViTTeacher` fields (width, depth, num_heads, mlp_dim, patch_size, pos_grid) of a teacher
   npz, read from its array shapes (num_heads from the [W, H, D] q kernel)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"alignment teacher weights file not found: {path!r}")
-  with np.load(path, allow_pickle=False) as data:
-    shapes = {k: data[k].shape for k in data.files if not k.startswith("blocks_") or
-              k.startswith("blocks_0/")}
-    depth = len({k.split("/")[0] for k in data.files if k.startswith("blocks_")})
+  shapes = npz_shapes(path, what="alignment teacher")
+  depth = len({k.split("/")[0] for k in shapes if k.startswith("blocks_")})
   need = ("patch_embed/kernel", "pos_embed", "blocks_0/attn/q/kernel", "blocks_0/mlp/fc1/bias")
   missing = [k for k in need if k not in shapes]
   if missing:

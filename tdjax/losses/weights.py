@@ -16,6 +16,7 @@ is documented in its own module docstring; converters from the official PyTorch 
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -41,6 +42,29 @@ def save_npz_params(path: str, params: Mapping) -> None:
   flat = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flatten_params(params).items()}
   with open(path, "wb") as f:  # np.savez would append '.npz' to a path without it
     np.savez(f, **flat)
+
+
+def npz_shapes(path: str, *, what: str = "weights") -> dict[str, tuple[int, ...]]:
+  """{key: shape} of every array in an npz, read from the .npy headers alone (no array data is
+  read, so a multi-GB weights file costs a few kB here)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} weights file not found: {path!r}")
+  shapes = {}
+  try:
+    with zipfile.ZipFile(path) as z:
+      for name in z.namelist():
+        if not name.endswith(".npy"):
+          continue
+        with z.open(name) as f:
+          major, _ = np.lib.format.read_magic(f)
+          read_header = (np.lib.format.read_array_header_1_0 if major == 1 else
+                         np.lib.format.read_array_header_2_0)  # 3.0 differs only in text encoding
+          shape, _, _ = read_header(f)
+        shapes[name[:-len(".npy")]] = tuple(int(d) for d in shape)
+  except (zipfile.BadZipFile, ValueError) as e:
+    raise WeightsError(f"{what} weights file {path!r} is not a readable .npz: {e}") from None
+  return shapes
 
 
 def load_npz_params(path: str, expected: Mapping, *, what: str = "weights",

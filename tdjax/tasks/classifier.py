@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tdjax.losses.alignment import ViTTeacher
 from tdjax.tasks.base import Task
 
 _lp = nn.with_logical_partitioning
@@ -75,7 +76,6 @@ class ViTClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, return_features: bool = False, return_spatial: bool = False):
-    from tdjax.losses.alignment import ViTTeacher
     x = x if x.shape[-1] == 3 else jnp.repeat(x, 3, axis=-1)
     tokens = ViTTeacher(self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size,
                         self.pos_grid, name="teacher")(x)
