@@ -24,7 +24,8 @@ def _cfg(**kw):
 
 def _write_idx(path, a):
   header = bytes([0, 0, 8, a.ndim]) + np.array(a.shape, ">u4").tobytes()
-  (gzip.open if path.endswith(".gz") else open)(path, "wb").write(header + a.tobytes())
+  with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:  # closed: 3.12's gzip
+    f.write(header + a.tobytes())                                          # buffers until close
 
 
 @needs_fmnist
