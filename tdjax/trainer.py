@@ -151,7 +151,7 @@ class Setup:
       loss = loss / accum
       metrics = jax.tree.map(lambda m: m.mean(0), ms)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
