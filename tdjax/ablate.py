@@ -43,6 +43,7 @@ import sys
 from absl import app, flags, logging
 
 from tdjax import configlib
+from tdjax import metrics as metrics_lib
 
 FLAGS = flags.FLAGS
 
@@ -254,7 +255,7 @@ def _finished(marker: str) -> bool:
 def _trained(workdir: str) -> bool:
   with open(os.path.join(workdir, "config.json")) as f:
     total = int(json.load(f)["total_steps"])
-  steps = [json.loads(line).get("step", 0) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r.get("step", 0) for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
   return max(steps, default=0) >= total
 
 
@@ -359,11 +360,9 @@ def _last_eval(workdir: str) -> dict:
   last = {}
   path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if any(k.startswith("eval/") for k in record):
-          last = record
+    for record in metrics_lib.read_jsonl(path):
+      if any(k.startswith("eval/") for k in record):
+        last = record
   return last
 
 

@@ -28,7 +28,10 @@ class MetricWriter:
     self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      path = os.path.join(workdir, "metrics.jsonl")
+      _cut_unfinished_record(path)
+      # Unbuffered bytes: each record reaches the file in one write call, never in pieces.
+      self._jsonl = open(path, "ab", buffering=0)
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
@@ -40,7 +43,9 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     if not self.active:
       return
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    record = (json.dumps({"step": int(step), **scalars}) + "\n").encode()
+    while record:
+      record = record[self._jsonl.write(record):]
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
@@ -171,8 +176,39 @@ def count_params(params) -> int:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL file.  A last line without its newline is a record still being
+  written (the run is live) or cut short by a kill, and is left out; any other line that is not
+  JSON is an error naming the file and the line."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  records = []
+  for number, line in enumerate(lines[:-1], 1):   # lines[-1]: "" or the unfinished record
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number} is not JSON ({e.msg}): {line[:80]!r}") from None
+  return records
+
+
+def _cut_unfinished_record(path: str) -> None:
+  """Drops a last line without its newline (a run killed while writing it) before a resumed run
+  appends, so that the next record does not run on into it.  Its step is trained and logged again
+  after the resume."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(max(0, size - (1 << 20)))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+      return
+    cut = size - len(tail) + tail.rfind(b"\n") + 1   # rfind -1: no newline in the last MiB
+    logging.warning("%s: dropping an unfinished last record of %d bytes (a killed run)", path,
+                    size - cut)
+    f.truncate(cut)
 
 
 class _QuietLibraries:
