@@ -13,7 +13,9 @@ import pytest
 
 from tdjax import nn as tnn
 from tdjax.tokenizers.detailflow import DetailFlowTokenizer, encoder_mask
-from tdjax.tokenizers.quantizers import ContinuousBottleneck, VectorQuantizer, l2_normalize
+from tdjax.tokenizers.quantizers import (ContinuousBottleneck, VectorQuantizer, l2_normalize,
+                                         top_k_perturb)
+from tdjax.tokenizers.resolution import sample_noise_index
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs.detailflow_tokenizer import get_config  # noqa: E402
@@ -101,6 +103,69 @@ def test_vq_topk_noisy_indices_within_k_nearest():
   assert int(rank.max()) < k
   assert float((out["noisy_indices"] != out["indices"]).mean()) > 0.5   # ~ (k-1)/k
   np.testing.assert_array_equal(out["indices"], jnp.argmax(sim, -1))
+
+
+@pytest.mark.parametrize("start", [np.array([0, 3, 9, 10]), 5])
+def test_top_k_window_equals_the_full_search_there(start):
+  """The windowed top-k gives, inside the window, the codes of the search over every token, and
+  the nearest code outside it (start [B] or scalar; positions past N - 1 clipped)."""
+  sim = jax.random.normal(jax.random.key(0), (4, 12, 40))
+  idx = jnp.argmax(sim, -1).astype(jnp.int32)
+  pick = jax.random.randint(jax.random.key(1), idx.shape, 0, 7)
+  full = top_k_perturb(sim, idx, pick, 7)
+  win = jax.jit(lambda s, st: top_k_perturb(sim, idx, pick, 7, (st, 4)))(sim, jnp.asarray(start))
+  inside = (np.arange(12)[None] >= np.reshape(start, (-1, 1))) & (
+      np.arange(12)[None] < np.reshape(start, (-1, 1)) + 4)
+  inside = np.broadcast_to(inside, idx.shape)
+  np.testing.assert_array_equal(np.asarray(win)[inside], np.asarray(full)[inside])
+  np.testing.assert_array_equal(np.asarray(win)[~inside], np.asarray(idx)[~inside])
+  assert (np.asarray(full)[inside] != np.asarray(idx)[inside]).any()
+
+
+def test_encode_for_ar_equals_the_search_over_every_token(tiny):
+  """encode_for_ar (top-k only on each image's perturbed span) gives the triplets of the plain
+  recipe: top-k noisy codes for every token, then the second pass (reference 1.6 step 7)."""
+  m, v, x = tiny
+  xx = jnp.concatenate([x] * 8)
+
+  def plain(k):
+    k_top, k_noise = jax.random.split(k)
+    q = m.apply(v, m.apply(v, xx, method="encode"), top_k=m.top_k, rng=k_top, method="quantize")
+    n_idx, n_end = jax.vmap(lambda kk: sample_noise_index(kk, 12, 4, 4))(
+        jax.random.split(k_noise, 16))
+    _, idx2, _, _ = m.apply(v, xx, q["indices"], q["noisy_indices"], n_idx, n_end,
+                            method="correct")
+    lab = jnp.where(jnp.arange(12)[None] < n_end[:, None], q["indices"], idx2)
+    return q["indices"], idx2, lab
+
+  fast = jax.jit(lambda k: m.apply(v, xx, k, method="encode_for_ar"))
+  changed = 0
+  for seed in range(3):
+    want, got = jax.jit(plain)(jax.random.key(seed)), fast(jax.random.key(seed))
+    for a, b in zip(want, got):
+      np.testing.assert_array_equal(a, b)
+    changed += int((got[1] != got[0]).sum())
+  assert changed > 0
+
+
+def test_tokenize_train_equals_the_search_over_every_token(tiny):
+  """Training: the same perturbed prefix and corrected codes as top-k over every token."""
+  m, v, x = tiny
+
+  def plain(t, k):
+    k_top, k_noise = jax.random.split(k)
+    q = m.apply(v, m.apply(v, x, method="encode"), top_k=m.top_k, rng=k_top, method="quantize")
+    n_idx, n_end = sample_noise_index(k_noise, t, 4, 4)
+    _, idx2, _, _ = m.apply(v, x, q["indices"], q["noisy_indices"], n_idx, n_end, train=True,
+                            method="correct", mutable=["vq_stats"])[0]
+    return idx2
+
+  f = jax.jit(lambda t, k: m.apply(v, x, t, k, method="tokenize_train",
+                                   mutable=["vq_stats"])[0]["indices_sc"])
+  for t in (3, 8, 12):
+    for seed in range(3):
+      np.testing.assert_array_equal(jax.jit(plain)(t, jax.random.key(seed)),
+                                    f(t, jax.random.key(seed)))
 
 
 def test_vq_usage_counts_and_continuous():

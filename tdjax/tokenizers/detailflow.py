@@ -216,9 +216,11 @@ class DetailFlowTokenizer(nn.Module):
     z = self.enc_norm(seq[:, gh * gw:])
     return self.quant_proj(z).astype(jnp.float32)
 
-  def quantize(self, z, *, top_k: int = 0, rng=None, loss_mask=None, train: bool = False):
+  def quantize(self, z, *, top_k: int = 0, rng=None, loss_mask=None, train: bool = False,
+               noise_window=None):
     if self.is_vq:
-      return self.quantizer(z, top_k=top_k, rng=rng, loss_mask=loss_mask)
+      return self.quantizer(z, top_k=top_k, rng=rng, loss_mask=loss_mask,
+                            noise_window=noise_window)
     return self.quantizer(z, train=train, rng=rng, loss_mask=loss_mask)
 
   def lookup(self, indices):
@@ -292,7 +294,10 @@ class DetailFlowTokenizer(nn.Module):
     N = self.num_tokens
     z = self.encode(x)
     do_sc = self_correction and self.is_vq
-    q = self.quantize(z, top_k=self.top_k if do_sc else 0, rng=k_top, train=True)
+    if do_sc:   # one perturbed span (<= g tokens) per batch: top-k search on those tokens only
+      noise_idx, noise_end = sample_noise_index(k_noise, t, self.group, self.c)
+    q = self.quantize(z, top_k=self.top_k if do_sc else 0, rng=k_top, train=True,
+                      noise_window=(noise_idx, self.group) if do_sc else None)
     out = dict(z_q=q["z_q"], z_q_sc=None, sc_on=jnp.asarray(False),
                bottleneck_loss=q["loss"], metrics={})
     if self.is_vq:
@@ -300,7 +305,6 @@ class DetailFlowTokenizer(nn.Module):
       out["metrics"] = dict(vq_loss=q["vq_loss"], commit_loss=q["commit_loss"])
     if not do_sc:
       return out
-    noise_idx, noise_end = sample_noise_index(k_noise, t, self.group, self.c)
     zq2, idx2, q2, _ = self.correct(x, q["indices"], q["noisy_indices"], noise_idx, noise_end,
                                     train=True)
     sc_on = jnp.asarray(t) > 1
@@ -322,10 +326,11 @@ class DetailFlowTokenizer(nn.Module):
     k_top, k_noise = jax.random.split(rng)
     b = x.shape[0]
     N = self.num_tokens
-    q = self.quantize(self.encode(x), top_k=self.top_k, rng=k_top)
     keys = jax.random.split(k_noise, b)
     tt = N if t is None else t
     noise_idx, noise_end = jax.vmap(lambda k: sample_noise_index(k, tt, self.group, self.c))(keys)
+    q = self.quantize(self.encode(x), top_k=self.top_k, rng=k_top,
+                      noise_window=(noise_idx, self.group))
     _, idx2, _, prefix_idx = self.correct(x, q["indices"], q["noisy_indices"], noise_idx,
                                           noise_end)
     clean = q["indices"]

@@ -5,7 +5,7 @@ Both return a dict with
   z        [B, N, d]  (VQ) the l2-normalised encoder latents that were quantised
   loss     []         bottleneck loss (VQ: codebook + commitment; continuous: KL * weight)
   and for VQ: indices [B, N] (top-1), noisy_indices [B, N] (uniform among the top_k nearest,
-  = indices when top_k <= 1), vq_loss, commit_loss.
+  = indices when top_k <= 1, and outside `noise_window` when one is given), vq_loss, commit_loss.
 
 VQ usage statistics live in the mutable collection 'vq_stats' (`counts` [K], decayed each call
 with `usage_decay`), updated only when that collection is mutable.
@@ -72,7 +72,11 @@ class VectorQuantizer(nn.Module):
       s = 2 * s - jnp.sum(e * e, -1)
     return z, s
 
-  def __call__(self, z, *, top_k: int = 0, rng=None, loss_mask=None):
+  def __call__(self, z, *, top_k: int = 0, rng=None, loss_mask=None, noise_window=None):
+    """noise_window = (start, length): the self-correction perturbs only tokens
+    start .. start + length - 1 (start scalar or [B]; z [B, N, d]), so only those get noisy
+    indices: the top-k search then runs on B * length rows instead of B * N (8-16x less at the
+    papers' N / g), with the same values there as without the window."""
     z, sim = self.similarity(z)
     idx = jnp.argmax(sim, axis=-1).astype(jnp.int32)
     noisy = idx
@@ -80,9 +84,8 @@ class VectorQuantizer(nn.Module):
       if rng is None:
         rng = self.make_rng("noise")
       k = min(top_k, self.codebook_size)
-      _, nearest = jax.lax.top_k(sim, k)
       pick = jax.random.randint(rng, idx.shape, 0, k)
-      noisy = jnp.take_along_axis(nearest, pick[..., None], axis=-1)[..., 0].astype(jnp.int32)
+      noisy = top_k_perturb(sim, idx, pick, k, noise_window)
     zq = self.lookup(idx)
     vq = _masked_mean((zq - jax.lax.stop_gradient(z)) ** 2, loss_mask)
     commit = _masked_mean((jax.lax.stop_gradient(zq) - z) ** 2, loss_mask)
@@ -94,6 +97,26 @@ class VectorQuantizer(nn.Module):
       self.counts.value = self.counts.value * self.usage_decay + hist
     return dict(z_q=zq_st, z=z, indices=idx, noisy_indices=noisy, vq_loss=vq, commit_loss=commit,
                 loss=self.codebook_weight * vq + self.commitment * commit)
+
+
+def top_k_perturb(sim, idx, pick, k: int, window=None):
+  """noisy = the pick-th nearest code of each token (pick 0 = the nearest; reference 1.6: a
+  uniform draw among the top-k).  sim [.., N, K], idx / pick [.., N] int.
+
+  window = (start, length): only tokens start .. start + length - 1 of each sequence (sim
+  [B, N, K], start scalar or [B]) are perturbed, the rest keep idx; positions past N - 1 are
+  clipped (their duplicate writes carry the same value)."""
+  if window is None:
+    _, nearest = jax.lax.top_k(sim, k)
+    return jnp.take_along_axis(nearest, pick[..., None], axis=-1)[..., 0].astype(jnp.int32)
+  start, length = window
+  b, n = idx.shape
+  start = jnp.broadcast_to(jnp.asarray(start, jnp.int32).reshape(-1, 1), (b, 1))
+  pos = jnp.minimum(start + jnp.arange(length, dtype=jnp.int32)[None], n - 1)      # [B, L]
+  _, nearest = jax.lax.top_k(jnp.take_along_axis(sim, pos[..., None], axis=1), k)  # [B, L, k]
+  pick_w = jnp.take_along_axis(pick, pos, axis=1)
+  noisy_w = jnp.take_along_axis(nearest, pick_w[..., None], axis=-1)[..., 0].astype(jnp.int32)
+  return idx.at[jnp.arange(b)[:, None], pos].set(noisy_w)
 
 
 class ContinuousBottleneck(nn.Module):
