@@ -294,10 +294,12 @@ class DetailFlowTokenizer(nn.Module):
     N = self.num_tokens
     z = self.encode(x)
     do_sc = self_correction and self.is_vq
+    window = None
     if do_sc:   # one perturbed span (<= g tokens) per batch: top-k search on those tokens only
       noise_idx, noise_end = sample_noise_index(k_noise, t, self.group, self.c)
+      window = (noise_idx, self.group)
     q = self.quantize(z, top_k=self.top_k if do_sc else 0, rng=k_top, train=True,
-                      noise_window=(noise_idx, self.group) if do_sc else None)
+                      noise_window=window)
     out = dict(z_q=q["z_q"], z_q_sc=None, sc_on=jnp.asarray(False),
                bottleneck_loss=q["loss"], metrics={})
     if self.is_vq:

@@ -84,6 +84,7 @@ class VectorQuantizer(nn.Module):
       if rng is None:
         rng = self.make_rng("noise")
       k = min(top_k, self.codebook_size)
+      # full-shape draw even with a window: the same draws, hence the same codes, as without
       pick = jax.random.randint(rng, idx.shape, 0, k)
       noisy = top_k_perturb(sim, idx, pick, k, noise_window)
     zq = self.lookup(idx)
