@@ -46,6 +46,36 @@ def test_encoder_mask_layout():
   assert free[4:].all() and (free[:4] == m[:4]).all()
 
 
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "nothing_saveable")])
+def test_second_pass_reusing_patch_states_equals_recomputing_them(scan, remat):
+  """Self-correction's second encoder pass with the first pass's patch states (queries only)
+  gives the latents and parameter gradients of the full second pass over patches + queries."""
+  m = DetailFlowTokenizer(**TINY, scan=scan, remat=remat)
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1)) * 2 - 1
+  v = nn.unbox(jax.jit(m.init)(jax.random.key(1), x))
+  queries = jax.random.normal(jax.random.key(2), (2, 12, 16))
+  r1, r2 = jax.random.normal(jax.random.key(3), (2, 2, 12, 4))
+
+  def loss(params, reuse):
+    vv = {**v, "params": params}
+    z1, states = m.apply(vv, x, keep_patch_states=True, method="encode")
+    z2 = m.apply(vv, x, queries, patch_states=states if reuse else None, method="encode")
+    return jnp.sum(r1 * z1) + jnp.sum(r2 * z2), (z1, z2, states)
+
+  (l0, (z1, z2, states)), g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, False),
+                                                          has_aux=True))(v["params"])
+  (l1, (_, z2r, _)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, True),
+                                                     has_aux=True))(v["params"])
+  assert states.shape == (2, 2, 16, 16)    # [depth, B, patches, width]
+  np.testing.assert_allclose(z1, m.apply(v, x, method="encode"), atol=1e-5)
+  np.testing.assert_allclose(z2r, z2, atol=2e-5)
+  assert float(jnp.abs(z2 - z1).max()) > 1e-3      # the queries matter
+  flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  assert len(flat0) == len(flat1)
+  for a, b in zip(flat0, flat1):
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)
+
+
 def test_encoder_queries_are_group_causal(tiny):
   m, v, x = tiny
   enc = jax.jit(lambda q: m.apply(v, x, q, method="encode"))

@@ -214,9 +214,16 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, rope=None, context=None, context_mask=None, adaln_cond=None,
-               *, decode: bool = False, deterministic: bool = True):
+               *, decode: bool = False, deterministic: bool = True, kv_prefix=None):
+    """kv_prefix [B, P, D]: this block's input on P earlier positions that x's self-attention
+    also sees (keys/values of norm1([kv_prefix, x])) but that are not updated here; mask is then
+    [len(x), P + len(x)].  For reusing a prefix whose states do not depend on x."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if kv_prefix is not None and (self.adaln or rope is not None or decode
+                                  or not self.self_attention):
+      raise ValueError("TransformerBlock(kv_prefix=...) supports plain self-attention only "
+                       "(no adaLN, RoPE, KV-cache decoding)")
     mod = None
     if self.adaln:
       d = x.shape[-1]
@@ -228,12 +235,17 @@ class TransformerBlock(nn.Module):
       mod = (table + adaln_cond).astype(self.dtype)   # [B, 6, D] or per token [B, L, 6, D]
       mod = [mod[:, i][:, None, :] if mod.ndim == 3 else mod[:, :, i] for i in range(6)]
     if self.self_attention:
-      h = make_norm(self.norm, self.norm_eps, name="norm1", **kw)(x)
-      if mod is not None:
-        h = h * (1 + mod[1]) + mod[0]
-      h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
-                    kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)(
-                        h, mask=mask, rope=rope, decode=decode)
+      norm1 = make_norm(self.norm, self.norm_eps, name="norm1", **kw)
+      attn = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
+                       kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)
+      if kv_prefix is not None:
+        kv = norm1(jnp.concatenate([kv_prefix.astype(x.dtype), x], axis=1))
+        h = attn(kv[:, kv_prefix.shape[1]:], context=kv, mask=mask)
+      else:
+        h = norm1(x)
+        if mod is not None:
+          h = h * (1 + mod[1]) + mod[0]
+        h = attn(h, mask=mask, rope=rope, decode=decode)
       if mod is not None:
         h = h * mod[2]
       x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -287,19 +299,23 @@ REMAT_POLICIES = {
 
 
 class _ScanBody(nn.Module):
-  """Adapts a block to nn.scan's (carry, *xs) -> (carry, out) signature."""
+  """Adapts a block to nn.scan's (carry, *xs) -> (carry, out) signature; out = the block's input
+  on the first keep_prefix positions (None when 0)."""
   block_kwargs: dict
   decode: bool = False
   deterministic: bool = True
+  keep_prefix: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, rope, context, context_mask, adaln_cond):
+  def __call__(self, x, mask, rope, context, context_mask, adaln_cond, kv_prefix=None):
+    kept = x[:, :self.keep_prefix] if self.keep_prefix else None
     x = TransformerBlock(**self.block_kwargs, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="block")(x, mask, rope, context, context_mask, adaln_cond,
-                                       decode=self.decode, deterministic=self.deterministic)
-    return x, None
+                                       decode=self.decode, deterministic=self.deterministic,
+                                       kv_prefix=kv_prefix)
+    return x, kept
 
 
 class TransformerStack(nn.Module):
@@ -307,7 +323,13 @@ class TransformerStack(nn.Module):
   (params layers/block/... with a leading [depth] axis); optional remat with a named policy.
 
   With scan=True the 'cache' collection is stacked over layers too, so KV-cached decoding works
-  either way.  Outputs of scan and unrolled stacks agree given the same (restacked) parameters."""
+  either way.  Outputs of scan and unrolled stacks agree given the same (restacked) parameters.
+
+  Prefix reuse (for a prefix of positions that never attends to the rest, e.g. the DetailFlow
+  encoder's patches): keep_prefix=P also returns every block's input on positions [0, P),
+  stacked [depth, B, P, D]; a later call with kv_prefix=<those states> and x = the remaining
+  positions only (mask rows [len(x), P + len(x)]) gives the same outputs on them without
+  recomputing the prefix."""
   depth: int
   block_kwargs: dict
   scan: bool = False
@@ -317,25 +339,34 @@ class TransformerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, rope=None, context=None, context_mask=None, adaln_cond=None,
-               *, decode: bool = False, deterministic: bool = True):
+               *, decode: bool = False, deterministic: bool = True, keep_prefix: int = 0,
+               kv_prefix=None):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    if kv_prefix is not None and kv_prefix.shape[0] != self.depth:
+      raise ValueError(f"kv_prefix has {kv_prefix.shape[0]} layers; expected depth={self.depth}")
     policy = REMAT_POLICIES[self.remat]
     body = _ScanBody
     if self.remat != "none":
       body = nn.remat(_ScanBody, policy=policy, prevent_cse=not self.scan)
     kw = dict(block_kwargs=dict(self.block_kwargs), decode=decode, deterministic=deterministic,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              keep_prefix=keep_prefix, dtype=self.dtype, param_dtype=self.param_dtype)
+    args = (x, mask, rope, context, context_mask, adaln_cond)
     if self.scan:
+      prefix_axis = nn.broadcast if kv_prefix is None else 0
       scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * 5, length=self.depth,
+                        in_axes=(nn.broadcast,) * 5 + (prefix_axis,), length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(name="layers", **kw)(x, mask, rope, context, context_mask, adaln_cond)
-      return x
-    for i in range(self.depth):
-      x, _ = body(name=f"blocks_{i}", **kw)(x, mask, rope, context, context_mask, adaln_cond)
-    return x
+      x, kept = scanned(name="layers", **kw)(*args, kv_prefix)
+    else:
+      kept = []
+      for i in range(self.depth):
+        x, k = body(name=f"blocks_{i}", **kw)(
+            x, *args[1:], None if kv_prefix is None else kv_prefix[i])
+        kept.append(k)
+      kept = jnp.stack(kept) if keep_prefix else None
+    return (x, kept) if keep_prefix else x
 
 
 def unstack_layers(params: dict, depth: int) -> dict:

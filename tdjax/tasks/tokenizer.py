@@ -164,19 +164,24 @@ class TokenizerTask(Task):
 
   def analytic_flops(self, batch) -> float:
     """Train-step FLOPs of a full-resolution step (the largest decoder branch), no LPIPS/GAN/teacher:
-    3 x forward, forward = encoder ViT over P + N tokens (twice with self-correction) + decoder
-    ViT over P + N tokens (batch doubled with self-correction) + patch embed and pixel head, with
-    a ViT of depth L, width D, MLP F over T tokens = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D."""
+    3 x forward, forward = encoder ViT over P + N tokens + decoder ViT over P + N tokens + patch
+    embed and pixel head, with a ViT of depth L, width D, MLP F over T tokens
+    = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D.  Self-correction doubles the decoder batch and adds the
+    second encoder pass over the N queries only (patch states reused): per layer, q/out
+    projections and MLP on N tokens, k/v projections on P + N, attention N x (P + N)."""
     m = self.model
     b = int(np.shape(batch["image"])[0])
-    p_tok = (self.image_size // m.patch) ** 2
-    t = p_tok + self.N
+    p_tok, n = (self.image_size // m.patch) ** 2, self.N
+    t = p_tok + n
     vit = lambda d, l, f: 2 * t * l * (4 * d * d + 2 * d * f) + 4 * l * t * t * d
     pix = m.patch * m.patch * self.channels
-    sc = 2 if self.self_correction else 1
-    enc = vit(m.enc_width, m.enc_depth, m.enc_mlp) + 2 * p_tok * pix * m.enc_width
+    d, l, f = m.enc_width, m.enc_depth, m.enc_mlp
+    enc = vit(d, l, f) + 2 * p_tok * pix * d
     dec = vit(m.dec_width, m.dec_depth, m.dec_mlp) + 2 * p_tok * m.dec_width * pix
-    return float(3 * b * sc * (enc + dec))
+    if not self.self_correction:
+      return float(3 * b * (enc + dec))
+    enc2 = 2 * l * (n * (2 * d * d + 2 * d * f) + t * 2 * d * d) + 4 * l * n * t * d
+    return float(3 * b * (enc + enc2 + 2 * dec))
 
   def param_groups(self, params):
     if "disc" not in params:
