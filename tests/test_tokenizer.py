@@ -47,8 +47,8 @@ def test_encoder_mask_layout():
 
 
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "nothing_saveable")])
-def test_second_pass_reusing_patch_states_equals_recomputing_them(scan, remat):
-  """Self-correction's second encoder pass with the first pass's patch states (queries only)
+def test_second_pass_reusing_patch_keys_values_equals_recomputing_them(scan, remat):
+  """Self-correction's second encoder pass with the first pass's patch keys/values (queries only)
   gives the latents and parameter gradients of the full second pass over patches + queries."""
   m = DetailFlowTokenizer(**TINY, scan=scan, remat=remat)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1)) * 2 - 1
@@ -58,15 +58,15 @@ def test_second_pass_reusing_patch_states_equals_recomputing_them(scan, remat):
 
   def loss(params, reuse):
     vv = {**v, "params": params}
-    z1, states = m.apply(vv, x, keep_patch_states=True, method="encode")
-    z2 = m.apply(vv, x, queries, patch_states=states if reuse else None, method="encode")
-    return jnp.sum(r1 * z1) + jnp.sum(r2 * z2), (z1, z2, states)
+    z1, kv = m.apply(vv, x, keep_patch_kv=True, method="encode")
+    z2 = m.apply(vv, x, queries, patch_kv=kv if reuse else None, method="encode")
+    return jnp.sum(r1 * z1) + jnp.sum(r2 * z2), (z1, z2, kv)
 
-  (l0, (z1, z2, states)), g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, False),
+  (l0, (z1, z2, kv)), g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, False),
                                                           has_aux=True))(v["params"])
   (l1, (_, z2r, _)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, True),
                                                      has_aux=True))(v["params"])
-  assert states.shape == (2, 2, 16, 16)    # [depth, B, patches, width]
+  assert [a.shape for a in kv] == [(2, 2, 16, 2, 8)] * 2   # [depth, B, patches, heads, hd]
   np.testing.assert_allclose(z1, m.apply(v, x, method="encode"), atol=1e-5)
   np.testing.assert_allclose(z2r, z2, atol=2e-5)
   assert float(jnp.abs(z2 - z1).max()) > 1e-3      # the queries matter

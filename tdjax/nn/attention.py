@@ -154,11 +154,17 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, rope=None, context_rope=None, *,
-               decode: bool = False):
+               decode: bool = False, kv_prefix=None, keep_kv: int = 0):
+    """kv_prefix (k, v), each [B, P, H, hd]: keys/values of P earlier positions, put before x's
+    own (self-attention; mask then [len(x), P + len(x)]).  keep_kv=P: also return (k, v) of x's
+    first P positions, i.e. returns (out, (k, v))."""
     features = x.shape[-1]
     hd = self.head_dim or features // self.num_heads
     cross = context is not None
     src = context if cross else x
+    if kv_prefix is not None and (cross or decode or rope is not None):
+      raise ValueError("Attention(kv_prefix=...) supports plain self-attention only "
+                       "(no context, RoPE or KV-cache decoding)")
 
     def proj(name, inp):
       return HeadProjection((self.num_heads, hd), True, self.use_bias, self.kernel_init,
@@ -169,6 +175,10 @@ class Attention(nn.Module):
     v = proj("value", src)
     q = _rotate(q, rope, self.rope_interleaved)
     k = _rotate(k, context_rope if cross else rope, self.rope_interleaved)
+    kept = (k[:, :keep_kv], v[:, :keep_kv]) if keep_kv else None
+    if kv_prefix is not None:
+      k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
 
     if decode and not cross:
       k, v, mask = self._update_cache(k, v, mask)
@@ -182,9 +192,10 @@ class Attention(nn.Module):
     else:
       raise ValueError(f"attention impl={self.impl!r}: expected einsum, fused or cudnn")
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return HeadProjection((self.out_features or features,), False, self.use_bias,
-                          self.out_kernel_init or self.kernel_init, self.dtype, self.param_dtype,
-                          name="out")(out)
+    out = HeadProjection((self.out_features or features,), False, self.use_bias,
+                         self.out_kernel_init or self.kernel_init, self.dtype, self.param_dtype,
+                         name="out")(out)
+    return (out, kept) if keep_kv else out
 
   def _update_cache(self, k, v, mask):
     initialized = self.has_variable("cache", "cached_key")

@@ -214,16 +214,18 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, rope=None, context=None, context_mask=None, adaln_cond=None,
-               *, decode: bool = False, deterministic: bool = True, kv_prefix=None):
-    """kv_prefix [B, P, D]: this block's input on P earlier positions that x's self-attention
-    also sees (keys/values of norm1([kv_prefix, x])) but that are not updated here; mask is then
-    [len(x), P + len(x)].  For reusing a prefix whose states do not depend on x."""
+               *, decode: bool = False, deterministic: bool = True, kv_prefix=None,
+               keep_kv: int = 0):
+    """kv_prefix (k, v) [B, P, H, hd]: self-attention keys/values of P earlier positions that x
+    also attends to but that are not updated here (mask [len(x), P + len(x)]); keep_kv=P returns
+    (x, (k, v) of x's first P positions).  For reusing a prefix whose states do not depend on
+    what follows it."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    if kv_prefix is not None and (self.adaln or rope is not None or decode
-                                  or not self.self_attention):
-      raise ValueError("TransformerBlock(kv_prefix=...) supports plain self-attention only "
-                       "(no adaLN, RoPE, KV-cache decoding)")
+    if (kv_prefix is not None or keep_kv) and (self.adaln or not self.self_attention):
+      raise ValueError("TransformerBlock(kv_prefix= / keep_kv=) needs plain self-attention "
+                       "(no adaLN)")
+    kept = None
     mod = None
     if self.adaln:
       d = x.shape[-1]
@@ -238,14 +240,12 @@ class TransformerBlock(nn.Module):
       norm1 = make_norm(self.norm, self.norm_eps, name="norm1", **kw)
       attn = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
                        kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)
-      if kv_prefix is not None:
-        kv = norm1(jnp.concatenate([kv_prefix.astype(x.dtype), x], axis=1))
-        h = attn(kv[:, kv_prefix.shape[1]:], context=kv, mask=mask)
-      else:
-        h = norm1(x)
-        if mod is not None:
-          h = h * (1 + mod[1]) + mod[0]
-        h = attn(h, mask=mask, rope=rope, decode=decode)
+      h = norm1(x)
+      if mod is not None:
+        h = h * (1 + mod[1]) + mod[0]
+      h = attn(h, mask=mask, rope=rope, decode=decode, kv_prefix=kv_prefix, keep_kv=keep_kv)
+      if keep_kv:
+        h, kept = h
       if mod is not None:
         h = h * mod[2]
       x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -269,7 +269,8 @@ class TransformerBlock(nn.Module):
     if mod is not None:
       h = h * mod[5]
     x = x + h
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, kept) if keep_kv else x
 
 
 def modulate(x, shift, scale):
@@ -299,8 +300,8 @@ REMAT_POLICIES = {
 
 
 class _ScanBody(nn.Module):
-  """Adapts a block to nn.scan's (carry, *xs) -> (carry, out) signature; out = the block's input
-  on the first keep_prefix positions (None when 0)."""
+  """Adapts a block to nn.scan's (carry, *xs) -> (carry, out) signature; out = the block's
+  self-attention (k, v) on the first keep_prefix positions (None when 0)."""
   block_kwargs: dict
   decode: bool = False
   deterministic: bool = True
@@ -310,12 +311,11 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, rope, context, context_mask, adaln_cond, kv_prefix=None):
-    kept = x[:, :self.keep_prefix] if self.keep_prefix else None
-    x = TransformerBlock(**self.block_kwargs, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="block")(x, mask, rope, context, context_mask, adaln_cond,
-                                       decode=self.decode, deterministic=self.deterministic,
-                                       kv_prefix=kv_prefix)
-    return x, kept
+    out = TransformerBlock(**self.block_kwargs, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="block")(x, mask, rope, context, context_mask, adaln_cond,
+                                         decode=self.decode, deterministic=self.deterministic,
+                                         kv_prefix=kv_prefix, keep_kv=self.keep_prefix)
+    return out if self.keep_prefix else (out, None)   # (x, kept (k, v)) or (x, None)
 
 
 class TransformerStack(nn.Module):
@@ -326,10 +326,10 @@ class TransformerStack(nn.Module):
   either way.  Outputs of scan and unrolled stacks agree given the same (restacked) parameters.
 
   Prefix reuse (for a prefix of positions that never attends to the rest, e.g. the DetailFlow
-  encoder's patches): keep_prefix=P also returns every block's input on positions [0, P),
-  stacked [depth, B, P, D]; a later call with kv_prefix=<those states> and x = the remaining
-  positions only (mask rows [len(x), P + len(x)]) gives the same outputs on them without
-  recomputing the prefix."""
+  encoder's patches): keep_prefix=P also returns every block's self-attention keys and values on
+  positions [0, P), (k, v) each stacked [depth, B, P, H, hd]; a later call with kv_prefix=<those>
+  and x = the remaining positions only (mask rows [len(x), P + len(x)]) gives the same outputs on
+  them without recomputing the prefix."""
   depth: int
   block_kwargs: dict
   scan: bool = False
@@ -343,8 +343,9 @@ class TransformerStack(nn.Module):
                kv_prefix=None):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-    if kv_prefix is not None and kv_prefix.shape[0] != self.depth:
-      raise ValueError(f"kv_prefix has {kv_prefix.shape[0]} layers; expected depth={self.depth}")
+    if kv_prefix is not None and kv_prefix[0].shape[0] != self.depth:
+      raise ValueError(f"kv_prefix has {kv_prefix[0].shape[0]} layers; expected "
+                       f"depth={self.depth}")
     policy = REMAT_POLICIES[self.remat]
     body = _ScanBody
     if self.remat != "none":
@@ -363,9 +364,10 @@ class TransformerStack(nn.Module):
       kept = []
       for i in range(self.depth):
         x, k = body(name=f"blocks_{i}", **kw)(
-            x, *args[1:], None if kv_prefix is None else kv_prefix[i])
+            x, *args[1:],
+            None if kv_prefix is None else jax.tree.map(lambda a: a[i], kv_prefix))
         kept.append(k)
-      kept = jnp.stack(kept) if keep_prefix else None
+      kept = jax.tree.map(lambda *a: jnp.stack(a), *kept) if keep_prefix else None
     return (x, kept) if keep_prefix else x
 
 

@@ -167,8 +167,8 @@ class TokenizerTask(Task):
     3 x forward, forward = encoder ViT over P + N tokens + decoder ViT over P + N tokens + patch
     embed and pixel head, with a ViT of depth L, width D, MLP F over T tokens
     = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D.  Self-correction doubles the decoder batch and adds the
-    second encoder pass over the N queries only (patch states reused): per layer, q/out
-    projections and MLP on N tokens, k/v projections on P + N, attention N x (P + N)."""
+    second encoder pass over the N queries only (the patches' keys/values reused): per layer,
+    projections and MLP on N tokens, attention N x (P + N)."""
     m = self.model
     b = int(np.shape(batch["image"])[0])
     p_tok, n = (self.image_size // m.patch) ** 2, self.N
@@ -180,7 +180,7 @@ class TokenizerTask(Task):
     dec = vit(m.dec_width, m.dec_depth, m.dec_mlp) + 2 * p_tok * m.dec_width * pix
     if not self.self_correction:
       return float(3 * b * (enc + dec))
-    enc2 = 2 * l * (n * (2 * d * d + 2 * d * f) + t * 2 * d * d) + 4 * l * n * t * d
+    enc2 = 2 * n * l * (4 * d * d + 2 * d * f) + 4 * l * n * t * d
     return float(3 * b * (enc + enc2 + 2 * dec))
 
   def param_groups(self, params):

@@ -198,14 +198,15 @@ class DetailFlowTokenizer(nn.Module):
   # -------------------------------------------------------------------------------------------
   # encoder / bottleneck / decoder
   # -------------------------------------------------------------------------------------------
-  def encode(self, x, queries=None, *, keep_patch_states: bool = False, patch_states=None):
+  def encode(self, x, queries=None, *, keep_patch_kv: bool = False, patch_kv=None):
     """x [B, H, W, C] in [-1, 1] -> pre-bottleneck latents [B, N, in_dim] (fp32).
 
     queries [B or 1, N, enc_width] replaces the learned query table (second pass).
-    keep_patch_states=True also returns every encoder block's input on the patches,
-    [depth, B, P, enc_width]; passing them back as patch_states skips the patches in a later pass.
-    That is exact because the encoder mask lets patches attend to patches only, so their states
-    do not depend on the queries (the reference recomputes them in its second pass)."""
+    keep_patch_kv=True also returns every encoder block's self-attention keys and values on the
+    patches, (k, v) each [depth, B, P, heads, head_dim]; passing them back as patch_kv runs a
+    later pass on the queries only.  That is exact because the encoder mask lets patches attend
+    to patches only, so their states do not depend on the queries (the reference recomputes
+    them in its second pass)."""
     b, h, w, _ = x.shape
     gh, gw = h // self.patch, w // self.patch
     P = gh * gw
@@ -213,19 +214,19 @@ class DetailFlowTokenizer(nn.Module):
     q = (q + self.latent_pos_embed[None]).astype(self.dtype)
     q = jnp.broadcast_to(q, (b,) + q.shape[1:])
     mask = jnp.asarray(encoder_mask(P, self.num_tokens, self.group, self.c, self.causal_encoder))
-    states = None
-    if patch_states is not None:
-      seq = self.encoder(q, mask[P:], kv_prefix=patch_states)
+    kv = None
+    if patch_kv is not None:
+      seq = self.encoder(q, mask[P:], kv_prefix=patch_kv)
     else:
       p = self.patch_embed(patchify(x.astype(self.dtype), self.patch))
       p = p + self.enc_pos(gh, gw)[None].astype(self.dtype)
       seq = self.encoder(jnp.concatenate([p, q], axis=1), mask,
-                         keep_prefix=P if keep_patch_states else 0)
-      if keep_patch_states:
-        seq, states = seq
+                         keep_prefix=P if keep_patch_kv else 0)
+      if keep_patch_kv:
+        seq, kv = seq
       seq = seq[:, P:]
     z = self.quant_proj(self.enc_norm(seq)).astype(jnp.float32)
-    return (z, states) if keep_patch_states else z
+    return (z, kv) if keep_patch_kv else z
 
   def quantize(self, z, *, top_k: int = 0, rng=None, loss_mask=None, train: bool = False,
                noise_window=None):
@@ -277,12 +278,12 @@ class DetailFlowTokenizer(nn.Module):
   # self-correction (reference 1.6)
   # -------------------------------------------------------------------------------------------
   def correct(self, x, clean_idx, noisy_idx, noise_idx, noise_end, *, train: bool = False,
-              patch_states=None):
+              patch_kv=None):
     """Second encoder pass conditioned on the detached perturbed prefix.
 
     Returns (corrected z_q [B, N, d], corrected indices [B, N], bottleneck outputs of the new
-    part, prefix indices).  noise_idx / noise_end: scalars or [B].  patch_states: the first
-    pass's (`encode(keep_patch_states=True)`), to skip recomputing the patches."""
+    part, prefix indices).  noise_idx / noise_end: scalars or [B].  patch_kv: the first pass's
+    patch keys/values (`encode(keep_patch_kv=True)`), to skip recomputing the patches."""
     N = self.num_tokens
     before_idx = _before(noise_idx, N)
     prefix_mask = _before(noise_end, N)
@@ -290,7 +291,7 @@ class DetailFlowTokenizer(nn.Module):
     prefix = jax.lax.stop_gradient(self.lookup(prefix_idx))
     queries = jnp.where(prefix_mask[..., None], self.refine_proj(prefix.astype(self.dtype)),
                         self.refined_tokens[None].astype(self.dtype))
-    z2 = self.encode(x, queries=queries, patch_states=patch_states)
+    z2 = self.encode(x, queries=queries, patch_kv=patch_kv)
     new_mask = jnp.broadcast_to(~prefix_mask, clean_idx.shape)
     q2 = self.quantize(z2, loss_mask=new_mask, train=train)
     zq = jnp.where(prefix_mask[..., None], prefix, q2["z_q"])
@@ -306,7 +307,7 @@ class DetailFlowTokenizer(nn.Module):
     k_top, k_noise = jax.random.split(rng)
     N = self.num_tokens
     do_sc = self_correction and self.is_vq
-    z, patch_states = self.encode(x, keep_patch_states=True) if do_sc else (self.encode(x), None)
+    z, patch_kv = self.encode(x, keep_patch_kv=True) if do_sc else (self.encode(x), None)
     window = None
     if do_sc:   # one perturbed span (<= g tokens) per batch: top-k search on those tokens only
       noise_idx, noise_end = sample_noise_index(k_noise, t, self.group, self.c)
@@ -321,7 +322,7 @@ class DetailFlowTokenizer(nn.Module):
     if not do_sc:
       return out
     zq2, idx2, q2, _ = self.correct(x, q["indices"], q["noisy_indices"], noise_idx, noise_end,
-                                    train=True, patch_states=patch_states)
+                                    train=True, patch_kv=patch_kv)
     sc_on = jnp.asarray(t) > 1
     e = noise_end.astype(jnp.float32)
     w_clean = jnp.where(sc_on, N / (2 * N - e), 1.0)
@@ -344,10 +345,10 @@ class DetailFlowTokenizer(nn.Module):
     keys = jax.random.split(k_noise, b)
     tt = N if t is None else t
     noise_idx, noise_end = jax.vmap(lambda k: sample_noise_index(k, tt, self.group, self.c))(keys)
-    z, patch_states = self.encode(x, keep_patch_states=True)
+    z, patch_kv = self.encode(x, keep_patch_kv=True)
     q = self.quantize(z, top_k=self.top_k, rng=k_top, noise_window=(noise_idx, self.group))
     _, idx2, _, prefix_idx = self.correct(x, q["indices"], q["noisy_indices"], noise_idx,
-                                          noise_end, patch_states=patch_states)
+                                          noise_end, patch_kv=patch_kv)
     clean = q["indices"]
     ar_input = idx2
     ar_label = jnp.where(_before(noise_end, N), clean, idx2)
