@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -279,6 +280,27 @@ def test_extract_codes_and_pipeline_protocol(tmp_path):
     x, y = next(a), next(b)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_extract_codes_refuses_an_existing_file_before_encoding(tmp_path):
+  """An existing codes file is an error before any encoding (not after an epoch of work);
+  overwrite=True replaces it whole."""
+  path, calls = str(tmp_path / "codes.npz"), []
+
+  def encode(images, shift=0):
+    calls.append(len(images))
+    clean = (np.arange(4)[None] + shift + np.zeros((len(images), 1), np.int64)) % 8
+    return clean, clean, clean
+
+  batches = [{"image": np.zeros((2, 1, 1, 1), np.float32), "label": np.array([0, 1])}]
+  kw = dict(vocab_size=8, group_size=2, num_classes=2)
+  codes_lib.extract_codes(encode, batches, path, **kw)
+  with pytest.raises(FileExistsError, match="codes.npz exists: pass --overwrite"):
+    codes_lib.extract_codes(encode, batches, path, **kw)
+  assert calls == [2]
+  codes_lib.extract_codes(lambda im: encode(im, shift=1), batches, path, overwrite=True, **kw)
+  assert codes_lib.load_codes(path)[0]["clean"][0, 0].tolist() == [1, 2, 3, 4]
+  assert sorted(os.listdir(tmp_path)) == ["codes.npz"]
 
 
 # ------------------------------------------------------------------------------------------------

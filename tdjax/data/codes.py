@@ -57,11 +57,16 @@ def _check_codes(name: str, codes: np.ndarray, batch: int, vocab_size: int) -> n
 def extract_codes(encode_fn: EncodeFn, batches: Iterable[Mapping[str, np.ndarray]], path: str, *,
                   vocab_size: int, group_size: int, num_classes: int,
                   views: Callable[[np.ndarray], list] | None = None,
-                  max_batches: int | None = None) -> dict:
+                  max_batches: int | None = None, overwrite: bool = False) -> dict:
   """Encodes every batch ({'image', 'label'}) and writes the codes file; returns its metadata.
 
   The file is written to `path + '.tmp'` and renamed, so a crash never leaves a partial file that
-  a later run would take for finished codes (the reference silently reuses stale codes)."""
+  a later run would take for finished codes (the reference silently reuses stale codes).  An
+  existing `path` is an error before any encoding unless overwrite=True."""
+  from etils import epath
+  if epath.Path(path).exists() and not overwrite:
+    raise FileExistsError(f"codes file {path} exists: pass --overwrite (overwrite=True) to "
+                          f"replace it; nothing was written")
   out = {k: [] for k in CODE_KEYS}
   labels = []
   num_tokens = num_views = None
@@ -121,7 +126,7 @@ def _write_npz(path: str, arrays: dict) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   tmp.write_bytes(buf.getvalue())
-  tmp.rename(p)
+  tmp.replace(p)                  # atomic, and replaces an existing file (overwrite=True)
 
 
 def _write_dir(path: str, arrays: dict, meta: dict) -> None:
@@ -345,7 +350,8 @@ def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
 
 def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = "train",
                          batch_size: int = 64, max_batches: int | None = None,
-                         views: str = "none", seed: int = 0, use_ema: bool = False) -> dict:
+                         views: str = "none", seed: int = 0, use_ema: bool = False,
+                         overwrite: bool = False) -> dict:
   """Restores the latest tokenizer checkpoint of `tokenizer_workdir` and writes the codes of one
   epoch of `split` of its own input pipeline (no augmentation, record order, remainder dropped)
   to `out_path`."""
@@ -362,7 +368,7 @@ def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = 
   return extract_codes(encode, data, out_path, vocab_size=int(model.codebook_size),
                        group_size=int(model.group), num_classes=int(cfg.input.num_classes),
                        views=flip_views if views == "flip" else None,
-                       max_batches=min(limits) if limits else None)
+                       max_batches=min(limits) if limits else None, overwrite=overwrite)
 
 
 def _define_flags():
@@ -376,6 +382,7 @@ def _define_flags():
   flags.DEFINE_enum("views", "none", ["none", "flip"], "Views per image ('flip': image + mirror).")
   flags.DEFINE_integer("seed", 0, "Seed of the self-correction draws.")
   flags.DEFINE_bool("use_ema", False, "Use the tokenizer's EMA weights (reference: non-EMA).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before encoding).")
   flags.mark_flags_as_required(["tokenizer_workdir", "out"])
 
 
@@ -386,7 +393,7 @@ def main(argv):
   f = flags.FLAGS
   meta = extract_from_workdir(f.tokenizer_workdir, f.out, split=f.split, batch_size=f.batch_size,
                               max_batches=f.max_batches, views=f.views, seed=f.seed,
-                              use_ema=f.use_ema)
+                              use_ema=f.use_ema, overwrite=f.overwrite)
   print(json.dumps(meta))
 
 
