@@ -214,7 +214,7 @@ class DetailFlowTokenizer(nn.Module):
     q = (q + self.latent_pos_embed[None]).astype(self.dtype)
     q = jnp.broadcast_to(q, (b,) + q.shape[1:])
     mask = jnp.asarray(encoder_mask(P, self.num_tokens, self.group, self.c, self.causal_encoder))
-    kv = None
+    kv = None   # this pass's patch keys/values, returned with keep_patch_kv
     if patch_kv is not None:
       seq = self.encoder(q, mask[P:], kv_prefix=patch_kv)
     else:
@@ -307,11 +307,12 @@ class DetailFlowTokenizer(nn.Module):
     k_top, k_noise = jax.random.split(rng)
     N = self.num_tokens
     do_sc = self_correction and self.is_vq
-    z, patch_kv = self.encode(x, keep_patch_kv=True) if do_sc else (self.encode(x), None)
-    window = None
     if do_sc:   # one perturbed span (<= g tokens) per batch: top-k search on those tokens only
+      z, patch_kv = self.encode(x, keep_patch_kv=True)
       noise_idx, noise_end = sample_noise_index(k_noise, t, self.group, self.c)
       window = (noise_idx, self.group)
+    else:
+      z, window = self.encode(x), None
     q = self.quantize(z, top_k=self.top_k if do_sc else 0, rng=k_top, train=True,
                       noise_window=window)
     out = dict(z_q=q["z_q"], z_q_sc=None, sc_on=jnp.asarray(False),
