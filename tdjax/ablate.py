@@ -124,7 +124,8 @@ TABLES = {
         "reference detailflow.md 1.9 and 3.2 (the paper's N at 256x256; the rows here use N / 8 "
         "at 32x32)"),
     "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
-        Row(label, generator=g, sample=_TD_SAMPLE, paper=_HEAD_PAPER.get(label, "")) for label, g in (
+        Row(label, generator=g, sample=_TD_SAMPLE, paper=_HEAD_PAPER.get(label, ""))
+        for label, g in (
             ("attention head, cross-attention (TransDiff)", ""),
             ("MLP head, rectified flow", "head=mlp"),
             ("MLP head, DDPM (MAR)", "head=mlp,diffusion=ddpm"),
