@@ -69,7 +69,7 @@ class Table:
 _DF = "reference detailflow.md 3.2"
 _TD = "not in the reference notes (TransDiff's ablation tables were not retrieved)"
 # What the notes do have (transdiff.md 3.1): whole-model ImageNet 256 FID-50K from the official
-# READMEs, 1-step and MRAR (3 references) for TransDiff-B / L / H, and MAR's (MLP head + DDPM)
+# READMEs, for TransDiff-B / L / H (1-step and MRAR with 3 references) and for MAR (MLP head + DDPM)
 _TD_MODELS = ("reference transdiff.md 3.1: whole-model ImageNet 256 FID-50K from the official "
               "READMEs (the paper's ablation tables were not retrieved)")
 _TD_1STEP = "TransDiff-B / L / H 1-step: FID 2.47 / 1.69 / 1.61"

@@ -63,7 +63,7 @@ def test_second_pass_reusing_patch_keys_values_equals_recomputing_them(scan, rem
     return jnp.sum(r1 * z1) + jnp.sum(r2 * z2), (z1, z2, kv)
 
   (l0, (z1, z2, kv)), g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, False),
-                                                          has_aux=True))(v["params"])
+                                                      has_aux=True))(v["params"])
   (l1, (_, z2r, _)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, True),
                                                      has_aux=True))(v["params"])
   assert [a.shape for a in kv] == [(2, 2, 16, 2, 8)] * 2   # [depth, B, patches, heads, hd]
