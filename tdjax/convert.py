@@ -13,6 +13,7 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind siglip2 --input siglip2-so400m-patch16-naflex/model.safetensors \
       --output siglip2.npz [--num_heads 16]
   python -m tdjax.convert --kind teacher --input runs/teacher --output runs/teacher.npz
+  python -m tdjax.convert --kind dino --input dino_deitsmall16_pretrain.pth --output dino_s16.npz
 
 Kinds: `detailflow_tokenizer` (reference detailflow.md 4.3: its "model" entry; the SigLIP2-style
 encoder/decoder blocks as in `tdjax.tokenizers.siglip2`, (1, N, W) query tables squeezed, the
@@ -34,7 +35,10 @@ to decode); `siglip2` (HF `Siglip2VisionModel`, reference detailflow.md 1.2; the
 head dropped) -> the SigLIP2 .npz that the alignment teacher and the tokenizer's encoder
 initialisation read (`tdjax.tokenizers.siglip2`, `tdjax.losses.alignment`); `teacher` (not an
 official file: a `configs/classifier.py:arch=vit` workdir, its EMA or else trained params) -> the
-same layout from its `teacher` tower, a stand-in alignment teacher where no SigLIP2 file exists.
+same layout from its `teacher` tower, a stand-in alignment teacher where no SigLIP2 file exists;
+`dino` (DINO's `dino_deitsmall16_pretrain.pth`, or timm's `vit_small_patch16_224.dino`: the same
+key names; the fused qkv [3C, C] -> [C, 3, H, D], the final `norm` and any `head` dropped) -> the
+backbone .npz of the DINO discriminator (`tdjax.losses.discriminators`, `disc_backbone_weights`).
 
 Input: a PyTorch `.pt` (needs torch: `pip install tdjax[torch]`; read with weights_only=False because
 the reference pickles its argparse Namespace), a `.safetensors` file (needs `pip install
@@ -56,7 +60,7 @@ from tdjax import configlib
 
 FLAGS = flags.FLAGS
 KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips",
-         "siglip2", "teacher")
+         "siglip2", "teacher", "dino")
 
 
 class ConversionError(ValueError):
@@ -71,7 +75,7 @@ def _define_flags():
   flags.DEFINE_string("output", None, "New tdjax workdir to write the checkpoint into.")
   flags.DEFINE_integer("tokens", 128, "detailflow_gpt: token count N (not stored in the weights).")
   flags.DEFINE_integer("num_heads", 0, "detailflow_gpt / transdiff: attention heads (0: from the "
-                       "size tables); siglip2: 0 = 16 (so400m).")
+                       "size tables); siglip2: 0 = 16 (so400m); dino: 0 = 6 (ViT-S).")
   flags.DEFINE_string("tokenizer", "", "detailflow_gpt: tokenizer workdir that decodes samples.")
   flags.DEFINE_string("vae", "", "transdiff: the KL-16 VAE .npz (--kind mar_vae) that decodes.")
   flags.DEFINE_integer("group", 8, "detailflow_tokenizer: group size g (not stored in the weights).")
@@ -509,6 +513,67 @@ def convert_teacher(workdir: str, output: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# DINO ViT-S/16 (the DINO / timm layout) -> the backbone of tdjax.losses.discriminators
+# ------------------------------------------------------------------------------------------------
+
+_DINO_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attn/proj", "mlp.fc1": "mlp/fc1",
+               "mlp.fc2": "mlp/fc2"}
+
+
+def dino_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+  """DINO ViT state dict -> the flat DINO backbone .npz layout (`tdjax.losses.discriminators`):
+  patch conv (C, 3, p, p) -> (p, p, 3, C); qkv.weight [3C, C] -> [C, 3, H, D] and its bias
+  -> [3, H, D] (rows ordered q | k | v, head-major); proj.weight -> [H, D, C]; Linear -> W^T;
+  LayerNorm weight -> scale.  The final `norm` (the discriminator reads blocks, not the output)
+  and any classification `head` are dropped."""
+  flat, errors = {}, []
+  for key, value in sd.items():
+    mod, _, leaf = key.rpartition(".")
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", mod)
+    if key in ("cls_token", "pos_embed"):
+      flat[key] = value
+    elif mod == "patch_embed.proj":
+      flat[f"patch_embed/{'kernel' if leaf == 'weight' else leaf}"] = (
+          value.transpose(2, 3, 1, 0) if leaf == "weight" else value)
+    elif mod in ("norm", "head") or key.startswith("head."):
+      continue
+    elif m and m[2] == "attn.qkv":
+      if value.shape[0] % (3 * num_heads):
+        errors.append(f"{key}: {value.shape[0]} rows are not 3 x {num_heads} heads")
+        continue
+      c = value.shape[0] // 3
+      value = value.reshape(3, num_heads, c // num_heads, *value.shape[1:])
+      flat[f"blocks_{m[1]}/attn/qkv/{'kernel' if leaf == 'weight' else leaf}"] = (
+          value.transpose(3, 0, 1, 2) if leaf == "weight" else value)
+    elif m and m[2] == "attn.proj" and leaf == "weight":
+      if value.shape[1] % num_heads:
+        errors.append(f"{key}: width {value.shape[1]} is not divisible by {num_heads} heads")
+        continue
+      flat[f"blocks_{m[1]}/attn/proj/kernel"] = value.T.reshape(num_heads, -1, value.shape[0])
+    elif m and m[2] in _DINO_BLOCK:
+      path, v = _linear_leaf(f"blocks_{m[1]}/{_DINO_BLOCK[m[2]]}", leaf, value)
+      flat[path] = v
+    else:
+      errors.append(f"unexpected {key} {tuple(value.shape)}")
+  if "blocks_0/attn/qkv/kernel" not in flat or "pos_embed" not in flat:
+    errors.append("no 'blocks.0.attn.qkv' / 'pos_embed' keys: not a DINO ViT state dict")
+  if errors:
+    raise ConversionError("DINO state dict: " + "; ".join(errors))
+  return flat
+
+
+def convert_dino(input_path: str, output: str, *, num_heads: int = 6) -> dict:
+  """Writes the DINO backbone .npz to `output`, atomically; never replaces an existing file."""
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output")
+  from tdjax.losses.weights import save_npz_params
+  flat = dino_params(read_state_dict(input_path), num_heads)
+  _save_atomically(save_npz_params, output, flat)
+  return dict(kind="dino", output=output, params=_count(flat), num_heads=num_heads,
+              blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
+
+
+# ------------------------------------------------------------------------------------------------
 # pytorch-fid InceptionV3 -> tdjax.nn.inception.InceptionV3;  LPIPS (VGG16 + lin heads) -> LPIPS
 # ------------------------------------------------------------------------------------------------
 
@@ -545,7 +610,8 @@ _VGG_NAMES = {i: f"conv{s}_{c}" for i, (s, c) in zip(_VGG_CONVS, [
 
 def lpips_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
   """Params of `tdjax.losses.lpips.LPIPS` from torchvision's VGG16 (`features.N.*`, classifier
-  dropped) or the LPIPS model's own `net.sliceK.N.*`, plus the LPIPS heads `linI.model.1.weight`.
+  dropped) or the LPIPS model's own `net.sliceK.N.*`, plus the LPIPS heads `linI.model.1.weight`
+  (or `lins.I.model.1.weight`, the `lpips` package module's second name for them).
   The fixed scaling layer (`scaling_layer.shift/scale`) must equal tdjax's constants."""
   from tdjax.losses import lpips
   flat, errors = {}, []
@@ -554,8 +620,13 @@ def lpips_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
     if m and int(m[1]) in _VGG_NAMES:
       _, target, v = _torch_leaf(["features", _VGG_NAMES[int(m[1])], m[2]], value)
       flat[tuple(target)] = (key, v)
-    elif re.match(r"^lin\d\.model\.1\.weight$", key):
-      flat[(key.split(".")[0], "kernel")] = (key, value.transpose(2, 3, 1, 0))
+    elif m := re.match(r"^(?:lin(\d)|lins\.(\d))\.model\.1\.weight$", key):
+      # the `lpips` package's module lists its heads twice (lin0..lin4 and the ModuleList
+      # lins.0..4), so a whole module's state_dict has both names for one tensor
+      head = (f"lin{m[1] or m[2]}", "kernel")
+      if head in flat and not np.array_equal(flat[head][1], value.transpose(2, 3, 1, 0)):
+        errors.append(f"{key} differs from {flat[head][0]}, the same LPIPS head")
+      flat[head] = (key, value.transpose(2, 3, 1, 0))
     elif key.startswith("classifier."):
       continue
     elif key in ("scaling_layer.shift", "scaling_layer.scale"):
@@ -781,6 +852,8 @@ def main(argv):
     result = convert_siglip2(FLAGS.input, FLAGS.output, num_heads=FLAGS.num_heads or 16)
   elif FLAGS.kind == "teacher":
     result = convert_teacher(FLAGS.input, FLAGS.output)
+  elif FLAGS.kind == "dino":
+    result = convert_dino(FLAGS.input, FLAGS.output, num_heads=FLAGS.num_heads or 6)
   else:
     result = convert_mar_vae(FLAGS.input, FLAGS.output)
   print(result)

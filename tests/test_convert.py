@@ -283,6 +283,25 @@ def test_lpips_conversion_errors(tmp_path):
     convert.convert_lpips(f"{tmp_path}/vgg.npz,{tmp_path}/vgg.npz", str(tmp_path / "o.npz"))
 
 
+def test_lpips_conversion_of_a_whole_lpips_module_state_dict(tmp_path):
+  """`lpips.LPIPS().state_dict()` in one file: net.sliceK.N, the scaling buffers, and each head
+  twice, as linI and as the ModuleList's lins.I (one tensor, two names)."""
+  from tdjax.losses import lpips
+  vgg, heads = lpips_torch_files(tmp_path, slices=True)
+  sd = {**vgg, **heads, **{f"lins.{k[3:]}": v for k, v in heads.items()},
+        "scaling_layer.shift": np.float32(lpips.SHIFT).reshape(1, 3, 1, 1),
+        "scaling_layer.scale": np.float32(lpips.SCALE).reshape(1, 3, 1, 1)}
+  np.savez(str(tmp_path / "module.npz"), **sd)
+  out = str(tmp_path / "lpips.npz")
+  info = convert.convert_lpips(str(tmp_path / "module.npz"), out)
+  assert info["params"] == sum(v.size for v in {**vgg, **heads}.values())
+  sd["lins.3.model.1.weight"] = sd["lins.3.model.1.weight"] + 1
+  np.savez(str(tmp_path / "module.npz"), **sd)
+  with pytest.raises(convert.ConversionError,
+                     match="lins.3.model.1.weight differs from lin3.model.1.weight"):
+    convert.convert_lpips(str(tmp_path / "module.npz"), str(tmp_path / "o.npz"))
+
+
 def _perturbed(params, seed=0):
   """Every leaf + distinct noise: initial values (LayerNorm 1 / 0, zero biases) would hide swaps."""
   leaves, tree = jax.tree.flatten(params)
@@ -515,6 +534,63 @@ def test_siglip2_conversion_matches_hf_linears_and_loads_as_the_teacher(tmp_path
   msg = conversion_error(tmp_path, {"vision_model.post_layernorm.weight": np.ones(8)},
                          convert.convert_siglip2, str(tmp_path / "o.npz"))
   assert "not a SigLIP2 vision tower" in msg
+
+
+def dino_state_dict(c=32, heads=2, depth=2, patch=16, grid=2, seed=0):
+  """A tiny DINO ViT state dict (the DINO release's / timm's key names), random weights."""
+  rng = np.random.default_rng(seed)
+  n = lambda *s: rng.normal(size=s).astype(np.float32)
+  sd = {"cls_token": n(1, 1, c), "pos_embed": n(1, 1 + grid * grid, c),
+        "patch_embed.proj.weight": n(c, 3, patch, patch), "patch_embed.proj.bias": n(c),
+        "norm.weight": n(c), "norm.bias": n(c)}
+  for i in range(depth):
+    p = f"blocks.{i}."
+    for name, shape in (("norm1", (c,)), ("norm2", (c,)), ("attn.qkv", (3 * c, c)),
+                        ("attn.proj", (c, c)), ("mlp.fc1", (4 * c, c)), ("mlp.fc2", (c, 4 * c))):
+      sd[p + name + ".weight"], sd[p + name + ".bias"] = n(*shape), n(shape[0])
+  return sd
+
+
+def test_dino_conversion_puts_qkv_heads_in_place_and_loads_as_the_backbone(tmp_path):
+  """DINO's fused qkv rows are [q | k | v], each head-major: q of head h = x W[hD:(h+1)D]^T + b
+  must equal the converted [C, 3, H, D] kernel's (:, 0, h); the file loads strictly as the DINO
+  discriminator's backbone; the final norm is dropped."""
+  from tdjax.losses import discriminators as D
+  c, h = 32, 2
+  sd = dino_state_dict(c=c, heads=h)
+  np.savez(str(tmp_path / "dino.npz"), **sd)
+  out_path = str(tmp_path / "backbone.npz")
+  info = convert.convert_dino(str(tmp_path / "dino.npz"), out_path, num_heads=h)
+  assert info["blocks"] == 2
+  with np.load(out_path) as f:
+    out = {k: f[k] for k in f.files}
+  assert not any(k.startswith("norm") for k in out)
+  x = np.random.default_rng(1).normal(size=(3, c))
+  w, b = sd["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.bias"]
+  for part in range(3):                                   # q, k, v
+    for head in range(h):
+      rows = slice(part * c + head * (c // h), part * c + (head + 1) * (c // h))
+      want = x @ w[rows].T + b[rows]
+      got = x @ out["blocks_1/attn/qkv/kernel"][:, part, head] + out["blocks_1/attn/qkv/bias"][part, head]
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  o_in = np.random.default_rng(2).normal(size=(3, h, c // h))
+  o_hf = o_in.reshape(3, c) @ sd["blocks.0.attn.proj.weight"].T
+  o = np.einsum("bhd,hdc->bc", o_in, out["blocks_0/attn/proj/kernel"])
+  np.testing.assert_allclose(o, o_hf, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["patch_embed/kernel"],
+                                sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+  disc = D.DinoDiscriminator(embed_dim=c, num_heads=h, key_depths=(0, 1), img_size=32)
+  D.load_dino_backbone(out_path, disc, strict=True)
+  with pytest.raises(convert.ConversionError, match="exists"):
+    convert.convert_dino(str(tmp_path / "dino.npz"), out_path, num_heads=h)
+  bad = dict(sd, **{"blocks.0.attn.extra.weight": np.zeros((2,), np.float32)})
+  msg = conversion_error(tmp_path, bad, convert.convert_dino, str(tmp_path / "o.npz"), num_heads=5)
+  assert "unexpected blocks.0.attn.extra.weight (2,)" in msg
+  assert "blocks.0.attn.qkv.weight: 96 rows are not 3 x 5 heads" in msg
+  assert not os.path.exists(str(tmp_path / "o.npz"))
+  msg = conversion_error(tmp_path, {"norm.weight": np.ones(8)}, convert.convert_dino,
+                         str(tmp_path / "o.npz"))
+  assert "not a DINO ViT state dict" in msg
 
 
 def test_teacher_from_a_vit_classifier_run(tmp_path):

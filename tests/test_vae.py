@@ -25,6 +25,24 @@ def test_kl16_latent_shapes():
   assert shapes["decoder"]["up_4_block_2"]["conv2"]["kernel"].shape == (3, 3, 512, 512)
 
 
+def test_encoder_attention_sits_at_the_nominal_resolution_for_any_input_size():
+  """As in the reference, attention follows `resolution` / 2^i, not the input: a 512 px image
+  through KL-16 uses the attention blocks of level 4 like a 256 px one (here a small config: nominal
+  16 px, attention at 8, inputs of 16 and 32 px)."""
+  cfg = kv.VAEConfig(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                     resolution=16)
+  m = kv.AutoencoderKL(cfg)
+  x16, x32 = jnp.zeros((1, 16, 16, 3)), jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  params = m.init(jax.random.key(0), x16)["params"]
+  assert sorted(k for k in params["encoder"] if "attn" in k) == ["down_1_attn_0"]
+  assert jax.tree.structure(m.init(jax.random.key(0), x32)["params"]) == jax.tree.structure(params)
+  encode = lambda p: m.apply({"params": p}, x32, method=m.encode)[0]
+  moved = jax.tree.map(lambda a: a, params)
+  moved["encoder"]["down_1_attn_0"]["proj_out"]["kernel"] = (
+      params["encoder"]["down_1_attn_0"]["proj_out"]["kernel"] + 0.5)
+  assert float(jnp.abs(encode(moved) - encode(params)).max()) > 1e-3   # the block is used at 32 px
+
+
 def test_downsample_pads_bottom_right_only():
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
 

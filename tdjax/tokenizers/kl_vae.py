@@ -7,8 +7,9 @@
 
 Encoder: conv_in 3x3; per level i: `num_res_blocks` ResnetBlocks (GroupNorm(32, eps 1e-6), swish,
 3x3 convs, 1x1 `nin_shortcut` when the width changes) with an AttnBlock after each block when the
-level's resolution is in `attn_resolutions`; between levels the downsample pads (0, 1) on the bottom
-and right and applies a 3x3 stride-2 VALID conv (the asymmetric padding of the reference);
+level's nominal resolution (`resolution` / 2^i, whatever the input size) is in `attn_resolutions`;
+between levels the downsample pads (0, 1) on the bottom and right and applies a 3x3 stride-2 VALID
+conv (the asymmetric padding of the reference);
 middle ResnetBlock / AttnBlock / ResnetBlock; GroupNorm, swish, conv_out 3x3 to 2 C (double z).
 Decoder: conv_in 3x3, the same middle, levels from coarse to fine with `num_res_blocks + 1`
 ResnetBlocks (no level attention for KL-16) and nearest x2 upsampling + 3x3 conv; GroupNorm, swish,
@@ -108,7 +109,10 @@ class Encoder(nn.Module):
   def __call__(self, x):
     c = self.cfg
     h = _conv(c.ch, 3, "conv_in")(x)
-    res = x.shape[1]
+    # The reference places attention by the *nominal* resolution (`resolution`, 256 for KL-16),
+    # not the input's: MAR / TransDiff encode 512 px images with the same attention blocks (at the
+    # last level), which counting from the input's own size would skip.
+    res = c.resolution
     for i, mult in enumerate(c.ch_mult):
       for j in range(c.num_res_blocks):
         h = ResnetBlock(c.ch * mult, name=f"down_{i}_block_{j}")(h)

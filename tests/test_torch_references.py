@@ -1,0 +1,202 @@
+"""The converters and the frozen networks against the reference PyTorch code itself: pytorch-fid's
+InceptionV3, the `lpips` package (LPIPS-VGG) and HF transformers' `Siglip2VisionModel`.
+
+No official weights are needed: each reference module is built with random weights (the `lpips`
+package's own v0.1 linear heads, which ship inside it, are real), its `state_dict()` goes through
+`tdjax.convert` exactly as an official file would, and the two forward passes must agree.  So the key
+names, the layouts and the forward pass are checked against the real modules, not against a layout
+written down by hand.  The tests skip unless torch and the reference packages import:
+
+    pip install torch torchvision lpips pytorch-fid transformers
+    python -m pytest tests/test_torch_references.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdjax import convert
+from tdjax.losses import alignment, lpips
+from tdjax.losses.weights import expected_params, save_npz_params
+from tdjax.nn import inception
+
+torch = pytest.importorskip("torch")
+
+from test_inception import torch_state_dict  # noqa: E402  (pytorch-fid's key names, random values)
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _state_dict(module):
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def test_lpips_vgg_matches_the_lpips_package():
+  """`convert --kind lpips` on the LPIPS module's own state dict (net.sliceK.N, linI.model.1,
+  scaling_layer buffers) -> tdjax's LPIPS gives the package's distances."""
+  ref_lpips = pytest.importorskip("lpips")
+  torch.manual_seed(0)
+  ref = ref_lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()   # random VGG16
+  sd = _state_dict(ref)
+  assert "lin4.model.1.weight" in sd and "net.slice5.28.weight" in sd
+  x = np.zeros((1, lpips.MIN_SIZE, lpips.MIN_SIZE, 3), np.float32)
+  params = convert.lpips_params(sd, expected_params(lpips.LPIPS(), x, x))
+  rng = np.random.default_rng(0)
+  a = rng.uniform(-1, 1, (3, 48, 64, 3)).astype(np.float32)
+  b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+  b[2] = rng.uniform(-1, 1, b[2].shape)                       # one pair far apart
+  with torch.no_grad():
+    want = ref(_nchw(a), _nchw(b)).numpy().reshape(-1)
+  got = np.asarray(lpips.LPIPS().apply({"params": params}, a, b))
+  assert want[2] > 1.5 * want[0]                               # the distances tell pairs apart
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_inception_matches_pytorch_fid(monkeypatch):
+  """pytorch-fid's FID InceptionV3 loads the tdjax-layout state dict strictly (every key and shape
+  of the real module), and pool_3, logits and ADM's spatial features agree with tdjax's."""
+  pf = pytest.importorskip("pytorch_fid.inception")
+  sd = torch_state_dict(seed=1)
+  monkeypatch.setattr(pf, "load_state_dict_from_url",
+                      lambda *a, **k: {n: torch.from_numpy(v) for n, v in sd.items()})
+  pool_net = pf.InceptionV3([3]).eval()        # resize to 299 (bilinear), [0, 1] -> [-1, 1]
+  full = pf.fid_inception_v3().eval()          # the same weights, up to the 1008 logits
+  spatial = {}
+  full.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: spatial.update(x=o))
+  variables = convert.inception_variables(sd, inception.expected_variables())
+  rng = np.random.default_rng(0)
+  x01 = rng.uniform(0, 1, (2, 64, 48, 3)).astype(np.float32)
+  x299 = rng.uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
+  with torch.no_grad():
+    pool_ref = pool_net(_nchw(x01))[0].numpy().reshape(2, -1)
+    logits_ref = full(_nchw(x299)).numpy()
+  spatial_ref = spatial["x"].numpy()[:, :7].transpose(0, 2, 3, 1).reshape(2, -1)
+  apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
+  _, pool, _ = apply(variables, 2 * x01 - 1)
+  logits, _, spat = apply(variables, x299)
+  assert np.std(pool_ref[0] - pool_ref[1]) > 1e-2              # features depend on the image
+  np.testing.assert_allclose(np.asarray(pool), pool_ref, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits), logits_ref, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(spat), spatial_ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 32), (8, 12)])
+def test_siglip2_teacher_matches_hf_siglip2_vision_model(tmp_path, size):
+  """`convert --kind siglip2` on a random HF `Siglip2VisionModel` (NaFlex) -> the alignment
+  teacher's features equal HF's last_hidden_state, at the position table's own grid (4 x 4) and at
+  grids it is resized to (up: 6 x 8, down: 2 x 3; bilinear with antialiasing as HF does)."""
+  transformers = pytest.importorskip("transformers")
+  w, heads, mlp, patch, grid = 32, 4, 48, 4, 4
+  cfg = transformers.Siglip2VisionConfig(hidden_size=w, intermediate_size=mlp, num_hidden_layers=2,
+                                         num_attention_heads=heads, patch_size=patch,
+                                         num_patches=grid * grid)
+  torch.manual_seed(0)
+  ref = transformers.Siglip2VisionModel(cfg).eval()
+  with torch.no_grad():               # LayerNorms and biases away from their 1 / 0 initial values
+    for p in ref.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  sd = _state_dict(ref)
+  flat = convert.siglip2_params(sd, heads)
+  path = str(tmp_path / "siglip2.npz")
+  save_npz_params(path, flat)
+  teacher = alignment.ViTTeacher(**alignment.teacher_shape(path))
+  assert (teacher.width, teacher.num_heads, teacher.pos_grid) == (w, heads, grid)
+  params = alignment.load_teacher_params(path, teacher)
+  h, wd = size
+  gh, gw = h // patch, wd // patch
+  x = np.random.default_rng(0).uniform(-1, 1, (2, h, wd, 3)).astype(np.float32)
+  # the HF processor's NaFlex patches: (py, px, c) flattened per patch, row-major patch order
+  patches = x.reshape(2, gh, patch, gw, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, gh * gw, -1)
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(patches),
+               pixel_attention_mask=torch.ones(2, gh * gw, dtype=torch.int32),
+               spatial_shapes=torch.tensor([[gh, gw]] * 2)).last_hidden_state.numpy()
+  got = np.asarray(alignment.teacher_features(teacher, params, jnp.asarray(x)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_kl16_vae_matches_the_ldm_encoder_decoder(size):
+  """`convert --kind mar_vae` on a random KL-16 built from taming-transformers' Encoder / Decoder
+  (LDM's and so MAR's `models/vae.py` are copies of them: same names, attention, resampling,
+  GroupNorm) plus MAR's two 1x1 convs -> tdjax's posterior moments and decoding agree.  Inputs
+  smaller than the nominal 256 px, as at 512 px, keep the encoder attention where the reference
+  puts it: at the level whose *nominal* resolution is 16."""
+  tm = pytest.importorskip("taming.modules.diffusionmodules.model")
+  from tdjax.tokenizers import kl_vae
+  c = kl_vae.KL16
+  common = dict(ch=c.ch, out_ch=c.in_channels, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks,
+                in_channels=c.in_channels, resolution=c.resolution, z_channels=c.embed_dim)
+
+  class MarKL(torch.nn.Module):       # MAR's AutoencoderKL: encoder, decoder, the two 1x1 convs
+    def __init__(self):
+      super().__init__()
+      self.encoder = tm.Encoder(attn_resolutions=c.attn_resolutions, double_z=True, **common)
+      self.decoder = tm.Decoder(attn_resolutions=(), **common)
+      self.quant_conv = torch.nn.Conv2d(2 * c.embed_dim, 2 * c.embed_dim, 1)
+      self.post_quant_conv = torch.nn.Conv2d(c.embed_dim, c.embed_dim, 1)
+
+  torch.manual_seed(0)
+  ref = MarKL().eval()
+  with torch.no_grad():               # GroupNorm affine and biases away from their 1 / 0 values
+    for p in ref.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  vae = kl_vae.AutoencoderKL(c)
+  x0 = np.zeros((1, c.resolution, c.resolution, c.in_channels), np.float32)
+  params = convert.mar_vae_params(_state_dict(ref),
+                                  jax.eval_shape(lambda: vae.init(jax.random.key(0), x0)["params"]))
+  x = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, size // 16, size // 16, c.embed_dim))
+  z = z.astype(np.float32)
+  with torch.no_grad():
+    moments = ref.quant_conv(ref.encoder(_nchw(x))).numpy().transpose(0, 2, 3, 1)
+    decoded = ref.decoder(ref.post_quant_conv(_nchw(z))).numpy().transpose(0, 2, 3, 1)
+  mean, logvar = vae.apply({"params": params}, x, method=kl_vae.AutoencoderKL.encode)
+  got = np.concatenate([mean, logvar], -1)
+  np.testing.assert_allclose(got, np.clip(moments, *[[-np.inf] * 16 + [-30] * 16,
+                                                     [np.inf] * 16 + [20] * 16]),
+                             rtol=1e-3, atol=1e-3 * np.abs(moments).max())
+  out = vae.apply({"params": params}, z, method=kl_vae.AutoencoderKL.decode)
+  np.testing.assert_allclose(np.asarray(out), decoded, rtol=1e-3, atol=1e-3 * np.abs(decoded).max())
+
+
+def test_dino_backbone_matches_timm_vit_small(tmp_path):
+  """`convert --kind dino` on a random timm ViT-S/16 (the DINO release's key names) -> the DINO
+  discriminator's backbone readouts (patch + cls tokens after the embedding and after blocks
+  2, 5, 8, 11) equal timm's, with exact GELU as DINO was trained.  timm keeps its key biases; the
+  reference zeroes them and tdjax does not, which must not matter (softmax ignores q . b_k)."""
+  timm = pytest.importorskip("timm")
+  from tdjax.losses import discriminators as D
+  torch.manual_seed(0)
+  ref = timm.models.vision_transformer.VisionTransformer(
+      img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=0).eval()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  sd = _state_dict(ref)
+  assert "blocks.11.attn.qkv.weight" in sd and "norm.weight" in sd
+  torch.save(ref.state_dict(), str(tmp_path / "dino.pth"))
+  info = convert.convert_dino(str(tmp_path / "dino.pth"), str(tmp_path / "dino.npz"))
+  assert info["blocks"] == 12
+  disc = D.DinoDiscriminator(gelu_approximate=False)
+  backbone = D.load_dino_backbone(str(tmp_path / "dino.npz"), disc)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+  normalised = ((x + 1) / 2 - np.float32(D.IMAGENET_MEAN)) / np.float32(D.IMAGENET_STD)
+  outs = []
+  with torch.no_grad():
+    for blk in ref.blocks:
+      blk.attn.qkv.bias[384:768] = 0.0                     # the reference's zeroed key bias
+    t = ref._pos_embed(ref.patch_embed(_nchw(normalised)))
+    outs.append(t)
+    for i, blk in enumerate(ref.blocks):
+      t = blk(t)
+      if i in (2, 5, 8, 11):
+        outs.append(t)
+  want = [(o[:, 1:] + o[:, :1]).numpy() for o in outs]
+  got = disc.backbone_module().apply({"params": backbone}, jnp.asarray(x))
+  assert len(got) == len(want) == 5
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
