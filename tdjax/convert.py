@@ -485,12 +485,17 @@ def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np
 
 def convert_siglip2(input_path: str, output: str, *, num_heads: int = 16) -> dict:
   """Writes the SigLIP2 .npz to `output`, atomically; never replaces an existing file."""
+  return _convert_vit("siglip2", siglip2_params, input_path, output, num_heads)
+
+
+def _convert_vit(kind: str, params_fn, input_path: str, output: str, num_heads: int) -> dict:
+  """A ViT state dict -> the flat .npz that `params_fn` lays out ('/'-joined keys as they are)."""
   if os.path.exists(output):
     raise ConversionError(f"{output} exists; choose a new --output")
   from tdjax.losses.weights import save_npz_params
-  flat = siglip2_params(read_state_dict(input_path), num_heads)
-  _save_atomically(save_npz_params, output, flat)    # '/'-joined keys are kept as they are
-  return dict(kind="siglip2", output=output, params=_count(flat), num_heads=num_heads,
+  flat = params_fn(read_state_dict(input_path), num_heads)
+  _save_atomically(save_npz_params, output, flat)
+  return dict(kind=kind, output=output, params=_count(flat), num_heads=num_heads,
               blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
 
 
@@ -564,13 +569,7 @@ def dino_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.nd
 
 def convert_dino(input_path: str, output: str, *, num_heads: int = 6) -> dict:
   """Writes the DINO backbone .npz to `output`, atomically; never replaces an existing file."""
-  if os.path.exists(output):
-    raise ConversionError(f"{output} exists; choose a new --output")
-  from tdjax.losses.weights import save_npz_params
-  flat = dino_params(read_state_dict(input_path), num_heads)
-  _save_atomically(save_npz_params, output, flat)
-  return dict(kind="dino", output=output, params=_count(flat), num_heads=num_heads,
-              blocks=len({k.split("/")[0] for k in flat if k.startswith("blocks_")}))
+  return _convert_vit("dino", dino_params, input_path, output, num_heads)
 
 
 # ------------------------------------------------------------------------------------------------
