@@ -200,3 +200,27 @@ def test_dino_backbone_matches_timm_vit_small(tmp_path):
   assert len(got) == len(want) == 5
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("src,dst", [((32, 32), (7, 7)), ((256, 192), (24, 40)), ((5, 9), (16, 23)),
+                                     ((16, 16), (224, 224)), ((300, 260), (224, 224))])
+def test_resizers_match_torch_interpolate(src, dst):
+  """DetailFlow's degraded targets (area down, bicubic up) and the DINO disc's resize are
+  F.interpolate(mode='area' / 'bicubic', align_corners=False), at integer and odd ratios.  Torch
+  runs in float64 here: in float32 its bicubic computes the source positions in float32, which
+  moves its own downscaled outputs by up to ~1e-4 (tdjax's weights are exact, float64-built)."""
+  import torch.nn.functional as F
+  from tdjax.losses.discriminators import resize_torch
+  from tdjax.tokenizers import resolution
+  x = np.random.default_rng(0).normal(size=(2, *src, 3)).astype(np.float32)
+  t = _nchw(x).double()
+  for mode, ours in (("area", resolution.area_resize), ("bicubic", resolution.bicubic_resize)):
+    want = F.interpolate(t, size=dst, mode=mode, **({} if mode == "area" else
+                                                    {"align_corners": False}))
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), dst)),
+                               want.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  mode = "area" if src[0] > dst[0] else "bicubic"          # the reference picks by the height
+  want = F.interpolate(t, size=dst, mode=mode, **({} if mode == "area" else
+                                                  {"align_corners": False}))
+  np.testing.assert_allclose(np.asarray(resize_torch(jnp.asarray(x), dst)),
+                             want.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)

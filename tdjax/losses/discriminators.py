@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdjax.losses.weights import expected_params, frozen, load_npz_params
+from tdjax.tokenizers import resolution
 from tdjax.nn.attention import HeadProjection
 
 _lp = nn.with_logical_partitioning
@@ -205,35 +206,6 @@ def spectral_sigma(kernel) -> jax.Array:
 # PyTorch-exact resizing (F.interpolate 'area' and 'bicubic', align_corners=False)
 # ------------------------------------------------------------------------------------------------
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] averaging weights of adaptive average pooling (= torch 'area')."""
-  m = np.zeros((n_out, n_in), np.float32)
-  for i in range(n_out):
-    lo = (i * n_in) // n_out
-    hi = -((-(i + 1) * n_in) // n_out)  # ceil
-    m[i, lo:hi] = 1.0 / (hi - lo)
-  return m
-
-
-def _cubic(t, a):
-  t = np.abs(t)
-  return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                  np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
-
-
-def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-  """[n_out, n_in] weights of torch's bicubic (Keys a=-0.75, half-pixel centres, edge clamp)."""
-  m = np.zeros((n_out, n_in), np.float64)
-  scale = n_in / n_out
-  for i in range(n_out):
-    src = (i + 0.5) * scale - 0.5  # torch does not clamp src at 0 for cubic
-    i0 = int(np.floor(src))
-    t = src - i0
-    for k, w in zip(range(i0 - 1, i0 + 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]), a)):
-      m[i, min(max(k, 0), n_in - 1)] += w
-  return m.astype(np.float32)
-
-
 def resize_torch(x, size: tuple[int, int]):
   """NHWC resize as the reference DINO disc does it: F.interpolate 'area' when downscaling,
   'bicubic' (A = -0.75) otherwise, chosen per axis by comparing the height (as the reference)."""
@@ -241,9 +213,8 @@ def resize_torch(x, size: tuple[int, int]):
   oh, ow = size
   if (h, w) == (oh, ow):
     return x
-  mk = _area_matrix if h > oh else _bicubic_matrix
-  my, mx = jnp.asarray(mk(h, oh)), jnp.asarray(mk(w, ow))
-  return jnp.einsum("yh,bhwc,xw->byxc", my, x, mx, precision=jax.lax.Precision.HIGHEST)
+  mk = resolution.area_matrix if h > oh else resolution.bicubic_matrix
+  return resolution.apply_separable(x, mk(h, oh), mk(w, ow))
 
 
 def _resize(x, size, method: str):
