@@ -224,3 +224,25 @@ def test_resizers_match_torch_interpolate(src, dst):
                                                   {"align_corners": False}))
   np.testing.assert_allclose(np.asarray(resize_torch(jnp.asarray(x), dst)),
                              want.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_fid_psnr_ssim_match_pytorch_fid_and_scikit_image():
+  """Fréchet distance = pytorch-fid's `calculate_frechet_distance`; PSNR / SSIM = scikit-image's
+  with the Wang et al. settings (Gaussian window, sigma 1.5, population covariances)."""
+  fid_score = pytest.importorskip("pytorch_fid.fid_score")
+  metrics = pytest.importorskip("skimage.metrics")
+  from tdjax import evaluation
+  rng = np.random.default_rng(0)
+  f1 = rng.normal(size=(500, 64))
+  f2 = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2
+  stats = evaluation.feature_statistics(f1) + evaluation.feature_statistics(f2)
+  np.testing.assert_allclose(evaluation.frechet_distance(*stats),
+                             fid_score.calculate_frechet_distance(*stats), rtol=1e-9)
+  a = rng.uniform(0, 1, (3, 32, 40, 3))
+  b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+  ssim = [metrics.structural_similarity(x, y, gaussian_weights=True, sigma=1.5, data_range=1.0,
+                                        use_sample_covariance=False, channel_axis=-1)
+          for x, y in zip(a, b)]
+  np.testing.assert_allclose(evaluation.ssim(a, b), ssim, rtol=1e-9)
+  psnr = [metrics.peak_signal_noise_ratio(x, y, data_range=1.0) for x, y in zip(a, b)]
+  np.testing.assert_allclose(evaluation.psnr(a, b), psnr, rtol=1e-9)
