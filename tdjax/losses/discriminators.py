@@ -73,8 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdjax.losses.weights import expected_params, frozen, load_npz_params
-from tdjax.tokenizers import resolution
 from tdjax.nn.attention import HeadProjection
+from tdjax.tokenizers import resolution
 
 _lp = nn.with_logical_partitioning
 
