@@ -24,7 +24,13 @@ def test_cosine_alpha_bar_closed_form():
 def test_respacing_keeps_alpha_bar_at_the_kept_steps():
   keep = ddpm.space_timesteps(1000, 100)
   assert len(keep) == 100 and keep[0] == 0 and keep[-1] == 999
-  assert keep[1] == round(999 / 99)
+  assert keep[1] == round(999 / 99) and keep[6] == 61          # round(60.55), not its floor
+  for steps in (25, 50, 100, 250):     # iDDPM: round a running sum of (T - 1) / (S - 1) strides
+    cur, want = 0.0, []
+    for _ in range(steps):
+      want.append(round(cur))
+      cur += 999 / (steps - 1)
+    np.testing.assert_array_equal(ddpm.space_timesteps(1000, steps), want)
   full, sp = ddpm.Schedule.make(1000), ddpm.Schedule.make(1000, 100)
   np.testing.assert_allclose(sp.alphas_cumprod, full.alphas_cumprod[keep], rtol=1e-9)
   np.testing.assert_array_equal(sp.timesteps, keep)

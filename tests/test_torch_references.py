@@ -246,3 +246,38 @@ def test_fid_psnr_ssim_match_pytorch_fid_and_scikit_image():
   np.testing.assert_allclose(evaluation.ssim(a, b), ssim, rtol=1e-9)
   psnr = [metrics.peak_signal_noise_ratio(x, y, data_range=1.0) for x, y in zip(a, b)]
   np.testing.assert_allclose(evaluation.psnr(a, b), psnr, rtol=1e-9)
+
+
+@pytest.mark.parametrize("steps", [50, 100])
+def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(monkeypatch, steps):
+  """MAR's DDPM head sampler: the cosine schedule respaced to S steps (iDDPM `space_timesteps`),
+  learned-range variance, x0 clipped, ancestral noise -> the same chain as diffusers'
+  DDPMScheduler (squaredcos_cap_v2, learned_range, the same kept timesteps), given the same
+  model and the same noise draws.  (diffusers has no iDDPM respacing: it is handed tdjax's kept
+  timesteps; `tests/test_ddpm.py` checks those against iDDPM's rule.)"""
+  sched_mod = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
+  from tdjax.diffusion import ddpm
+  s = ddpm.Schedule.make(1000, steps)
+  ref = sched_mod.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                variance_type="learned_range", clip_sample=True,
+                                prediction_type="epsilon")
+  ref.set_timesteps(timesteps=[int(t) for t in s.timesteps[::-1]])
+  c = 4
+  w = np.random.default_rng(0).normal(size=(c, 2 * c)).astype(np.float32)
+
+  def model(x, t):                     # a fixed smooth "network": eps and v in [-1, 1]
+    return np.tanh(x @ w + np.asarray(t, np.float32)[:, None] / 1000.0)
+
+  rng = jax.random.key(3)
+  noise = np.asarray(jax.random.normal(jax.random.key(4), (5, c)))
+  got = ddpm.p_sample_loop(s, lambda x, t: jnp.tanh(x @ w + t[:, None] / 1000.0), jnp.asarray(noise),
+                           rng, clip_denoised=True)
+  draws = iter([np.asarray(jax.random.normal(jax.random.fold_in(rng, i), (5, c)))
+                for i in reversed(range(steps))])
+  monkeypatch.setattr(sched_mod, "randn_tensor", lambda *a, **k: torch.from_numpy(next(draws)))
+  x = torch.from_numpy(noise)
+  for t in ref.timesteps:
+    out = torch.from_numpy(model(x.numpy(), np.full((5,), int(t))))
+    x = ref.step(out, int(t), x).prev_sample
+  assert np.std(np.asarray(got)) > 0.1
+  np.testing.assert_allclose(np.asarray(got), x.numpy(), rtol=1e-4, atol=1e-4)
