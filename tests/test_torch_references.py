@@ -248,6 +248,17 @@ def test_fid_psnr_ssim_match_pytorch_fid_and_scikit_image():
   np.testing.assert_allclose(evaluation.psnr(a, b), psnr, rtol=1e-9)
 
 
+def test_inception_score_matches_torch_fidelity():
+  """ADM's IS (splits of 5,000, the mean of per-split exp(E KL)) = torch-fidelity's with as many
+  splits, unshuffled."""
+  isc = pytest.importorskip("torch_fidelity.metric_isc")
+  from tdjax import evaluation
+  logits = np.random.default_rng(0).normal(size=(1500, 1008)) * 3
+  want = isc.isc_features_to_metric(torch.from_numpy(logits), splits=3, shuffle=False)
+  np.testing.assert_allclose(evaluation.inception_score(logits, split_size=500),
+                             want["inception_score_mean"], rtol=1e-9)
+
+
 @pytest.mark.parametrize("steps", [50, 100])
 def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(monkeypatch, steps):
   """MAR's DDPM head sampler: the cosine schedule respaced to S steps (iDDPM `space_timesteps`),
