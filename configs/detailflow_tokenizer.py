@@ -123,7 +123,7 @@ def get_config(arg=None):
       lpips_weights="",            # LPIPS-VGG .npz (tdjax.losses.lpips layout)
       lpips_kwargs={},             # LPIPS module fields (tests: tiny widths)
       adv_weight=a.adv, adv_start=40000 if a.size == "full" else 0, disc=a.disc,
-      disc_kwargs={}, disc_backbone_weights="",  # DINO ViT-S/16 .npz for disc='dino'
+      disc_kwargs={}, disc_backbone_weights="",  # disc='dino': tdjax.convert --kind dino's .npz
       disc_input_size=0 if a.size == "full" else 64,  # 0 = as decoded; else resized for D
       diffaug_policy="color,translation,cutout_0.2", diffaug_prob=0.5,
       lecam_weight=0.001, lecam_decay=0.999,

@@ -94,10 +94,11 @@ class TokenizerTask(Task):
       raise FileNotFoundError(f"config.model.encoder_init: SigLIP2 weights file not found: {enc!r}")
     if self.use_lpips and not l.get("lpips_weights"):
       raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_weights "
-                       "(an LPIPS-VGG .npz file)")
+                       "(an LPIPS-VGG .npz file: python -m tdjax.convert --kind lpips)")
     if self.use_adv and l.get("disc", "patchgan") == "dino" and not l.get("disc_backbone_weights"):
       raise ValueError("config.loss.adv_weight > 0 with disc='dino' needs "
-                       "config.loss.disc_backbone_weights (a DINO ViT-S/16 .npz file)")
+                       "config.loss.disc_backbone_weights (a DINO ViT-S/16 .npz file: "
+                       "python -m tdjax.convert --kind dino)")
     if self.use_align:
       if not int(m.get("align_dim", 0)):
         raise ValueError("config.loss.align_weight > 0 needs config.model.align_dim > 0")
