@@ -1,13 +1,17 @@
-"""The converters and the frozen networks against the reference PyTorch code itself: pytorch-fid's
-InceptionV3, the `lpips` package (LPIPS-VGG) and HF transformers' `Siglip2VisionModel`.
+"""tdjax against the reference PyTorch code itself: pytorch-fid's InceptionV3, the `lpips` package,
+HF transformers' `Siglip2VisionModel`, timm's ViT-S/16 (DINO's layout), taming-transformers'
+Encoder / Decoder (MAR's KL-16 VAE), torch's `F.interpolate`, diffusers' `DDPMScheduler`, and the
+metrics of pytorch-fid, torch-fidelity and scikit-image.
 
 No official weights are needed: each reference module is built with random weights (the `lpips`
 package's own v0.1 linear heads, which ship inside it, are real), its `state_dict()` goes through
 `tdjax.convert` exactly as an official file would, and the two forward passes must agree.  So the key
 names, the layouts and the forward pass are checked against the real modules, not against a layout
-written down by hand.  The tests skip unless torch and the reference packages import:
+written down by hand.  The file skips unless torch imports (CI has no torch), each test unless its
+reference package does:
 
-    pip install torch torchvision lpips pytorch-fid transformers
+    pip install torch torchvision lpips pytorch-fid transformers timm scikit-image diffusers torch-fidelity
+    pip install --no-deps taming-transformers
     python -m pytest tests/test_torch_references.py
 """
 
