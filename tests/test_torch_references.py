@@ -1,7 +1,8 @@
 """tdjax against the reference PyTorch code itself: pytorch-fid's InceptionV3, the `lpips` package,
 HF transformers' `Siglip2VisionModel`, timm's ViT-S/16 (DINO's layout), taming-transformers'
-Encoder / Decoder (MAR's KL-16 VAE), torch's `F.interpolate`, diffusers' `DDPMScheduler`, and the
-metrics of pytorch-fid, torch-fidelity and scikit-image.
+Encoder / Decoder (MAR's KL-16 VAE), HF's `LlamaDecoderLayer` (the GPT block), torch's
+`F.interpolate`, diffusers' `DDPMScheduler`, and the metrics of pytorch-fid, torch-fidelity and
+scikit-image.
 
 No official weights are needed: each reference module is built with random weights (the `lpips`
 package's own v0.1 linear heads, which ship inside it, are real), its `state_dict()` goes through
@@ -296,3 +297,55 @@ def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(monkeypatch, steps):
     x = ref.step(out, int(t), x).prev_sample
   assert np.std(np.asarray(got)) > 0.1
   np.testing.assert_allclose(np.asarray(got), x.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_block_matches_hf_llama_decoder_layer():
+  """DetailFlow's GPT block (LlamaGen: RMSNorm eps 1e-5, interleaved-pair RoPE, SwiGLU, no biases)
+  from `convert --kind detailflow_gpt`'s mapping of a LlamaGen layer (fused wqkv, wo, w1 / w3 / w2,
+  attention_norm / ffn_norm) equals HF's `LlamaDecoderLayer` under a causal mask at positions
+  0..L-1 (1D RoPE, base 10000), once HF's q / k rows are taken back from its half-split rotary
+  basis to the interleaved one (the inverse of HF's Llama conversion `permute`)."""
+  transformers = pytest.importorskip("transformers")
+  from transformers.models.llama import modeling_llama as ml
+  from tdjax.nn.layers import TransformerBlock, llama_block_kwargs
+  from tdjax.nn.rope import rope_1d
+  dim, heads, mlp, length = 64, 4, 176, 10
+  hd = dim // heads
+  cfg = transformers.LlamaConfig(hidden_size=dim, intermediate_size=mlp, num_attention_heads=heads,
+                                 num_key_value_heads=heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                 attention_bias=False, mlp_bias=False)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  layer = ml.LlamaDecoderLayer(cfg, layer_idx=0).eval()
+  with torch.no_grad():
+    for p in layer.parameters():
+      p.normal_(0, 0.1) if p.ndim == 2 else p.add_(0.2 * torch.randn_like(p))
+  hf = _state_dict(layer)
+  interleaved = lambda w: w.reshape(heads, 2, hd // 2, dim).transpose(0, 2, 1, 3).reshape(dim, dim)
+  v, n = 11, 3                  # the embeddings a LlamaGen state dict must carry (unused here)
+  sd = {"tok_embeddings.weight": np.zeros((v, dim), np.float32), "norm.weight": np.ones(dim),
+        "cls_embedding.embedding_table.weight": np.zeros((n, dim), np.float32),
+        "spe_tok_embeddings.special_embeddings.weight": np.zeros((1, dim), np.float32),
+        "output.weight": np.zeros((v, dim), np.float32),
+        "layers.0.attention.wqkv.weight": np.concatenate(
+            [interleaved(hf["self_attn.q_proj.weight"]), interleaved(hf["self_attn.k_proj.weight"]),
+             hf["self_attn.v_proj.weight"]]),
+        "layers.0.attention.wo.weight": hf["self_attn.o_proj.weight"],
+        "layers.0.feed_forward.w1.weight": hf["mlp.gate_proj.weight"],
+        "layers.0.feed_forward.w3.weight": hf["mlp.up_proj.weight"],
+        "layers.0.feed_forward.w2.weight": hf["mlp.down_proj.weight"],
+        "layers.0.attention_norm.weight": hf["input_layernorm.weight"],
+        "layers.0.ffn_norm.weight": hf["post_attention_layernorm.weight"]}
+  block = convert.detailflow_gpt_params(sd, 1, heads)["transformer"]["blocks_0"]["block"]
+  x = np.random.default_rng(0).normal(size=(2, length, dim)).astype(np.float32)
+  pos = torch.arange(length)[None]
+  causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+  with torch.no_grad():
+    cos_sin = ml.LlamaRotaryEmbedding(cfg)(torch.from_numpy(x), pos)
+    want = layer(torch.from_numpy(x), attention_mask=causal, position_ids=pos,
+                 position_embeddings=cos_sin)
+  want = (want[0] if isinstance(want, tuple) else want).numpy()
+  got = TransformerBlock(**llama_block_kwargs(heads, mlp)).apply(
+      {"params": block}, jnp.asarray(x), mask=np.tril(np.ones((length, length), bool)),
+      rope=rope_1d(np.arange(length), hd))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
