@@ -1,7 +1,7 @@
 """tdjax against the reference PyTorch code itself: pytorch-fid's InceptionV3, the `lpips` package,
 HF transformers' `Siglip2VisionModel`, timm's ViT-S/16 (DINO's layout), taming-transformers'
 Encoder / Decoder (MAR's KL-16 VAE), HF's `LlamaDecoderLayer` (the GPT block), torch's
-`F.interpolate`, diffusers' `DDPMScheduler`, and the metrics of pytorch-fid, torch-fidelity and
+`F.interpolate` and `spectral_norm`, diffusers' `DDPMScheduler`, and the metrics of pytorch-fid, torch-fidelity and
 scikit-image.
 
 No official weights are needed: each reference module is built with random weights (the `lpips`
@@ -349,3 +349,38 @@ def test_gpt_block_matches_hf_llama_decoder_layer():
       {"params": block}, jnp.asarray(x), mask=np.tril(np.ones((length, length), bool)),
       rope=rope_1d(np.arange(length), hd))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_spectral_conv1d_matches_torch_spectral_norm():
+  """The DINO disc heads' SNConv1d: torch `spectral_norm(Conv1d(k=9, circular padding))` (dim 0,
+  one power iteration per train-mode call, eps 1e-12) -> the same outputs and power-iteration
+  vectors over three training calls, then an eval call that leaves them be.  tdjax's [k, C_in,
+  C_out] kernel views W with its columns in (k, C_in) order, torch's in (C_in, k): v is permuted."""
+  from tdjax.losses.discriminators import SpectralConv1d
+  cin, cout, k, length = 6, 5, 9, 12
+  torch.manual_seed(0)
+  ref = torch.nn.utils.spectral_norm(
+      torch.nn.Conv1d(cin, cout, k, padding=k // 2, padding_mode="circular"))
+  w = ref.weight_orig.detach().numpy()                                  # [out, in, k]
+  to_tdjax_v = lambda v: v.reshape(cin, k).T.reshape(-1)
+  variables = {"params": {"kernel": w.transpose(2, 1, 0), "bias": ref.bias.detach().numpy()},
+               "spectral": {"u": ref.weight_u.numpy().copy(),
+                            "v": to_tdjax_v(ref.weight_v.numpy())}}
+  m = SpectralConv1d(cout, k)
+  x = np.random.default_rng(0).normal(size=(3, length, cin)).astype(np.float32)
+  ref.train()
+  for _ in range(3):
+    with torch.no_grad():
+      want = ref(torch.from_numpy(x.transpose(0, 2, 1).copy())).numpy().transpose(0, 2, 1)
+    got, state = m.apply(variables, jnp.asarray(x), update_stats=True, mutable=["spectral"])
+    variables = {**variables, **state}
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(variables["spectral"]["u"]), ref.weight_u.numpy(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(variables["spectral"]["v"]),
+                               to_tdjax_v(ref.weight_v.numpy()), rtol=1e-4, atol=1e-6)
+  ref.eval()
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x.transpose(0, 2, 1).copy())).numpy().transpose(0, 2, 1)
+  got = m.apply(variables, jnp.asarray(x), update_stats=False)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
