@@ -1,6 +1,6 @@
 """tdjax against the reference PyTorch code itself: pytorch-fid's InceptionV3, the `lpips` package,
 HF transformers' `Siglip2VisionModel`, timm's ViT-S/16 (DINO's layout), taming-transformers'
-Encoder / Decoder (MAR's KL-16 VAE), HF's `LlamaDecoderLayer` (the GPT block), torch's
+Encoder / Decoder (MAR's KL-16 VAE) and NLayerDiscriminator (PatchGAN), HF's `LlamaDecoderLayer` (the GPT block), torch's
 `F.interpolate` and `spectral_norm`, diffusers' `DDPMScheduler`, and the metrics of pytorch-fid, torch-fidelity and
 scikit-image.
 
@@ -36,7 +36,8 @@ def _nchw(x):
 
 
 def _state_dict(module):
-  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+  """Copies: a plain .numpy() shares memory with buffers that torch updates in place."""
+  return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def test_lpips_vgg_matches_the_lpips_package():
@@ -384,3 +385,36 @@ def test_spectral_conv1d_matches_torch_spectral_norm():
     want = ref(torch.from_numpy(x.transpose(0, 2, 1).copy())).numpy().transpose(0, 2, 1)
   got = m.apply(variables, jnp.asarray(x), update_stats=False)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_patchgan_matches_taming_nlayer_discriminator():
+  """tdjax's PatchGAN = taming-transformers' NLayerDiscriminator (the VQGAN disc) in train mode
+  (batch statistics, as the tokenizer always calls D): same logits for the same weights, and the
+  same running means.  (Running variances differ: torch updates them with the unbiased batch
+  variance, flax with the biased one; D never runs in eval mode here, so they are unused.)"""
+  disc_mod = pytest.importorskip("taming.modules.discriminator.model")
+  from tdjax.losses.discriminators import PatchGAN
+  torch.manual_seed(0)
+  ref = disc_mod.NLayerDiscriminator(input_nc=3, ndf=8, n_layers=3).train()
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  sd = _state_dict(ref)
+  conv = lambda i: {"kernel": sd[f"main.{i}.weight"].transpose(2, 3, 1, 0),
+                    **({"bias": sd[f"main.{i}.bias"]} if f"main.{i}.bias" in sd else {})}
+  bn = lambda i: {"scale": sd[f"main.{i}.weight"], "bias": sd[f"main.{i}.bias"]}
+  params = {"conv0": conv(0), "conv1": conv(2), "conv2": conv(5), "conv3": conv(8),
+            "conv_out": conv(11), "norm1": bn(3), "norm2": bn(6), "norm3": bn(9)}
+  stats = {f"norm{n}": {"mean": sd[f"main.{i}.running_mean"], "var": sd[f"main.{i}.running_var"]}
+           for n, i in ((1, 3), (2, 6), (3, 9))}
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(_nchw(x)).numpy().transpose(0, 2, 3, 1)
+  got, new = PatchGAN(ndf=8, n_layers=3).apply({"params": params, "batch_stats": stats},
+                                                jnp.asarray(x), train=True, mutable=["batch_stats"])
+  assert want.shape == (4, 6, 6, 1)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  for n, i in ((1, 3), (2, 6), (3, 9)):
+    np.testing.assert_allclose(np.asarray(new["batch_stats"][f"norm{n}"]["mean"]),
+                               ref.state_dict()[f"main.{i}.running_mean"].numpy(), rtol=1e-4,
+                               atol=1e-6)
