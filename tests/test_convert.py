@@ -571,7 +571,8 @@ def test_dino_conversion_puts_qkv_heads_in_place_and_loads_as_the_backbone(tmp_p
     for head in range(h):
       rows = slice(part * c + head * (c // h), part * c + (head + 1) * (c // h))
       want = x @ w[rows].T + b[rows]
-      got = x @ out["blocks_1/attn/qkv/kernel"][:, part, head] + out["blocks_1/attn/qkv/bias"][part, head]
+      got = (x @ out["blocks_1/attn/qkv/kernel"][:, part, head]
+             + out["blocks_1/attn/qkv/bias"][part, head])
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   o_in = np.random.default_rng(2).normal(size=(3, h, c // h))
   o_hf = o_in.reshape(3, c) @ sd["blocks.0.attn.proj.weight"].T

@@ -1,17 +1,18 @@
 """tdjax against the reference PyTorch code itself: pytorch-fid's InceptionV3, the `lpips` package,
-HF transformers' `Siglip2VisionModel`, timm's ViT-S/16 (DINO's layout), taming-transformers'
-Encoder / Decoder (MAR's KL-16 VAE) and NLayerDiscriminator (PatchGAN), HF's `LlamaDecoderLayer` (the GPT block), torch's
-`F.interpolate` and `spectral_norm`, diffusers' `DDPMScheduler`, and the metrics of pytorch-fid, torch-fidelity and
-scikit-image.
+HF transformers' `Siglip2VisionModel` and `LlamaDecoderLayer` (the GPT block), timm's ViT-S/16
+(DINO's layout), taming-transformers' Encoder / Decoder (MAR's KL-16 VAE) and NLayerDiscriminator
+(PatchGAN), torch's `F.interpolate` and `spectral_norm`, diffusers' `DDPMScheduler`, and the
+metrics of pytorch-fid, torch-fidelity and scikit-image.
 
 No official weights are needed: each reference module is built with random weights (the `lpips`
 package's own v0.1 linear heads, which ship inside it, are real), its `state_dict()` goes through
-`tdjax.convert` exactly as an official file would, and the two forward passes must agree.  So the key
-names, the layouts and the forward pass are checked against the real modules, not against a layout
-written down by hand.  The file skips unless torch imports (CI has no torch), each test unless its
+`tdjax.convert` exactly as an official file would, and the two forward passes must agree.  So the
+key names, the layouts and the forward pass are checked against the real modules, not against a
+layout written down by hand.  The file skips unless torch imports (CI has no torch), each test unless its
 reference package does:
 
-    pip install torch torchvision lpips pytorch-fid transformers timm scikit-image diffusers torch-fidelity
+    pip install torch torchvision lpips pytorch-fid transformers timm scikit-image diffusers \
+        torch-fidelity
     pip install --no-deps taming-transformers
     python -m pytest tests/test_torch_references.py
 """
@@ -115,7 +116,8 @@ def test_siglip2_teacher_matches_hf_siglip2_vision_model(tmp_path, size):
   gh, gw = h // patch, wd // patch
   x = np.random.default_rng(0).uniform(-1, 1, (2, h, wd, 3)).astype(np.float32)
   # the HF processor's NaFlex patches: (py, px, c) flattened per patch, row-major patch order
-  patches = x.reshape(2, gh, patch, gw, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, gh * gw, -1)
+  patches = x.reshape(2, gh, patch, gw, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+  patches = patches.reshape(2, gh * gw, -1)
   with torch.no_grad():
     want = ref(pixel_values=torch.from_numpy(patches),
                pixel_attention_mask=torch.ones(2, gh * gw, dtype=torch.int32),
@@ -287,8 +289,8 @@ def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(monkeypatch, steps):
 
   rng = jax.random.key(3)
   noise = np.asarray(jax.random.normal(jax.random.key(4), (5, c)))
-  got = ddpm.p_sample_loop(s, lambda x, t: jnp.tanh(x @ w + t[:, None] / 1000.0), jnp.asarray(noise),
-                           rng, clip_denoised=True)
+  got = ddpm.p_sample_loop(s, lambda x, t: jnp.tanh(x @ w + t[:, None] / 1000.0),
+                           jnp.asarray(noise), rng, clip_denoised=True)
   draws = iter([np.asarray(jax.random.normal(jax.random.fold_in(rng, i), (5, c)))
                 for i in reversed(range(steps))])
   monkeypatch.setattr(sched_mod, "randn_tensor", lambda *a, **k: torch.from_numpy(next(draws)))
