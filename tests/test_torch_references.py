@@ -420,3 +420,32 @@ def test_patchgan_matches_taming_nlayer_discriminator():
     np.testing.assert_allclose(np.asarray(new["batch_stats"][f"norm{n}"]["mean"]),
                                ref.state_dict()[f"main.{i}.running_mean"].numpy(), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_detailflow_tokenizer_visual_model_keys_are_hf_siglip2s():
+  """The DetailFlow checkpoint layout the tokenizer converter reads (tests/test_convert.py's
+  `tokenizer_state_dict`) names and shapes its `visual_model` tensors exactly as HF's
+  `Siglip2VisionModel(...).vision_model` does, with the reference's edits: the pooling head
+  replaced by Identity on both sides, and the decoder's patch embedding too."""
+  transformers = pytest.importorskip("transformers")
+  from flax import linen as nn
+  from test_convert import tokenizer_state_dict
+  from tdjax.tokenizers import detailflow as df
+  m = df.DetailFlowTokenizer(image_size=32, channels=3, patch=8, num_tokens=8, group=4,
+                             enc_width=144, enc_depth=2, enc_heads=2, enc_mlp=32, dec_width=128,
+                             dec_depth=2, dec_heads=2, dec_mlp=48, codebook_size=32, code_dim=4)
+  params = nn.unbox(m.init({"params": jax.random.key(0), "noise": jax.random.key(1)},
+                           jnp.zeros((1, 32, 32, 3)))["params"])
+  sd = tokenizer_state_dict(params, 8, 2, 2)
+  for side, width, mlp in (("encoder", 144, 32), ("decoder", 128, 48)):
+    cfg = transformers.Siglip2VisionConfig(hidden_size=width, intermediate_size=mlp,
+                                           num_hidden_layers=2, num_attention_heads=2,
+                                           patch_size=8, num_patches=16)
+    vm = transformers.Siglip2VisionModel(cfg)
+    vm = getattr(vm, "vision_model", vm)        # transformers >= 5 has no vision_model wrapper
+    vm.head = torch.nn.Identity()
+    if side == "decoder":
+      vm.embeddings.patch_embedding = torch.nn.Identity()
+    want = {f"{side}.visual_model.{k}": tuple(v.shape) for k, v in vm.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(f"{side}.visual_model.")}
+    assert got == want
