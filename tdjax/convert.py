@@ -540,7 +540,7 @@ def dino_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.nd
     elif mod == "patch_embed.proj":
       flat[f"patch_embed/{'kernel' if leaf == 'weight' else leaf}"] = (
           value.transpose(2, 3, 1, 0) if leaf == "weight" else value)
-    elif mod in ("norm", "head") or key.startswith("head."):
+    elif mod == "norm" or key.startswith("head."):
       continue
     elif m and m[2] == "attn.qkv":
       if value.shape[0] % (3 * num_heads):
@@ -622,10 +622,10 @@ def lpips_params(sd: Mapping[str, np.ndarray], expected: Mapping) -> dict:
     elif m := re.match(r"^(?:lin(\d)|lins\.(\d))\.model\.1\.weight$", key):
       # the `lpips` package's module lists its heads twice (lin0..lin4 and the ModuleList
       # lins.0..4), so a whole module's state_dict has both names for one tensor
-      head = (f"lin{m[1] or m[2]}", "kernel")
-      if head in flat and not np.array_equal(flat[head][1], value.transpose(2, 3, 1, 0)):
+      head, kernel = (f"lin{m[1] or m[2]}", "kernel"), value.transpose(2, 3, 1, 0)
+      if head in flat and not np.array_equal(flat[head][1], kernel):
         errors.append(f"{key} differs from {flat[head][0]}, the same LPIPS head")
-      flat[head] = (key, value.transpose(2, 3, 1, 0))
+      flat[head] = (key, kernel)
     elif key.startswith("classifier."):
       continue
     elif key in ("scaling_layer.shift", "scaling_layer.scale"):
