@@ -1,0 +1,287 @@
+"""tdjax against the model code of the reference repositories themselves (ByteFlow-AI/DetailFlow,
+TransDiff/TransDiff), imported from a checkout at test time; nothing of theirs is copied here.
+
+The reference repositories are not packages, so these tests import their files from checkouts
+named by an environment variable and skip without it (and without torch), as in CI:
+
+    git clone https://github.com/ByteFlow-AI/DetailFlow   $REFS/DetailFlow
+    git clone https://github.com/TransDiff/TransDiff      $REFS/TransDiff
+    pip install torch timm ruamel.yaml transformers       # what their model files import
+    TDJAX_REFERENCE_REPOS=$REFS python -m pytest tests/test_reference_repos.py
+
+Each reference module is built at a tiny size with random weights, its `state_dict()` goes through
+`tdjax.convert` as an official checkpoint would, and the outputs must agree: the layout (class /
+code / placeholder positions), the 2D RoPE table, the group-causal mask and the samplers are then
+the reference's own, not a reading of them.
+"""
+
+import importlib
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdjax import convert
+from tdjax.generators import next_detail as nd
+
+torch = pytest.importorskip("torch")
+REFS = os.environ.get("TDJAX_REFERENCE_REPOS", "")
+if not REFS:
+  pytest.skip("TDJAX_REFERENCE_REPOS (a folder with DetailFlow/ and TransDiff/ checkouts) is not "
+              "set", allow_module_level=True)
+
+
+def reference_module(repo: str, module: str):
+  """Imports `module` from the checkout $TDJAX_REFERENCE_REPOS/`repo` (skips if it is absent)."""
+  root = os.path.join(REFS, repo)
+  if not os.path.isdir(root):
+    pytest.skip(f"{root}: no checkout of the reference repository {repo}")
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  return importlib.import_module(module)
+
+
+def randomize(module, seed: int, scale: float = 0.3):
+  """Every parameter ~ N(0, scale^2), norm weights ~ 1 + N(0, scale^2); eval mode."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = scale * torch.randn(p.shape, generator=g)
+      p.copy_(1.0 + noise if "norm" in name and p.ndim == 1 else noise)
+  return module.eval()
+
+
+def state_dict(module):
+  return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow's GPT (autoregressive/models/gpt.py, generate.py)
+# ------------------------------------------------------------------------------------------------
+
+N, G, V, C = 16, 4, 64, 10          # tokens, group, vocabulary, classes
+GPT = dict(dim=64, n_layer=2, n_head=4, multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def gpt_pair():
+  """(reference Transformer, tdjax NextDetailTransformer, its params) with the same weights."""
+  gpt = reference_module("DetailFlow", "autoregressive.models.gpt")
+  args = gpt.ModelArgs(**GPT, vocab_size=V, num_classes=C, block_size=N, group_size=G,
+                       cls_token_num=1, token_dropout_p=0.0, resid_dropout_p=0.0,
+                       ffn_dropout_p=0.0, class_dropout_prob=0.1)
+  torch.manual_seed(0)
+  ref = randomize(gpt.Transformer(args), seed=1)
+  sd = state_dict(ref)
+  dims = convert.gpt_dims(sd)
+  assert (dims["group_size"], dims["num_classes"], dims["vocab_size"]) == (G, C, V)
+  model = nd.NextDetailTransformer(vocab_size=V, num_tokens=N, group_size=G, num_classes=C,
+                                   dim=GPT["dim"], depth=GPT["n_layer"], num_heads=GPT["n_head"],
+                                   mlp_dim=dims["mlp_dim"], class_dropout=0.0, token_dropout=0.0,
+                                   dropout=0.0, scan=False)
+  expected = jax.eval_shape(lambda: __import__("flax").linen.unbox(
+      nd.init_params(model, jax.random.key(0))))
+  params = convert.detailflow_gpt_params(sd, GPT["n_layer"], GPT["n_head"], expected)
+  return ref, model, params
+
+
+def test_gpt_teacher_forced_logits_match_detailflow(gpt_pair):
+  """The training forward: [cls, z_0..z_{g-1}, spe_0..spe_{g-2}, z_g..z_{N-g-1}] under the
+  reference's group-causal mask and 2D RoPE -> logits of all N positions."""
+  ref, model, params = gpt_pair
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, V, (3, N))
+  labels = np.array([0, 7, C])                       # C = the null class
+  with torch.no_grad():
+    want, _ = ref(torch.from_numpy(codes[:, :N - G]), torch.from_numpy(labels),
+                  basic_group_inference=True)
+  ids = nd.layout_ids(jnp.asarray(nd.next_detail_inputs(codes, G)), N, G)
+  got = model.apply({"params": params}, ids, jnp.asarray(labels))
+  assert got.shape == tuple(want.shape) == (3, N, V)
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_prefixes_match_detailflow(gpt_pair):
+  """Shorter inputs, as the reference sampler feeds them (1 + k codes, then whole groups with the
+  placeholders): the same logits on every position both compute."""
+  ref, model, params = gpt_pair
+  codes = np.random.default_rng(1).integers(0, V, (2, N))
+  labels = np.array([3, 4])
+  full = model.apply({"params": params},
+                     nd.layout_ids(jnp.asarray(codes[:, :N - G]), N, G), jnp.asarray(labels))
+  for k in (0, 1, G - 1, G, 2 * G, 3 * G):
+    with torch.no_grad():
+      want, _ = ref(torch.from_numpy(codes[:, :k]) if k else None, torch.from_numpy(labels),
+                    torch.arange(1), basic_group_inference=True)
+    q = want.shape[1]
+    np.testing.assert_allclose(np.asarray(full[:, :q]), want.numpy(), rtol=1e-4, atol=1e-4,
+                               err_msg=f"{k} codes in")
+
+
+@pytest.mark.parametrize("cfg", [1.5, 3.0])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_group_parallel_sampling_matches_detailflow(gpt_pair, cfg, use_cache):
+  """`generate_group_par` (first g codes one at a time, then g per step from the last g positions,
+  constant CFG on logits) with argmax picks = tdjax's sampler with top_k = 1, cached or not."""
+  ref, model, params = gpt_pair
+  generate = reference_module("DetailFlow", "autoregressive.models.generate")
+  labels = np.array([0, 1, 5, 9])
+  with torch.no_grad():
+    want = generate.generate_group_par(ref, torch.from_numpy(labels), N, cfg_scale=cfg,
+                                       sample_logits=False, temperature=1.0, top_k=0, top_p=1.0)
+  got = nd.sample(model, params, jnp.asarray(labels), jax.random.key(0), cfg=cfg, top_k=1,
+                  use_cache=use_cache)
+  np.testing.assert_array_equal(np.asarray(got), want.numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow's resolution schedule (modelling/detail_token.py)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R,N,g,patch", [(256, 128, 8, 16), (256, 64, 4, 16), (512, 256, 8, 16),
+                                         (32, 32, 4, 4)])
+def test_prefix_resolutions_match_resolution_degradation(R, N, g, patch):
+  """R(t) and the decoder resolution of every prefix length t training can draw: the reference's
+  `token2res` / `token2dec_out_res` tables (alpha = 1.5, min decoder resolution = the patch)."""
+  from tdjax.tokenizers import resolution
+  dt = reference_module("DetailFlow", "modelling.detail_token")
+  ref = dt.ResolutionDegradation(R, N, g, None, 1.5, enc_patch_size=patch, dec_patch_size=patch,
+                                 min_dec_res=patch)
+  plan = resolution.PrefixPlan(N, g, R, patch, alpha=1.5, degrade_p=0.2)
+  assert sorted(ref.token2res) == plan.ts[:-1] + ([N] if N not in plan.ts[:-1] else [])
+  assert {t: resolution.resolution_for_prefix(t, N, R) for t in ref.token2res} == ref.token2res
+  assert {t: plan.dec_of[t] for t in ref.token2res} == ref.token2dec_out_res
+
+
+def test_degraded_targets_match_resize_imgs():
+  """The target of prefix t: area down to R(t), bicubic up to the decoder resolution, as the
+  reference's `get_input_output_img` resizes (tdjax in float32, torch in float64)."""
+  from tdjax.tokenizers import resolution
+  dt = reference_module("DetailFlow", "modelling.detail_token")
+  R, N, g, patch = 64, 32, 4, 8
+  ref = dt.ResolutionDegradation(R, N, g, None, 1.5, enc_patch_size=patch, dec_patch_size=patch,
+                                 min_dec_res=patch)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, R, R, 3)).astype(np.float32)
+  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64))
+  for t in sorted(ref.token2res)[:-1]:
+    tgt, dec = ref.token2res[t], ref.token2dec_out_res[t]
+    want = dt.resize_imgs(dt.resize_imgs(x_t, (tgt, tgt)), (dec, dec)).numpy().transpose(0, 2, 3, 1)
+    got = resolution.degraded_target(x, t, N, patch)
+    assert got.shape == want.shape, t
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"t={t}")
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow's tokenizer (modelling/tokenizer.py, modules/siglip2_vit.py, quantizers/vq.py)
+# ------------------------------------------------------------------------------------------------
+
+TOK = dict(image=32, patch=8, tokens=8, group=2, codebook=64, code_dim=4)
+ENC, DEC = dict(layer_num=2, embed_dim=48, num_heads=4), dict(layer_num=2, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_pair(tmp_path_factory):
+  """(reference VQModel, tdjax DetailFlowTokenizer, its params) with the same random weights, the reference built
+  as its tokenizer configs build it (causal encoder, bidirectional decoder, l2-normalised codebook,
+  self-correction projection) at a tiny size, converted by `convert --kind detailflow_tokenizer`."""
+  from unittest import mock
+  transformers = pytest.importorskip("transformers")
+  if not (4, 49) <= tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 54):
+    pytest.skip(f"DetailFlow's siglip2_vit.py needs transformers 4.49-4.53 (SigLIP2, and its encoder "
+                f"layers return tuples there), this is {transformers.__version__}")
+  from transformers import Siglip2VisionConfig
+  from tdjax import trainer
+  tmp = tmp_path_factory.mktemp("detailflow_tokenizer")
+  # The reference reads the SigLIP2 config (not weights, when pretrained=False) from
+  # $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex: a tiny one with a 4 x 4 position table.
+  Siglip2VisionConfig(patch_size=TOK["patch"], num_patches=(TOK["image"] // TOK["patch"]) ** 2,
+                      num_channels=3).save_pretrained(tmp / "siglip2-so400m-patch16-naflex")
+  tok = reference_module("DetailFlow", "modelling.tokenizer")
+  vit = reference_module("DetailFlow", "modelling.modules.siglip2_vit")
+  common = dict(pretrained=False, num_latent_tokens=TOK["tokens"], patch_size=TOK["patch"],
+                group_size=TOK["group"], causal_num=None)
+  args = tok.ModelArgs(image_size=TOK["image"], max_image_size=TOK["image"],
+                       codebook_size=TOK["codebook"], codebook_embed_dim=TOK["code_dim"],
+                       num_latent_tokens=TOK["tokens"], group_size=TOK["group"],
+                       enc_type="siglip2", dec_type="siglip2", causal_encoder=True,
+                       causal_decoder=False, correction_training=True)
+  with mock.patch.dict(os.environ, {"CACHE_DATA_PATH": str(tmp)}), \
+      mock.patch.object(tok, "build_encoder", lambda **_: vit.SiglipEncoder(
+          causal_mode=True, **common, **ENC)), \
+      mock.patch.object(tok, "build_decoder", lambda **_: vit.SiglipDecoder(
+          causal_mode=False, max_image_size=TOK["image"], repa_layer=None, **common, **DEC)):
+    torch.manual_seed(0)
+    ref = randomize(tok.VQModel(args), seed=2)
+  path = str(tmp / "tokenizer.pt")
+  torch.save({"model": ref.state_dict()}, path)
+  info = convert.convert_detailflow_tokenizer(path, str(tmp / "converted"), group=TOK["group"],
+                                              enc_heads=ENC["num_heads"],
+                                              dec_heads=DEC["num_heads"])
+  assert (info["image_size"], info["patch"], info["num_tokens"]) == (32, 8, 8)
+  _, task, state = trainer.load_for_inference(str(tmp / "converted"))
+  model = task.model.clone(dtype=jnp.float32)     # the paper-size config computes in bfloat16
+  return ref, model, state["params"]["gen"]
+
+
+def _images(b=3, seed=0):
+  x = np.random.default_rng(seed).uniform(-1, 1, (b, TOK["image"], TOK["image"], 3))
+  return x.astype(np.float32), torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))
+
+
+def test_tokenizer_encoder_and_codes_match_detailflow(tokenizer_pair):
+  """Patches + N queries through the causal SigLIP2 encoder (group-causal queries that see the
+  patches, patches that do not see the queries) -> quant_conv latents, and their nearest codes in
+  the l2-normalised codebook."""
+  ref, m, gen = tokenizer_pair
+  x, x_t = _images()
+  with torch.no_grad():
+    want_z = ref.quant_conv(ref.encoder(x_t).latent_token)
+    want_q, _, info = ref.encode(x_t)
+  z = m.apply({"params": gen}, jnp.asarray(x), method="encode")
+  np.testing.assert_allclose(np.asarray(z), want_z.numpy(), rtol=1e-4, atol=1e-4)
+  q = m.apply({"params": gen}, z, method="quantize")
+  np.testing.assert_array_equal(np.asarray(q["indices"]).reshape(-1), info[2].numpy())
+  np.testing.assert_allclose(np.asarray(q["z_q"]), want_q.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,res", [(8, 32), (8, 24), (4, 16), (2, 8), (1, 8)])
+def test_tokenizer_prefix_decoding_matches_detailflow(tokenizer_pair, t, res):
+  """decode(z[:, :t], res): mask-token patches at the resized (antialiased bilinear) position table
+  + the first t latents, bidirectional decoder, to_pixel, unpatchify; also tdjax's masked form
+  (all N latents, those at >= t masked out)."""
+  ref, m, gen = tokenizer_pair
+  _, x_t = _images(seed=1)
+  with torch.no_grad():
+    quant, _, _ = ref.encode(x_t)
+    want = ref.decode(quant, t, res).pixel_value.numpy().transpose(0, 2, 3, 1)
+  zq = jnp.asarray(quant.numpy())
+  got = m.apply({"params": gen}, zq[:, :t], res, method="decode")
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  masked = m.apply({"params": gen}, zq, res, t, method="decode")
+  np.testing.assert_allclose(np.asarray(masked), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("noise_idx", [0, 1, 2, 4])
+def test_self_correction_pass_matches_detailflow(tokenizer_pair, noise_idx):
+  """`encode_image(noise_idx=i)`: clean codes, one token (inside the causal first group) or one
+  group perturbed to a random top-50 neighbour, the detached prefix fed back through refine_conv
+  as queries of a second encoder pass (refined_tokens after it), the rest re-quantised.  tdjax's
+  `correct` with the reference's own perturbed codes gives its input and label codes."""
+  ref, m, gen = tokenizer_pair
+  _, x_t = _images(seed=2)
+  torch.manual_seed(noise_idx)
+  with torch.no_grad():
+    _, _, info = ref.encode_image(x_t, noise_idx=noise_idx)
+  clean, ar_input, ar_label = info[2].numpy().reshape(x_t.shape[0], TOK["tokens"], 3) \
+      .transpose(2, 0, 1)
+  end = noise_idx + (1 if noise_idx < TOK["group"] else TOK["group"])
+  assert (ar_input[:, noise_idx:end] != clean[:, noise_idx:end]).any()   # really perturbed
+  x = jnp.asarray(x_t.numpy().transpose(0, 2, 3, 1))
+  _, idx, _, _ = m.apply({"params": gen}, x, jnp.asarray(clean), jnp.asarray(ar_input),
+                         noise_idx, end, method="correct")
+  np.testing.assert_array_equal(np.asarray(idx), ar_input)
+  label = np.where(np.arange(TOK["tokens"]) < end, clean, np.asarray(idx))
+  np.testing.assert_array_equal(label, ar_label)
