@@ -285,3 +285,72 @@ def test_self_correction_pass_matches_detailflow(tokenizer_pair, noise_idx):
   np.testing.assert_array_equal(np.asarray(idx), ar_input)
   label = np.where(np.arange(TOK["tokens"]) < end, clean, np.asarray(idx))
   np.testing.assert_array_equal(label, ar_label)
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow's DINO discriminator (modelling/discriminators/discriminator_dino.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_dino_discriminator_matches_dinodisc(tmp_path):
+  """The whole `DinoDisc` as the tokenizer loss builds it (SyncBatchNorm heads, spectral norm, k = 9
+  circular residual convs, readouts before block 0 and after the key blocks, area / bicubic resize
+  to 224): its DINO state dict (handed to its `load_state_dict_from_url`, k bias zeroed by it)
+  through `convert.dino_params`, its heads mapped by hand; two train-mode calls give the same
+  logits [B, 5 L], the same power-iteration vectors and the same BN running means.  Depth 3 with
+  key blocks (0, 1, 2) keeps it small; the heads do not depend on the depth."""
+  from unittest import mock
+  from tdjax.losses import discriminators as D
+  dd = reference_module("DetailFlow", "modelling.discriminators.discriminator_dino")
+  depth, keys, C, k = 3, (0, 1, 2), 384, 9
+  torch.manual_seed(0)
+  vit = randomize(dd.FrozenDINOSmallNoDrop(depth=depth, key_depths=keys), seed=3, scale=0.05)
+  dino_sd = {n: v.clone() for n, v in vit.state_dict().items() if not n.startswith("x_")}
+  with mock.patch.object(torch.hub, "load_state_dict_from_url", lambda *a, **kw: dino_sd):
+    ref = dd.DinoDisc(device="cpu", depth=depth, key_depths=keys, ks=k, norm_type="sbn")
+  ref.train()
+  with torch.no_grad():            # the heads' BN affine params away from (1, 0)
+    for n, p in ref.heads.named_parameters():
+      if p.ndim == 1 and "weight" in n:
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      elif p.ndim == 1:
+        p.copy_(0.2 * torch.randn_like(p))
+
+  hsd = {n: v.detach().numpy().copy() for n, v in ref.heads.state_dict().items()}
+  v_perm = lambda v, cin, kk: v.reshape(cin, kk).T.reshape(-1)        # torch (C_in, k) -> (k, C_in)
+
+  def conv(pre, kk):
+    w = hsd[pre + ".weight_orig"]
+    return ({"kernel": w.transpose(2, 1, 0), "bias": hsd[pre + ".bias"]},
+            {"u": hsd[pre + ".weight_u"], "v": v_perm(hsd[pre + ".weight_v"], w.shape[1], kk)})
+
+  params, spectral, stats = {}, {}, {}
+  for i in range(len(keys) + 1):
+    parts = {"conv_in": conv(f"{i}.0.0", 1), "res_conv": conv(f"{i}.1.fn.0", k),
+             "conv_out": conv(f"{i}.2", 1)}
+    params[f"head_{i}"] = {n: p for n, (p, _) in parts.items()}
+    spectral[f"head_{i}"] = {n: s for n, (_, s) in parts.items()}
+    for name, pre in (("norm_in", f"{i}.0.1"), ("res_norm", f"{i}.1.fn.1")):
+      params[f"head_{i}"][name] = {"scale": hsd[pre + ".weight"], "bias": hsd[pre + ".bias"]}
+      stats.setdefault(f"head_{i}", {})[name] = {"mean": hsd[pre + ".running_mean"],
+                                                 "var": hsd[pre + ".running_var"]}
+  torch.save(dino_sd, str(tmp_path / "dino.pth"))
+  convert.convert_dino(str(tmp_path / "dino.pth"), str(tmp_path / "dino.npz"))
+  disc = D.DinoDiscriminator(key_depths=keys, kernel_size=k, norm="batch")
+  backbone = D.load_dino_backbone(str(tmp_path / "dino.npz"), disc)
+  variables = {"params": {"backbone": backbone, "heads": params},
+               "spectral": {"heads": spectral}, "batch_stats": {"heads": stats}}
+  rng = np.random.default_rng(0)
+  for step, size in enumerate((32, 256)):       # bicubic up, then area down (no random crop: p=0)
+    x = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+    with torch.no_grad(), mock.patch.object(dd.random, "random", lambda: 1.0):
+      want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    got, state = disc.apply(variables, jnp.asarray(x), train=True,
+                            mutable=["spectral", "batch_stats"])
+    variables = {**variables, **state}
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=2e-3, err_msg=f"call {step}")
+    for i in range(len(keys) + 1):
+      u = np.asarray(variables["spectral"]["heads"][f"head_{i}"]["res_conv"]["u"])
+      np.testing.assert_allclose(u, ref.heads[i][1].fn[0].weight_u.numpy(), rtol=1e-4, atol=1e-5)
+      mean = np.asarray(variables["batch_stats"]["heads"][f"head_{i}"]["norm_in"]["mean"])
+      np.testing.assert_allclose(mean, ref.heads[i][0][1].running_mean.numpy(), rtol=1e-3,
+                                 atol=1e-4)
