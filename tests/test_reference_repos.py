@@ -354,3 +354,75 @@ def test_dino_discriminator_matches_dinodisc(tmp_path):
       mean = np.asarray(variables["batch_stats"]["heads"][f"head_{i}"]["norm_in"]["mean"])
       np.testing.assert_allclose(mean, ref.heads[i][0][1].running_mean.numpy(), rtol=1e-3,
                                  atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# DetailFlow's discriminator loss (losses/vq_loss.py, optimizer_idx=1)
+# ------------------------------------------------------------------------------------------------
+
+def test_discriminator_loss_matches_vqloss():
+  """The tokenizer task's D term = `VQLoss(..., optimizer_idx=1)` over two steps: D on the real and
+  the fake batch as separate calls (BN statistics per call), hinge loss, LeCAM with EMAs updated
+  before use, consistency regularisation over real and fake, and disc_weight * (hinge + lecam_w *
+  LeCAM) + cr_w * CR.  Both sides' DiffAugment is replaced by the same deterministic maps (weak for
+  the 'cutout_0.2' policy, strong for 'cutout_0.5'), the perceptual net by a stub (unused here);
+  the PatchGAN (taming / DetailFlow NLayerDiscriminator, BatchNorm) gets the reference's weights."""
+  from unittest import mock
+  from test_tokenizer import _cfg
+  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tokenizers.resolution import apply_separable
+  vq_loss = reference_module("DetailFlow", "losses.vq_loss")
+  weak = lambda x: 0.8 * x + 0.1
+  strong = lambda x: -0.6 * x + 0.2 * x * x
+
+  def ref_aug(x, policy="", prob=0.5, **_):
+    return strong(x) if "cutout_0.5" in policy else weak(x)
+
+  adv, lecam_w, cr_w = 0.2, 1.0, 4.0
+  with mock.patch.object(vq_loss, "LPIPS", lambda *a, **k: torch.nn.Identity()), \
+      mock.patch.object(vq_loss, "DiffAugment", ref_aug):
+    torch.manual_seed(0)
+    ref = vq_loss.VQLoss(disc_start=0, disc_type="patchgan", disc_dim=8, disc_num_layers=2,
+                         disc_in_channels=1, disc_weight=adv, lecam_loss_weight=lecam_w,
+                         disc_cr_loss_weight=cr_w, use_diff_aug=True).train()
+    ref.lecam_ema.decay = 0.5         # (0.999 in the reference) so that two steps show the order
+    with torch.no_grad():
+      for n, p in ref.discriminator.named_parameters():
+        p.add_(0.2 * torch.randn_like(p) if p.ndim == 1 else 0.0 * p)
+    task = TokenizerTask(_cfg(adv_weight=adv, adv_start=0, disc="patchgan",
+                              disc_kwargs=dict(ndf=8, n_layers=2), disc_input_size=0,
+                              lecam_weight=lecam_w, lecam_decay=0.5, cr_weight=cr_w))
+    task._augment = lambda x, rng, policy=None, prob=None: (
+        strong(x) if policy and "cutout_0.5" in policy else weak(x))
+    params, state = __import__("flax").linen.unbox(task.init(jax.random.key(0)))
+    dsd = {n: v.detach().numpy().copy() for n, v in ref.discriminator.state_dict().items()}
+    convs = sorted(int(n.split(".")[1]) for n, v in dsd.items() if n.endswith("weight") and v.ndim == 4)
+    norms = sorted(int(n.split(".")[1]) for n in dsd if n.endswith("running_mean"))
+    names = [f"conv{i}" for i in range(len(convs) - 1)] + ["conv_out"]
+    dparams = {name: {"kernel": dsd[f"main.{i}.weight"].transpose(2, 3, 1, 0),
+                      **({"bias": dsd[f"main.{i}.bias"]} if f"main.{i}.bias" in dsd else {})}
+               for name, i in zip(names, convs)}
+    dparams.update({f"norm{k + 1}": {"scale": dsd[f"main.{i}.weight"], "bias": dsd[f"main.{i}.bias"]}
+                    for k, i in enumerate(norms)})
+    assert jax.tree.structure(dparams) == jax.tree.structure(params["disc"])
+    params = {**params, "disc": dparams}
+    plan, b = task.plan, 4
+    res, mats, t = plan.branches[0], plan.matrices[0], task.N
+    rng = np.random.default_rng(0)
+    for step in (1, 2):
+      x = jnp.asarray(rng.uniform(-1, 1, (b, 16, 16, 1)).astype(np.float32))
+      codes = jnp.asarray(rng.normal(size=(b, task.N, 4)).astype(np.float32))
+      out, new_state = task._image_losses(res, mats, params, state, codes, t,
+                                          plan.row_of_t[t], x, jnp.ones(b), step,
+                                          jax.random.key(step))
+      state = {**state, **new_state}
+      rec = task.model.apply({"params": params["gen"]}, codes, res, t, method="decode")
+      target = apply_separable(x, jnp.asarray(mats)[plan.row_of_t[t]])
+      nchw = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
+      with torch.no_grad():
+        want = ref(None, nchw(target), nchw(rec), optimizer_idx=1, global_step=step,
+                   logger=mock.Mock(), log_every=10 ** 9)
+      np.testing.assert_allclose(float(out["d_loss"]), float(want), rtol=1e-4, err_msg=f"{step}")
+      np.testing.assert_allclose([float(state["lecam"]["real"]), float(state["lecam"]["fake"])],
+                                 [ref.lecam_ema.logits_real_ema, ref.lecam_ema.logits_fake_ema],
+                                 rtol=1e-4)

@@ -405,6 +405,36 @@ def test_each_loss_term_on_off(term, tmp_path):
     assert float(optax.tree.norm(g0["disc"])) == 0
 
 
+
+def test_discriminator_sees_real_and_fake_in_separate_calls_and_its_state_always_advances():
+  """Reference VQLoss: D(real) and D(fake) are separate forward passes, so with batch norm the real
+  logits do not depend on the fake batch; D's running statistics and the LeCAM EMAs advance on
+  every step, before adv_start too (the D loss itself is zero then).  The loss composition
+  itself is checked against the reference's VQLoss in tests/test_reference_repos.py."""
+  from tdjax.tasks.tokenizer import TokenizerTask
+  task = TokenizerTask(_cfg(adv_weight=0.2, adv_start=5, disc="patchgan",
+                            disc_kwargs=dict(ndf=4, n_layers=2), disc_input_size=0,
+                            lecam_weight=0.1, cr_weight=4.0, diffaug_prob=0.0))
+  params, state = nn.unbox(task.init(jax.random.key(0)))
+  plan, t = task.plan, task.N
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1
+
+  @jax.jit
+  def run(codes, step):
+    return task._image_losses(plan.branches[0], plan.matrices[0], params, state, codes, t,
+                              plan.row_of_t[t], x, jnp.ones(4), step, jax.random.key(2))
+
+  codes = jax.random.normal(jax.random.key(3), (4, t, 4))
+  out_a, new_a = run(codes, 10)
+  out_b, _ = run(2.0 * codes[::-1], 10)
+  assert float(out_a["logits_fake"]) != float(out_b["logits_fake"])
+  np.testing.assert_allclose(float(out_a["logits_real"]), float(out_b["logits_real"]), rtol=1e-6)
+  out0, new0 = run(codes, 0)                       # before adv_start
+  assert float(out0["d_loss"]) == 0 and float(out0["g_loss"]) == 0
+  assert float(new0["lecam"]["real"]) != 0 and float(new0["lecam"]["fake"]) != 0
+  mean0 = new0["disc"]["batch_stats"]["norm1"]["mean"]
+  assert float(jnp.abs(mean0 - state["disc"]["batch_stats"]["norm1"]["mean"]).max()) > 0
+
 def _fashion_mnist(n=16):
   path = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
   if not os.path.exists(path):

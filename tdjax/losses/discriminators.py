@@ -36,8 +36,8 @@ Reference details kept or changed:
     in the mutable collection 'spectral'; every call with `train=True` does one iteration and
     writes them back (apply with `mutable=['spectral', 'batch_stats']`); `train=False` uses the
     stored vectors unchanged.  torch updates u in EVERY train-mode forward, the generator step's
-    pass through D included; to match, call D with train=True in the G step as well and keep the
-    returned state (or discard it for one update per D step; a minor difference).
+    pass through D included; the tokenizer task threads the state through all of them (G step's
+    D(fake), then D(real), D(fake) and the two consistency passes, as the reference's VQLoss).
 
 Variables of `DinoDiscriminator`:
   params/backbone/...          frozen DINO ViT (read through stop_gradient; exclude it from the
@@ -512,5 +512,6 @@ def init_lecam_ema() -> dict:
 def consistency_loss(logits_weak, logits_strong) -> jax.Array:
   """Consistency regularisation: MSE between D's logits on a weakly and a strongly augmented copy
   of the same images (DetailFlow: weak = the usual DiffAugment at p=0.5, strong =
-  'color,translation,cutout_0.5' at p=1; weight 4.0).  Gradients flow into both terms."""
+  'color,translation,cutout_0.5' at p=1, over the real and the fake batch together; weight 4.0).
+  Gradients flow into both terms."""
   return jnp.mean(jnp.square(logits_weak - logits_strong))

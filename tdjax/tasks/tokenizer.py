@@ -240,37 +240,45 @@ class TokenizerTask(Task):
     if self._lpips is not None:
       out["lpips"] = jnp.sum(w * self._lpips_fn(state["frozen"], rec, target)) / wsum
     if self._disc is not None:
+      # Reference VQLoss: the generator step's D(fake), then the discriminator step's D(real) and
+      # D(fake) as separate calls (each batch normalised by its own batch statistics, one power
+      # iteration per call), then, with consistency regularisation, D on strongly augmented real
+      # and fake images.  D's state (power-iteration vectors, BN running stats) and the LeCAM EMAs
+      # advance every step, before adv_start too, as the reference's forward passes do.
       from tdjax.losses import discriminators as D
-      k1, k2 = jax.random.split(rng)
+      k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
       sg = jax.lax.stop_gradient
       on = _lerp_on(step, l.get("adv_start", 0))
       # generator term: D's params are constants here.
-      fake_logits_g, _ = self._disc_apply(sg(params["disc"]), state["disc"], self._augment(rec, k1))
+      fake_logits_g, dstate = self._disc_apply(sg(params["disc"]), state["disc"],
+                                               self._augment(rec, k1))
       out["g_loss"] = D.hinge_g_loss(fake_logits_g) * on
       # discriminator term: the generator's output is a constant here.
-      both = jnp.concatenate([sg(target), sg(rec)], axis=0)
-      logits, dstate = self._disc_apply(params["disc"], state["disc"], self._augment(both, k2))
-      real, fake = logits[:target.shape[0]], logits[target.shape[0]:]
+      real, dstate = self._disc_apply(params["disc"], dstate, self._augment(sg(target), k2))
+      fake, dstate = self._disc_apply(params["disc"], dstate, self._augment(sg(rec), k3))
       d = D.hinge_d_loss(real, fake)
-      cw = float(l.get("cr_weight", 0.0))
-      cr = jnp.zeros(())
-      if cw > 0:  # consistency regularisation: D(weak-aug real) vs D(strong-aug real)
-        strong = self._augment(sg(target), jax.random.fold_in(k2, 1),
-                               l.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
-        strong_logits, _ = self._disc_apply(params["disc"], state["disc"], strong)
-        cr = D.consistency_loss(real, strong_logits)
-        d = d + cw * cr
       lw = float(l.get("lecam_weight", 0.0))
       lecam = jnp.zeros(())
       ema = state["lecam"]
-      if lw > 0:
-        lecam = D.lecam_reg(real, fake, ema["real"], ema["fake"])
+      if lw > 0:   # the reference updates the EMAs first, then regularises towards them
         r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
                                   float(l.get("lecam_decay", 0.999)))
-        ema = {"real": jnp.where(on > 0, r, ema["real"]), "fake": jnp.where(on > 0, f, ema["fake"])}
-      out.update(d_loss=(d + lw * lecam) * on, lecam=lecam, cr=cr, logits_real=jnp.mean(sg(real)),
+        ema = {"real": r, "fake": f}
+        lecam = D.lecam_reg(real, fake, r, f)
+      cw = float(l.get("cr_weight", 0.0))
+      cr = jnp.zeros(())
+      if cw > 0:   # MSE(D(weak) - D(strong)) over the real and the fake logits together
+        policy = l.get("cr_policy", "color,translation,cutout_0.5")
+        real_s, dstate = self._disc_apply(params["disc"], dstate,
+                                          self._augment(sg(target), k4, policy, 1.0))
+        fake_s, dstate = self._disc_apply(params["disc"], dstate,
+                                          self._augment(sg(rec), k5, policy, 1.0))
+        cr = D.consistency_loss(jnp.concatenate([real, fake]), jnp.concatenate([real_s, fake_s]))
+      # reference: disc_weight * (hinge + lecam_weight * LeCAM) + cr_weight * CR, all from disc_start
+      d_loss = float(l.adv_weight) * (d + lw * lecam) + cw * cr
+      out.update(d_loss=d_loss * on, lecam=lecam, cr=cr, logits_real=jnp.mean(sg(real)),
                  logits_fake=jnp.mean(sg(fake)))
-      new_state["disc"] = jax.tree.map(lambda n, o: jnp.where(on > 0, n, o), dstate, state["disc"])
+      new_state["disc"] = dstate
       new_state["lecam"] = ema
     return out, new_state
 
