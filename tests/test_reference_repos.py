@@ -137,6 +137,39 @@ def test_greedy_group_parallel_sampling_matches_detailflow(gpt_pair, cfg, use_ca
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
+
+@pytest.mark.parametrize("correction_prob", [0.0, 1.0])
+def test_ar_training_loss_matches_train_c2i(gpt_pair, correction_prob):
+  """The AR task's loss on a codes batch (clean, ar_input, ar_label) = train_c2i's: its
+  `generate_z_input_target` (clean pair, or with probability p the self-correction pair: input
+  ar_input[:N-g], target ar_label), then the GPT's mean cross-entropy over all N positions.
+  Dropouts off on both sides (the reference model in eval mode computes the same loss)."""
+  from unittest import mock
+  from tdjax import configlib
+  from tdjax.tasks.next_detail import NextDetailTask
+  ref, model, params = gpt_pair
+  with mock.patch.dict(sys.modules, {"wandb": mock.MagicMock()}):   # imported, unused here
+    train_c2i = reference_module("DetailFlow", "autoregressive.train.train_c2i")
+  rng = np.random.default_rng(2)
+  triplets = rng.integers(0, V, (4, N, 3))                # [B, N, (clean, input, label)]
+  labels = rng.integers(0, C, 4)
+  z_input, z_target = train_c2i.generate_z_input_target(torch.from_numpy(triplets), G,
+                                                        correction_prob)
+  with torch.no_grad():
+    _, want = ref(z_input, torch.from_numpy(labels), targets=z_target,
+                  basic_group_inference=True)
+  config = configlib.load_config("detailflow_ar", f"size=demo,tokens={N},group={G},vocab={V},"
+                                                  f"classes={C}")
+  config.model.update(dict(dim=model.dim, depth=model.depth, num_heads=model.num_heads,
+                           mlp_dim=model.mlp_dim, class_dropout=0.0, token_dropout=0.0,
+                           dropout=0.0, scan=False))
+  config.loss.correction_prob = correction_prob
+  task = NextDetailTask(config)
+  batch = {"clean": triplets[..., 0], "ar_input": triplets[..., 1], "ar_label": triplets[..., 2],
+           "label": labels}
+  got, _ = task.loss(params, {}, jax.tree.map(jnp.asarray, batch), jax.random.key(0), 0)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
 # ------------------------------------------------------------------------------------------------
 # DetailFlow's resolution schedule (modelling/detail_token.py)
 # ------------------------------------------------------------------------------------------------
