@@ -258,6 +258,23 @@ def test_cutout_zeroes_a_region():
   assert int((np.asarray(y2)[..., 0] == 0).sum()) > int((y[..., 0] == 0).sum())
 
 
+def test_diff_augment_one_coin_per_policy_entry_for_the_whole_batch():
+  """As DetailFlow's DiffAugment: each entry ('color' = brightness, saturation and contrast
+  together) is applied to the whole batch or not at all, with probability `prob`."""
+  x = _img(23, (6, 16, 16, 3))
+  for policy in ("color", "cutout_0.5"):
+    full = jax.jit(functools.partial(augment.diff_augment, policy=policy, prob=1.0))
+    half = jax.jit(functools.partial(augment.diff_augment, policy=policy, prob=0.5))
+    outcomes = set()
+    for s in range(16):
+      y, y_all = np.asarray(half(x, _key(s))), np.asarray(full(x, _key(s)))
+      if np.array_equal(y, x):
+        outcomes.add("none")
+      else:
+        np.testing.assert_array_equal(y, y_all, err_msg=f"{policy}, key {s}")
+        outcomes.add("all")
+    assert outcomes == {"none", "all"}, policy
+
 def test_diff_augment_is_differentiable():
   x = _img(22, (2, 16, 16, 3))
   g = jax.jit(jax.grad(lambda a: augment.diff_augment(a, _key(0), prob=1.0).sum()))(x)

@@ -389,6 +389,53 @@ def test_dino_discriminator_matches_dinodisc(tmp_path):
                                  atol=1e-4)
 
 
+def test_diff_augment_ops_match_detailflow():
+  """DiffAugment's ops (utils/diff_aug.py) with the same random draws: colour (brightness,
+  saturation, contrast factors), translation (shift ranges, direction, zero fill) and cutout
+  (centre range, box, clamping at the border), handed to both sides."""
+  from unittest import mock
+  from tdjax.losses import augment
+  dg = reference_module("DetailFlow", "utils.diff_aug")
+  rng = np.random.default_rng(0)
+  b, h, w = 5, 16, 12
+  x = rng.uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
+  x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
+  u = [rng.uniform(size=(b, 1, 1, 1)).astype(np.float32) for _ in range(3)]
+  with mock.patch.object(dg.torch, "rand", side_effect=[torch.from_numpy(a) for a in u]):
+    want = to_nhwc(dg.rand_contrast(dg.rand_saturation(dg.rand_brightness(x_t))))
+  uniforms = iter(u)
+  with mock.patch.object(augment, "_uniform", lambda rng, n: jnp.asarray(next(uniforms))):
+    got = augment.contrast(augment.saturation(augment.brightness(jnp.asarray(x), None), None),
+                           None)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+  for ratio in (0.125, 0.25):
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    dy, dx = rng.integers(-sh, sh + 1, b), rng.integers(-sw, sw + 1, b)
+    dy[0], dx[0] = -sh, sw                                  # the extremes
+    with mock.patch.object(dg.torch, "randint", side_effect=[
+        torch.from_numpy(dy).view(b, 1, 1), torch.from_numpy(dx).view(b, 1, 1)]):
+      want = to_nhwc(dg.rand_translation(x_t, ratio))
+    ints = iter([dy, dx])
+    with mock.patch.object(augment.jax.random, "randint",
+                           lambda key, shape, lo, hi: jnp.asarray(next(ints))):
+      got = augment.translation(jnp.asarray(x), jax.random.key(0), ratio)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"translation {ratio}")
+
+  for ratio in (0.2, 0.5):
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    cy, cx = rng.integers(0, h + (1 - sh % 2), b), rng.integers(0, w + (1 - sw % 2), b)
+    cy[0], cx[0], cy[1], cx[1] = 0, 0, h - (sh % 2), w - (sw % 2)   # boxes over the borders
+    with mock.patch.object(dg.torch, "randint", side_effect=[
+        torch.from_numpy(cy).view(b, 1, 1), torch.from_numpy(cx).view(b, 1, 1)]):
+      want = to_nhwc(dg.rand_cutout(x_t, ratio))
+    ints = iter([cy, cx])
+    with mock.patch.object(augment.jax.random, "randint",
+                           lambda key, shape, lo, hi: jnp.asarray(next(ints))):
+      got = augment.cutout(jnp.asarray(x), jax.random.key(0), ratio)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"cutout {ratio}")
+
 # ------------------------------------------------------------------------------------------------
 # DetailFlow's discriminator loss (losses/vq_loss.py, optimizer_idx=1)
 # ------------------------------------------------------------------------------------------------

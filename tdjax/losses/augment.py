@@ -12,10 +12,10 @@ so the same augmentation goes on real images (D step) and generated ones (D and 
 
 A policy entry may carry its ratio, as in the reference config: 'color,translation,cutout_0.2'.
 
-`prob`: each elementary op (brightness, saturation, contrast, translation, cutout) is applied to each
-sample independently with probability `prob` (prob=1 always, prob=0 never = identity).  The
-reference's probabilistic variant draws its coin in Python; per-sample coins are the jit-friendly
-reading and have the same expectation.
+`prob`: as the reference's DiffAugment (DetailFlow `utils/diff_aug.py`), each policy entry is applied
+with probability `prob` to the whole batch, one coin per entry per call: 'color' runs its three ops
+together or not at all (prob=1 always, prob=0 never = identity).  The random magnitudes (shift,
+cutout centre, colour factors) are drawn per sample.
 """
 
 from __future__ import annotations
@@ -96,21 +96,22 @@ _OPS = {"brightness": brightness, "saturation": saturation, "contrast": contrast
 
 
 def _parse_policy(policy: str, cutout_ratio: float, translation_ratio: float):
-  ops = []
+  """Policy string -> one list of elementary (op, ratio) per entry."""
+  entries = []
   for entry in [p.strip() for p in policy.split(",") if p.strip()]:
     name, _, arg = entry.partition("_")
     if name == "color":
       if arg:
         raise ValueError(f"diff_augment: 'color' takes no ratio, got {entry!r}")
-      ops += [("brightness", None), ("saturation", None), ("contrast", None)]
+      entries.append([("brightness", None), ("saturation", None), ("contrast", None)])
     elif name == "translation":
-      ops.append(("translation", float(arg) if arg else translation_ratio))
+      entries.append([("translation", float(arg) if arg else translation_ratio)])
     elif name == "cutout":
-      ops.append(("cutout", float(arg) if arg else cutout_ratio))
+      entries.append([("cutout", float(arg) if arg else cutout_ratio)])
     else:
       raise ValueError(f"diff_augment: unknown policy entry {entry!r}; "
                        f"expected color, translation[_r], cutout[_r]")
-  return ops
+  return entries
 
 
 def diff_augment(x: jax.Array, rng: jax.Array, policy: str = DEFAULT_POLICY, prob: float = 0.5,
@@ -123,17 +124,13 @@ def diff_augment(x: jax.Array, rng: jax.Array, policy: str = DEFAULT_POLICY, pro
     raise ValueError(f"diff_augment: expected NHWC images, got shape {x.shape}")
   if not 0.0 <= prob <= 1.0:
     raise ValueError(f"diff_augment: prob must be in [0, 1], got {prob}")
-  ops = _parse_policy(policy, cutout, translation)
-  if prob == 0.0 or not ops:
+  entries = _parse_policy(policy, cutout, translation)
+  if prob == 0.0 or not entries:
     return x
-  keys = jax.random.split(rng, 2 * len(ops))
-  b = x.shape[0]
-  for i, (name, ratio) in enumerate(ops):
-    fn = _OPS[name]
-    y = fn(x, keys[2 * i]) if ratio is None else fn(x, keys[2 * i], ratio)
-    if prob >= 1.0:
-      x = y
-    else:
-      apply = jax.random.bernoulli(keys[2 * i + 1], prob, (b, 1, 1, 1))
-      x = jnp.where(apply, y, x)
+  for entry_key, ops in zip(jax.random.split(rng, len(entries)), entries):
+    coin_key, *op_keys = jax.random.split(entry_key, 1 + len(ops))
+    y = x
+    for (name, ratio), k in zip(ops, op_keys):
+      y = _OPS[name](y, k) if ratio is None else _OPS[name](y, k, ratio)
+    x = y if prob >= 1.0 else jnp.where(jax.random.bernoulli(coin_key, prob), y, x)
   return x
