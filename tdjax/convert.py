@@ -760,7 +760,7 @@ def convert_detailflow_tokenizer(input_path: str, output: str, *, group: int = 8
 
 def transdiff_dims(sd: Mapping[str, np.ndarray]) -> dict:
   need = ("class_emb.weight", "mask_token", "encoder_pos_embed_learned",
-          "diffdecoder.net.diffusion_pos_embed_learned")
+          "diffusion_pos_embed_learned", "diffdecoder.net.diffusion_pos_embed_learned")
   missing = [k for k in need if k not in sd]
   if missing:
     raise ConversionError(f"not a TransDiff state dict: missing {', '.join(missing)}")
@@ -768,10 +768,11 @@ def transdiff_dims(sd: Mapping[str, np.ndarray]) -> dict:
   classes, width = sd["class_emb.weight"].shape
   n = sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1]
   enc_len, mask_len = sd["encoder_pos_embed_learned"].shape[1], sd["mask_token"].shape[1]
+  cond = sd["diffusion_pos_embed_learned"].shape[1]   # AR outputs: 256, also for N = 1024 (512 px)
   mrar = mask_len > 1          # MRAR: one mask token per 2x2-patchified position; buffer = mask_len
   return dict(width=width, num_classes=classes, ar_depth=count("encoder_blocks."),
-              head_depth=count("diffdecoder.net.res_blocks."), tokens=n,
-              buffer_size=mask_len if mrar else enc_len - n, mrar=mrar,
+              head_depth=count("diffdecoder.net.res_blocks."), tokens=n, cond_tokens=cond,
+              buffer_size=mask_len if mrar else enc_len - cond, mrar=mrar,
               refs=enc_len // mask_len - 2 if mrar else 0)
 
 
@@ -796,6 +797,8 @@ def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: 
     config.head.update(dict(width=dims["width"], num_heads=heads, depth=dims["head_depth"]))
   config.model.update(dict(size=size or "custom", num_classes=dims["num_classes"],
                            buffer_size=dims["buffer_size"]))
+  if dims["cond_tokens"] != dims["tokens"] and not dims["mrar"]:   # TransDiff-L 512: 256 for 1024
+    config.model.cond_tokens = dims["cond_tokens"]
   stride = config.input.image_size // config.latent.grid
   config.input.image_size, config.latent.grid = grid * stride, grid
   params = _write_workdir(config, output, lambda expected: transdiff_params(sd, expected, heads),

@@ -471,6 +471,32 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
   assert "res_blocks.1.attn2.wk.weight: checkpoint gives (31, 2, 16)" in msg
 
 
+def test_transdiff_512_layout_conversion(tmp_path):
+  """TransDiff-L 512's layout (reference transdiff.md 1.2, 4.4): the AR's 256 conditions
+  (`diffusion_pos_embed_learned`) for the decoder's 1024 latent tokens.  Here a tiny 1-step model
+  with 4 conditions for 16 latent tokens (model.cond_tokens) -> reference keys -> converter: both
+  lengths and the buffer (from the AR's own table) read back, the same params restored."""
+  from tdjax import parallel, trainer
+  from tdjax.nn.layers import unstack_layers
+  cfg = configlib.load_config("transdiff", "size=tiny")
+  cfg.model.cond_tokens = 4
+  setup = trainer.Setup(cfg, parallel.make_mesh({"data": -1}))
+  params = _perturbed(setup.init_state()["params"])
+  assert params["ar"]["diff_pos"].shape == (4, 32) and params["head"]["pos_embed"].shape == (16, 32)
+  path, out = str(tmp_path / "td.npz"), str(tmp_path / "td_workdir")
+  np.savez(path, **transdiff_state_dict(params, 2))
+  info = convert.convert_transdiff(path, out, num_heads=2)
+  assert (info["tokens"], info["cond_tokens"], info["buffer_size"], info["mrar"]) == (16, 4, 4,
+                                                                                      False)
+  _, task, state = trainer.load_for_inference(out)
+  assert (task.L, task.ar.mask_len) == (16, 4)
+  got = jax.tree.map(np.asarray, state["params"])
+  for k in ("ar", "head"):
+    if "layers" in got[k]["blocks"]:
+      got[k]["blocks"] = unstack_layers(got[k]["blocks"], 2)
+  assert_same_leaves(params, got)
+
+
 def hf_siglip2_state_dict(w=8, h=2, f=12, depth=2, patch=4, grid=4, seed=0):
   """A tiny HF `Siglip2VisionModel` state dict (NaFlex: Linear patch embedding), random weights."""
   rng = np.random.default_rng(seed)

@@ -232,6 +232,31 @@ def test_mrar_loss_conditions_image_k_on_its_prefix():
     TransDiffTask(c)
 
 
+def test_fewer_conditions_than_latent_tokens():
+  """TransDiff-L 512's layout (reference transdiff.md 1.2, 4.4: `seq_len` stays 256 while the
+  decoder denoises 1024 latent tokens): model.cond_tokens = 4 AR slots for the 16 latent tokens of
+  the tiny model; the loss and the sampler run the decoder on all 16, cross-attending to 4."""
+  from configs.transdiff import get_config
+  from tdjax.tasks.transdiff import TransDiffTask
+  c = get_config("size=tiny")
+  c.model.cond_tokens = 4
+  task = TransDiffTask(c)
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  assert task.L == 16 and task.ar.mask_len == 4 and task.ar.seq_len == 4 + 4
+  assert params["ar"]["diff_pos"].shape == (4, 32) and params["head"]["pos_embed"].shape == (16, 32)
+  z = task.ar.apply({"params": params["ar"]}, jnp.arange(2))
+  assert z.shape == (2, 4, 32)
+  loss = jax.jit(lambda p, b: task._losses(p, b, jax.random.key(5), False)[0])(params, _batch(task))
+  assert np.isfinite(float(loss))
+  sample = jax.jit(lambda p: task.sample_latents(p, jnp.arange(2), jax.random.key(1), cfg=1.5,
+                                                 steps=3))
+  assert sample(params).shape == (2, 4, 4, 16)
+  c = get_config("size=tiny,mrar=True")
+  c.model.cond_tokens = 4
+  with pytest.raises(ValueError, match="MRAR conditions are L / p"):
+    TransDiffTask(c)
+
+
 def test_train_then_sample_from_the_checkpoint(tmp_path):
   """The loop trains a tiny TransDiff; the sampling CLI rebuilds it from the checkpoint alone."""
   import os

@@ -88,7 +88,8 @@ class TransDiffAR(nn.Module):
   `num_refs` = 0 is the 1-step model (L mask slots all equal to one learned token); > 0 is MRAR with
   that many reference images (the reference code: 3, i.e. K = 4 images)."""
   num_classes: int
-  latent_len: int = 256            # L: tokens of one latent image (p = 1)
+  latent_len: int = 256            # L: tokens of one latent image (p = 1); 1-step: condition
+                                   # slots (256 for the 1024 latent tokens of TransDiff-L 512)
   latent_dim: int = 16             # C
   width: int = 1024
   depth: int = 32                  # AR blocks (reference: 2 x encoder_depth)

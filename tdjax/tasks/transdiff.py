@@ -84,8 +84,14 @@ class TransDiffTask(Task):
     if self.num_refs and int(c.get("group_size", 1)) != self.num_refs + 1:
       raise ValueError(f"MRAR with num_refs={self.num_refs} needs input.group_size="
                        f"{self.num_refs + 1}, got {c.get('group_size', 1)}")
+    # 1-step condition slots: L, except TransDiff-L 512 (reference 1.2, 4.4: `seq_len` is 256 at
+    # 512 px too, so 256 conditions for the decoder's 1024 latent tokens): model.cond_tokens
+    cond_tokens = int(m.get("cond_tokens", 0)) or self.L
+    if self.num_refs and cond_tokens != self.L:
+      raise ValueError(f"model.cond_tokens={cond_tokens}: MRAR conditions are L / p^2 tokens per "
+                       f"image, L={self.L}; leave cond_tokens unset")
     self.ar = td.TransDiffAR(
-        num_classes=int(m.num_classes), latent_len=self.L, latent_dim=self.latent_dim,
+        num_classes=int(m.num_classes), latent_len=cond_tokens, latent_dim=self.latent_dim,
         width=m.width, depth=m.ar_depth, num_heads=m.num_heads, buffer_size=m.buffer_size,
         num_refs=self.num_refs, ref_patch=m.get("ref_patch", 2), dropout=m.get("dropout", 0.0),
         scan=m.get("scan", False), remat=m.get("remat", "none"))
