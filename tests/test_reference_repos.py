@@ -1,12 +1,14 @@
 """tdjax against the model code of the reference repositories themselves (ByteFlow-AI/DetailFlow,
-TransDiff/TransDiff), imported from a checkout at test time; nothing of theirs is copied here.
+TransDiff/TransDiff, LTH14/mar), imported from checkouts at test time; nothing of theirs is copied
+here.
 
 The reference repositories are not packages, so these tests import their files from checkouts
 named by an environment variable and skip without it (and without torch), as in CI:
 
     git clone https://github.com/ByteFlow-AI/DetailFlow   $REFS/DetailFlow
     git clone https://github.com/TransDiff/TransDiff      $REFS/TransDiff
-    pip install torch timm ruamel.yaml transformers       # what their model files import
+    git clone https://github.com/LTH14/mar                $REFS/mar
+    pip install torch timm ruamel.yaml "transformers>=4.49,<4.54" diffusers   # what they import
     TDJAX_REFERENCE_REPOS=$REFS python -m pytest tests/test_reference_repos.py
 
 Each reference module is built at a tiny size with random weights, its `state_dict()` goes through
@@ -18,6 +20,7 @@ the reference's own, not a reading of them.
 import importlib
 import os
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +33,25 @@ from tdjax.generators import next_detail as nd
 torch = pytest.importorskip("torch")
 REFS = os.environ.get("TDJAX_REFERENCE_REPOS", "")
 if not REFS:
-  pytest.skip("TDJAX_REFERENCE_REPOS (a folder with DetailFlow/ and TransDiff/ checkouts) is not "
-              "set", allow_module_level=True)
+  pytest.skip("TDJAX_REFERENCE_REPOS (a folder with DetailFlow/, TransDiff/ and mar/ checkouts) "
+              "is not set", allow_module_level=True)
 
 
 def reference_module(repo: str, module: str):
-  """Imports `module` from the checkout $TDJAX_REFERENCE_REPOS/`repo` (skips if it is absent)."""
-  root = os.path.join(REFS, repo)
+  """Imports `module` from the checkout $TDJAX_REFERENCE_REPOS/`repo` (skips if it is absent).
+  The repositories share top-level names (`models`, `util`): modules of those names imported from
+  another checkout are dropped first."""
+  root = os.path.abspath(os.path.join(REFS, repo))
   if not os.path.isdir(root):
     pytest.skip(f"{root}: no checkout of the reference repository {repo}")
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  tops = {os.path.splitext(n)[0] for n in os.listdir(root)}
+  for name in [n for n in sys.modules if n.split(".")[0] in tops]:
+    where = getattr(sys.modules[name], "__file__", None) or ""
+    if where and not os.path.abspath(where).startswith(root + os.sep):
+      del sys.modules[name]
+  if root in sys.path:
+    sys.path.remove(root)
+  sys.path.insert(0, root)
   return importlib.import_module(module)
 
 
@@ -506,3 +517,129 @@ def test_discriminator_loss_matches_vqloss():
       np.testing.assert_allclose([float(state["lecam"]["real"]), float(state["lecam"]["fake"])],
                                  [ref.lecam_ema.logits_real_ema, ref.lecam_ema.logits_fake_ema],
                                  rtol=1e-4)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# MAR's diffusion loss (LTH14/mar: models/diffloss.py, diffusion/)
+# ------------------------------------------------------------------------------------------------
+
+def _mar_head_pair(C=4, Dc=6, W=32, depth=2):
+  """(MAR SimpleMLPAdaLN, tdjax MLPHead, its params) with the same random weights."""
+  from tdjax.generators.heads import MLPHead
+  diffloss = reference_module("mar", "models.diffloss")
+  torch.manual_seed(0)
+  ref = randomize(diffloss.SimpleMLPAdaLN(C, W, 2 * C, Dc, depth), seed=4, scale=0.2)
+  sd = state_dict(ref)
+  lin = lambda k: {"kernel": sd[k + ".weight"].T, "bias": sd[k + ".bias"]}
+  p = {"time_embed": {"linear_1": lin("time_embed.mlp.0"), "linear_2": lin("time_embed.mlp.2")},
+       "cond_embed": lin("cond_embed"), "input_proj": lin("input_proj"),
+       "final_ada": lin("final_layer.adaLN_modulation.1"), "final_linear": lin("final_layer.linear")}
+  for i in range(depth):
+    r = f"res_blocks.{i}."
+    p.update({f"res_{i}_ada": lin(r + "adaLN_modulation.1"), f"res_{i}_fc1": lin(r + "mlp.0"),
+              f"res_{i}_fc2": lin(r + "mlp.2"),
+              f"res_{i}_norm": {"ln": {"scale": sd[r + "in_ln.weight"], "bias": sd[r + "in_ln.bias"]}}})
+  head = MLPHead(2 * C, W, depth)
+  x = jnp.zeros((1, 1, C))
+  want = jax.eval_shape(lambda: head.init(jax.random.key(0), x, jnp.zeros((1,)),
+                                          jnp.zeros((1, 1, Dc))))["params"]
+  assert jax.tree.structure(__import__("flax").linen.unbox(want)) == jax.tree.structure(p)
+  return ref, head, p
+
+
+def test_mlp_head_and_ddpm_loss_match_mar_diffloss():
+  """MAR's `SimpleMLPAdaLN` = tdjax's MLPHead; and MAR's training loss (cosine schedule, eps MSE
+  plus the learned-range variance's VB term with the mean frozen, at t = 0 the discretised decoder
+  NLL) = tdjax's `ddpm.training_loss`, sample by sample for the same t (0, 1, ..., 999), noise
+  and network output.  The loss is fed an output near the true eps: a random head's t = 0 mean is
+  so far off at the tiny t = 0 variance that the decoder NLL sits where float32 CDFs saturate."""
+  from tdjax.diffusion import ddpm
+  ref, head, p = _mar_head_pair()
+  diffusion = reference_module("mar", "diffusion")
+  rng = np.random.default_rng(0)
+  n, C, Dc = 8, 4, 6
+  x0 = rng.normal(size=(n, C)).astype(np.float32)
+  z = rng.normal(size=(n, Dc)).astype(np.float32)
+  t = np.array([0, 1, 5, 100, 500, 900, 998, 999])
+  noise = rng.normal(size=(n, C)).astype(np.float32)
+  with torch.no_grad():
+    out = ref(torch.from_numpy(x0), torch.from_numpy(t), torch.from_numpy(z)).numpy()
+  got = head.apply({"params": p}, jnp.asarray(x0)[:, None], jnp.asarray(t), jnp.asarray(z)[:, None])
+  np.testing.assert_allclose(np.asarray(got)[:, 0], out, rtol=1e-4, atol=1e-4)
+
+  net_out = np.concatenate([noise + 0.05 * rng.normal(size=(n, C)),
+                            rng.uniform(-1, 1, (n, C))], -1).astype(np.float32)
+  train = diffusion.create_diffusion(timestep_respacing="", noise_schedule="cosine")
+  with torch.no_grad():
+    want = train.training_losses(lambda *a, **k: torch.from_numpy(net_out), torch.from_numpy(x0),
+                                 torch.from_numpy(t), {}, noise=torch.from_numpy(noise))
+  for i in range(n):                       # one sample at a time: the VB terms differ by t
+    with mock.patch.object(jax.random, "randint", lambda *a, **k: jnp.asarray(t[i:i + 1])), \
+        mock.patch.object(jax.random, "normal", lambda *a, **k: jnp.asarray(noise[i:i + 1, None])):
+      loss, metrics = ddpm.training_loss(ddpm.Schedule.make(1000),
+                                         lambda *a: jnp.asarray(net_out[i:i + 1, None]),
+                                         jnp.asarray(x0[i:i + 1, None]),
+                                         jnp.asarray(z[i:i + 1, None]), jax.random.key(0))
+    for name, value in (("mse", metrics["mse"]), ("vb", metrics["vb"]), ("loss", loss)):
+      np.testing.assert_allclose(float(value), float(want[name][i]), rtol=1e-4, atol=1e-7,
+                                 err_msg=f"{name}, t={t[i]}")
+
+
+@pytest.mark.parametrize("steps,cfg,temperature", [(50, 1.0, 1.0), (25, 3.0, 0.9), (100, 1.5, 1.0)])
+def test_ddpm_sampling_matches_mar_p_sample_loop(steps, cfg, temperature):
+  """MAR's `DiffLoss.sample`: the cosine schedule respaced to `steps` (`space_timesteps`), ancestral
+  steps with the learned-range variance, unclipped, temperature on the noise, CFG through
+  `SimpleMLPAdaLN.forward_with_cfg` (guided eps, each half its own variance; MAR keeps the
+  conditional half), with the same initial and per-step noise -> the same final latents.  The
+  network is a stand-in, the exact eps of Gaussian data N(tanh(c A), 0.25) (a random head's eps is
+  so far off that the unclipped chain blows up and hides the noise terms), with a smooth variance
+  output; it sees the original timestep.  The samples keep the noise they gathered on the way."""
+  from tdjax.diffusion import ddpm
+  diffusion = reference_module("mar", "diffusion")
+  diffloss = reference_module("mar", "models.diffloss")
+  rng = np.random.default_rng(1)
+  n, C, Dc = 6, 4, 6
+  A, B = rng.normal(size=(Dc, C)).astype(np.float32), rng.normal(size=(Dc, C)).astype(np.float32)
+  zc, zu = (rng.normal(size=(n, Dc)).astype(np.float32) for _ in range(2))
+  noise = rng.normal(size=(n, C)).astype(np.float32)
+  abar = np.cumprod(1 - ddpm.cosine_betas(1000)).astype(np.float32)
+
+  def stand_in(x, t, c, xp):       # [eps, v] of a fixed smooth network, xp = torch or jnp
+    a = xp.asarray(abar)[t][:, None] if xp is jnp else torch.from_numpy(abar)[t][:, None]
+    mat = (lambda m: jnp.asarray(m)) if xp is jnp else torch.from_numpy
+    m, s2 = xp.tanh(c @ mat(A)), 0.25           # the exact eps of data ~ N(m, s2)
+    x0_hat = m + a ** 0.5 * s2 * (x - a ** 0.5 * m) / (a * s2 + 1 - a)
+    eps = (x - a ** 0.5 * x0_hat) / (1 - a) ** 0.5
+    return xp.concatenate([eps, xp.tanh(x + c @ mat(B))], -1) if xp is jnp else \
+        torch.cat([eps, torch.tanh(x + c @ mat(B))], -1)
+
+  key = jax.random.key(7)
+  steps_z = [np.asarray(jax.random.normal(jax.random.fold_in(key, i), (n, 1, C)))[:, 0]
+             for i in reversed(range(steps))]                 # tdjax's draw at step i
+  guided = cfg != 1.0
+  per_step = iter([torch.from_numpy(np.concatenate([zz, zz]) if guided else zz.copy())
+                   for zz in steps_z])
+  net = diffloss.SimpleMLPAdaLN(C, 8, 2 * C, Dc, 1)
+  net.forward = lambda x, t, c: stand_in(x, t, c, torch)     # forward_with_cfg calls it
+  gen = diffusion.create_diffusion(timestep_respacing=str(steps), noise_schedule="cosine")
+  if guided:
+    x_init, kwargs, fn = (torch.from_numpy(np.concatenate([noise, noise])),
+                          dict(c=torch.from_numpy(np.concatenate([zc, zu])), cfg_scale=cfg),
+                          net.forward_with_cfg)
+  else:
+    x_init, kwargs, fn = torch.from_numpy(noise), dict(c=torch.from_numpy(zc)), net.forward
+  with torch.no_grad(), mock.patch.object(torch, "randn_like", lambda x: next(per_step)), \
+      mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):   # MAR's .cuda() calls
+    want = gen.p_sample_loop(fn, tuple(x_init.shape), x_init, clip_denoised=False,
+                             model_kwargs=kwargs, progress=False, temperature=temperature)
+  want = want.numpy()[:n]                                       # MAR keeps the conditional half
+
+  def model_fn(x, t):
+    out = lambda c: stand_in(x[:, 0], t, jnp.asarray(c), jnp)[:, None]
+    return out(zc) if not guided else (out(zc), out(zu))
+
+  got = ddpm.p_sample_loop(ddpm.Schedule.make(1000, steps), model_fn, jnp.asarray(noise)[:, None],
+                           key, cfg=cfg, temperature=temperature)
+  assert np.abs(want).max() < 10
+  np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-4, atol=1e-4)
