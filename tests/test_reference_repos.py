@@ -421,31 +421,25 @@ def test_diff_augment_ops_match_detailflow():
                            None)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
+  def same_draws(ref_op, op, ratio, a, b):   # integer draws a, b [B] handed to both sides
+    with mock.patch.object(dg.torch, "randint",
+                           side_effect=[torch.from_numpy(v).view(-1, 1, 1) for v in (a, b)]):
+      want = to_nhwc(ref_op(x_t, ratio))
+    ints = iter([a, b])
+    with mock.patch.object(augment.jax.random, "randint", lambda *_: jnp.asarray(next(ints))):
+      got = op(jnp.asarray(x), jax.random.key(0), ratio)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{op.__name__} {ratio}")
+
   for ratio in (0.125, 0.25):
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     dy, dx = rng.integers(-sh, sh + 1, b), rng.integers(-sw, sw + 1, b)
     dy[0], dx[0] = -sh, sw                                  # the extremes
-    with mock.patch.object(dg.torch, "randint", side_effect=[
-        torch.from_numpy(dy).view(b, 1, 1), torch.from_numpy(dx).view(b, 1, 1)]):
-      want = to_nhwc(dg.rand_translation(x_t, ratio))
-    ints = iter([dy, dx])
-    with mock.patch.object(augment.jax.random, "randint",
-                           lambda key, shape, lo, hi: jnp.asarray(next(ints))):
-      got = augment.translation(jnp.asarray(x), jax.random.key(0), ratio)
-    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"translation {ratio}")
-
+    same_draws(dg.rand_translation, augment.translation, ratio, dy, dx)
   for ratio in (0.2, 0.5):
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     cy, cx = rng.integers(0, h + (1 - sh % 2), b), rng.integers(0, w + (1 - sw % 2), b)
     cy[0], cx[0], cy[1], cx[1] = 0, 0, h - (sh % 2), w - (sw % 2)   # boxes over the borders
-    with mock.patch.object(dg.torch, "randint", side_effect=[
-        torch.from_numpy(cy).view(b, 1, 1), torch.from_numpy(cx).view(b, 1, 1)]):
-      want = to_nhwc(dg.rand_cutout(x_t, ratio))
-    ints = iter([cy, cx])
-    with mock.patch.object(augment.jax.random, "randint",
-                           lambda key, shape, lo, hi: jnp.asarray(next(ints))):
-      got = augment.cutout(jnp.asarray(x), jax.random.key(0), ratio)
-    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"cutout {ratio}")
+    same_draws(dg.rand_cutout, augment.cutout, ratio, cy, cx)
 
 # ------------------------------------------------------------------------------------------------
 # DetailFlow's discriminator loss (losses/vq_loss.py, optimizer_idx=1)
