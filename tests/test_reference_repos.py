@@ -181,6 +181,21 @@ def test_ar_training_loss_matches_train_c2i(gpt_pair, correction_prob):
   got, _ = task.loss(params, {}, jax.tree.map(jnp.asarray, batch), jax.random.key(0), 0)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 20, 0.5),
+                                                     (1.0, 0, 0.999), (1.0, V, 1.0)])
+def test_sampling_filters_match_detailflow(temperature, top_k, top_p):
+  """Temperature, top-k and nucleus filtering (`sample_group`'s `top_k_top_p_filtering`, HF's
+  rule: the first token past the mass `top_p` stays) -> the same sampling distribution."""
+  generate = reference_module("DetailFlow", "autoregressive.models.generate")
+  logits = np.random.default_rng(3).normal(0, 2, (6, V)).astype(np.float32)
+  t = torch.from_numpy(logits) / max(temperature, 1e-5)
+  if top_k > 0 or top_p < 1.0:
+    t = generate.top_k_top_p_filtering(t, top_k=top_k, top_p=top_p)
+  want = torch.softmax(t, dim=-1).numpy()
+  got = jax.nn.softmax(nd.filter_logits(jnp.asarray(logits), temperature, top_k, top_p), axis=-1)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+
 # ------------------------------------------------------------------------------------------------
 # DetailFlow's resolution schedule (modelling/detail_token.py)
 # ------------------------------------------------------------------------------------------------
