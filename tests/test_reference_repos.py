@@ -346,6 +346,40 @@ def test_self_correction_pass_matches_detailflow(tokenizer_pair, noise_idx):
   np.testing.assert_array_equal(label, ar_label)
 
 
+
+@pytest.mark.parametrize("noise_idx", [1, 4])
+def test_self_correction_training_pass_matches_detailflow(tokenizer_pair, noise_idx):
+  """Training-mode `encode_image(noise_idx=i)` (the top-50 picks handed to both sides): the clean
+  and the corrected codes, the corrected z_q the decoder gets as the second half of its batch,
+  and the codebook + commitment loss mixed N / (2N - e) and (N - e) / (2N - e) = tdjax's
+  `tokenize_train` at t = N."""
+  from tdjax.tokenizers import detailflow as df
+  ref, m, gen = tokenizer_pair
+  _, x_t = _images(seed=3)
+  b, n, g = x_t.shape[0], TOK["tokens"], TOK["group"]
+  end = noise_idx + (1 if noise_idx < g else g)
+  pick = np.random.default_rng(noise_idx).integers(0, 50, (b, n))
+  ref.train()
+  try:
+    with torch.no_grad(), mock.patch.object(torch, "randint",
+                                            lambda *a, **k: torch.from_numpy(pick.reshape(-1))):
+      quant, emb_loss, info = ref.encode_image(x_t, noise_idx=noise_idx)
+  finally:
+    ref.eval()
+  clean, ar_input, _ = info[2].numpy().reshape(b, n, 3).transpose(2, 0, 1)
+  x = jnp.asarray(x_t.numpy().transpose(0, 2, 3, 1))
+  stats = m.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x[:1])["vq_stats"]
+  with mock.patch.object(df, "sample_noise_index", lambda *a, **k: (jnp.int32(noise_idx),
+                                                                    jnp.int32(end))), \
+      mock.patch.object(jax.random, "randint", lambda *a, **k: jnp.asarray(pick)):
+    out, _ = m.apply({"params": gen, "vq_stats": stats}, x, n, jax.random.key(0),
+                     method="tokenize_train", mutable=["vq_stats"])
+  np.testing.assert_array_equal(np.asarray(out["indices"]), clean)
+  np.testing.assert_array_equal(np.asarray(out["indices_sc"]), ar_input)
+  np.testing.assert_allclose(np.asarray(out["z_q_sc"]), quant[b:].numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(out["bottleneck_loss"]), float(emb_loss[0] + emb_loss[1]),
+                             rtol=1e-4)
+
 # ------------------------------------------------------------------------------------------------
 # DetailFlow's DINO discriminator (modelling/discriminators/discriminator_dino.py)
 # ------------------------------------------------------------------------------------------------
