@@ -686,3 +686,31 @@ def test_ddpm_sampling_matches_mar_p_sample_loop(steps, cfg, temperature):
                            key, cfg=cfg, temperature=temperature)
   assert np.abs(want).max() < 10
   np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_kl16_vae_matches_mar_autoencoderkl():
+  """MAR's own `AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))` (models/vae.py) through
+  `convert --kind mar_vae`: its posterior (mean, clamped log-variance) and its decoding at 32 px."""
+  from tdjax.tokenizers import kl_vae
+  vae_mod = reference_module("mar", "models.vae")
+  torch.manual_seed(0)
+  ref = vae_mod.AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)).eval()
+  with torch.no_grad():               # GroupNorm affine and biases away from their 1 / 0 values
+    for p in ref.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  vae = kl_vae.AutoencoderKL(kl_vae.KL16)
+  x0 = np.zeros((1, 256, 256, 3), np.float32)
+  params = convert.mar_vae_params(state_dict(ref), jax.eval_shape(
+      lambda: vae.init(jax.random.key(0), x0)["params"]))
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  z = np.random.default_rng(1).normal(size=(2, 2, 2, 16)).astype(np.float32)
+  nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    post = ref.encode(nchw(x))
+    decoded = ref.decode(nchw(z)).numpy().transpose(0, 2, 3, 1)
+  mean, logvar = vae.apply({"params": params}, x, method=kl_vae.AutoencoderKL.encode)
+  for got, want in ((mean, post.mean), (logvar, post.logvar)):
+    want = want.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+  out = vae.apply({"params": params}, z, method=kl_vae.AutoencoderKL.decode)
+  np.testing.assert_allclose(np.asarray(out), decoded, rtol=1e-3, atol=1e-3 * np.abs(decoded).max())
