@@ -495,7 +495,9 @@ def test_diff_augment_ops_match_detailflow():
 # ------------------------------------------------------------------------------------------------
 
 def test_discriminator_loss_matches_vqloss():
-  """The tokenizer task's D term = `VQLoss(..., optimizer_idx=1)` over two steps: D on the real and
+  """The tokenizer task's G adversarial + reconstruction terms = `VQLoss(..., optimizer_idx=0)`
+  (codebook and perceptual terms zero here) and its D term = `VQLoss(..., optimizer_idx=1)`, over
+  two steps; the D side: D on the real and
   the fake batch as separate calls (BN statistics per call), hinge loss, LeCAM with EMAs updated
   before use, consistency regularisation over real and fake, and disc_weight * (hinge + lecam_w *
   LeCAM) + cr_w * CR.  Both sides' DiffAugment is replaced by the same deterministic maps (weak for
@@ -513,7 +515,11 @@ def test_discriminator_loss_matches_vqloss():
     return strong(x) if "cutout_0.5" in policy else weak(x)
 
   adv, lecam_w, cr_w = 0.2, 1.0, 4.0
-  with mock.patch.object(vq_loss, "LPIPS", lambda *a, **k: torch.nn.Identity()), \
+  class NoPerceptual(torch.nn.Module):      # stands in for the LPIPS net it would download
+    def forward(self, a, b):
+      return torch.zeros(a.shape[0])
+
+  with mock.patch.object(vq_loss, "LPIPS", lambda *a, **k: NoPerceptual()), \
       mock.patch.object(vq_loss, "DiffAugment", ref_aug):
     torch.manual_seed(0)
     ref = vq_loss.VQLoss(disc_start=0, disc_type="patchgan", disc_dim=8, disc_num_layers=2,
@@ -553,9 +559,13 @@ def test_discriminator_loss_matches_vqloss():
       rec = task.model.apply({"params": params["gen"]}, codes, res, t, method="decode")
       target = apply_separable(x, jnp.asarray(mats)[plan.row_of_t[t]])
       nchw = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
-      with torch.no_grad():
+      with torch.no_grad():       # the generator step, then the discriminator step
+        want_g = ref(torch.zeros(5), nchw(target), nchw(rec), optimizer_idx=0, global_step=step,
+                     logger=mock.Mock(), log_every=10 ** 9)
         want = ref(None, nchw(target), nchw(rec), optimizer_idx=1, global_step=step,
                    logger=mock.Mock(), log_every=10 ** 9)
+      np.testing.assert_allclose(float(out["mse"] + adv * out["g_loss"]), float(want_g), rtol=1e-4,
+                                 err_msg=f"G, step {step}")
       np.testing.assert_allclose(float(out["d_loss"]), float(want), rtol=1e-4, err_msg=f"{step}")
       np.testing.assert_allclose([float(state["lecam"]["real"]), float(state["lecam"]["fake"])],
                                  [ref.lecam_ema.logits_real_ema, ref.lecam_ema.logits_fake_ema],
