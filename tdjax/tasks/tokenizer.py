@@ -254,8 +254,11 @@ class TokenizerTask(Task):
                                                self._augment(rec, k1))
       out["g_loss"] = D.hinge_g_loss(fake_logits_g) * on
       # discriminator term: the generator's output is a constant here.
-      real, dstate = self._disc_apply(params["disc"], dstate, self._augment(sg(target), k2))
-      fake, dstate = self._disc_apply(params["disc"], dstate, self._augment(sg(rec), k3))
+      def d_call(images, key, dstate, *aug):     # one train-mode D pass, its state threaded on
+        return self._disc_apply(params["disc"], dstate, self._augment(sg(images), key, *aug))
+
+      real, dstate = d_call(target, k2, dstate)
+      fake, dstate = d_call(rec, k3, dstate)
       d = D.hinge_d_loss(real, fake)
       lw = float(l.get("lecam_weight", 0.0))
       lecam = jnp.zeros(())
@@ -268,11 +271,9 @@ class TokenizerTask(Task):
       cw = float(l.get("cr_weight", 0.0))
       cr = jnp.zeros(())
       if cw > 0:   # MSE(D(weak) - D(strong)) over the real and the fake logits together
-        policy = l.get("cr_policy", "color,translation,cutout_0.5")
-        real_s, dstate = self._disc_apply(params["disc"], dstate,
-                                          self._augment(sg(target), k4, policy, 1.0))
-        fake_s, dstate = self._disc_apply(params["disc"], dstate,
-                                          self._augment(sg(rec), k5, policy, 1.0))
+        strong = (l.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
+        real_s, dstate = d_call(target, k4, dstate, *strong)
+        fake_s, dstate = d_call(rec, k5, dstate, *strong)
         cr = D.consistency_loss(jnp.concatenate([real, fake]), jnp.concatenate([real_s, fake_s]))
       # reference: disc_weight * (hinge + lecam_weight * LeCAM) + cr_weight * CR, all from disc_start
       d_loss = float(l.adv_weight) * (d + lw * lecam) + cw * cr
