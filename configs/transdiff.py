@@ -9,10 +9,16 @@
   python -m tdjax.train --config configs/transdiff.py:size=demo,head=mlp,diffusion=ddpm --workdir /tmp/mlp
   # paper: TransDiff-L 1-step on ImageNet 256 KL-16 latents (cached; add vae_weights=kl16.npz to decode)
   python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
+  # paper: then 512 px (stage 2b): decoder only, 1,024 latent tokens from the 256 condition slots
+  python -m tdjax.train --config configs/transdiff.py:size=L,res=512,init_from=gs://b/td_l \
+      --workdir gs://b/td_l_512
 
-Options: size=tiny|demo|B|L|H, mrar (refs = 3 references by default, K = refs + 1), init_from (MRAR: a 1-step workdir, weight
-surgery of reference 2.3), head=attention|mlp, head_depth, self_attention (head),
-conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
+Options: size=tiny|demo|B|L|H, mrar (refs = 3 references by default, K = refs + 1), init_from (a
+1-step workdir: MRAR's weight surgery of reference 2.3, or the start of a res run), res (image side
+above the size's own: reference stage 2b, 512 px from a 256 px run; the AR keeps the source's
+condition slots, the decoder denoises (res / stride)^2 tokens; needs init_from), head_only (with
+res; reference --only_train_diff: the AR frozen; head_only=False trains both), head=attention|mlp,
+head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
 batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, latent=pixels|cached|vae and
 vae_weights (KL VAE params from `python -m tdjax.convert --kind mar_vae`: 'vae' encodes images in the
 step, 'cached' latents are decoded with it for pictures and sampling), seed.
@@ -41,16 +47,29 @@ def get_config(arg=None):
                        self_attention=True, conditioning="cross", diffusion="flow",
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
                        scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
-                       seed=0)
+                       res=0, head_only=True, seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
-  if a.init_from and not a.mrar:
-    raise ValueError("config arg init_from: only MRAR (mrar=True) starts from a 1-step run")
   d, s = DEFAULTS[a.size], SIZES[a.size]
-  if a.init_from:   # reference 2.3: MRAR fine-tune, 40 epochs at lr 5e-5, batch_mul 2
-    d = dict(d, steps=d["steps"] // 20 if a.size in ("B", "L", "H") else d["steps"] // 2,
-             lr=5e-5 if a.size in ("B", "L", "H") else d["lr"] / 2,
-             mul=2 if a.size in ("B", "L", "H") else d["mul"])
+  big = a.size in ("B", "L", "H")
+  res = a.res if a.res and a.res != d["image"] else 0
+  if a.init_from and not (a.mrar or res):
+    raise ValueError("config arg init_from: a 1-step run starts MRAR (mrar=True) or a higher "
+                     "resolution (res=...)")
+  if res and (a.mrar or not a.init_from):
+    raise ValueError(f"config arg res={a.res}: a resolution transfer fine-tunes a 1-step run "
+                     f"(give init_from=its workdir; no mrar: the reference has no MRAR 512 model)")
+  if res and (res < d["image"] or res % d["patch"]):
+    raise ValueError(f"config arg res={a.res}: expected a multiple of {d['patch']} above the "
+                     f"size's {d['image']} px")
+  if a.mrar and a.init_from:   # reference 2.3: MRAR fine-tune, 40 epochs at lr 5e-5, batch_mul 2
+    d = dict(d, steps=d["steps"] // 20 if big else d["steps"] // 2,
+             lr=5e-5 if big else d["lr"] / 2, mul=2 if big else d["mul"])
+  cond_tokens = 0
+  if res:   # reference stage 2b: 150 epochs (10 warm-up) at lr 1e-4, batch 2048, EMA 0.999, mul 4
+    cond_tokens = (d["image"] // d["patch"]) ** 2   # the source's slots (seq_len 256 at 512 px)
+    d = dict(d, image=res, steps=150 * 1281167 // 2048 if big else d["steps"] // 2,
+             lr=1e-4 if big else d["lr"] / 2)
   c = common.base_config()
   c.task = "transdiff"
   c.seed = a.seed
@@ -59,7 +78,7 @@ def get_config(arg=None):
   c.log_every = 50 if small else 100
   c.eval_every = max(c.total_steps // 4, 1) if small else 5000
   c.ckpt_every = c.eval_every
-  c.ema_decay = 0.999 if small else 0.9999
+  c.ema_decay = 0.999 if small or res else 0.9999
   c.ema_warmup = small  # short runs: the average must forget the random init (optim.ema_decay_at)
   c.compute_dtype = "float32" if small else "bfloat16"
   c.input = default_input_config()
@@ -77,14 +96,16 @@ def get_config(arg=None):
                                               channels=d["patch"] ** 2,
                                               vae="demo", vae_weights=a.vae_weights))
   else:  # MAR KL-16: 256 px -> 16 x 16 x 16, posterior sample x 0.2325 (cached latents)
-    c.latent = ml_collections.ConfigDict(dict(kind="cached", grid=16, channels=16, scale=0.2325,
+    c.latent = ml_collections.ConfigDict(dict(kind="cached", grid=d["image"] // d["patch"],
+                                              channels=16, scale=0.2325,
                                               vae="kl16", vae_weights=a.vae_weights))
   if a.latent:   # 'pixels' | 'cached' | 'vae' (encode in the step with the VAE of vae_weights)
     c.latent.kind = a.latent
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
       ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=a.refs if a.mrar else 0, ref_patch=2,
-      init_from=a.init_from,
+      init_from=a.init_from, cond_tokens=cond_tokens,
+      head_only=bool(res) and a.head_only,
       dropout=0.0 if small else 0.1, label_drop=0.1, batch_mul=a.batch_mul or d["mul"],
       scan=not small, remat="none"))
   c.head = ml_collections.ConfigDict(dict(
@@ -105,6 +126,7 @@ def get_config(arg=None):
   # reference 4.3: AdamW (0.9, 0.95), wd 0.02, clip 3.0 (constant lr after warm-up)
   c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.02,
                           schedule="cosine" if small else "constant",
-                          warmup_steps=max(c.total_steps // 20, 1), min_lr_ratio=0.1,
+                          warmup_steps=max(c.total_steps // (15 if res else 20), 1),
+                          min_lr_ratio=0.1,
                           grad_clip=3.0))
   return c

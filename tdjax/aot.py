@@ -136,6 +136,8 @@ def report(config, mesh_axes=None, batch_size=None, budgets=(95.0, 80.0)) -> dic
          "global_batch": int(setup.config.input.batch_size), "params": params,
          "remat": setup.config.model.get("remat", "none"), "scan": setup.config.model.get("scan"),
          "compile_seconds": secs,
+         **({"head_remat": setup.config.head.get("remat", "none")}
+            if "head" in setup.config else {}),
          "per_device_bytes": per_dev, "per_device_peak_bytes": peak,
          "per_device_peak_gib": peak / GIB,
          "compiled_flops_per_device": flops_dev, "compiled_flops_total": flops_dev * n}

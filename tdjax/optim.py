@@ -77,13 +77,17 @@ def make_optimizer(config: ml_collections.ConfigDict, groups=None, specs=None) -
 
   `specs`: the parameters' logical PartitionSpecs (see `decay_mask`).
   A group's settings are `config.optimizer` updated with `config.optimizer_groups[name]`; each group
-  clips its own gradient norm (DetailFlow clips generator and discriminator separately).
+  clips its own gradient norm (DetailFlow clips generator and discriminator separately).  The
+  group 'frozen' is never updated (optax.set_to_zero: no moments, no weight decay).
   """
   if groups is None:
     return _single(config.optimizer, config.total_steps, specs)
   names = sorted(set(jax.tree.leaves(groups)))
   transforms = {}
   for name in names:
+    if name == "frozen":
+      transforms[name] = optax.set_to_zero()
+      continue
     c = ml_collections.ConfigDict(config.optimizer.to_dict())
     overrides = config.get("optimizer_groups", {}).get(name, {})
     c.update(dict(overrides))

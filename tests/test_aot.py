@@ -73,3 +73,16 @@ def test_transdiff_hlo_flops_match_analytic(arg):
   c.model.dropout = c.head.dropout = 0.0
   ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
   assert abs(ratio - 1) < 0.1, ratio
+
+
+@pytest.mark.parametrize("arg,head_remat",
+                         [("size=B,batch_mul=1,res=512,init_from=/unused", "none"),
+                          ("size=B,batch_mul=1", "nothing_saveable")])
+def test_transdiff_flops_of_a_frozen_ar_and_of_head_remat(arg, head_remat):
+  """The 512 px stage (head_only) runs its AR forward only (3 passes would be ~7 % too many at
+  B); remat of the head adds one forward of it (~30 % of the B step)."""
+  c = configlib.load_config("transdiff", arg)
+  c.model.dropout = c.head.dropout = 0.0
+  c.head.remat = head_remat
+  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
+  assert abs(ratio - 1) < 0.03, ratio

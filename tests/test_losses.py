@@ -100,6 +100,26 @@ def test_lpips_grads_to_inputs_only(lp):
   assert all(float(jnp.abs(g).sum()) == 0.0 for g in jax.tree.leaves(gp))
 
 
+def _lowered_flops(f, *args):
+  cost = jax.jit(f).lower(*args).cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def test_lpips_flops_and_a_training_pass_differentiates_one_trunk_pass_only():
+  """`vgg16_flops` is the trunk's count (XLA's, of the full-width VGG16 at 32 px: lowering only);
+  the gradient towards the reconstructions costs 3 trunk passes, not 4: the targets' pass is
+  separate from the reconstructions', so no backward runs through it."""
+  m = lpips.LPIPS()
+  shape = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  p = jax.eval_shape(lambda: m.init(KEY, jnp.zeros(shape.shape), jnp.zeros(shape.shape)))["params"]
+  trunk = 2 * lpips.vgg16_flops(32, 32)
+  fwd = _lowered_flops(lambda p, a, b: m.apply({"params": p}, a, b).sum(), p, shape, shape)
+  train = _lowered_flops(jax.grad(lambda a, p, b: m.apply({"params": p}, a, b).sum()),
+                         shape, p, shape)
+  assert 1.0 <= fwd / (2 * trunk) < 1.02
+  assert 1.0 <= train / (3 * trunk) < 1.02
+
+
 def test_lpips_grey_is_repeated(lp):
   _, _, params, fn = lp
   x, y = _img(7, (2, 32, 32, 1)), _img(8, (2, 32, 32, 1))
@@ -362,6 +382,19 @@ def test_dino_output_shape_and_state(dino):
                          v["batch_stats"]["heads"]["head_1"]["norm_in"]["mean"])
   # other input sizes are resized to img_size; eval mode needs no mutable collections
   assert _japply(m, train=False)(v, _img(42, (2, 48, 48, 3))).shape == (2, 12)
+
+
+def test_dino_flops_match_the_lowered_forward():
+  """DinoDiscriminator.flops() (the paper's ViT-S/16 at 224 with its 5 heads) against XLA's count
+  of the lowered forward pass (lowering only; elementwise ops make up the difference)."""
+  d = disc.DinoDiscriminator()
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  v = jax.eval_shape(lambda: d.init(KEY, jnp.zeros(x.shape), train=False))
+  f = d.flops()
+  assert f["heads_conv_in"] < f["heads"]
+  ratio = _lowered_flops(lambda v, a: d.apply(v, a, train=False).sum(), v, x) / (
+      2 * (f["backbone_mm"] + f["backbone_attn"] + f["heads"]))
+  assert 1.0 <= ratio < 1.02
 
 
 def test_dino_backbone_frozen(dino):

@@ -435,6 +435,55 @@ def test_discriminator_sees_real_and_fake_in_separate_calls_and_its_state_always
   mean0 = new0["disc"]["batch_stats"]["norm1"]["mean"]
   assert float(jnp.abs(mean0 - state["disc"]["batch_stats"]["norm1"]["mean"]).max()) > 0
 
+def _count_ops(jaxpr, name, inside_cond=False):
+  """(outside any cond, inside cond branches) counts of primitive `name` in a closed jaxpr."""
+  out = inside = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      inside, out = (inside + 1, out) if inside_cond else (inside, out + 1)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          o, i = _count_ops(sub, name, inside_cond or eqn.primitive.name == "cond")
+          out, inside = out + o, inside + i
+  return out, inside
+
+
+def test_fixed_size_discriminator_runs_once_after_the_decoder_branches(monkeypatch):
+  """When D sees a fixed size (DINO: 224; here disc_input_size), the decoder branches of the
+  resolution switch return D's views and D's passes run once after the switch: the same loss,
+  gradients and D state as running them inside every branch, with no D op left in a branch."""
+  from tdjax.tasks.tokenizer import TokenizerTask
+  task = TokenizerTask(_cfg("size=tiny,degrade_p=0.5", adv_weight=0.2, disc="patchgan",
+                            disc_kwargs=dict(ndf=4, n_layers=2), disc_input_size=16,
+                            lecam_weight=0.1, cr_weight=4.0))
+  n_branch = len(task.plan.branches)
+  assert n_branch > 1 and task._disc_size() == 16
+  params, state = nn.unbox(task.init(jax.random.key(0)))
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
+  def trace():   # a new function each time: jax caches traces by function
+    f = lambda p, rng: jax.value_and_grad(task.loss, has_aux=True)(p, state, batch, rng, 10)
+    return (jax.make_jaxpr(f)(params, jax.random.key(2)),
+            [jax.jit(f)(params, jax.random.key(k)) for k in range(4)])
+  jaxpr, results = trace()
+  with monkeypatch.context() as mp:   # D inside every branch, as for a decoded-size D
+    mp.setattr(task, "_disc_size", lambda: None)
+    jaxpr_in, results_in = trace()
+  assert len({float(r[0][1][0]["dec_res"]) for r in results}) > 1   # several branches ran
+  for ((l, (m, st)), g), ((l2, (m2, st2)), g2) in zip(results, results_in):
+    np.testing.assert_allclose(float(l), float(l2), rtol=1e-5)
+    for k in ("g_loss", "d_loss", "cr", "lecam"):
+      np.testing.assert_allclose(float(m[k]), float(m2[k]), rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), g, g2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 st["disc"], st2["disc"])
+  d_convs, branch_convs = _count_ops(jaxpr, "conv_general_dilated")
+  _, branch_convs_in = _count_ops(jaxpr_in, "conv_general_dilated")
+  assert d_convs > 0    # D's convolutions (5 passes, forward and backward), outside the switch
+  assert branch_convs_in - branch_convs == n_branch * d_convs
+
+
 def _fashion_mnist(n=16):
   path = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
   if not os.path.exists(path):

@@ -323,7 +323,57 @@ def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state["ema"], state["params"])
   assert not np.allclose(state["params"]["ar"]["z_proj"]["kernel"].shape,
                          ema["ar"]["z_proj"]["kernel"].shape)
-  with pytest.raises(ValueError, match="only MRAR"):
+  with pytest.raises(ValueError, match="init_from: a 1-step run starts MRAR"):
+    get_config(f"size=tiny,init_from={one_dir}")
+
+
+def test_resolution_transfer_trains_the_decoder_under_the_frozen_one_step_ar(tmp_path):
+  """Reference stage 2b (512 px from the 256 px run, `--only_train_diff`), at 16 -> 32 px: the
+  AR keeps the source's 16 condition slots and weights (its EMA), the decoder denoises 64 tokens
+  and starts from the source's with its position table resized; training moves the decoder only,
+  and the model samples 32 px images."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  from tdjax import parallel, trainer
+  from tdjax.nn import resize_pos_grid
+  c = get_config("size=tiny,steps=4")
+  c.log_every, c.eval_every, c.ckpt_every = 2, 4, 4
+  one_dir = str(tmp_path / "one")
+  trainer.train_and_evaluate(c, one_dir)
+  _, _, one = trainer.load_for_inference(one_dir)
+  ema = jax.device_get(one["ema"])
+  hi = get_config(f"size=tiny,res=32,init_from={one_dir},steps=3")
+  hi.log_every, hi.eval_every, hi.ckpt_every = 1, 3, 3
+  assert hi.model.head_only and hi.input.image_size == 32
+  setup = trainer.Setup(hi, parallel.make_mesh({"data": -1}))
+  assert (setup.task.L, setup.task.ar.latent_len) == (64, 16)
+  start = jax.device_get(setup.init_state())["params"]
+  jax.tree.map(np.testing.assert_array_equal, start["ar"], ema["ar"])
+  np.testing.assert_allclose(start["head"]["pos_embed"],
+                             resize_pos_grid(ema["head"]["pos_embed"], (4, 4), (8, 8)), atol=1e-6)
+  assert start["head"]["pos_embed"].shape == (64, ema["head"]["pos_embed"].shape[1])
+  jax.tree.map(np.testing.assert_array_equal,
+               {k: v for k, v in start["head"].items() if k != "pos_embed"},
+               {k: v for k, v in ema["head"].items() if k != "pos_embed"})
+  hi_dir = str(tmp_path / "hi")
+  trainer.train_and_evaluate(hi, hi_dir)
+  _, task, end = trainer.load_for_inference(hi_dir)
+  end = jax.device_get(end)
+  jax.tree.map(np.testing.assert_array_equal, end["params"]["ar"], start["ar"])
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), end["params"]["head"],
+                       start["head"])
+  assert min(jax.tree.leaves(moved)) > 0
+  z = task.sample_latents(end["ema"], jnp.arange(2), jax.random.key(0), cfg=1.5, steps=4)
+  assert task._to_images(z).shape == (2, 32, 32, 1)
+  # the same run trains both with head_only=False; a frozen AR needs a source
+  assert not get_config(f"size=tiny,res=32,init_from={one_dir},head_only=False").model.head_only
+  bad = get_config("size=tiny")
+  bad.model.head_only = True
+  with pytest.raises(ValueError, match="head_only=True .* needs model.init_from"):
+    trainer.Setup(bad, parallel.make_mesh({"data": -1}))
+  with pytest.raises(ValueError, match="init_from: a 1-step run starts MRAR"):
     get_config(f"size=tiny,init_from={one_dir}")
 
 

@@ -181,6 +181,39 @@ class TransDiffAR(nn.Module):
     return (x + self.diff_pos[None, :n - self.buffer_size].astype(self.dtype)).astype(jnp.float32)
 
 
+def head_for_resolution(src_head: dict, head: dict, src_grid: int, grid: int) -> dict:
+  """Resolution transfer of the diffusion decoder (reference stage 2b: 256 -> 512 px, 16 x 16 ->
+  32 x 32 latent tokens): every parameter is copied except the learned position table
+  `pos_embed`, resized from src_grid^2 to grid^2 rows (bilinear on the grid, `resize_pos_grid`).
+  The reference has no such step: its strict=False load fails on the 256 vs 1,024 rows of
+  `diffusion_pos_embed_learned` (transdiff.md 4.4, pitfall 4), so the table needs a conversion;
+  interpolating it is the usual ViT resolution transfer.  Other shapes must match exactly."""
+  from tdjax.nn import resize_pos_grid
+  src_pos = np.asarray(src_head["pos_embed"])
+  if src_pos.shape != (src_grid * src_grid, np.shape(head["pos_embed"])[1]):
+    raise ValueError(f"resolution transfer: the source head's pos_embed is {src_pos.shape}, "
+                     f"expected ({src_grid * src_grid}, {np.shape(head['pos_embed'])[1]})")
+  rest = lambda h: {k: v for k, v in h.items() if k != "pos_embed"}
+  out = dict(copy_checked(rest(src_head), rest(head), "head"))
+  out["pos_embed"] = np.asarray(resize_pos_grid(src_pos, (src_grid, src_grid), (grid, grid)))
+  return out
+
+
+def copy_checked(src, dst, what: str):
+  """`src`, after checking that its tree and every leaf's shape are `dst`'s (named errors)."""
+  a_leaves = dict(jax.tree_util.tree_leaves_with_path(src))
+  for path, b in jax.tree_util.tree_leaves_with_path(dst):
+    name = f"{what}{jax.tree_util.keystr(path)}"
+    if path not in a_leaves:
+      raise ValueError(f"parameter {name} is missing from the source checkpoint")
+    if np.shape(a_leaves[path]) != np.shape(b):
+      raise ValueError(f"parameter {name} has shape {np.shape(a_leaves[path])} in the source "
+                       f"checkpoint, {np.shape(b)} here")
+  if len(a_leaves) != len(jax.tree.leaves(dst)):
+    raise ValueError(f"the source checkpoint's {what} has parameters this model lacks")
+  return src
+
+
 def mrar_from_one_step(one_step_params: dict, mrar_params: dict) -> dict:
   """Weight surgery (reference 2.3): a 1-step AR checkpoint -> MRAR AR params.
 

@@ -424,6 +424,25 @@ class DinoDiscriminator(nn.Module):
   spectral_norm: bool = True
   bn_axis_name: Any = None
 
+  def flops(self) -> dict:
+    """Forward FLOPs on one image: backbone matmuls, backbone attention products, heads, and the
+    heads' input convs (part of `heads`; their input gradient is never needed in a D step).
+
+    Backbone at img_size (the resize to it is not counted): patch embed 2 L p^2 c C, then per
+    block over T = L + 1 tokens 2 T (4 C^2 + 2 C F) for qkv, proj and the MLP (width F), and
+    4 T^2 C for the scores and their values; blocks 0 .. max(key_depths).  Heads (one per
+    readout, over the L patch tokens): conv_in 2 L C^2, the k-wide residual conv 2 L k C^2,
+    conv_out 2 L C."""
+    c, L = self.embed_dim, (self.img_size // self.patch_size) ** 2
+    t, f = L + 1, int(round(c * self.mlp_ratio))
+    depth = max(self.key_depths) + 1 if self.key_depths else 0
+    mm = 2 * L * self.patch_size ** 2 * 3 * c + depth * 2 * t * (4 * c * c + 2 * c * f)
+    attn = depth * 4 * t * t * c
+    n_heads = len(self.key_depths) + 1
+    heads = n_heads * (2 * L * c * c * (1 + self.kernel_size) + 2 * L * c)
+    return dict(backbone_mm=float(mm), backbone_attn=float(attn), heads=float(heads),
+                heads_conv_in=float(n_heads * 2 * L * c * c))
+
   def backbone_module(self) -> DinoViT:
     return DinoViT(self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio,
                    tuple(self.key_depths), self.img_size, self.pos_grid, self.ln_eps,

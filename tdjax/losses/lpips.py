@@ -49,6 +49,20 @@ VGG16_WIDTHS = (64, 128, 256, 512, 512)
 MIN_SIZE = 16
 
 
+def vgg16_flops(h: int, w: int, channels: int = 3, widths: Sequence[int] = VGG16_WIDTHS) -> float:
+  """Forward FLOPs of the LPIPS trunk on one h x w image: sum over its 3x3 'same' convs of
+  2 C_in C_out (3 H_s - 2)(3 W_s - 2), the multiply-adds whose input is inside the image (9 H_s W_s
+  taps less the zero padding's), the stage size halving (floor) at each 2x2 max pool."""
+  total, cin = 0.0, channels
+  for i, ((_, n_conv), width) in enumerate(zip(_VGG16_STAGES, widths)):
+    if i > 0:
+      h, w = h // 2, w // 2
+    for _ in range(n_conv):
+      total += 2 * cin * width * (3 * h - 2) * (3 * w - 2)
+      cin = width
+  return total
+
+
 class VGG16Features(nn.Module):
   """VGG16 conv trunk (no classifier); returns the 5 LPIPS taps, each NHWC."""
   widths: Sequence[int] = VGG16_WIDTHS
@@ -114,13 +128,14 @@ class LPIPS(nn.Module):
     shift = jnp.asarray(SHIFT, jnp.float32)
     scale = jnp.asarray(SCALE, jnp.float32)
     b = x.shape[0]
-    # One trunk pass over the concatenated pair.
-    xy = (jnp.concatenate([x, y], axis=0) - shift) / scale
-    feats = frozen(VGG16Features, self.is_initializing())(self.widths, name="features")(xy)
+    # One trunk pass per image set, not one over [x; y]: the backward pass then differentiates the
+    # trunk for x only (a concatenated pass carries y's activations into it too: 4 instead of 3
+    # trunk-sized convolutions per pair when training against a fixed target).
+    trunk = frozen(VGG16Features, self.is_initializing())(self.widths, name="features")
+    feats_x, feats_y = trunk((x - shift) / scale), trunk((y - shift) / scale)
     total = jnp.zeros((b,), jnp.float32)
-    for i, f in enumerate(feats):
-      f = _unit_normalize(f)
-      d = jnp.square(f[:b] - f[b:])
+    for i, (fx, fy) in enumerate(zip(feats_x, feats_y)):
+      d = jnp.square(_unit_normalize(fx) - _unit_normalize(fy))
       if self.lin_dropout > 0:
         d = nn.Dropout(self.lin_dropout)(d, deterministic=deterministic)
       s = frozen(_LinHead, self.is_initializing())(name=f"lin{i}")(d)

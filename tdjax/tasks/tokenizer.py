@@ -164,12 +164,14 @@ class TokenizerTask(Task):
     return {**params, "gen": gen}
 
   def analytic_flops(self, batch) -> float:
-    """Train-step FLOPs of a full-resolution step (the largest decoder branch), no LPIPS/GAN/teacher:
+    """Train-step FLOPs of a full-resolution step (the largest decoder branch): the tokenizer's
     3 x forward, forward = encoder ViT over P + N tokens + decoder ViT over P + N tokens + patch
     embed and pixel head, with a ViT of depth L, width D, MLP F over T tokens
     = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D.  Self-correction doubles the decoder batch and adds the
     second encoder pass over the N queries only (the patches' keys/values reused): per layer,
-    projections and MLP on N tokens, attention N x (P + N)."""
+    projections and MLP on N tokens, attention N x (P + N).  Plus the frozen loss networks on
+    the n decoded images (`_loss_net_flops`); the PatchGAN, the alignment teacher, resizes and
+    augmentations are not counted."""
     m = self.model
     b = int(np.shape(batch["image"])[0])
     p_tok, n = (self.image_size // m.patch) ** 2, self.N
@@ -180,9 +182,31 @@ class TokenizerTask(Task):
     enc = vit(d, l, f) + 2 * p_tok * pix * d
     dec = vit(m.dec_width, m.dec_depth, m.dec_mlp) + 2 * p_tok * m.dec_width * pix
     if not self.self_correction:
-      return float(3 * b * (enc + dec))
+      return float(3 * b * (enc + dec)) + self._loss_net_flops(b)
     enc2 = 2 * n * l * (4 * d * d + 2 * d * f) + 4 * l * n * t * d
-    return float(3 * b * (enc + enc2 + 2 * dec))
+    return float(3 * b * (enc + enc2 + 2 * dec)) + self._loss_net_flops(2 * b)
+
+  def _loss_net_flops(self, n: int) -> float:
+    """LPIPS and the DINO discriminator on n decoded images of the full resolution.
+
+    LPIPS: trunk forward on the reconstructions and on the targets + the reconstructions' input
+    gradient (its weights are frozen) = 3 trunk passes.  DINO (backbone frozen, input resized to
+    its img_size): the generator term's pass and its input gradient (matmuls 1x, attention
+    products 2x, heads 1x; D's params are constants there), then each D pass (real, fake, and
+    with consistency regularisation the two strongly augmented ones) on stopped images: backbone
+    forward only, heads forward + weight gradients + input gradients below conv_in."""
+    total = 0.0
+    if self._lpips is not None:
+      from tdjax.losses.lpips import MIN_SIZE, vgg16_flops
+      s = max(self.image_size, MIN_SIZE)
+      total += 3 * n * vgg16_flops(s, s, widths=self._lpips.widths)
+    if self._disc is not None and hasattr(self._disc, "flops"):
+      f = self._disc.flops()
+      d_calls = 4 if float(self.loss_cfg.get("cr_weight", 0.0)) > 0 else 2
+      g_term = 2 * f["backbone_mm"] + 3 * f["backbone_attn"] + 2 * f["heads"]
+      d_term = f["backbone_mm"] + f["backbone_attn"] + 3 * f["heads"] - f["heads_conv_in"]
+      total += n * (g_term + d_calls * d_term)
+    return float(total)
 
   def param_groups(self, params):
     if "disc" not in params:
@@ -201,12 +225,29 @@ class TokenizerTask(Task):
       x, y = apply_separable(x, mh), apply_separable(y, mh)
     return self._lpips.apply({"params": frozen["lpips"]}, x, y)
 
-  def _disc_apply(self, dparams, dstate, x):
-    """Discriminator logits in train mode; returns (logits [B, ...], new non-param state)."""
+  def _disc_size(self) -> int | None:
+    """The fixed side D's inputs are resized to (DINO: its img_size), or None: as decoded."""
+    if self._disc is None:
+      return None
+    if hasattr(self._disc, "img_size"):
+      return int(self._disc.img_size)
+    return int(self.loss_cfg.get("disc_input_size", 0) or 0) or None
+
+  def _to_disc_input(self, x):
+    """Resizes as D's input path does: bicubic to disc_input_size if set, then a DINO backbone's
+    resize to its img_size (PyTorch 'area' down / 'bicubic' up; done here, it is a no-op inside
+    the backbone, whose per-channel normalisation commutes with it: the rows sum to 1)."""
     x = x.astype(jnp.float32)
     size = int(self.loss_cfg.get("disc_input_size", 0) or 0)
     if size and x.shape[1] != size:
       x = apply_separable(x, bicubic_matrix(x.shape[1], size), bicubic_matrix(x.shape[2], size))
+    if hasattr(self._disc, "img_size"):
+      from tdjax.losses.discriminators import resize_torch
+      x = resize_torch(x, (self._disc.img_size, self._disc.img_size))
+    return x
+
+  def _disc_apply(self, dparams, dstate, x):
+    """Discriminator logits in train mode; returns (logits [B, ...], new non-param state)."""
     mutable = list(dstate.keys())
     logits, new = self._disc.apply({"params": dparams, **dstate}, x, train=True, mutable=mutable)
     return logits.reshape(logits.shape[0], -1), dict(new)
@@ -223,9 +264,64 @@ class TokenizerTask(Task):
       from tdjax.losses.discriminators import diff_augment
     return diff_augment(x, rng, policy, prob)
 
-  def _image_losses(self, res, mats, params, state, codes, t, row, x, w, step, rng):
-    """Decode at static `res` and compute every image-space loss term (one switch branch)."""
+  def _disc_views(self, rec, target, rng):
+    """D's inputs, augmented at the decoded resolution and resized to D's: the generator term's
+    weakly augmented fakes (with gradient), the D step's real and fake (stopped), and with
+    consistency regularisation both again strongly augmented."""
+    sg = jax.lax.stop_gradient
+    k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
+    views = dict(g=self._augment(rec, k1), real=self._augment(sg(target), k2),
+                 fake=self._augment(sg(rec), k3))
+    if float(self.loss_cfg.get("cr_weight", 0.0)) > 0:
+      strong = (self.loss_cfg.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
+      views.update(real_s=self._augment(sg(target), k4, *strong),
+                   fake_s=self._augment(sg(rec), k5, *strong))
+    return {k: self._to_disc_input(v) for k, v in views.items()}
+
+  def _disc_terms(self, params, state, views, step):
+    """Reference VQLoss: the generator step's D(fake), then the discriminator step's D(real) and
+    D(fake) as separate calls (each batch normalised by its own batch statistics, one power
+    iteration per call), then, with consistency regularisation, D on the strongly augmented real
+    and fake images.  D's state (power-iteration vectors, BN running stats) and the LeCAM EMAs
+    advance every step, before adv_start too, as the reference's forward passes do."""
+    from tdjax.losses import discriminators as D
     l = self.loss_cfg
+    sg = jax.lax.stop_gradient
+    on = _lerp_on(step, l.get("adv_start", 0))
+    # generator term: D's params are constants here.
+    fake_logits_g, dstate = self._disc_apply(sg(params["disc"]), state["disc"], views["g"])
+    out = dict(g_loss=D.hinge_g_loss(fake_logits_g) * on)
+    # discriminator term: the generator's output is a constant here (the views are stopped).
+    real, dstate = self._disc_apply(params["disc"], dstate, views["real"])
+    fake, dstate = self._disc_apply(params["disc"], dstate, views["fake"])
+    d = D.hinge_d_loss(real, fake)
+    lw = float(l.get("lecam_weight", 0.0))
+    lecam = jnp.zeros(())
+    ema = state["lecam"]
+    if lw > 0:   # the reference updates the EMAs first, then regularises towards them
+      r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
+                                float(l.get("lecam_decay", 0.999)))
+      ema = {"real": r, "fake": f}
+      lecam = D.lecam_reg(real, fake, r, f)
+    cw = float(l.get("cr_weight", 0.0))
+    cr = jnp.zeros(())
+    if cw > 0:   # MSE(D(weak) - D(strong)) over the real and the fake logits together
+      real_s, dstate = self._disc_apply(params["disc"], dstate, views["real_s"])
+      fake_s, dstate = self._disc_apply(params["disc"], dstate, views["fake_s"])
+      cr = D.consistency_loss(jnp.concatenate([real, fake]), jnp.concatenate([real_s, fake_s]))
+    # reference: disc_weight * (hinge + lecam_weight * LeCAM) + cr_weight * CR, all from disc_start
+    d_loss = float(l.adv_weight) * (d + lw * lecam) + cw * cr
+    out.update(d_loss=d_loss * on, lecam=lecam, cr=cr, logits_real=jnp.mean(sg(real)),
+               logits_fake=jnp.mean(sg(fake)))
+    return out, {"disc": dstate, "lecam": ema}
+
+  def _image_losses(self, res, mats, params, state, codes, t, row, x, w, step, rng):
+    """Decode at static `res` and compute the image-space loss terms (one switch branch).
+
+    D's passes run here only when D sees the decoded resolution; when it sees a fixed size (the
+    DINO disc: 224), the branch returns D's views (`out['views']`) and `_loss` runs D once after
+    the switch: the 14 decoder branches of DetailFlow-16 then hold no copy of D's five passes
+    (compile time of the paper step: minutes instead of not finishing in 25 min for 256 devices)."""
     rec = self.model.apply({"params": params["gen"]}, codes, res, t, method="decode")
     M = jnp.asarray(mats)[row]
     target = apply_separable(x.astype(jnp.float32), M)
@@ -233,54 +329,17 @@ class TokenizerTask(Task):
     target = jnp.concatenate([target] * reps, axis=0)
     wsum = jnp.maximum(jnp.sum(w), 1.0)
     mse = jnp.sum(w * jnp.mean((rec - target) ** 2, axis=(1, 2, 3))) / wsum
-    out = dict(mse=mse, lpips=jnp.zeros(()), g_loss=jnp.zeros(()), d_loss=jnp.zeros(()),
-               lecam=jnp.zeros(()), cr=jnp.zeros(()), logits_real=jnp.zeros(()),
-               logits_fake=jnp.zeros(()))
+    out = dict(mse=mse, lpips=jnp.zeros(()))
     new_state = {k: state[k] for k in ("disc", "lecam") if k in state}
     if self._lpips is not None:
       out["lpips"] = jnp.sum(w * self._lpips_fn(state["frozen"], rec, target)) / wsum
     if self._disc is not None:
-      # Reference VQLoss: the generator step's D(fake), then the discriminator step's D(real) and
-      # D(fake) as separate calls (each batch normalised by its own batch statistics, one power
-      # iteration per call), then, with consistency regularisation, D on strongly augmented real
-      # and fake images.  D's state (power-iteration vectors, BN running stats) and the LeCAM EMAs
-      # advance every step, before adv_start too, as the reference's forward passes do.
-      from tdjax.losses import discriminators as D
-      k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
-      sg = jax.lax.stop_gradient
-      on = _lerp_on(step, l.get("adv_start", 0))
-      # generator term: D's params are constants here.
-      fake_logits_g, dstate = self._disc_apply(sg(params["disc"]), state["disc"],
-                                               self._augment(rec, k1))
-      out["g_loss"] = D.hinge_g_loss(fake_logits_g) * on
-      # discriminator term: the generator's output is a constant here.
-      def d_call(images, key, dstate, *aug):     # one train-mode D pass, its state threaded on
-        return self._disc_apply(params["disc"], dstate, self._augment(sg(images), key, *aug))
-
-      real, dstate = d_call(target, k2, dstate)
-      fake, dstate = d_call(rec, k3, dstate)
-      d = D.hinge_d_loss(real, fake)
-      lw = float(l.get("lecam_weight", 0.0))
-      lecam = jnp.zeros(())
-      ema = state["lecam"]
-      if lw > 0:   # the reference updates the EMAs first, then regularises towards them
-        r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
-                                  float(l.get("lecam_decay", 0.999)))
-        ema = {"real": r, "fake": f}
-        lecam = D.lecam_reg(real, fake, r, f)
-      cw = float(l.get("cr_weight", 0.0))
-      cr = jnp.zeros(())
-      if cw > 0:   # MSE(D(weak) - D(strong)) over the real and the fake logits together
-        strong = (l.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
-        real_s, dstate = d_call(target, k4, dstate, *strong)
-        fake_s, dstate = d_call(rec, k5, dstate, *strong)
-        cr = D.consistency_loss(jnp.concatenate([real, fake]), jnp.concatenate([real_s, fake_s]))
-      # reference: disc_weight * (hinge + lecam_weight * LeCAM) + cr_weight * CR, all from disc_start
-      d_loss = float(l.adv_weight) * (d + lw * lecam) + cw * cr
-      out.update(d_loss=d_loss * on, lecam=lecam, cr=cr, logits_real=jnp.mean(sg(real)),
-                 logits_fake=jnp.mean(sg(fake)))
-      new_state["disc"] = dstate
-      new_state["lecam"] = ema
+      views = self._disc_views(rec, target, rng)
+      if self._disc_size() is None:
+        d_out, new_state = self._disc_terms(params, state, views, step)
+        out.update(d_out)
+      else:
+        out["views"] = views
     return out, new_state
 
   def _prefix_length(self, rng):
@@ -338,6 +397,10 @@ class TokenizerTask(Task):
     else:
       img, new_state = jax.lax.switch(branch, fns, ops)
 
+    if "views" in img:   # D sees a fixed size: its passes run once, outside the decoder branches
+      d_out, d_state = self._disc_terms(params, model_state, img.pop("views"), step)
+      img.update(d_out)
+      new_state = dict(new_state, **d_state)
     mse_w = float(l.get("mse_weight", 1.0))
     total = mse_w * img["mse"] + tok["bottleneck_loss"]
     metrics = dict(rec_mse=img["mse"], bottleneck_loss=tok["bottleneck_loss"],

@@ -105,6 +105,14 @@ class TransDiffTask(Task):
     head_cfg.max_len = self.L
     self.head = make_head(head_cfg, self.latent_dim * (2 if self.learn_sigma else 1))
     self.batch_mul = int(m.get("batch_mul", 1))
+    self.head_only = bool(m.get("head_only", False))
+    if self.head_only and not m.get("init_from", ""):
+      raise ValueError("model.head_only=True trains the decoder under a frozen AR: it needs "
+                       "model.init_from (a 1-step run's workdir)")
+    if m.get("init_from", "") and not self.num_refs and cond_tokens == self.L:
+      raise ValueError(f"model.init_from={m.init_from!r}: a 1-step model starts from a 1-step run "
+                       f"only for a resolution transfer (model.cond_tokens < {self.L} latent "
+                       f"tokens; config arg res=...) or as MRAR (mrar=True)")
     self.label_drop = float(m.get("label_drop", 0.1))
 
   def _load_vae(self, lc):
@@ -158,15 +166,14 @@ class TransDiffTask(Task):
     return {"ar": ar, "head": head}, {}
 
   def load_pretrained(self, params):
-    """MRAR fine-tuning (reference 2.3) starts from a 1-step run: `model.init_from` names its
-    workdir; its EMA weights (raw if it has none) go through `mrar_from_one_step` for the AR part
-    and are copied for the head.  A fresh start only: a restored MRAR run keeps its own weights."""
+    """A fresh start from a 1-step run (`model.init_from`, its workdir; its EMA weights, raw if it
+    has none): MRAR fine-tuning (reference 2.3) puts its AR through `mrar_from_one_step` and copies
+    the head; a resolution transfer (reference stage 2b, 256 -> 512 px: this model denoises more
+    latent tokens than the source, from the source's condition slots) copies the AR and resizes
+    the head's position table (`head_for_resolution`).  A restored run keeps its own weights."""
     src = self.config.model.get("init_from", "")
     if not src:
       return params
-    if not self.num_refs:
-      raise ValueError(f"model.init_from={src!r}: only an MRAR model (mrar=True) starts from a "
-                       f"1-step checkpoint")
     from tdjax import trainer   # the loop imports the tasks: import it lazily
     cfg, task, state = trainer.load_for_inference(src)
     if task.kind != self.kind or task.num_refs:
@@ -174,13 +181,24 @@ class TransDiffTask(Task):
                        f"num_refs={getattr(task, 'num_refs', None)}; expected a 1-step TransDiff run")
     one = jax.device_get(state["ema"] if "ema" in state else state["params"])
     params = jax.device_get(params)
-    for a, b in zip(jax.tree_util.tree_leaves_with_path(one["head"]),
-                    jax.tree_util.tree_leaves_with_path(params["head"])):
-      if a[0] != b[0] or np.shape(a[1]) != np.shape(b[1]):
-        raise ValueError(f"model.init_from={src!r}: head parameter "
-                         f"{jax.tree_util.keystr(b[0])} has shape {np.shape(a[1])} there, "
-                         f"{np.shape(b[1])} here")
-    return {"ar": td.mrar_from_one_step(one["ar"], params["ar"]), "head": one["head"]}
+    try:
+      if self.num_refs:
+        return {"ar": td.mrar_from_one_step(one["ar"], params["ar"]),
+                "head": td.copy_checked(one["head"], params["head"], "head")}
+      if task.ar.latent_len != self.ar.latent_len:
+        raise ValueError(f"it has {task.ar.latent_len} condition slots, this model "
+                         f"{self.ar.latent_len} (model.cond_tokens)")
+      return {"ar": td.copy_checked(one["ar"], params["ar"], "ar"),
+              "head": td.head_for_resolution(one["head"], params["head"], task.grid, self.grid)}
+    except ValueError as e:
+      raise ValueError(f"model.init_from={src!r}: {e}") from None
+
+  def param_groups(self, params):
+    """model.head_only (reference `--only_train_diff`, the 512 px stage): the AR is frozen."""
+    if not self.head_only:
+      return None
+    return {"ar": jax.tree.map(lambda _: "frozen", params["ar"]),
+            "head": jax.tree.map(lambda _: "head", params["head"])}
 
   def logical_batch_axes(self):
     nd = 5 if self.num_refs else 4
@@ -201,9 +219,10 @@ class TransDiffTask(Task):
                 np.int32)}
 
   def analytic_flops(self, batch) -> float:
-    """3 x forward.  AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR)
-    over L tokens: self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2
-    per condition token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2."""
+    """3 x forward (the AR 1 x with head_only; remat adds a forward of the stack it is set on).
+    AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
+    self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2 per condition
+    token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2."""
     ar, hc = self.ar, self.config.head
     b = int(np.shape(batch["label"])[0])
     d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
@@ -217,7 +236,9 @@ class TransDiffTask(Task):
     else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
       head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w + 2 * d * w)
     copies = self.batch_mul * (self.num_refs + 1)
-    return float(3 * b * (ar_f + copies * head))
+    recompute = lambda cfg: 1 if cfg.get("remat", "none") != "none" else 0
+    ar_passes = 1 if self.head_only else 3 + recompute(self.config.model)  # frozen: forward only
+    return float(b * (ar_passes * ar_f + (3 + recompute(hc)) * copies * head))
 
   # --- loss -------------------------------------------------------------------------------------
   def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
@@ -266,6 +287,8 @@ class TransDiffTask(Task):
     return self._diffusion_loss(fn, x0, {"z": cond, "mask": cmask}, k_flow)
 
   def loss(self, params, model_state, batch, rng, step):
+    if self.head_only:   # no AR backward pass (its optimiser group is frozen too)
+      params = {**params, "ar": jax.lax.stop_gradient(params["ar"])}
     loss, metrics = self._losses(params, batch, rng, True)
     return loss, (metrics, model_state)
 
