@@ -18,10 +18,11 @@ Options: size=tiny|demo|B|L|H, mrar (refs = 3 references by default, K = refs + 
 above the size's own: reference stage 2b, 512 px from a 256 px run; the AR keeps the source's
 condition slots, the decoder denoises (res / stride)^2 tokens; needs init_from), head_only (with
 res; reference --only_train_diff: the AR frozen; head_only=False trains both), head=attention|mlp,
-head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm, temperature (DDPM sampling),
-batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps, latent=pixels|cached|vae and
-vae_weights (KL VAE params from `python -m tdjax.convert --kind mar_vae`: 'vae' encodes images in the
-step, 'cached' latents are decoded with it for pictures and sampling), seed.
+head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm,
+temperature (DDPM sampling), batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps,
+latent=pixels|cached|vae and vae_weights (KL VAE params from `python -m tdjax.convert --kind
+mar_vae`: 'vae' encodes images in the step, 'cached' latents are decoded with it for pictures and
+sampling), seed.
 """
 
 import ml_collections
