@@ -77,12 +77,14 @@ def test_transdiff_hlo_flops_match_analytic(arg):
 
 @pytest.mark.parametrize("arg,head_remat",
                          [("size=B,batch_mul=1,res=512,init_from=/unused", "none"),
-                          ("size=B,batch_mul=1", "nothing_saveable")])
+                          ("size=B,batch_mul=1", "nothing_saveable"),
+                          ("size=B,batch_mul=1", "dots_with_no_batch_dims_saveable")])
 def test_transdiff_flops_of_a_frozen_ar_and_of_head_remat(arg, head_remat):
   """The 512 px stage (head_only) runs its AR forward only (3 passes would be ~7 % too many at
-  B); remat of the head adds one forward of it (~30 % of the B step)."""
+  B); remat of the head adds one forward of it (~30 % of the B step), or with
+  dots_with_no_batch_dims_saveable its attention products only."""
   c = configlib.load_config("transdiff", arg)
   c.model.dropout = c.head.dropout = 0.0
-  c.head.remat = head_remat
+  c.head.remat = head_remat   # (the 512 px config's default is the dots policy)
   ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
   assert abs(ratio - 1) < 0.03, ratio

@@ -53,6 +53,16 @@ def latent_to_images(z, latent_cfg, channels: int):
   return td.unpatchify_latent(z.reshape(b, h * w, -1), p, h * p, w * p)
 
 
+def _recomputed(stack_cfg, forward: float, batched_dots: float) -> float:
+  """FLOPs a stack's remat policy recomputes in the backward pass: the whole forward, none
+  (everything / every dot saved), or with 'dots_with_no_batch_dims_saveable' the products that
+  have batch dimensions (attention scores and values)."""
+  policy = stack_cfg.get("remat", "none")
+  if policy in ("none", "everything_saveable", "dots_saveable"):
+    return 0.0
+  return batched_dots if policy == "dots_with_no_batch_dims_saveable" else forward
+
+
 class TransDiffTask(Task):
   kind = "transdiff"
 
@@ -219,26 +229,28 @@ class TransDiffTask(Task):
                 np.int32)}
 
   def analytic_flops(self, batch) -> float:
-    """3 x forward (the AR 1 x with head_only; remat adds a forward of the stack it is set on).
+    """3 x forward (the AR 1 x with head_only), + what remat recomputes (`_recomputed`).
     AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
     self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2 per condition
     token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2."""
     ar, hc = self.ar, self.config.head
     b = int(np.shape(batch["label"])[0])
     d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
-    ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + 4 * ar.depth * t * t * d
+    ar_attn = 4 * ar.depth * t * t * d
+    ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + ar_attn
     w, n, l = hc.width, hc.depth, self.L
     m = ar.mask_len * (1 + self.num_refs)
     fh = int(hc.get("mlp_ratio", 4.0) * w)
+    head_attn = 0
     if hc.get("type", "attention") == "attention":
-      head = n * (2 * l * (4 * w * w + 2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w
-                  + 4 * l * l * w + 4 * l * m * w) + 2 * m * d * w
+      head_attn = n * (4 * l * l * w + 4 * l * m * w)
+      head = n * (2 * l * (4 * w * w + 2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w) + head_attn \
+          + 2 * m * d * w
     else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
       head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w + 2 * d * w)
     copies = self.batch_mul * (self.num_refs + 1)
-    recompute = lambda cfg: 1 if cfg.get("remat", "none") != "none" else 0
-    ar_passes = 1 if self.head_only else 3 + recompute(self.config.model)  # frozen: forward only
-    return float(b * (ar_passes * ar_f + (3 + recompute(hc)) * copies * head))
+    ar_total = ar_f if self.head_only else 3 * ar_f + _recomputed(self.config.model, ar_f, ar_attn)
+    return float(b * (ar_total + copies * (3 * head + _recomputed(hc, head, head_attn))))
 
   # --- loss -------------------------------------------------------------------------------------
   def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
