@@ -146,6 +146,14 @@ class ViTTeacher(nn.Module):
   ln_eps: float = 1e-6
   double_post_ln: bool = False
 
+  def flops(self, h: int, w: int) -> float:
+    """Forward FLOPs on one h x w image, N = (h / P)(w / P) tokens: patch embed 2 N P^2 3 W, then
+    per block 2 N (4 W^2 + 2 W F) + 4 N^2 W (projections, MLP, attention products)."""
+    n = (h // self.patch_size) * (w // self.patch_size)
+    wd, f = self.width, self.mlp_dim
+    return float(2 * n * self.patch_size ** 2 * 3 * wd
+                 + self.depth * (2 * n * (4 * wd * wd + 2 * wd * f) + 4 * n * n * wd))
+
   @nn.compact
   def __call__(self, x):
     if x.ndim != 4 or x.shape[-1] != 3:

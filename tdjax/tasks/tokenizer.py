@@ -170,8 +170,8 @@ class TokenizerTask(Task):
     = 2 T L (4 D^2 + 2 D F) + 4 L T^2 D.  Self-correction doubles the decoder batch and adds the
     second encoder pass over the N queries only (the patches' keys/values reused): per layer,
     projections and MLP on N tokens, attention N x (P + N).  Plus the frozen loss networks on
-    the n decoded images (`_loss_net_flops`); the PatchGAN, the alignment teacher, resizes and
-    augmentations are not counted."""
+    the n decoded images (`_loss_net_flops`) and the alignment teacher's forward pass on the b
+    images (when it runs in the step); the PatchGAN, resizes and augmentations are not counted."""
     m = self.model
     b = int(np.shape(batch["image"])[0])
     p_tok, n = (self.image_size // m.patch) ** 2, self.N
@@ -181,10 +181,12 @@ class TokenizerTask(Task):
     d, l, f = m.enc_width, m.enc_depth, m.enc_mlp
     enc = vit(d, l, f) + 2 * p_tok * pix * d
     dec = vit(m.dec_width, m.dec_depth, m.dec_mlp) + 2 * p_tok * m.dec_width * pix
+    teacher = b * self._teacher.flops(self.image_size, self.image_size) if (
+        self._teacher is not None and "teacher_feats" not in batch) else 0.0
     if not self.self_correction:
-      return float(3 * b * (enc + dec)) + self._loss_net_flops(b)
+      return float(3 * b * (enc + dec)) + self._loss_net_flops(b) + teacher
     enc2 = 2 * n * l * (4 * d * d + 2 * d * f) + 4 * l * n * t * d
-    return float(3 * b * (enc + enc2 + 2 * dec)) + self._loss_net_flops(2 * b)
+    return float(3 * b * (enc + enc2 + 2 * dec)) + self._loss_net_flops(2 * b) + teacher
 
   def _loss_net_flops(self, n: int) -> float:
     """LPIPS and the DINO discriminator on n decoded images of the full resolution.
