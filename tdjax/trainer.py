@@ -100,6 +100,9 @@ class Setup:
       state["params"] = jax.device_put(params, self.state_shardings["params"])
       if "ema" in state:
         state["ema"] = jax.device_put(params, self.state_shardings["ema"])
+    mstate = self.task.load_frozen(state["model_state"])   # frozen networks' files, the same way
+    if mstate is not state["model_state"]:
+      state["model_state"] = jax.device_put(mstate, self.state_shardings["model_state"])
     return state
 
   def abstract_state(self):

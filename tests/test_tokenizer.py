@@ -303,6 +303,45 @@ def test_dino_discriminator_initialises_under_the_mesh(tmp_path):
                bb_values)
 
 
+def test_frozen_weights_files_are_read_after_init_not_compiled_into_it(tmp_path):
+  """LPIPS, the alignment teacher and the DINO backbone come from files.  The trainer's init is
+  compiled without them (SigLIP2-so400m alone is 1.6 GB: as constants of the init program it
+  nears protobuf's 2 GB limit, and it was replicated on every device); they are read on the host
+  after it and placed by their logical axes, and the state holds the files' values."""
+  from tdjax import trainer
+  from tdjax.losses import discriminators as D
+  from tdjax.losses.alignment import ViTTeacher
+  from tdjax.losses.lpips import LPIPS
+  from tdjax.losses.weights import expected_params, save_npz_params
+  rand = lambda tree, seed: jax.tree.map(
+      lambda s: np.random.RandomState(seed).rand(*s.shape).astype(np.float32), nn.unbox(tree))
+  files = {}
+  dino = dict(embed_dim=16, num_heads=2, key_depths=(0, 1), img_size=32, pos_grid=2)
+  lp = dict(widths=(4, 4, 4, 4, 4))
+  tower = ViTTeacher(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4, pos_grid=4)
+  img = lambda s: jnp.zeros((1, s, s, 3))
+  for name, module, args, seed in (
+      ("dino", D.DinoDiscriminator(**dino).backbone_module(), (img(32),), 1),
+      ("lpips", LPIPS(**lp), (img(16), img(16)), 2), ("teacher", tower, (img(16),), 3)):
+    files[name] = rand(expected_params(module, *args), seed)
+    save_npz_params(str(tmp_path / f"{name}.npz"), files[name])
+  c = get_config(f"size=tiny,adv=0.1,disc=dino,lpips=0.5,align=1.0,teacher={tmp_path}/teacher.npz")
+  c.loss.update(disc_backbone_weights=str(tmp_path / "dino.npz"), disc_kwargs=dino,
+                lpips_weights=str(tmp_path / "lpips.npz"), lpips_kwargs=lp)
+  c.mesh = dict(data=2, fsdp=4, tensor=1)
+  setup = trainer.Setup(c)
+  consts = jax.make_jaxpr(setup._init_state)(setup.init_key).consts
+  smallest_file = min(sum(np.size(a) for a in jax.tree.leaves(f)) for f in files.values())
+  assert sum(np.size(x) for x in consts) < smallest_file, (smallest_file, [np.shape(x) for x in consts])
+  state = setup.init_state()
+  frozen = state["model_state"]["frozen"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["teacher"]), files["teacher"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["lpips"]), files["lpips"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]["disc"]["backbone"]),
+               files["dino"])
+  assert not frozen["teacher"]["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.is_fully_replicated
+
+
 def test_alignment_to_a_teacher_file(tmp_path):
   """config arg teacher=F: the frozen tower's dims and align_dim come from F's shapes, F's weights
   are the ones applied (grey images repeated to RGB), and the loss adds -cos to the teacher."""
@@ -319,6 +358,7 @@ def test_alignment_to_a_teacher_file(tmp_path):
   assert (task._teacher.width, task._teacher.num_heads, task._teacher.mlp_dim,
           task._teacher.patch_size, c.model.align_dim) == (12, 2, 24, 4, 12)
   params, state = nn.unbox(task.init(jax.random.key(0)))
+  state = task.load_frozen(state)   # the file's weights (init gives random ones of its shapes)
   x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1
   feats = task._teacher_feats(state, {"image": x}, x)
   np.testing.assert_allclose(feats, tower.apply({"params": tp}, jnp.repeat(x, 3, -1)), rtol=1e-6)

@@ -62,6 +62,11 @@ class Task:
     a fresh start, outside jit, so large weight files never become compiled constants."""
     return params
 
+  def load_frozen(self, model_state: PyTree) -> PyTree:
+    """Host-side, like `load_pretrained`, for non-trained weights in the model state (frozen loss
+    networks): `model_state` with them read from their files, or `model_state` itself."""
+    return model_state
+
   def param_groups(self, params: PyTree) -> PyTree | None:
     """A pytree of group names (same structure as params) or None for a single group."""
     return None

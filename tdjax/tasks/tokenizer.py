@@ -129,39 +129,59 @@ class TokenizerTask(Task):
     return jnp.zeros((b, self.image_size, self.image_size, self.channels), jnp.float32)
 
   def init(self, rng):
-    k_gen, k_disc = jax.random.split(rng)
+    """Random initial params and state.  The frozen networks (LPIPS, the alignment teacher, the
+    DINO backbone) get random values of their shapes and logical axes here; their files are read
+    on the host after init (`load_pretrained`, `load_frozen`), never compiled into it."""
+    k_gen, k_disc, k_frozen = jax.random.split(rng, 3)
     variables = self.model.init({"params": k_gen}, self._dummy())
     params = {"gen": variables["params"]}
     state = {"vq_stats": variables.get("vq_stats", {})}
     frozen = {}
-    l = self.loss_cfg
     if self._disc is not None:
       dvars = self._disc.init(k_disc, self._dummy(2), train=False)
-      dparams = dvars["params"]
-      if l.get("disc", "patchgan") == "dino":
-        from tdjax.losses.discriminators import load_dino_backbone, with_backbone
-        dparams = with_backbone(dparams, load_dino_backbone(l.disc_backbone_weights, self._disc,
-                                                            strict=False))
-      params["disc"] = dparams
+      params["disc"] = dvars["params"]
       state["disc"] = {k: v for k, v in dvars.items() if k != "params"}
       from tdjax.losses.discriminators import init_lecam_ema
       state["lecam"] = init_lecam_ema()
     if self._lpips is not None:
-      frozen["lpips"] = self._lpips.load_params(l.lpips_weights)
+      x = jnp.zeros((1, 16, 16, 3))
+      frozen["lpips"] = self._lpips.init(k_frozen, x, x)["params"]
     if self._teacher is not None:
-      from tdjax.losses.alignment import load_teacher_params
-      frozen["teacher"] = load_teacher_params(l.align_teacher_weights, self._teacher)
+      s = self._teacher.patch_size * self._teacher.pos_grid
+      frozen["teacher"] = self._teacher.init(k_frozen, jnp.zeros((1, s, s, 3)))["params"]
     if frozen:
       state["frozen"] = frozen
     return params, state
 
   def load_pretrained(self, params):
+    """The SigLIP2 encoder initialisation (1.2) and the DINO discriminator's backbone."""
+    l = self.loss_cfg
     path = self.config.model.get("encoder_init")
-    if not path:
+    dino = self._disc is not None and l.get("disc", "patchgan") == "dino"
+    if not path and not dino:
       return params
-    from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2  # SigLIP2 encoder (1.2)
-    gen = init_encoder_from_siglip2(jax.device_get(params["gen"]), path)
-    return {**params, "gen": gen}
+    params = dict(params)
+    if path:
+      from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2
+      params["gen"] = init_encoder_from_siglip2(jax.device_get(params["gen"]), path)
+    if dino:
+      from tdjax.losses.discriminators import load_dino_backbone, with_backbone
+      params["disc"] = with_backbone(params["disc"], load_dino_backbone(
+          l.disc_backbone_weights, self._disc, strict=False))
+    return params
+
+  def load_frozen(self, model_state):
+    """The LPIPS-VGG and alignment-teacher weights files into model_state['frozen']."""
+    if "frozen" not in model_state:
+      return model_state
+    l = self.loss_cfg
+    frozen = dict(model_state["frozen"])
+    if "lpips" in frozen:
+      frozen["lpips"] = self._lpips.load_params(l.lpips_weights)
+    if "teacher" in frozen:
+      from tdjax.losses.alignment import load_teacher_params
+      frozen["teacher"] = load_teacher_params(l.align_teacher_weights, self._teacher)
+    return {**model_state, "frozen": frozen}
 
   def analytic_flops(self, batch) -> float:
     """Train-step FLOPs of a full-resolution step (the largest decoder branch): the tokenizer's
