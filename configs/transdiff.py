@@ -126,8 +126,10 @@ def get_config(arg=None):
     c.sample.temperature = a.temperature
   else:
     c.sample.update(scale_0=a.scale_0 or d["s0"], scale_1=a.scale_1 or d["s1"])
-  # reference 4.3: AdamW (0.9, 0.95), wd 0.02, clip 3.0 (constant lr after warm-up)
+  # reference 4.3: AdamW (0.9, 0.95), wd 0.02 outside the diffusion head, clip 3.0 (constant lr
+  # after warm-up)
   c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.02,
+                          decay_exclude=("head",),
                           schedule="cosine" if small else "constant",
                           warmup_steps=max(c.total_steps // (15 if res else 20), 1),
                           min_lr_ratio=0.1,

@@ -32,23 +32,29 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> op
   return optax.join_schedules([optax.linear_schedule(init, lr, warm), main], [warm])
 
 
-def decay_mask(params, min_ndim: int, specs=None):
-  """Weight decay only on parameters with ndim >= min_ndim (no decay on biases and norm scales).
+def decay_mask(params, min_ndim: int, specs=None, exclude=()):
+  """Weight decay only on parameters with ndim >= min_ndim (no decay on biases and norm scales),
+  and none under a dict key named in `exclude` (e.g. ('head',): TransDiff and MAR decay no
+  parameter of the diffusion head, reference `'diffdecoder' in name` / `'diffloss' in name`).
 
   With the parameters' logical specs, a stacked 'layers' axis (nn.scan) does not count, so the
   [depth, D] norm scales of a scanned stack stay undecayed.  Leaves of other optimiser groups
   (optax.MaskedNode) pass through.
   """
-  def decide(p, s=None):
+  exclude = set(exclude)
+
+  def decide(path, p, s=None):
     if isinstance(p, optax.MaskedNode):
       return p
+    if any(getattr(k, "key", None) in exclude for k in path):
+      return False
     stacked = sum(1 for a in (s or ()) if a == "layers")
     return p.ndim - stacked >= min_ndim
 
+  leaf = lambda x: isinstance(x, (optax.MaskedNode, jax.sharding.PartitionSpec))
   if specs is None:
-    return jax.tree.map(decide, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  return jax.tree.map(decide, params, specs,
-                      is_leaf=lambda x: isinstance(x, (optax.MaskedNode, jax.sharding.PartitionSpec)))
+    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=leaf)
+  return jax.tree_util.tree_map_with_path(decide, params, specs, is_leaf=leaf)
 
 
 def _single(c: ml_collections.ConfigDict, total_steps: int, specs=None) -> optax.GradientTransformation:
@@ -62,7 +68,9 @@ def _single(c: ml_collections.ConfigDict, total_steps: int, specs=None) -> optax
     wd = float(c.get("weight_decay", 0.0)) if name == "adamw" else 0.0
     if wd:
       min_ndim = int(c.get("decay_min_ndim", 2))
-      parts.append(optax.add_decayed_weights(wd, mask=lambda p: decay_mask(p, min_ndim, specs)))
+      exclude = tuple(c.get("decay_exclude", ()))
+      parts.append(optax.add_decayed_weights(
+          wd, mask=lambda p: decay_mask(p, min_ndim, specs, exclude)))
   elif name == "sgd":
     if c.get("momentum", 0.0):
       parts.append(optax.trace(decay=float(c.momentum)))

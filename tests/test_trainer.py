@@ -236,6 +236,12 @@ def test_optimizer_groups_and_weight_decay_mask():
   tx = optim.make_optimizer(c, groups, specs)
   upd, _ = tx.update(jax.tree.map(jnp.zeros_like, stacked), tx.init(stacked), stacked)
   assert float(upd["scale"][0, 0]) == 0.0 and float(upd["kernel"][0, 0, 0]) == -0.5
+  # no decay under an excluded key (TransDiff / MAR: the diffusion head), with specs or without
+  c.optimizer.decay_exclude = ("disc",)
+  for spec in (None, jax.tree.map(lambda p: P(*(None,) * p.ndim), params)):
+    tx = optim.make_optimizer(c, None, spec)
+    upd, _ = tx.update(zero, tx.init(params), params)
+    assert float(upd["gen"]["w"][0, 0]) == -0.5 and float(upd["disc"]["w"][0, 0]) == 0.0
 
 
 def test_bf16_compute_keeps_fp32_master_weights():

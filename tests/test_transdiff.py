@@ -327,6 +327,24 @@ def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
     get_config(f"size=tiny,init_from={one_dir}")
 
 
+@pytest.mark.parametrize("head", ["attention", "mlp"])
+def test_weight_decay_spares_the_diffusion_head(head):
+  """Reference 4.3 (and MAR): AdamW's decay 0.02 on the AR's matrices, none on any parameter of
+  the diffusion head ('diffdecoder' / 'diffloss' in the reference's names)."""
+  from tdjax import optim
+  task = _task(f"size=tiny,head={head}")
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  task.config.optimizer.warmup_steps = 0    # lr > 0 at the first update
+  tx = optim.make_optimizer(task.config)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(upd["head"]))
+  decayed = [float(jnp.abs(u).max()) > 0 for u, p in zip(jax.tree.leaves(upd["ar"]),
+                                                          jax.tree.leaves(params["ar"]))
+             if p.ndim >= 2 and float(jnp.abs(p).max()) > 0]   # (zero-initialised: no decay)
+  assert decayed and all(decayed)
+
+
 def test_resolution_transfer_trains_the_decoder_under_the_frozen_one_step_ar(tmp_path):
   """Reference stage 2b (512 px from the 256 px run, `--only_train_diff`), at 16 -> 32 px: the
   AR keeps the source's 16 condition slots and weights (its EMA), the decoder denoises 64 tokens
