@@ -29,7 +29,7 @@ import ml_collections
 
 from tdjax import configlib as common
 from tdjax.data.pipeline import default_input_config
-from tdjax.generators.transdiff import SIZES
+from tdjax.generators.transdiff import PAPER_SAMPLING, SIZES
 
 DEFAULTS = {
     "tiny": dict(steps=50, batch=8, lr=1e-3, buffer=4, image=16, patch=4, classes=10, mul=2,
@@ -126,6 +126,10 @@ def get_config(arg=None):
     c.sample.temperature = a.temperature
   else:
     c.sample.update(scale_0=a.scale_0 or d["s0"], scale_1=a.scale_1 or d["s1"])
+  variant = "mrar" if a.mrar else ("512" if res == 512 else "one_step")
+  if (a.size, variant) in PAPER_SAMPLING and a.diffusion == "flow":   # reference 4.4's settings
+    cfg, s0, s1 = PAPER_SAMPLING[a.size, variant]
+    c.sample.update(cfg=a.cfg or cfg, scale_0=a.scale_0 or s0, scale_1=a.scale_1 or s1)
   # reference 4.3: AdamW (0.9, 0.95), wd 0.02 outside the diffusion head, clip 3.0 (constant lr
   # after warm-up)
   c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.02,

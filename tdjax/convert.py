@@ -780,7 +780,7 @@ def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: 
   """Writes a `transdiff` workdir (configs/transdiff.py at the matching size B / L / H, MRAR when
   the checkpoint has reference tokens, 512 px when N = 1024) from the EMA weights (`model_ema`,
   else `model`).  `vae`: the KL-16 .npz of `--kind mar_vae`, which decodes the samples."""
-  from tdjax.generators.transdiff import SIZES
+  from tdjax.generators.transdiff import PAPER_SAMPLING, SIZES
   sd = read_state_dict(input_path, entries=("model_ema", "ema", "model"))
   dims = transdiff_dims(sd)
   size = next((k for k, v in SIZES.items() if (v.width, v.ar_depth, v.head_depth) ==
@@ -799,6 +799,9 @@ def convert_transdiff(input_path: str, output: str, *, num_heads: int = 0, vae: 
                            buffer_size=dims["buffer_size"]))
   if dims["cond_tokens"] != dims["tokens"] and not dims["mrar"]:   # TransDiff-L 512: 256 for 1024
     config.model.cond_tokens = dims["cond_tokens"]
+    if (size, "512") in PAPER_SAMPLING:   # its published cfg / scale_0 / scale_1
+      cfg, s0, s1 = PAPER_SAMPLING[size, "512"]
+      config.sample.update(cfg=cfg, scale_0=s0, scale_1=s1)
   stride = config.input.image_size // config.latent.grid
   config.input.image_size, config.latent.grid = grid * stride, grid
   params = _write_workdir(config, output, lambda expected: transdiff_params(sd, expected, heads),

@@ -327,6 +327,22 @@ def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
     get_config(f"size=tiny,init_from={one_dir}")
 
 
+@pytest.mark.parametrize("arg,want", [
+    ("size=B", (1.30, 0.87, 0.91)), ("size=L", (1.30, 0.89, 0.95)), ("size=H", (1.23, 0.87, 0.93)),
+    ("size=B,mrar=True", (1.30, 0.87, 0.91)), ("size=L,mrar=True", (1.30, 0.925, 0.95)),
+    ("size=H,mrar=True", (1.28, 0.87, 0.91)), ("size=L,res=512,init_from=/w", (1.30, 0.87, 0.87)),
+    ("size=H,cfg=1.5,scale_1=0.9", (1.5, 0.87, 0.9))])
+def test_paper_sizes_sample_with_the_published_settings(arg, want):
+  """Reference 4.4's cfg / scale_0 / scale_1 per model (before, every size had TransDiff-L's);
+  the config args still override them."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  s = get_config(arg).sample
+  assert (s.cfg, s.scale_0, s.scale_1) == want
+
+
 @pytest.mark.parametrize("head", ["attention", "mlp"])
 def test_weight_decay_spares_the_diffusion_head(head):
   """Reference 4.3 (and MAR): AdamW's decay 0.02 on the AR's matrices, none on any parameter of

@@ -57,6 +57,16 @@ SIZES = {
 }
 
 
+# reference 4.4: the published sampling settings (cfg, scale_0, scale_1 of Euler-Maruyama) per
+# model: (size, 'one_step' | 'mrar' | '512')
+PAPER_SAMPLING = {
+    ("B", "one_step"): (1.30, 0.87, 0.91), ("L", "one_step"): (1.30, 0.89, 0.95),
+    ("H", "one_step"): (1.23, 0.87, 0.93), ("B", "mrar"): (1.30, 0.87, 0.91),
+    ("L", "mrar"): (1.30, 0.925, 0.95), ("H", "mrar"): (1.28, 0.87, 0.91),
+    ("L", "512"): (1.30, 0.87, 0.87),
+}
+
+
 def mrar_mask(length: int, block: int):
   """[length, length] bool: query i sees key j iff j // block <= i // block (reference 2.2)."""
   if length % block:
