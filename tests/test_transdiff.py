@@ -343,6 +343,23 @@ def test_paper_sizes_sample_with_the_published_settings(arg, want):
   assert (s.cfg, s.scale_0, s.scale_1) == want
 
 
+@pytest.mark.parametrize("arg,epochs,warm,lr", [
+    ("size=L", 800, 100, 8e-4), ("size=L,mrar=True,init_from=/w", 40, 10, 5e-5),
+    ("size=L,res=512,init_from=/w", 150, 10, 1e-4)])
+def test_paper_schedules(arg, epochs, warm, lr):
+  """Reference 4.3 / stage commands: epochs of ImageNet at batch 2048 and the warm-up epochs
+  (before, a 5 % warm-up everywhere: 40 epochs instead of 100 for stage 1)."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  from configs.transdiff import get_config
+  c = get_config(arg)
+  per_epoch = 1281167 / c.input.batch_size
+  assert c.input.batch_size == 2048 and c.optimizer.lr == lr
+  assert abs(c.total_steps / per_epoch - epochs) < 0.01
+  assert abs(c.optimizer.warmup_steps / per_epoch - warm) < 0.01
+
+
 @pytest.mark.parametrize("head", ["attention", "mlp"])
 def test_weight_decay_spares_the_diffusion_head(head):
   """Reference 4.3 (and MAR): AdamW's decay 0.02 on the AR's matrices, none on any parameter of
