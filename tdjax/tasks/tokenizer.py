@@ -12,7 +12,9 @@ Variable decoder resolution under one jit: the set of decoder resolutions reacha
 (`PrefixPlan`); the decode + image losses are one `jax.lax.switch` branch per resolution, and the
 degrade matrices of the t values of a branch are stacked constants indexed by t.  Every step
 runs exactly one decoder at its own resolution (as the reference), and the step compiles once
-(its compile time grows with the number of branches: 14 for N=128, R=256, patch 16).
+(its compile time grows with the number of branches: 14 for N=128, R=256, patch 16).  A
+discriminator with a fixed input size (DINO: 224 px) runs once after the switch, on the views the
+branches return (`_disc_views`), so the branches hold the decoder, MSE and LPIPS only.
 
 Losses (config.loss): MSE (`mse_weight`), LPIPS (`lpips_weight`, `lpips_start`, `lpips_warmup`,
 weights file `lpips_weights`), adversarial (`adv_weight`, `adv_start`, `disc` 'patchgan' or 'dino',
