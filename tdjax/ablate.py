@@ -40,9 +40,9 @@ import re
 import subprocess
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tdjax import configlib
+from tdjax import cli, configlib
 from tdjax import metrics as metrics_lib
 
 FLAGS = flags.FLAGS
@@ -461,4 +461,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("teacher", "", "Alignment teacher .npz for the alignment rows (default: "
                       "those rows need SigLIP2's and are skipped below full scale).")
   flags.mark_flags_as_required(["table", "workdir"])
-  app.run(main)
+  cli.run(main)

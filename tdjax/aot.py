@@ -44,6 +44,8 @@ if __name__ == "__main__":
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tdjax import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path.py[:args]).", lock_config=True)
 flags.DEFINE_integer("devices", 8, "Fake devices to compile for.")
@@ -157,8 +159,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
-  from tdjax import metrics
-  metrics.quiet_library_logs()
   if jax.device_count() != FLAGS.devices:
     raise SystemExit(f"--devices {FLAGS.devices}: jax sees {jax.device_count()} devices (set "
                      f"--devices before anything imports jax)")
@@ -172,4 +172,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -19,9 +19,9 @@ import statistics
 import time
 from typing import Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tdjax import configlib
+from tdjax import cli, configlib
 
 FLAGS = flags.FLAGS
 
@@ -159,6 +159,9 @@ def _synthetic_batch(config, setup):
 
 def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
   import jax
+  unknown = [m for m in models or () if m not in MODELS]
+  if unknown:
+    raise ValueError(f"--models: {', '.join(unknown)} unknown; expected some of {', '.join(MODELS)}")
   out = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
          "matmul": matmul_flops_per_sec(repeats=repeats)}
   peak = out["matmul"]["flops_per_sec"]
@@ -221,4 +224,4 @@ if __name__ == "__main__":   # flags defined here: tdjax.aot imports this module
   flags.DEFINE_integer("steps", 5, "Train steps per timed repeat.")
   flags.DEFINE_string("out", None, "Also write the JSON to this file.")
   flags.DEFINE_bool("markdown", False, "Also print the train-step figures as a Markdown table.")
-  app.run(main)
+  cli.run(main)

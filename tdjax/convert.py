@@ -54,9 +54,9 @@ import re
 from typing import Mapping
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tdjax import configlib
+from tdjax import cli, configlib
 
 FLAGS = flags.FLAGS
 KINDS = ("detailflow_tokenizer", "detailflow_gpt", "transdiff", "mar_vae", "inception", "lpips",
@@ -867,4 +867,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["kind", "input", "output"])
-  app.run(main)
+  cli.run(main)

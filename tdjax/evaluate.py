@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from tdjax import cli
 
 FLAGS = flags.FLAGS
 
@@ -87,4 +89,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["samples", "reference"])
-  app.run(main)
+  cli.run(main)

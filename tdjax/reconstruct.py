@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from tdjax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Tokenizer training directory (its checkpoints).")
@@ -52,6 +54,8 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
                                            degrade_matrix, resolution_for_prefix)
 
+  if not out.endswith(".png"):
+    raise ValueError(f"--out={out!r}: expected a .png file (the curve and JSON go beside it)")
   config, task, state = trainer.load_for_inference(workdir)
   if task.kind != "tokenizer":
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint, expected a tokenizer")
@@ -169,4 +173,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from tdjax import cli
 
 FLAGS = flags.FLAGS
 
@@ -242,4 +244,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["out"])
-  app.run(main)
+  cli.run(main)

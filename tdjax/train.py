@@ -13,6 +13,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tdjax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path.py[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
@@ -23,12 +25,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
-  from tdjax import metrics, trainer
-  metrics.quiet_library_logs()
+  from tdjax import trainer
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -398,6 +398,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
+  from tdjax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

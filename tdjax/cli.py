@@ -1,0 +1,101 @@
+"""What the `python -m tdjax.X` entry points share: bad input ends in one line, not a traceback.
+
+  $ python -m tdjax.sample --workdir /tmp/empty --out s.png
+  python -m tdjax.sample: error: no checkpoint in /tmp/empty/checkpoints
+
+`run(main)` is absl's `app.run(main)` with three differences:
+  * an error that reports bad input (a ValueError, a missing or existing file, a CheckpointError)
+    prints `python -m MODULE: error: MESSAGE` on stderr and exits 2; `--verbosity=1` logs its
+    traceback first (absl DEBUG), for the case where it is a bug rather than bad input;
+  * an override of a key the locked config lacks (`--config.input.not_a_key=3`) names the
+    override and the key, where ml_collections raises a bare AttributeError;
+  * a flag error is one line too: an error of `get_config` (an unknown config arg) keeps its last
+    line, not the traceback that ml_collections puts inside the message.
+Orbax's INFO chatter (dozens of lines per checkpoint read) is dropped from the log.
+This module imports no JAX: `tdjax.aot` must set the fake device count before JAX starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+EXIT_BAD_INPUT = 2
+_BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+              IsADirectoryError)
+
+
+def _program() -> str:
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  return f"python -m {spec.name}" if spec else os.path.basename(sys.argv[0])
+
+
+def _fail(message: str) -> None:
+  print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def is_bad_input(err: BaseException) -> bool:
+  """Errors that tdjax raises for bad input (`tdjax.checkpoint.CheckpointError` where loaded)."""
+  ckpt = sys.modules.get("tdjax.checkpoint")
+  kinds = _BAD_INPUT + ((ckpt.CheckpointError,) if ckpt else ())
+  return isinstance(err, kinds)
+
+
+def unknown_override_message(argv: list[str], err: BaseException) -> str:
+  """`--config.a.b=v: the config has no key 'b'`, from ml_collections' AttributeError/KeyError."""
+  key = str(err.args[0] if err.args else err).strip("\"'")
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  named = [a for a in overrides if key in a.split("=", 1)[0][len("--config."):].split(".")]
+  where = named[0] if named else " ".join(overrides) or "--config"
+  return (f"{where}: the config has no key {key!r} (the config is locked: an override can only "
+          f"change a key that get_config makes)")
+
+
+def flag_error_message(err: BaseException) -> str:
+  """One line of an absl flag error.  ml_collections puts the traceback of an error raised by
+  get_config (an unknown config arg, a missing file) inside the message: keep the flag and the
+  error's own last line."""
+  lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+  if len(lines) <= 1:
+    return lines[0] if lines else type(err).__name__
+  return f"{lines[0].split(': ')[0]}: {lines[-1]}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    argv = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS.config.keys()   # ml_collections defers a config file's load error to its use
+    return argv
+  except OSError as err:    # that deferred error: a missing or unreadable config file
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    _fail(f"flag --config: {lines[-1] if lines else err}")
+  except flags.Error as err:
+    _fail(f"{flag_error_message(err)} (--helpshort lists the flags)")
+  except (AttributeError, KeyError) as err:   # ml_collections: an override of a missing key
+    if not any(a.startswith("--config.") for a in argv[1:]):
+      raise
+    _fail(unknown_override_message(argv, err))
+  raise AssertionError("not reached")
+
+
+def run(main) -> None:
+  """absl `app.run(main)`, reporting bad input in one line (see the module docstring)."""
+
+  def guarded(argv):
+    from tdjax import metrics
+    metrics.quiet_library_logs()
+    try:
+      return main(argv)
+    except Exception as err:                   # noqa: BLE001 - re-raised unless bad input
+      if not is_bad_input(err):
+        raise
+      logging.debug("the error below, with its traceback", exc_info=True)
+      lines = str(err).splitlines() or [type(err).__name__]
+      _fail(lines[0] + (" (the rest with --verbosity=1)" if len(lines) > 1 else ""))
+
+  app.run(guarded, flags_parser=_parse_flags)
