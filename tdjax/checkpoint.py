@@ -32,8 +32,20 @@ class CheckpointError(RuntimeError):
   pass
 
 
+def is_remote(path: str) -> bool:
+  """A URL such as gs://bucket/run (Orbax and tensorstore write it natively; tdjax's own files
+  go through etils.epath, which needs gcsfs for gs://: `pip install -e .[gcs]`)."""
+  return "://" in str(path)
+
+
+def resolve_workdir(workdir: str) -> str:
+  """An absolute local path, or a URL as given (os.path.abspath would turn gs://b/run into the
+  local folder ./gs:/b/run)."""
+  return str(workdir).rstrip("/") if is_remote(workdir) else os.path.abspath(workdir)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CKPT_DIR)
+  return f"{resolve_workdir(workdir)}/{CKPT_DIR}"
 
 
 class Checkpointer:
@@ -41,7 +53,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True,
                read_only: bool = False):
-    self.directory = checkpoint_dir(workdir)
+    self.workdir, self.directory = resolve_workdir(workdir), checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
         enable_async_checkpointing=use_async,
@@ -108,6 +120,13 @@ class Checkpointer:
       return None
     errors = []
     for s in candidates:
+      misfit = self._shape_misfit(s, abstract_state)
+      if misfit:                 # known before reading: spare Orbax's failing async reads
+        errors.append((s, misfit))
+        self._unreadable.add(s)
+        logging.warning("checkpoint: step %d in %s does not fit the state (%s)", s, self.directory,
+                        misfit)
+        continue
       try:
         restored = self.manager.restore(
             s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -128,6 +147,23 @@ class Checkpointer:
         f"no readable checkpoint in {self.directory} (tried steps {candidates}): {detail}. "
         "Refusing to start from scratch over existing checkpoints; move them away to do so.")
 
+  def _shape_misfit(self, step: int, abstract_state: Any) -> str | None:
+    """'K arrays of other shapes, e.g. PATH: stored S, this state T' when arrays at the same
+    path differ in shape from the stored ones (a changed model); None when they agree or the
+    stored metadata cannot tell (a differing tree is left to Orbax's restore to report)."""
+    try:
+      meta = ocp.StandardCheckpointHandler().metadata(self.manager.directory / str(step) / "state")
+      stored = _shapes_by_path(getattr(meta, "tree", meta))
+    except Exception:  # noqa: BLE001 - no readable metadata: the restore itself will say
+      return None
+    wanted = _shapes_by_path(abstract_state)
+    bad = sorted(k for k in wanted.keys() & stored.keys() if wanted[k] != stored[k])
+    if not bad:
+      return None
+    k = bad[0]
+    return (f"{len(bad)} arrays of other shapes, e.g. {k}: stored {stored[k]}, this state "
+            f"{wanted[k]}")
+
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     if step is None:
@@ -136,17 +172,30 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))["config"])
 
 
+def _shapes_by_path(tree) -> dict:
+  """'a.b.0.c' -> shape of each array leaf (dict keys, sequence indices and attribute names
+  alike, so a namedtuple and its stored dict give the same path)."""
+  def name(entry):
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {".".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying the target shardings (restore onto any mesh)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def write_config_json(workdir: str, config_dict: dict) -> str:
-  """The resolved config as `<workdir>/config.json` (human-readable copy; the checkpoint has one too)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
+  """The resolved config as `<workdir>/config.json` (human-readable copy; the checkpoint has one
+  too), written under a temporary name and renamed; local or a URL."""
+  from etils import epath
+  root = epath.Path(resolve_workdir(workdir))
+  root.mkdir(parents=True, exist_ok=True)
+  path, tmp = root / "config.json", root / "config.json.tmp"
+  tmp.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+  tmp.replace(path)
+  return str(path)

@@ -114,3 +114,22 @@ def load_config(name: str, arg: str = "", overrides: dict | None = None) -> ml_c
       raise KeyError(f"config override {key!r}: {name} has no field {leaf!r} there")
     node[leaf] = value
   return config
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
+  """'key: old -> new' for each dotted key whose value differs (absent keys read '<none>'):
+  `task` and `model.*` first, then the rest sorted; at most `limit` (then '... and K more')."""
+  a, b = _flatten(old), _flatten(new)
+  keys = sorted((k for k in set(a) | set(b) if a.get(k, "<none>") != b.get(k, "<none>")),
+                key=lambda k: (k != "task", not k.startswith("model."), k))
+  out = [f"{k}: {a.get(k, '<none>')!r} -> {b.get(k, '<none>')!r}" for k in keys[:limit]]
+  return out + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])

@@ -3,6 +3,11 @@
 Only process 0 writes files; every process logs to absl.  The JSONL file (`metrics.jsonl` in the
 workdir, one object per line with `step` and the metric values) is the source the ablation runner
 and the tests read.
+
+A workdir that is a URL (gs://bucket/run) cannot be appended to, so the writer keeps its files in a
+local mirror (`mirror_dir`, default under the temporary folder), starts it from the workdir's
+`metrics.jsonl` when resuming, and copies the mirror's files to the workdir on every `flush()`
+(the trainer flushes after each checkpoint save) and at `close()`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,20 @@ from absl import logging
 class MetricWriter:
   """Writes scalars to JSONL + TensorBoard, images to TensorBoard and PNG files."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
-    self.workdir = workdir
+  def __init__(self, workdir: str, *, tensorboard: bool = True, mirror_dir: str | None = None):
+    """mirror_dir: the local folder behind a URL workdir (given: mirror even a local workdir)."""
+    self.remote = workdir if ("://" in str(workdir) or mirror_dir) else None
+    self.workdir = (mirror_dir or default_mirror_dir(workdir)) if self.remote else workdir
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._sent = {}
     if self.active:
+      workdir = self.workdir
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
+      if self.remote:
+        _download_if_exists(f"{self.remote}/metrics.jsonl", path)
       _cut_unfinished_record(path)
       # Unbuffered bytes: each record reaches the file in one write call, never in pieces.
       self._jsonl = open(path, "ab", buffering=0)
@@ -69,6 +80,8 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+    if self.active and self.remote:
+      _upload_tree(self.workdir, self.remote, self._sent)
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -77,6 +90,45 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self.active and self.remote:
+      _upload_tree(self.workdir, self.remote, self._sent)
+
+
+def default_mirror_dir(url: str) -> str:
+  """<temporary folder>/tdjax_mirror/<the URL with its scheme and separators as '_'>."""
+  import re
+  import tempfile
+  return os.path.join(tempfile.gettempdir(), "tdjax_mirror", re.sub(r"[^A-Za-z0-9.-]+", "_", url))
+
+
+def _download_if_exists(url: str, path: str) -> None:
+  from etils import epath
+  src = epath.Path(url)
+  if src.exists():
+    with open(path, "wb") as f:
+      f.write(src.read_bytes())
+
+
+def _upload_tree(local: str, url: str, sent: dict) -> None:
+  """Copies each file under `local` that changed since it was last sent (`sent`: path -> (size,
+  mtime)) to the same relative path under `url`, written under a temporary name and renamed, so
+  a reader never sees half a file."""
+  from etils import epath
+  for root, _, files in os.walk(local):
+    rel = os.path.relpath(root, local)
+    dest = epath.Path(url) if rel == "." else epath.Path(url) / rel
+    for name in files:
+      src = os.path.join(root, name)
+      st = os.stat(src)
+      if sent.get(src) == (st.st_size, st.st_mtime_ns):
+        continue
+      sent[src] = (st.st_size, st.st_mtime_ns)
+      dest.mkdir(parents=True, exist_ok=True)
+      with open(src, "rb") as f:
+        data = f.read()
+      tmp = dest / (name + ".tmp")
+      tmp.write_bytes(data)
+      tmp.replace(dest / name)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

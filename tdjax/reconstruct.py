@@ -49,6 +49,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from tdjax import checkpoint as ckpt_lib
   from tdjax import evaluation, metrics, trainer
   from tdjax.data import pipeline
   from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
@@ -120,7 +121,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
            "target_resolution": [tgt[n] for n in ns],
            "psnr": [sums[n][0] / count for n in ns],
            "psnr_vs_target": [sums[n][1] / count for n in ns]}
-  report = {"workdir": os.path.abspath(workdir), "num_images": count, "num_tokens": N,
+  report = {"workdir": ckpt_lib.resolve_workdir(workdir), "num_images": count, "num_tokens": N,
             "image_size": R, "curve": curve,
             "full": {"psnr": float(np.concatenate(full_psnr).mean()),
                      "ssim": float(np.concatenate(full_ssim).mean())}}
@@ -131,7 +132,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   if judge:  # how much class identity and feature statistics survive the bottleneck
     jd = evaluation.ClassifierJudge(judge)
     xs, rs, ls = (np.concatenate(a) for a in (originals, recons, labels))
-    report["judge"] = {"workdir": os.path.abspath(judge),
+    report["judge"] = {"workdir": ckpt_lib.resolve_workdir(judge),
                        "class_accuracy_reconstructions": jd.class_accuracy(rs, ls),
                        "class_accuracy_originals": jd.class_accuracy(xs, ls),
                        "frechet_reconstructions_vs_originals": jd.frechet(xs, rs)}

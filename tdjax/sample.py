@@ -70,14 +70,15 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 def split_checkpoint_path(path: str) -> tuple[str, int]:
   """WORKDIR/checkpoints/STEP -> (WORKDIR, STEP), with a clear error for anything else."""
-  from tdjax.checkpoint import CKPT_DIR
-  path = os.path.abspath(path.rstrip("/"))
+  from etils import epath
+  from tdjax.checkpoint import CKPT_DIR, resolve_workdir
+  path = resolve_workdir(path)        # posixpath splits a gs:// URL as well as a local path
   parent, step = os.path.split(path)
   workdir, ckpts = os.path.split(parent)
   if ckpts != CKPT_DIR or not step.isdigit():
     raise ValueError(f"--checkpoint={path}: expected WORKDIR/{CKPT_DIR}/STEP (a step folder of a "
                      f"tdjax run)")
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"--checkpoint={path}: no such checkpoint")
   return workdir, int(step)
 
@@ -110,6 +111,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   import jax
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from tdjax import checkpoint as ckpt_lib
   from tdjax import trainer
 
   pi = jax.process_index() if process_index is None else process_index
@@ -137,7 +139,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   key = jax.random.key(seed)
   if parts_dir:
     os.makedirs(parts_dir, exist_ok=True)
-    settings = dict(workdir=os.path.abspath(workdir), step=step, classes=str(classes), num=num,
+    settings = dict(workdir=ckpt_lib.resolve_workdir(workdir), step=step, classes=str(classes), num=num,
                     seed=seed,
                     batch_size=batch_size, use_ema=use_ema, **overrides)
     path = os.path.join(parts_dir, "settings.json")

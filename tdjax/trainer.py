@@ -34,6 +34,7 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from tdjax import checkpoint as ckpt_lib
+from tdjax import configlib
 from tdjax import metrics as metrics_lib
 from tdjax import optim
 from tdjax import parallel
@@ -238,11 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.time()
   parallel.maybe_initialize_distributed(config.get("distributed", False))
   parallel.enable_compilation_cache(config.get("compilation_cache", ""))
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = ckpt_lib.resolve_workdir(workdir)
+  if not ckpt_lib.is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
   config_dict = json.loads(config.to_json_best_effort())
-  if jax.process_index() == 0:
-    ckpt_lib.write_config_json(workdir, config_dict)
 
   setup = Setup(config, mesh)
   mesh = setup.mesh
@@ -264,12 +264,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last_metrics
 
 
+def _restore_for_training(checkpointer, setup: Setup, config_dict: dict):
+  """The checkpointer's restore; when no checkpoint fits this config, the error leads with how
+  the config differs from the one the checkpoints were written with (a changed model is the
+  usual cause; Orbax's own message, a tree or shape mismatch, follows)."""
+  try:
+    return checkpointer.restore(setup.abstract_state())
+  except ckpt_lib.CheckpointError as err:
+    try:
+      diff = configlib.config_diff(checkpointer.restore_config(), config_dict)
+    except Exception:  # noqa: BLE001 - the config unreadable too: the original error stands
+      diff = []
+    if not diff:
+      raise
+    raise ckpt_lib.CheckpointError(
+        f"{checkpointer.directory}: the checkpoints do not fit this config, which differs from "
+        f"theirs in {'; '.join(diff)}. Use another --workdir, or the checkpoints' config "
+        f"(config.json beside them). Restore errors: {err}") from err
+
+
 def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
   """Restores or initialises the state, then runs the steps, evaluations and saves."""
   config, mesh = setup.config, setup.mesh
   data = _make_input(config, config.input.get("split", "train"), train=True)
 
-  restored = checkpointer.restore(setup.abstract_state())
+  restored = _restore_for_training(checkpointer, setup, config_dict)
   if restored is None:
     state = setup.init_state()
     logging.info("initialised from scratch (seed %d)", config.seed)
@@ -277,6 +296,8 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
     step, state, data_state = restored
     data.set_state(data_state)
     logging.info("resumed from step %d of %s", step, checkpointer.directory)
+  if jax.process_index() == 0:   # after the restore: a run that cannot resume leaves it as it was
+    ckpt_lib.write_config_json(checkpointer.workdir, config_dict)
   start_step = int(jax.device_get(state["step"]))
   if jax.process_index() == 0:
     logging.info("parameters:\n%s", metrics_lib.parameter_table(state["params"]))
@@ -332,6 +353,7 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
         stop = preempt.requested
         if done % config.ckpt_every == 0 or done == total or stop:
           checkpointer.save(done, state, config_dict, data.get_state())
+          writer.flush()     # a remote workdir's metrics and pictures are copied there now
         if stop:
           stopped_by_signal = True
           logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", done)

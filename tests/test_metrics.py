@@ -4,8 +4,10 @@ writer cuts a half-written record instead of running on into it."""
 import json
 import os
 
+import numpy as np
 import pytest
 
+from tdjax import checkpoint as ckpt_lib
 from tdjax import metrics as metrics_lib
 
 
@@ -51,3 +53,37 @@ def test_writer_leaves_a_finished_file_alone(tmp_path):
   writer.write_scalars(2, {"loss": 1.5})
   writer.close()
   assert metrics_lib.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_url_workdirs_keep_their_scheme():
+  """os.path.abspath('gs://b/run') is the local folder ./gs:/b/run: a URL workdir stays a URL."""
+  assert ckpt_lib.resolve_workdir("gs://b/run/") == "gs://b/run"
+  assert ckpt_lib.checkpoint_dir("gs://b/run") == "gs://b/run/checkpoints"
+  assert ckpt_lib.checkpoint_dir("rel/run") == os.path.join(os.getcwd(), "rel", "run", "checkpoints")
+  assert metrics_lib.default_mirror_dir("gs://b/run").endswith(os.path.join("tdjax_mirror",
+                                                                            "gs_b_run"))
+
+
+def test_mirrored_writer_copies_its_files_and_resumes_from_the_workdir(tmp_path):
+  """A URL workdir is written through a local mirror: flush() and close() copy metrics.jsonl,
+  pictures and TensorBoard events there; a resumed writer on another host (a new mirror) starts
+  from the workdir's metrics.jsonl.  A local folder stands for the bucket (the same etils.epath
+  calls; gs:// itself needs network)."""
+  remote = str(tmp_path / "bucket" / "run")
+  writer = metrics_lib.MetricWriter(remote, mirror_dir=str(tmp_path / "host0"))
+  writer.write_scalars(1, {"loss": 2.0})
+  writer.write_images(1, {"samples": np.zeros((4, 8, 8, 1), np.float32)})
+  assert not os.path.exists(remote)               # nothing reaches the workdir before a flush
+  writer.flush()
+  assert metrics_lib.read_jsonl(os.path.join(remote, "metrics.jsonl")) == [{"step": 1, "loss": 2.0}]
+  assert os.listdir(os.path.join(remote, "pictures")) == ["samples_0000001.png"]
+  assert any(n.startswith("events") for n in os.listdir(os.path.join(remote, "tensorboard")))
+  writer.write_scalars(2, {"loss": 1.5})
+  writer.close()
+  resumed = metrics_lib.MetricWriter(remote, tensorboard=False, mirror_dir=str(tmp_path / "host1"))
+  resumed.write_scalars(3, {"loss": 1.0})
+  resumed.close()
+  assert metrics_lib.read_jsonl(os.path.join(remote, "metrics.jsonl")) == [
+      {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}]
+  leftovers = [n for _, _, names in os.walk(remote) for n in names if n.endswith(".tmp")]
+  assert leftovers == []

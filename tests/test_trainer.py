@@ -178,6 +178,26 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     trainer.train_and_evaluate(toy_config(total_steps=9), workdir)
 
 
+def test_resume_with_another_model_is_an_error_naming_the_change(tmp_path):
+  """Checkpoints that do not fit the config (here a wider input, so other kernel shapes): the
+  error leads with the config keys that changed, Orbax is not asked to read arrays it cannot
+  fit, and the run's config.json and checkpoints stay as they were."""
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(toy_config(total_steps=3), workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config_json = f.read()
+  wider = toy_config(total_steps=6)
+  wider.input.image_size = 16
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"differs from theirs in input\.image_size: 8 -> 16; total_steps: 3 -> 6"
+                           r".*step 3: \d+ arrays of other shapes, e\.g\. "):
+    trainer.train_and_evaluate(wider, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == config_json
+  with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
+    assert ck.steps() == [3]
+
+
 def test_nonfinite_loss_stops_without_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   closed, close = [], ckpt_lib.Checkpointer.close
