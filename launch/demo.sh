@@ -10,7 +10,7 @@
 # neither job uses both cores fully, so the two together finish ~20 % sooner than one after the other.
 # Re-running resumes each stage from its checkpoints.
 #
-#   bash launch/demo.sh        ~17 min on 2 cores: tokenizer 1,000 steps, samples at CFG 3.0
+#   bash launch/demo.sh        ~15-20 min on 2 cores: tokenizer 1,000 steps, samples at CFG 3.0
 #   bash launch/demo.sh long   ~37 min: tokenizer 6,000 steps (sharper reconstructions and samples),
 #                              samples at CFG 3.0 and 4.0; default folder runs/demo_long
 # Then `bash launch/demo_continuous.sh runs/demo_long` adds the continuous-token generators.
