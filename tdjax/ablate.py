@@ -251,7 +251,10 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
                 py + ["tdjax.train", f"--config=configs/transdiff.py:{args}", f"--workdir={gen}"])]
   # named by the model and the sampling flags, so rows that sample one model alike share samples
   sampling = "_".join(f"{k}_{v}" for k, v in sorted(row.sample.items()))
-  out = os.path.join(workdir, "samples", _slug(os.path.basename(gen) + "_" + sampling) + ".png")
+  # tdjax.sample writes to a path every host mounts, not a URL: for a gs:// workdir, ./samples/
+  samples = os.path.join("samples", _slug(workdir)) if "://" in workdir else os.path.join(workdir,
+                                                                                          "samples")
+  out = os.path.join(samples, _slug(os.path.basename(gen) + "_" + sampling) + ".png")
   sample = py + ["tdjax.sample", f"--workdir={gen}", f"--out={out}", "--classes=all",
                  f"--num={s['num']}"] + [f"--{k}={v}" for k, v in row.sample.items()]
   if judge:
@@ -309,7 +312,8 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   elif not dry_run and (not judge or not os.path.isdir(judge)):
     raise ValueError(f"--judge={judge!r}: scale {scale} scores samples with a classifier workdir "
                      f"(python -m tdjax.train --config configs/classifier.py --workdir DIR)")
-  os.makedirs(workdir, exist_ok=True)
+  if not dry_run:                       # printing the commands writes nothing (gs:// workdirs too)
+    os.makedirs(workdir, exist_ok=True)
   results, printed, others = [], set(), []
   for index, row in enumerate(table.rows):
     if row.needs and not dry_run:       # below full scale, whether or not --rows names it

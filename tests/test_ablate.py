@@ -9,7 +9,7 @@ from tdjax import ablate, configlib
 
 
 
-def test_full_scale_prints_every_rows_commands(tmp_path, capsys):
+def test_full_scale_prints_every_rows_commands(tmp_path, capsys, monkeypatch):
   for name in ablate.TABLES:
     ablate.run_table(name, "full", str(tmp_path / name))
   out = capsys.readouterr().out
@@ -27,6 +27,12 @@ def test_full_scale_prints_every_rows_commands(tmp_path, capsys):
   assert len(cfg_tok) == 1
   with pytest.raises(ValueError, match="--table='nope'"):
     ablate.run_table("nope", "full", str(tmp_path))
+  # a gs:// workdir: the runs go there, the samples to a local folder; printing writes nothing
+  monkeypatch.chdir(tmp_path)
+  ablate.run_table("detailflow_group", "full", "gs://b/abl")
+  out = capsys.readouterr().out
+  assert "--workdir=gs://b/abl/ar_base" in out and "--out=samples/gs_b_abl/ar_base" in out
+  assert not os.path.exists(tmp_path / "gs:")
   with pytest.raises(ValueError, match=r"--rows=\[6\]: table transdiff_heads has rows 0..5"):
     ablate.run_table("transdiff_heads", "full", str(tmp_path), rows=[0, 6])
   with pytest.raises(ValueError, match="--judge=None"):

@@ -58,6 +58,9 @@ def test_bad_workdir_and_argument_are_one_line(tmp_path):
   assert "'no_such_table'" in line and "detailflow_table2" in line
   line = _one_line_error(_run("tdjax.sample", f"--workdir={empty}", "--out=x.jpg"), "tdjax.sample")
   assert "x.jpg" in line and ".png or .npz" in line
+  line = _one_line_error(_run("tdjax.sample", f"--workdir={empty}", "--out=gs://b/s.npz"),
+                         "tdjax.sample")
+  assert "gs://b/s.npz" in line and "not a URL" in line and not os.path.exists(ROOT + "/gs:")
 
 
 def test_other_errors_keep_their_traceback():
