@@ -119,8 +119,9 @@ class Checkpointer:
     if not candidates:
       return None
     errors = []
+    wanted = _shapes_by_path(abstract_state)
     for s in candidates:
-      misfit = self._shape_misfit(s, abstract_state)
+      misfit = self._shape_misfit(s, wanted)
       if misfit:                 # known before reading: spare Orbax's failing async reads
         errors.append((s, misfit))
         self._unreadable.add(s)
@@ -147,16 +148,16 @@ class Checkpointer:
         f"no readable checkpoint in {self.directory} (tried steps {candidates}): {detail}. "
         "Refusing to start from scratch over existing checkpoints; move them away to do so.")
 
-  def _shape_misfit(self, step: int, abstract_state: Any) -> str | None:
+  def _shape_misfit(self, step: int, wanted: dict) -> str | None:
     """'K arrays of other shapes, e.g. PATH: stored S, this state T' when arrays at the same
-    path differ in shape from the stored ones (a changed model); None when they agree or the
-    stored metadata cannot tell (a differing tree is left to Orbax's restore to report)."""
+    path differ in shape from the stored ones (`wanted`: `_shapes_by_path` of the target state;
+    a changed model); None when they agree or the stored metadata cannot tell (a differing tree
+    is left to Orbax's restore to report)."""
     try:
       meta = ocp.StandardCheckpointHandler().metadata(self.manager.directory / str(step) / "state")
       stored = _shapes_by_path(getattr(meta, "tree", meta))
     except Exception:  # noqa: BLE001 - no readable metadata: the restore itself will say
       return None
-    wanted = _shapes_by_path(abstract_state)
     bad = sorted(k for k in wanted.keys() & stored.keys() if wanted[k] != stored[k])
     if not bad:
       return None

@@ -55,11 +55,15 @@ def unknown_override_message(argv: list[str], err: BaseException) -> str:
           f"change a key that get_config makes)")
 
 
+def _lines(err: BaseException) -> list[str]:
+  return [line.strip() for line in str(err).splitlines() if line.strip()]
+
+
 def flag_error_message(err: BaseException) -> str:
   """One line of an absl flag error.  ml_collections puts the traceback of an error raised by
   get_config (an unknown config arg, a missing file) inside the message: keep the flag and the
   error's own last line."""
-  lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+  lines = _lines(err)
   if len(lines) <= 1:
     return lines[0] if lines else type(err).__name__
   return f"{lines[0].split(': ')[0]}: {lines[-1]}"
@@ -72,8 +76,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       flags.FLAGS.config.keys()   # ml_collections defers a config file's load error to its use
     return argv
   except OSError as err:    # that deferred error: a missing or unreadable config file
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    _fail(f"flag --config: {lines[-1] if lines else err}")
+    _fail(f"flag --config: {(_lines(err) or [type(err).__name__])[-1]}")
   except flags.Error as err:
     _fail(f"{flag_error_message(err)} (--helpshort lists the flags)")
   except (AttributeError, KeyError) as err:   # ml_collections: an override of a missing key

@@ -55,7 +55,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
   from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
                                            degrade_matrix, resolution_for_prefix)
 
-  if not out.endswith(".png") or "://" in out:
+  if not out.endswith(".png") or ckpt_lib.is_remote(out):
     raise ValueError(f"--out={out!r}: expected a local .png path (the curve and JSON go beside "
                      f"it), not a URL")
   config, task, state = trainer.load_for_inference(workdir)

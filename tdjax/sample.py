@@ -188,10 +188,11 @@ def main(argv):
   del argv
   import numpy as np
   from tdjax import evaluation, metrics
+  from tdjax.checkpoint import is_remote
   stem, ext = os.path.splitext(FLAGS.out)
   if ext not in (".png", ".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
-  if "://" in FLAGS.out:     # os calls would write ./gs:/...; the .npz parts must be shared too
+  if is_remote(FLAGS.out):   # os calls would write ./gs:/...; the .npz parts must be shared too
     raise ValueError(f"--out={FLAGS.out!r}: write samples to a local path or one every host "
                      f"mounts (NFS, gcsfuse), not a URL; copy them to the bucket afterwards")
   workdir, step = FLAGS.workdir, FLAGS.step
