@@ -213,8 +213,11 @@ def _tokenizer_dir(workdir: str, row: Row, scale: str) -> str:
   return os.path.join(workdir, "tokenizer_" + _slug(_detailflow_args(row, scale)[0]))
 
 
-def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None):
-  """[(done_marker, argv)] for one row; shared stages have the same workdir (and marker)."""
+def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None,
+               multihost: bool = False):
+  """[(done_marker, argv)] for one row; shared stages have the same workdir (and marker).
+  `multihost`: each stage joins the multi-process job this ablation runs in (every host runs
+  `tdjax.ablate --multihost` under a launcher, and each host's stages together form one job)."""
   s = SCALES[scale]
   py = [sys.executable, "-m"]
   stages = []
@@ -260,6 +263,9 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
   if judge:
     sample.append(f"--judge={judge}")
   stages.append((out[:-4] + ("_judge.json" if judge else ".png"), sample))
+  if multihost:
+    stages = [(marker, argv + (["--config.distributed=True"] if "tdjax.train" in argv
+                               else ["--multihost"])) for marker, argv in stages]
   return stages
 
 
@@ -295,10 +301,12 @@ def with_seed(table: Table, seed: int) -> Table:
 
 def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
               dry_run: bool = False, rows: list[int] | None = None, seed: int = 0,
-              teacher: str = "") -> dict:
+              teacher: str = "", multihost: bool = False) -> dict:
   """Runs (or prints) each row's stages and writes the table (DIR/NAME.*, DIR/NAME_seedK.* for
   `seed` K > 0: `with_seed`).  `rows` (0-based indices) runs only those rows; the others are
-  reported from their judge files if an earlier run wrote them.  `teacher`: `with_teacher`."""
+  reported from their judge files if an earlier run wrote them.  `teacher`: `with_teacher`.
+  `multihost`: started on every host of a multi-process job (launch/slurm.sh, tpu_pod.sh), each
+  stage joins that job (`row_stages`); every host writes the same table, atomically."""
   if name not in TABLES:
     raise ValueError(f"--table={name!r}: expected one of {', '.join(sorted(TABLES))}")
   if scale not in SCALES:
@@ -326,7 +334,8 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
         others.append((len(results), row, row_stages(table, row, scale, workdir, judge)[-1][0]))
         results.append(None)
       continue
-    for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge):
+    for marker, argv in row_stages(table, row, scale, workdir, None if dry_run else judge,
+                                   multihost):
       cmd = " ".join(argv[1:]) if dry_run else " ".join(argv)
       if dry_run:
         if cmd not in printed:
@@ -399,10 +408,24 @@ def _result(row: Row, judge_file: str, family: str, workdir: str, scale: str) ->
   return out
 
 
+def _replace_atomically(path: str, write) -> None:
+  """`write(tmp_path)`, then rename: readers (and other hosts writing the same file) never see a
+  half-written one."""
+  tmp = f"{path}.{os.getpid()}.tmp"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+  def write(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+  _replace_atomically(path, write)
+
+
 def write_report(report: dict, stem: str) -> None:
   """STEM.json, STEM.md (ours beside the paper's figures) and STEM.png (bars per row)."""
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=2)
+  _write_text(stem + ".json", json.dumps(report, indent=2))
   recon = any("tokenizer_psnr" in r for r in report["rows"])
   head = "| row | class accuracy | Fréchet distance (judge) |" + (
       " tokenizer PSNR (test) | codebook usage |" if recon else "")
@@ -419,8 +442,7 @@ def write_report(report: dict, stem: str) -> None:
       cells += (f" {r['tokenizer_psnr']:.2f} dB | {100 * r['codebook_usage']:.1f} % |"
                 if "tokenizer_psnr" in r else " - | - |")
     lines.append(cells + f" {r['paper'] or '-'} |")
-  with open(stem + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _write_text(stem + ".md", "\n".join(lines) + "\n")
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -438,7 +460,7 @@ def write_report(report: dict, stem: str) -> None:
     ax.set_yticklabels([])
   fig.suptitle(report["title"])
   fig.tight_layout()
-  fig.savefig(stem + ".png", dpi=100)
+  _replace_atomically(stem + ".png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
   plt.close(fig)
 
 
@@ -446,7 +468,7 @@ def main(argv):
   del argv
   rows = [int(i) for i in FLAGS.rows] if FLAGS.rows else None
   report = run_table(FLAGS.table, FLAGS.scale, FLAGS.workdir, FLAGS.judge, FLAGS.dry_run, rows,
-                     FLAGS.seed, FLAGS.teacher)
+                     FLAGS.seed, FLAGS.teacher, FLAGS.multihost)
   if report:
     print(open(os.path.join(FLAGS.workdir, table_stem(FLAGS.table, FLAGS.seed) + ".md")).read())
 
@@ -464,5 +486,8 @@ if __name__ == "__main__":
                     "reported from earlier runs' results where they exist.")
   flags.DEFINE_string("teacher", "", "Alignment teacher .npz for the alignment rows (default: "
                       "those rows need SigLIP2's and are skipped below full scale).")
+  flags.DEFINE_bool("multihost", False, "Run on every host of a multi-process job (launch/slurm.sh, "
+                    "launch/tpu_pod.sh add it): each stage joins the job; this process itself "
+                    "starts no JAX.")
   flags.mark_flags_as_required(["table", "workdir"])
   cli.run(main)

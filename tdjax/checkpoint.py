@@ -13,6 +13,8 @@ checkpoint written on 8 devices restores onto 4 or 1.  A latest checkpoint that 
 falls back to the previous one with a warning, and the resumed run replaces the unreadable step
 when it reaches it again (training is deterministic, so the new one is what the old one held); a
 workdir whose checkpoints are all unreadable is an error, never a silent restart from scratch.
+With several processes, whether a step is readable is one decision for all of them (a read error
+on one host sends every host to the previous step), so the hosts never resume at different steps.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from tdjax import parallel
 
 CKPT_DIR = "checkpoints"
 
@@ -121,32 +125,40 @@ class Checkpointer:
     errors = []
     wanted = _shapes_by_path(abstract_state)
     for s in candidates:
-      misfit = self._shape_misfit(s, wanted)
-      if misfit:                 # known before reading: spare Orbax's failing async reads
-        errors.append((s, misfit))
+      restored, problem = None, self._shape_misfit(s, wanted)
+      if problem is None:      # a misfit is known before reading: spare Orbax's failing reads
+        try:
+          restored = self._read(s, abstract_state)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+          problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      # one decision for every process: a step is used only where every host could read it
+      if not parallel.all_processes(problem is None):
+        problem = problem or "unreadable on another process"
+        errors.append((s, problem))
         self._unreadable.add(s)
-        logging.warning("checkpoint: step %d in %s does not fit the state (%s)", s, self.directory,
-                        misfit)
-        continue
-      try:
-        restored = self.manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                       data=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        errors.append((s, msg))
-        self._unreadable.add(s)
-        logging.warning("checkpoint: step %d in %s is unreadable (%s); trying the previous one",
-                        s, self.directory, msg[:300])
+        logging.warning("checkpoint: step %d in %s is not usable (%s); trying the previous one",
+                        s, self.directory, problem[:300])
         continue
       if errors:
         logging.warning("checkpoint: restored step %d after skipping unreadable step(s) %s",
                         s, [e[0] for e in errors])
-      return s, restored["state"], dict(restored["data"] or {})
+      return s, restored[0], restored[1]
     detail = "; ".join(f"step {s}: {m[:200]}" for s, m in errors)
     raise CheckpointError(
         f"no readable checkpoint in {self.directory} (tried steps {candidates}): {detail}. "
         "Refusing to start from scratch over existing checkpoints; move them away to do so.")
+
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, data_state) of `step`, read by the item handlers directly: the manager's restore
+    ends in a barrier, which a host whose read failed would never reach (the others would wait
+    there while it waits in the agreement on the outcome)."""
+    root = self.manager.directory / str(step)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      state = handler.restore(root / "state", args=ocp.args.StandardRestore(abstract_state))
+    finally:
+      handler.close()
+    return state, dict(_read_json(root / "data") or {})
 
   def _shape_misfit(self, step: int, wanted: dict) -> str | None:
     """'K arrays of other shapes, e.g. PATH: stored S, this state T' when arrays at the same
@@ -169,8 +181,15 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    return dict(self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"])
+    return dict(_read_json(self.manager.directory / str(step) / "config"))
+
+
+def _read_json(path) -> Any:
+  handler = ocp.JsonCheckpointHandler()
+  try:
+    return handler.restore(path, args=ocp.args.JsonRestore())
+  finally:
+    handler.close()
 
 
 def _shapes_by_path(tree) -> dict:

@@ -12,6 +12,9 @@
   * a flag error is one line too: an error of `get_config` (an unknown config arg) keeps its last
     line, not the traceback that ml_collections puts inside the message.
 Orbax's INFO chatter (dozens of lines per checkpoint read) is dropped from the log.
+A process of a multi-process job that fails leaves at once (`os._exit`, after its message):
+exiting normally would wait in JAX's shutdown barrier for processes that are still running, so
+the launcher (srun --kill-on-bad-exit, a pod's ssh) would not learn of the failure for minutes.
 This module imports no JAX: `tdjax.aot` must set the fake device count before JAX starts.
 """
 
@@ -35,7 +38,20 @@ def _program() -> str:
 
 def _fail(message: str) -> None:
   print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_BAD_INPUT)
+  _exit(EXIT_BAD_INPUT)
+
+
+def _in_distributed_job() -> bool:
+  jax = sys.modules.get("jax")
+  return bool(jax is not None and jax.distributed.is_initialized())
+
+
+def _exit(status: int) -> None:
+  if _in_distributed_job():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 def is_bad_input(err: BaseException) -> bool:
@@ -96,6 +112,10 @@ def run(main) -> None:
       return main(argv)
     except Exception as err:                   # noqa: BLE001 - re-raised unless bad input
       if not is_bad_input(err):
+        if _in_distributed_job():              # the traceback, then out without the barrier
+          import traceback
+          traceback.print_exc()
+          _exit(1)
         raise
       logging.debug("the error below, with its traceback", exc_info=True)
       lines = str(err).splitlines() or [type(err).__name__]

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.image_every = 0            # 0: pictures only at the end
   c.ckpt_every = 500
+  c.ckpt_every_secs = 0.0      # also save when this many seconds passed since the last save
+                               # (checked at log points, on process 0's clock; 0 = off)
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.grad_accum = 1
@@ -67,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_warmup = False         # decay min(ema_decay, (1 + t) / (10 + t)) (optim.ema_decay_at)
   c.on_nonfinite = "stop"      # 'stop' or 'skip' (skip the update, keep going)
   c.compilation_cache = ""     # directory of the persistent XLA cache ('' = off)
-  c.distributed = False        # jax.distributed.initialize() at start
+  c.distributed = False        # join a multi-process job at start (parallel.initialize_distributed)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = []            # extra (logical, mesh) rules taking precedence over the defaults
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -12,7 +12,8 @@ sFID, its logits for IS, and class accuracy when the samples carry labels.  With
 feature net is the FID InceptionV3 instead (`tdjax.nn.inception`, weights converted from pytorch-fid's
 file by `python -m tdjax.convert --kind inception`): ImageNet numbers comparable with the papers',
 up to the resize (pytorch-fid's half-pixel bilinear, not TF's).  The formulas are ADM's
-(`tdjax.evaluation`), statistics in float64.
+(`tdjax.evaluation`), statistics in float64.  Started on several processes (`--multihost`, as
+the launch scripts do), each computes the metrics on its own devices and process 0 reports them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Write the metrics here as JSON as well.")
   flags.DEFINE_integer("batch_size", 500, "Images per feature batch.")
   flags.DEFINE_integer("k", 3, "Neighbourhood size of precision/recall.")
+  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
+                    "launch/tpu_pod.sh add it): every process computes the metrics on its own "
+                    "devices, process 0 prints and writes them.")
 
 
 def real_images(judge, split: str, num: int):
@@ -77,8 +81,13 @@ def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
 
 def main(argv):
   del argv
+  from tdjax import parallel
+  parallel.initialize_distributed(FLAGS.multihost)    # before any other JAX call
+  import jax
   result = evaluate(FLAGS.samples, FLAGS.reference, FLAGS.judge, inception=FLAGS.inception,
                     batch_size=FLAGS.batch_size, k=FLAGS.k)
+  if jax.process_index() != 0:
+    return
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=2)

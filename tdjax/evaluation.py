@@ -38,12 +38,12 @@ class ClassifierJudge:
 
   def __init__(self, workdir: str):
     import jax
-    from tdjax import trainer
+    from tdjax import parallel, trainer
     config, task, state = trainer.load_for_inference(workdir)
     if task.kind != "classifier":
       raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint, expected a classifier")
     self.config, self.task = config, task
-    self.params = jax.device_get(state.get("ema", state["params"]))
+    self.params = parallel.to_host(state.get("ema", state["params"]))
     self._fn = jax.jit(lambda p, x: task.features(p, x))
     self._all = jax.jit(lambda p, x: task.all_features(p, x))
     self.image_size = int(config.input.image_size)

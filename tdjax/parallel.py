@@ -14,6 +14,7 @@ Everything is the pjit model written as `jax.jit(..., in_shardings=..., out_shar
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -76,13 +77,40 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh with Auto axis types (linen logical rules need Auto; make_mesh defaults to Explicit)."""
+  """A mesh with Auto axis types (linen logical rules need Auto; make_mesh defaults to Explicit).
+
+  Devices of several TPU slices (multislice: `slice_index` differs) get a hybrid mesh: the `data`
+  axis is split between the slices, which talk over the data-centre network (DCN), and each
+  slice holds a `data / slices x fsdp x tensor` block over its own ICI; `data` must then be a
+  multiple of the number of slices (FSDP and tensor traffic stay inside a slice)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(axes, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if num_slices(devices) > 1:
+    return jax.sharding.Mesh(hybrid_device_array(shape, devices), MESH_AXES, axis_types=auto)
   if len(devices) == jax.device_count() and devices == list(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, auto)  # topology-aware device order
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """Number of TPU slices among `devices` (1 off TPU: other devices have no `slice_index`)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def hybrid_device_array(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The (data, fsdp, tensor) device array of a multislice job: `data` = slices x per-slice data
+  (DCN outside, ICI inside; JAX's `create_hybrid_device_mesh`)."""
+  from jax.experimental import mesh_utils
+  slices = num_slices(devices)
+  data, fsdp, tensor = shape
+  if data % slices:
+    raise ValueError(f"mesh: the devices span {slices} TPU slices (multislice) and only the data "
+                     f"axis crosses slices; data={data} is not a multiple of {slices} (mesh "
+                     f"{dict(zip(MESH_AXES, shape))}; e.g. --config.mesh.data={slices} "
+                     f"--config.mesh.fsdp=-1)")
+  return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1),
+                                              devices)
 
 
 def rules(extra: Sequence[tuple[str, Any]] = ()) -> tuple[tuple[str, Any], ...]:
@@ -142,26 +170,69 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def data_shard(mesh: jax.sharding.Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(index, count): the part of every global batch that this process feeds to its devices is
+  row block `index` of `count` equal blocks.
+
+  The batch is split over the data-parallel positions (data x fsdp, in that order) of the mesh.
+  Each process holds the positions of its own devices; when the `tensor` axis (or a data axis
+  that is not split at a process boundary) spans processes, several processes hold the same
+  positions and read the same rows.  So `count` is the number of distinct blocks, not the number
+  of processes: a mesh whose tensor axis spans 2 processes has one block both read in full.  A
+  process whose positions are not one contiguous range (a device order that interleaves
+  processes) is refused: its rows could not be read as one slice of the batch."""
+  me = jax.process_index() if process_index is None else process_index
+  grid = np.asarray(mesh.devices)
+  data, fsdp = grid.shape[0], grid.shape[1]
+  positions: dict[int, set] = {}
+  for (i, j, _), device in np.ndenumerate(grid):
+    positions.setdefault(device.process_index, set()).add(i * fsdp + j)
+  blocks = {}
+  for p, pos in positions.items():
+    lo, hi = min(pos), max(pos) + 1
+    if len(pos) != hi - lo:
+      raise ValueError(f"mesh {dict(mesh.shape)}: process {p}'s devices hold the data-parallel "
+                       f"positions {sorted(pos)}, not one contiguous range, so its share of the "
+                       f"batch is not one slice; reorder the mesh axes or the devices")
+    blocks[p] = (lo, hi)
+  distinct = sorted(set(blocks.values()))
+  size = distinct[0][1] - distinct[0][0]
+  if any(hi - lo != size for lo, hi in distinct) or [lo for lo, _ in distinct] != list(
+      range(0, data * fsdp, size)):
+    raise ValueError(f"mesh {dict(mesh.shape)}: the processes hold overlapping or unequal parts of "
+                     f"the data-parallel positions {distinct}; each process must hold whole, "
+                     f"equal blocks")
+  if me not in blocks:
+    raise ValueError(f"mesh {dict(mesh.shape)} has no device of process {me}")
+  return distinct.index(blocks[me]), len(distinct)
+
+
 def batch_sizes(global_batch: int, mesh: jax.sharding.Mesh) -> dict:
   """Global, per-process and per-device batch sizes, validated; logged by the loop."""
   dp = data_parallel_size(mesh)
-  nproc = jax.process_count()
+  _, shards = data_shard(mesh)
   if global_batch % dp:
     raise ValueError(f"input.batch_size={global_batch} is not divisible by the data-parallel "
                      f"size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
-  if global_batch % nproc:
-    raise ValueError(f"input.batch_size={global_batch} is not divisible by the number of "
-                     f"processes {nproc}")
-  return dict(global_batch=global_batch, per_process=global_batch // nproc,
-              per_device=global_batch // dp, data_parallel=dp, processes=nproc)
+  return dict(global_batch=global_batch, per_process=global_batch // shards,
+              per_device=global_batch // dp, data_parallel=dp, processes=jax.process_count(),
+              input_shards=shards)
+
+
+@functools.lru_cache(maxsize=16)
+def _input_shards(mesh: jax.sharding.Mesh) -> int:
+  return data_shard(mesh)[1]
 
 
 def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
-  """Per-process numpy batch -> global `jax.Array`s sharded over the data axes."""
+  """This process's rows of a global batch (block `data_shard(mesh)`) -> global `jax.Array`s
+  sharded over the data axes."""
+  shards = _input_shards(mesh)
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
-    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v,
+                                                    (v.shape[0] * shards,) + v.shape[1:])
   return out
 
 
@@ -178,20 +249,107 @@ def tree_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def maybe_initialize_distributed(enable: bool, coordinator: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
-  """`jax.distributed.initialize` behind a flag (auto-detects TPU pods, SLURM, MPI when args are None)."""
-  if not enable:
+# ------------------------------------------------------------------------------------------------
+# Several processes (multi-host): start-up, agreement, host copies
+# ------------------------------------------------------------------------------------------------
+
+EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(enable: bool) -> None:
+  """Joins this process to a multi-process job (`jax.distributed.initialize`) when `enable`.
+
+  Must run before any other JAX call (JAX refuses afterwards): every entry point that can run on
+  several processes calls it first, with its switch (`--config.distributed`, `--multihost`).
+  The coordinator, the process count and this process's id come from
+    JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID   when all three are
+        set: any cluster, a pod job that sets them itself, the launch scripts' test stand-ins;
+    otherwise JAX's own detection: Cloud TPU metadata, SLURM_* variables, Open MPI, Kubernetes.
+  A second call is a no-op."""
+  if not enable or jax.distributed.is_initialized():
     return
+  given = {k: os.environ[k] for k in EXPLICIT_ENV if os.environ.get(k)}
   kwargs = {}
-  if coordinator:
-    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
-                  process_id=process_id)
+  if given:
+    missing = [k for k in EXPLICIT_ENV if k not in given]
+    if missing:
+      raise ValueError(f"{', '.join(sorted(given))} set but not {', '.join(missing)}: set all "
+                       f"three, or none for JAX's cluster detection (TPU, SLURM, MPI)")
+    try:
+      kwargs = dict(coordinator_address=given["JAX_COORDINATOR_ADDRESS"],
+                    num_processes=int(given["JAX_NUM_PROCESSES"]),
+                    process_id=int(given["JAX_PROCESS_ID"]))
+    except ValueError:
+      raise ValueError(f"JAX_NUM_PROCESSES={given['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                       f"{given['JAX_PROCESS_ID']!r}: expected integers") from None
+    if not 0 <= kwargs["process_id"] < kwargs["num_processes"]:
+      raise ValueError(f"JAX_PROCESS_ID={kwargs['process_id']} is not in [0, JAX_NUM_PROCESSES="
+                       f"{kwargs['num_processes']})")
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  check_visible_gpus()
+  logging.info("jax.distributed: process %d of %d (coordinator %s)", jax.process_index(),
+               jax.process_count(), kwargs.get("coordinator_address", "detected"))
+
+
+def check_visible_gpus() -> None:
+  """One line instead of a CUDA error at the first device query: the GPUs that JAX was told to
+  use (JAX_LOCAL_DEVICE_IDS, or SLURM_LOCALID under SLURM) must exist among the
+  CUDA_VISIBLE_DEVICES this process sees (CUDA numbers the visible ones from 0)."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  wanted = str(jax.config.values.get("jax_cuda_visible_devices", "all"))
+  if visible is None or wanted in ("all", ""):
+    return
+  count = len([v for v in visible.split(",") if v.strip()])
+  bad = [int(i) for i in wanted.split(",") if int(i) >= count]
+  if bad:
+    raise ValueError(f"this process is to use GPU {wanted} (JAX_LOCAL_DEVICE_IDS, or SLURM_LOCALID "
+                     f"by JAX's SLURM detection) but sees only {count} (CUDA_VISIBLE_DEVICES="
+                     f"{visible!r}): leave CUDA_VISIBLE_DEVICES to SLURM and let launch/slurm.sh "
+                     f"pick the GPU")
+
+
+def all_processes(flag: bool) -> bool:
+  """True where `flag` is true on every process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def from_first_process(value: int) -> int:
+  """Process 0's `value` on every process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def preemption_sync_point(step: int) -> bool:
+  """True, on every process at the same step, once any process of a multi-process job got
+  SIGTERM (JAX's preemption service: the processes agree on the first step all of them can still
+  reach, so no host waits alone in a save).  Always False without jax.distributed."""
+  if not jax.distributed.is_initialized():
+    return False
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.reached_preemption_sync_point(step))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """Host (numpy) copies of a tree of arrays, on every process: a global array sharded over
+  several processes is gathered (a collective: every process calls it), others are copied."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -200,7 +358,8 @@ def enable_compilation_cache(directory: str | None) -> None:
   run in the same process): jax fixes the directory at the first compile, so it is reset."""
   if not directory:
     return
-  os.makedirs(directory, exist_ok=True)
+  if "://" not in directory:   # gs://...: JAX writes it through etils.epath; makedirs would
+    os.makedirs(directory, exist_ok=True)   # create the local folder ./gs:/...
   if jax.config.jax_compilation_cache_dir != directory:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax_compilation_cache.reset_cache()

@@ -50,8 +50,9 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
   flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() and split the chunks "
-                    "over all processes (the .npz parts folder must be on shared storage).")
+  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
+                    "launch/tpu_pod.sh add it) and split the chunks over its processes (the .npz "
+                    "parts folder must be on storage every host shares).")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -112,7 +113,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from tdjax import checkpoint as ckpt_lib
-  from tdjax import trainer
+  from tdjax import parallel, trainer
 
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -130,8 +131,8 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
     raise ValueError(f"{', '.join('--' + k for k in unknown)} does not apply to a {task.kind!r} "
                      f"model (its options: {', '.join(sorted(task.sample_options))})")
   mesh = Mesh(np.array(sampling_devices(batch_size, devices)), ("data",))
-  params = jax.device_put(jax.device_get(state["ema"] if use_ema and "ema" in state
-                                         else state["params"]), NamedSharding(mesh, PartitionSpec()))
+  params = jax.device_put(parallel.to_host(state["ema"] if use_ema and "ema" in state
+                                           else state["params"]), NamedSharding(mesh, PartitionSpec()))
   by_example = NamedSharding(mesh, PartitionSpec("data"))
   labels = np.repeat(parse_classes(str(classes), int(config.model.num_classes)), num)
   labels = labels.astype(np.int32)
@@ -149,9 +150,11 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
       if old != json.loads(json.dumps(settings)):
         raise ValueError(f"{parts_dir} holds parts of a run with other settings ({old}); use the "
                          f"same flags to resume it, or delete the folder")
-    else:
-      with open(path, "w") as f:
+    else:      # every process may write it: each through its own temporary name
+      tmp = f"{path}.{pi}.tmp"
+      with open(tmp, "w") as f:
         json.dump(settings, f)
+      os.replace(tmp, path)
   from tqdm import tqdm
   starts = list(range(0, len(labels), batch_size))
   part_of = lambda i: os.path.join(parts_dir, f"{i:08d}_{len(labels[i:i + batch_size])}.npy")
@@ -171,9 +174,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
       os.replace(part + ".tmp.npy", part)      # a killed run never leaves a half-written part
     logging.info("sampled %d/%d", i + len(chunk), len(labels))
   if pc > 1:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("tdjax.sample: all parts written")
+    parallel.barrier("tdjax.sample: all parts written")
     if pi != 0:
       return None, labels, config
     missing = [part_of(i) for i in starts if i not in images and not os.path.exists(part_of(i))]
@@ -186,6 +187,9 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
 
 def main(argv):
   del argv
+  from tdjax import parallel
+  parallel.initialize_distributed(FLAGS.multihost)   # before any other JAX call
+  import jax
   import numpy as np
   from tdjax import evaluation, metrics
   from tdjax.checkpoint import is_remote
@@ -202,12 +206,13 @@ def main(argv):
     workdir, step = split_checkpoint_path(FLAGS.checkpoint)
   elif not workdir:
     raise ValueError("--workdir (or --checkpoint) is required")
-  if FLAGS.multihost:
-    import jax
-    jax.distributed.initialize()     # Cloud TPU / SLURM: the coordinator is found automatically
+  # the judge's checkpoint is read by every process (a collective restore); process 0 uses it
+  judge = evaluation.ClassifierJudge(FLAGS.judge) if FLAGS.judge else None
+  # parts: a resumable .npz, and the processes' shares of a multi-process run (.png too)
+  parts = stem + ".parts" if ext == ".npz" or jax.process_count() > 1 else None
   images, labels, config = generate(
       workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      use_ema=FLAGS.ema, step=step, parts_dir=stem + ".parts" if ext == ".npz" else None,
+      use_ema=FLAGS.ema, step=step, parts_dir=parts,
       cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
       steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1,
       clip_denoised=FLAGS.clip_denoised)
@@ -218,17 +223,15 @@ def main(argv):
     tmp = stem + ".tmp.npz"
     np.savez(tmp, arr_0=metrics.to_uint8(images), labels=labels)
     os.replace(tmp, FLAGS.out)
-    import shutil
-    shutil.rmtree(stem + ".parts", ignore_errors=True)
-  elif ext == ".png":
+  else:
     rows = images.reshape((-1, FLAGS.num) + images.shape[1:])
     metrics.save_png(metrics.image_grid(rows[:, :min(FLAGS.num, 16)]), FLAGS.out)
-  else:
-    raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
+  if parts:
+    import shutil
+    shutil.rmtree(parts, ignore_errors=True)
   logging.info("wrote %d samples to %s", len(images), FLAGS.out)
-  if FLAGS.judge:
+  if judge is not None:
     from tdjax.data import pipeline
-    judge = evaluation.ClassifierJudge(FLAGS.judge)
     icfg = pipeline.with_defaults(judge.config.input)
     icfg.batch_size = min(len(images), 1000)
     n = len(images)

@@ -197,13 +197,21 @@ class Setup:
 # ------------------------------------------------------------------------------------------------
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits 0."""
+  """SIGTERM stops the loop at a step boundary after a checkpoint, and the process exits 0.
+
+  One process: a Python SIGTERM handler sets a flag.  Several processes (jax.distributed): the
+  signal reaches the hosts at different times, and a host that stopped alone would wait forever
+  in the save's barrier; JAX's preemption service (which owns SIGTERM there) makes every process
+  stop at the same step (`parallel.preemption_sync_point`)."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self.shared = jax.distributed.is_initialized()
 
   def __enter__(self):
+    if self.shared:        # a Python handler would replace the preemption service's
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
@@ -214,16 +222,41 @@ class _Preemption:
     logging.warning("SIGTERM received: will checkpoint and stop at the next step boundary")
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """Stop after `step`? The same answer on every process."""
+    if self.shared and parallel.preemption_sync_point(step):
+      logging.warning("preemption: every process stops after step %d", step)
+      self.requested = True
+    return self.requested
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _make_input(config, split, train, seed_offset=0):
+class _SaveClock:
+  """`ckpt_every_secs`: a save when that many seconds passed since the last one, decided at log
+  points on process 0's clock and broadcast (hosts' clocks differ; all must save together)."""
+
+  def __init__(self, every_secs: float):
+    self.every, self.last = float(every_secs or 0), time.time()
+
+  def due(self) -> bool:
+    if self.every <= 0:
+      return False
+    return bool(parallel.from_first_process(time.time() - self.last >= self.every))
+
+  def saved(self) -> None:
+    self.last = time.time()
+
+
+def _make_input(config, mesh, split, train, seed_offset=0):
+  """This process's input: block `parallel.data_shard(mesh)` of every global batch."""
   from tdjax.data import pipeline
+  index, count = parallel.data_shard(mesh)
   return pipeline.make_pipeline(config.input, seed=config.seed + seed_offset,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count(), split=split, train=train)
+                                process_index=index, process_count=count, split=split,
+                                train=train)
 
 
 def _host_metrics(metrics_list):
@@ -237,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains `config.task` in `workdir`, resuming from its checkpoints; returns final metrics."""
   t_start = time.time()
-  parallel.maybe_initialize_distributed(config.get("distributed", False))
+  parallel.initialize_distributed(config.get("distributed", False))
   parallel.enable_compilation_cache(config.get("compilation_cache", ""))
   workdir = ckpt_lib.resolve_workdir(workdir)
   if not ckpt_lib.is_remote(workdir):
@@ -286,7 +319,7 @@ def _restore_for_training(checkpointer, setup: Setup, config_dict: dict):
 def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
   """Restores or initialises the state, then runs the steps, evaluations and saves."""
   config, mesh = setup.config, setup.mesh
-  data = _make_input(config, config.input.get("split", "train"), train=True)
+  data = _make_input(config, mesh, config.input.get("split", "train"), train=True)
 
   restored = _restore_for_training(checkpointer, setup, config_dict)
   if restored is None:
@@ -316,6 +349,7 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
   pending, last_metrics, batch = [], {}, first
   eval_fn, eval_data = None, None
   stopped_by_signal = False
+  clock = _SaveClock(config.get("ckpt_every_secs", 0))
   with _Preemption() as preempt:
     for step in range(start_step, total):
       if batch is None:
@@ -341,6 +375,7 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
         logging.info("step %d/%d loss %.5g | %.2f steps/s, %.1f ex/s, ETA %s", done, total,
                      last_metrics.get("loss", float("nan")), rates["steps_per_sec"],
                      rates["examples_per_sec"], metrics_lib.format_eta(rates["eta_sec"]))
+      logged = done % config.log_every == 0 or done == total
       with progress.pause():
         if config.get("eval_every", 0) and (done % config.eval_every == 0 or done == total):
           eval_fn, eval_data, ev = _evaluate(setup, state, eval_fn, eval_data, done)
@@ -350,9 +385,11 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
             last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
         if config.get("image_every", 0) and done % config.image_every == 0:
           _write_images(setup, state, writer, done)
-        stop = preempt.requested
-        if done % config.ckpt_every == 0 or done == total or stop:
+        stop = preempt.reached(done)
+        if (done % config.ckpt_every == 0 or done == total or stop
+            or (logged and clock.due())):
           checkpointer.save(done, state, config_dict, data.get_state())
+          clock.saved()
           writer.flush()     # a remote workdir's metrics and pictures are copied there now
         if stop:
           stopped_by_signal = True
@@ -378,7 +415,7 @@ def _evaluate(setup: Setup, state, eval_fn, eval_data, step):
   if type(setup.task).eval_metrics is Task.eval_metrics:
     return eval_fn, eval_data, {}
   split = c.input.get("eval_split", "test")
-  data = _make_input(c, split, train=False, seed_offset=1)  # same batches at every evaluation
+  data = _make_input(c, setup.mesh, split, train=False, seed_offset=1)  # same at every evaluation
   results = []
   with parallel.use_mesh(setup.mesh, setup.rules):
     for i in range(int(c.get("eval_batches", 4))):
@@ -391,7 +428,7 @@ def _evaluate(setup: Setup, state, eval_fn, eval_data, step):
 
 def _write_images(setup: Setup, state, writer, step):
   c = setup.config
-  data = _make_input(c, c.input.get("eval_split", "test"), train=False, seed_offset=1)
+  data = _make_input(c, setup.mesh, c.input.get("eval_split", "test"), train=False, seed_offset=1)
   batch = parallel.host_to_global(next(data), setup.mesh)
   params = state.get("ema", state["params"])
   with parallel.use_mesh(setup.mesh, setup.rules):

@@ -237,7 +237,7 @@ def test_extract_codes_and_pipeline_protocol(tmp_path):
   path = str(tmp_path / "codes.npz")
   n, vocab = 8, 16
 
-  def encode(images):                       # the (clean, ar_input, ar_label) protocol
+  def encode(images, call):                 # the (clean, ar_input, ar_label) protocol
     base = (images[:, 0, 0, 0] * 10).astype(np.int64)
     clean = (base[:, None] + np.arange(n)) % vocab
     return clean, (clean + 1) % vocab, clean
@@ -287,7 +287,7 @@ def test_extract_codes_refuses_an_existing_file_before_encoding(tmp_path):
   overwrite=True replaces it whole."""
   path, calls = str(tmp_path / "codes.npz"), []
 
-  def encode(images, shift=0):
+  def encode(images, call, shift=0):
     calls.append(len(images))
     clean = (np.arange(4)[None] + shift + np.zeros((len(images), 1), np.int64)) % 8
     return clean, clean, clean
@@ -298,7 +298,7 @@ def test_extract_codes_refuses_an_existing_file_before_encoding(tmp_path):
   with pytest.raises(FileExistsError, match="codes.npz exists: pass --overwrite"):
     codes_lib.extract_codes(encode, batches, path, **kw)
   assert calls == [2]
-  codes_lib.extract_codes(lambda im: encode(im, shift=1), batches, path, overwrite=True, **kw)
+  codes_lib.extract_codes(lambda im, call: encode(im, call, shift=1), batches, path, overwrite=True, **kw)
   assert codes_lib.load_codes(path)[0]["clean"][0, 0].tolist() == [1, 2, 3, 4]
   assert sorted(os.listdir(tmp_path)) == ["codes.npz"]
 

@@ -585,7 +585,7 @@ def test_continuous_bottleneck_task_and_encode_fn():
   vq = TokenizerTask(_cfg())
   p2, _ = nn.unbox(vq.init(jax.random.key(0)))
   enc = vq.make_encode_fn(p2, views_per_batch=2)
-  a, b = enc(np.asarray(batch["image"])), enc(np.asarray(batch["image"]))
+  a, b = enc(np.asarray(batch["image"]), 2), enc(np.asarray(batch["image"]), 3)
   for x, y in zip(a, b):       # two views of the same batch share the noise draw
     assert x.shape == (4, 8) and x.dtype == np.int32 and x.max() < 32
     np.testing.assert_array_equal(x, y)

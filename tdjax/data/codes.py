@@ -3,13 +3,15 @@
 Extraction (`extract_codes`) runs a trained tokenizer in eval mode over a stream of image batches
 through an *encode function* with the protocol
 
-    encode_fn(images float [B, H, W, C] in [-1, 1]) -> (clean, ar_input, ar_label), int [B, N] each
+    encode_fn(images float [B, H, W, C] in [-1, 1], call) -> (clean, ar_input, ar_label), int [B, N] each
 
 (DetailFlow's eval-mode encode: the clean codes and the frozen self-correction pair; see
-`reference/detailflow.md` 2.4), optionally over several views of each image (`views`, e.g. the image
-and its flip, the reference's ten-crop), and writes one `.npz` (read into memory) or, for a path
-not ending in '.npz', a directory of `.npy` files plus meta.json (memory-mapped when read, for
-ImageNet-size codes):
+`reference/detailflow.md` 2.4); `call` = batch x views + view numbers the calls in extraction
+order, and keys the self-correction draw, so any split of the batches (over processes:
+`extract_from_workdir(multihost=True)`) writes the same file.  Optionally over several views of
+each image (`views`, e.g. the image and its flip, the reference's ten-crop), and writes one `.npz`
+(read into memory) or, for a path not ending in '.npz', a directory of `.npy` files plus meta.json
+(memory-mapped when read, for ImageNet-size codes):
 
     clean, ar_input, ar_label   uint16 (int32 when vocab > 65536), [num, N] or [num, views, N]
     label                       int32 [num]
@@ -29,6 +31,7 @@ reads the same file.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 from typing import Any, Callable, Iterable, Mapping
@@ -39,7 +42,7 @@ import numpy as np
 CODE_KEYS = ("clean", "ar_input", "ar_label")
 META_KEYS = ("num_tokens", "vocab_size", "group_size", "num_classes", "num_views")
 
-EncodeFn = Callable[[np.ndarray], tuple]
+EncodeFn = Callable[[np.ndarray, int], tuple]
 
 
 def _check_codes(name: str, codes: np.ndarray, batch: int, vocab_size: int) -> np.ndarray:
@@ -63,51 +66,75 @@ def extract_codes(encode_fn: EncodeFn, batches: Iterable[Mapping[str, np.ndarray
   The file is written to `path + '.tmp'` and renamed, so a crash never leaves a partial file that
   a later run would take for finished codes (the reference silently reuses stale codes).  An
   existing `path` is an error before any encoding unless overwrite=True."""
+  refuse_existing(path, overwrite)
+  encoded = (encode_batch(encode_fn, batch, i, vocab_size=vocab_size, num_classes=num_classes,
+                          views=views)
+             for i, batch in enumerate(itertools.islice(batches, max_batches)))
+  return write_codes(path, encoded, vocab_size=vocab_size, group_size=group_size,
+                     num_classes=num_classes)
+
+
+def refuse_existing(path: str, overwrite: bool) -> None:
   from etils import epath
   if epath.Path(path).exists() and not overwrite:
     raise FileExistsError(f"codes file {path} exists: pass --overwrite (overwrite=True) to "
                           f"replace it; nothing was written")
-  out = {k: [] for k in CODE_KEYS}
-  labels = []
+
+
+def encode_batch(encode_fn: EncodeFn, batch: Mapping[str, np.ndarray], index: int, *,
+                 vocab_size: int, num_classes: int,
+                 views: Callable[[np.ndarray], list] | None = None) -> dict:
+  """Batch number `index` encoded: {'clean', 'ar_input', 'ar_label': [B, V, N], 'label': [B]},
+  checked (labels in range, integer codes in the vocabulary, one token count)."""
+  images = np.asarray(batch["image"])
+  b = images.shape[0]
+  lab = np.asarray(batch["label"]).astype(np.int64).reshape(-1)
+  if lab.shape[0] != b or lab.min() < 0 or lab.max() >= num_classes:
+    raise ValueError(f"batch {index}: labels {lab[:8].tolist()}... must be {b} class ids in "
+                     f"0..{num_classes - 1}")
+  view_images = list(views(images)) if views is not None else [images]
+  per_view = {k: [] for k in CODE_KEYS}
+  for v, im in enumerate(view_images):
+    triplet = encode_fn(im, index * len(view_images) + v)
+    if len(triplet) != 3:
+      raise ValueError(f"encode_fn must return (clean, ar_input, ar_label); got {len(triplet)} "
+                       f"arrays")
+    for k, c in zip(CODE_KEYS, triplet):
+      per_view[k].append(_check_codes(k, c, b, vocab_size))
+  n = per_view["clean"][0].shape[1]
+  if any(c.shape[1] != n for v in per_view.values() for c in v):
+    raise ValueError(f"batch {index}: the views give different token counts")
+  out = {k: np.stack(per_view[k], axis=1) for k in CODE_KEYS}     # [B, V, N]
+  out["label"] = lab
+  return out
+
+
+def write_codes(path: str, encoded: Iterable[dict], *, vocab_size: int, group_size: int,
+                num_classes: int) -> dict:
+  """Writes the codes file of the encoded batches (`encode_batch`'s dicts, in order); returns
+  its metadata."""
+  out = {k: [] for k in CODE_KEYS + ("label",)}
   num_tokens = num_views = None
-  for i, batch in enumerate(batches):
-    if max_batches is not None and i >= max_batches:
-      break
-    images = np.asarray(batch["image"])
-    b = images.shape[0]
-    lab = np.asarray(batch["label"]).astype(np.int64).reshape(-1)
-    if lab.shape[0] != b or lab.min() < 0 or lab.max() >= num_classes:
-      raise ValueError(f"batch {i}: labels {lab[:8].tolist()}... must be {b} class ids in "
-                       f"0..{num_classes - 1}")
-    view_images = list(views(images)) if views is not None else [images]
-    per_view = {k: [] for k in CODE_KEYS}
-    for im in view_images:
-      triplet = encode_fn(im)
-      if len(triplet) != 3:
-        raise ValueError(f"encode_fn must return (clean, ar_input, ar_label); got {len(triplet)} "
-                         f"arrays")
-      for k, c in zip(CODE_KEYS, triplet):
-        per_view[k].append(_check_codes(k, c, b, vocab_size))
-    n = per_view["clean"][0].shape[1]
+  for i, enc in enumerate(encoded):
+    n, v = enc["clean"].shape[2], enc["clean"].shape[1]
     if num_tokens is None:
-      num_tokens, num_views = n, len(view_images)
+      num_tokens, num_views = n, v
       if n % group_size:
         raise ValueError(f"the tokenizer gives N={n} tokens, not divisible by the group size "
                          f"g={group_size}")
-    if any(c.shape[1] != num_tokens for v in per_view.values() for c in v):
+    if (n, v) != (num_tokens, num_views):
       raise ValueError(f"batch {i}: token count changed from N={num_tokens}")
-    for k in CODE_KEYS:
-      out[k].append(np.stack(per_view[k], axis=1))     # [B, V, N]
-    labels.append(lab)
+    for k in out:
+      out[k].append(enc[k])
   if num_tokens is None:
     raise ValueError("extract_codes: the batch stream was empty")
   dtype = np.uint16 if vocab_size <= 65536 else np.int32
-  arrays = {k: np.concatenate(v).astype(dtype) for k, v in out.items()}
+  arrays = {k: np.concatenate(out[k]).astype(dtype) for k in CODE_KEYS}
   if num_views == 1:
     arrays = {k: v[:, 0] for k, v in arrays.items()}
   meta = dict(num_tokens=num_tokens, vocab_size=vocab_size, group_size=group_size,
               num_classes=num_classes, num_views=num_views)
-  arrays["label"] = np.concatenate(labels).astype(np.int32)
+  arrays["label"] = np.concatenate(out["label"]).astype(np.int32)
   if path.endswith(".npz"):
     _write_npz(path, {**arrays, **{k: np.int64(v) for k, v in meta.items()}})
   else:
@@ -280,7 +307,7 @@ def synthetic_codes(path: str, *, num: int = 512, num_tokens: int = 32, group_si
   templates = rng.integers(0, vocab_size, (num_classes, num_tokens))
   labels = rng.integers(0, num_classes, num)
 
-  def encode(images):
+  def encode(images, call):
     b = images.shape[0]
     lab = images[:, 0, 0, 0].astype(np.int64)
     noise = rng.integers(0, vocab_size, (b, num_tokens))
@@ -310,17 +337,15 @@ def synthetic_codes(path: str, *, num: int = 512, num_tokens: int = 32, group_si
 def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None = None) -> EncodeFn:
   """The encode protocol from a `tdjax.tokenizers.detailflow.DetailFlowTokenizer` and its params
   (the 'gen' subtree is taken when given the tokenizer task's params): eval-mode
-  `encode_for_ar`, one fresh self-correction draw per call (frozen once written to the file)."""
+  `encode_for_ar`, the self-correction draw of call `call` keyed by fold_in(seed, call) (frozen
+  once written to the file)."""
   import jax
   gen = params["gen"] if isinstance(params, Mapping) and "gen" in params else params
   extra = dict(variables or {})
   fn = jax.jit(lambda p, x, k: model.apply({"params": p, **extra}, x, k, method="encode_for_ar"))
-  state = {"calls": 0}
 
-  def encode(images):
-    key = jax.random.fold_in(jax.random.key(seed), state["calls"])
-    state["calls"] += 1
-    out = fn(gen, np.asarray(images, np.float32), key)
+  def encode(images, call):
+    out = fn(gen, np.asarray(images, np.float32), jax.random.fold_in(jax.random.key(seed), call))
     return tuple(np.asarray(a) for a in out)
   return encode
 
@@ -332,9 +357,10 @@ def flip_views(images: np.ndarray) -> list:
 
 def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
   """(tokenizer task, its params, its config) from the latest checkpoint of a tokenizer workdir.
-  The task's `.model` is the `DetailFlowTokenizer`; params hold the 'gen' subtree."""
+  The task's `.model` is the `DetailFlowTokenizer`; params hold the 'gen' subtree, as host
+  (numpy) arrays on every process."""
   from tdjax import checkpoint as ckpt_lib
-  from tdjax import trainer
+  from tdjax import parallel, trainer
   with ckpt_lib.Checkpointer(tokenizer_workdir, use_async=False, read_only=True) as ck:
     cfg = ml_collections.ConfigDict(ck.restore_config())
     if cfg.task != "tokenizer":
@@ -345,17 +371,27 @@ def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
     raise FileNotFoundError(f"no checkpoint in {tokenizer_workdir}")
   _, state, _ = restored
   params = state["ema"] if use_ema and "ema" in state else state["params"]
-  return setup.task, params, cfg
+  return setup.task, parallel.to_host(params), cfg
 
 
 def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = "train",
                          batch_size: int = 64, max_batches: int | None = None,
                          views: str = "none", seed: int = 0, use_ema: bool = False,
-                         overwrite: bool = False) -> dict:
+                         overwrite: bool = False) -> dict | None:
   """Restores the latest tokenizer checkpoint of `tokenizer_workdir` and writes the codes of one
   epoch of `split` of its own input pipeline (no augmentation, record order, remainder dropped)
-  to `out_path`."""
+  to `out_path`.
+
+  On several processes (jax.distributed), process p encodes batches p, p + P, ... into
+  `out_path + '.parts/'` (storage every host shares; an existing part is kept, so a stopped run
+  goes on where it stopped), and after a barrier process 0 writes the file from the parts: the
+  same file as one process writes.  Returns the metadata (None on the other processes)."""
+  import jax
+  from etils import epath
+  from tdjax import parallel
   from tdjax.data import pipeline
+  pi, pc = jax.process_index(), jax.process_count()
+  refuse_existing(out_path, overwrite)
   task, params, cfg = restore_tokenizer(tokenizer_workdir, use_ema=use_ema)
   model = task.model
   inp = ml_collections.ConfigDict(cfg.input.to_dict())
@@ -365,10 +401,39 @@ def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = 
   steps = getattr(data, "steps_per_epoch", None)
   limits = [x for x in (steps, max_batches) if x is not None]
   encode = tokenizer_encode_fn(model, params, seed=seed)
-  return extract_codes(encode, data, out_path, vocab_size=int(model.codebook_size),
-                       group_size=int(model.group), num_classes=int(cfg.input.num_classes),
-                       views=flip_views if views == "flip" else None,
-                       max_batches=min(limits) if limits else None, overwrite=overwrite)
+  kw = dict(vocab_size=int(model.codebook_size), num_classes=int(cfg.input.num_classes))
+  view_fn = flip_views if views == "flip" else None
+  if pc == 1:
+    return extract_codes(encode, data, out_path, group_size=int(model.group), views=view_fn,
+                         max_batches=min(limits) if limits else None, overwrite=overwrite, **kw)
+  if not limits:
+    raise ValueError(f"input {inp.source}: an endless stream; give --max_batches to split it "
+                     f"over {pc} processes")
+  parts = epath.Path(out_path + ".parts")
+  parts.mkdir(parents=True, exist_ok=True)
+  part = lambda b: parts / f"{b:08d}.npz"
+  for b in range(pi, min(limits), pc):
+    if part(b).exists():
+      continue
+    enc = encode_batch(encode, data.batch(b), b, views=view_fn, **kw)
+    _write_npz(str(part(b)), enc)
+    logging.info("codes: process %d encoded batch %d of %d", pi, b + 1, min(limits))
+  parallel.barrier("tdjax.data.codes: every part written")
+  if pi != 0:
+    return None
+  missing = [str(part(b)) for b in range(min(limits)) if not part(b).exists()]
+  if missing:
+    raise RuntimeError(f"{len(missing)} codes parts are missing after every process finished, "
+                       f"e.g. {missing[0]}: is {parts} on storage all hosts share?")
+  meta = write_codes(out_path, (_read_part(part(b)) for b in range(min(limits))),
+                     group_size=int(model.group), **kw)
+  parts.rmtree()
+  return meta
+
+
+def _read_part(path) -> dict:
+  with path.open("rb") as fh, np.load(io.BytesIO(fh.read())) as f:
+    return {k: f[k] for k in f.files}
 
 
 def _define_flags():
@@ -383,6 +448,9 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the self-correction draws.")
   flags.DEFINE_bool("use_ema", False, "Use the tokenizer's EMA weights (reference: non-EMA).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before encoding).")
+  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
+                    "launch/tpu_pod.sh add it) and split the batches over its processes (--out "
+                    "on storage every host shares).")
   flags.mark_flags_as_required(["tokenizer_workdir", "out"])
 
 
@@ -391,10 +459,13 @@ def main(argv):
   from absl import flags
   del argv
   f = flags.FLAGS
+  from tdjax import parallel
+  parallel.initialize_distributed(f.multihost)    # before any other JAX call
   meta = extract_from_workdir(f.tokenizer_workdir, f.out, split=f.split, batch_size=f.batch_size,
                               max_batches=f.max_batches, views=f.views, seed=f.seed,
                               use_ema=f.use_ema, overwrite=f.overwrite)
-  print(json.dumps(meta))
+  if meta is not None:          # process 0 writes the file
+    print(json.dumps(meta))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class NextDetailTask(Task):
       task, params, _ = restore_tokenizer(workdir)
       nd.check_tokenizer_pair(task.model.num_tokens, task.model.codebook_size,
                               self.model.num_tokens, self.model.vocab_size)
-      self._tokenizer = (task.model, jax.device_get(params))
+      self._tokenizer = (task.model, params)      # host arrays
     return self._tokenizer
 
   def images(self, params, model_state, batch, rng):

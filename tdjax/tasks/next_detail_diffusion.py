@@ -43,7 +43,7 @@ class NextDetailDiffusionTask(Task):
       raise ValueError(f"tokenizer/AR mismatch: tokenizer {workdir} has N={tok.num_tokens}, "
                        f"g={tok.group}; config.model has N={m.num_tokens}, g={m.group_size}")
     self.tokenizer = tok
-    self.tokenizer_params = jax.device_get(tok_params["gen"])
+    self.tokenizer_params = tok_params["gen"]    # host arrays
     self.model = ndd.model_from_config(m, tok.code_dim, config.get("compute_dtype", "float32"))
     self.batch_mul = int(m.get("batch_mul", 1))
     self.mean, self.std = self._token_stats(int(config.get("token_stats_images", 1024)))

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdjax import parallel
 from tdjax.tasks.base import Task
 from tdjax.tokenizers.detailflow import build_tokenizer
 from tdjax.tokenizers.resolution import (PrefixPlan, apply_separable, bicubic_matrix,
@@ -165,7 +166,7 @@ class TokenizerTask(Task):
     params = dict(params)
     if path:
       from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2
-      params["gen"] = init_encoder_from_siglip2(jax.device_get(params["gen"]), path)
+      params["gen"] = init_encoder_from_siglip2(parallel.to_host(params["gen"]), path)
     if dino:
       from tdjax.losses.discriminators import load_dino_backbone, with_backbone
       params["disc"] = with_backbone(params["disc"], load_dino_backbone(
@@ -478,20 +479,18 @@ class TokenizerTask(Task):
     return self.model.apply({"params": gen}, q["z_q"][:, :n], res, method="decode")
 
   def make_encode_fn(self, params, seed: int = 0, views_per_batch: int = 1):
-    """`encode_fn(images) -> (clean, ar_input, ar_label)` numpy int32 [B, N] for
+    """`encode_fn(images, call) -> (clean, ar_input, ar_label)` numpy int32 [B, N] for
     `tdjax.data.codes.extract_codes` (eval mode, reference 1.6 step 7).
 
-    The noise key advances once every `views_per_batch` calls, so the views of one batch encoded
-    in consecutive calls share each image's noise position (the reference draws one per image
+    The noise key is fold_in(seed, call // views_per_batch), so the views of one batch (calls
+    batch x views + view) share each image's noise position (the reference draws one per image
     for its ten crops)."""
     gen = params["gen"] if "gen" in params else params
     f = jax.jit(lambda g, x, k: self.model.apply({"params": g}, x, k, method="encode_for_ar"))
     base = jax.random.key(seed)
-    calls = [0]
 
-    def encode_fn(images):
-      k = jax.random.fold_in(base, calls[0] // max(views_per_batch, 1))
-      calls[0] += 1
+    def encode_fn(images, call):
+      k = jax.random.fold_in(base, call // max(views_per_batch, 1))
       out = f(gen, jnp.asarray(images, jnp.float32), k)
       return tuple(np.asarray(a, np.int32) for a in out)
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tdjax import parallel
 from tdjax.diffusion import ddpm, flow
 from tdjax.generators import transdiff as td
 from tdjax.generators.heads import make_head
@@ -189,8 +190,9 @@ class TransDiffTask(Task):
     if task.kind != self.kind or task.num_refs:
       raise ValueError(f"model.init_from={src!r} holds a {task.kind!r} checkpoint with "
                        f"num_refs={getattr(task, 'num_refs', None)}; expected a 1-step TransDiff run")
-    one = jax.device_get(state["ema"] if "ema" in state else state["params"])
-    params = jax.device_get(params)
+    # host copies on every process (the arrays may be sharded over several: a gather)
+    one = parallel.to_host(state["ema"] if "ema" in state else state["params"])
+    params = parallel.to_host(params)
     try:
       if self.num_refs:
         return {"ar": td.mrar_from_one_step(one["ar"], params["ar"]),
