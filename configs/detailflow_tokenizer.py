@@ -73,6 +73,7 @@ def get_config(arg=None):
   if d["source"] == "tfds":
     c.input.tfds_name = "imagenet2012"
     c.input.augment = "crop_flip"
+    c.input.worker_processes = 16    # JPEG decoding per host (~370 images/s per process here)
   c.input.image_size = a.image_size or d["image_size"]
   c.input.channels = d["channels"]
   c.input.batch_size = a.batch or d["batch"]

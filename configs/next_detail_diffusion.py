@@ -54,6 +54,7 @@ def get_config(arg=None):
   if not small:
     c.input.source, c.input.tfds_name, c.input.augment = "tfds", "imagenet2012", "crop_flip"
     c.input.channels, c.input.image_size = 3, 256
+    c.input.worker_processes = 16    # JPEG decoding per host (~370 images/s per process here)
   else:
     c.input.augment = "flip"
   c.input.batch_size = a.batch or d["batch"]

@@ -7,8 +7,10 @@
       --workdir /tmp/td_mrar
   # MAR's baseline: per-token MLP head trained and sampled with DDPM (cosine, eps, temperature)
   python -m tdjax.train --config configs/transdiff.py:size=demo,head=mlp,diffusion=ddpm --workdir /tmp/mlp
-  # paper: TransDiff-L 1-step on ImageNet 256 KL-16 latents (cached; add vae_weights=kl16.npz to decode)
-  python -m tdjax.train --config configs/transdiff.py:size=L --workdir gs://b/td_l
+  # paper: TransDiff-L 1-step on ImageNet 256 KL-16 latents, cached once (reference main_cache.py)
+  python -m tdjax.data.latents --vae kl16.npz --out /shared/in256_latents     # or launch/*.sh
+  python -m tdjax.train --config configs/transdiff.py:size=L,latents=/shared/in256_latents,vae_weights=kl16.npz \
+      --workdir gs://b/td_l
   # paper: then 512 px (stage 2b): decoder only, 1,024 latent tokens from the 256 condition slots
   python -m tdjax.train --config configs/transdiff.py:size=L,res=512,init_from=gs://b/td_l \
       --workdir gs://b/td_l_512
@@ -22,7 +24,8 @@ head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), di
 temperature (DDPM sampling), batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps,
 latent=pixels|cached|vae and vae_weights (KL VAE params from `python -m tdjax.convert --kind
 mar_vae`: 'vae' encodes images in the step, 'cached' latents are decoded with it for pictures and
-sampling), seed.
+sampling), latents (the folder of a latent cache, `python -m tdjax.data.latents`, which cached
+models read: the paper sizes' default), seed.
 """
 
 import ml_collections
@@ -48,6 +51,7 @@ def get_config(arg=None):
                        self_attention=True, conditioning="cross", diffusion="flow",
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
                        scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
+                       latents="",
                        res=0, head_only=True, seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
@@ -86,6 +90,7 @@ def get_config(arg=None):
   if not small:
     c.input.source, c.input.tfds_name, c.input.augment = "tfds", "imagenet2012", "crop_flip"
     c.input.channels = 3
+    c.input.worker_processes = 16    # JPEG decoding per host (~370 images/s per process here)
   c.input.image_size = d["image"]
   c.input.batch_size = a.batch or d["batch"]
   if a.mrar and a.refs < 1:
@@ -102,6 +107,14 @@ def get_config(arg=None):
                                               vae="kl16", vae_weights=a.vae_weights))
   if a.latent:   # 'pixels' | 'cached' | 'vae' (encode in the step with the VAE of vae_weights)
     c.latent.kind = a.latent
+  if a.latents and c.latent.kind != "cached":
+    raise ValueError(f"config arg latents={a.latents!r} is a latent cache: it trains "
+                     f"latent=cached models (this one: latent={c.latent.kind})")
+  if c.latent.kind == "cached":   # read a cache from `python -m tdjax.data.latents` (latents=DIR)
+    if small:                     # the demo VAE's latents: 4 channels on the same grid
+      c.latent.update(vae="demo", channels=4, scale=1.0)
+    c.input.update(source="latents", data_dir=a.latents, augment="flip", worker_processes=0,
+                   eval_split=c.input.split)    # evaluation on cached training latents
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, num_classes=d["classes"], width=s.width, num_heads=s.num_heads,
       ar_depth=s.ar_depth, buffer_size=d["buffer"], num_refs=a.refs if a.mrar else 0, ref_patch=2,

@@ -29,9 +29,9 @@ MODULE="${1:?usage: launch/slurm.sh tdjax.MODULE [flags...]}"; shift
 # the multi-process switch of the entry point: training's config flag, the others' --multihost
 case "$MODULE" in
   tdjax.train) DIST="--config.distributed=True" ;;
-  tdjax.sample|tdjax.data.codes|tdjax.evaluate|tdjax.ablate) DIST="--multihost" ;;
+  tdjax.sample|tdjax.data.codes|tdjax.data.latents|tdjax.evaluate|tdjax.ablate) DIST="--multihost" ;;
   *) echo "launch/slurm.sh: $MODULE does not run on several processes (tdjax.train, tdjax.sample," \
-          "tdjax.data.codes, tdjax.evaluate, tdjax.ablate do)" >&2; exit 2 ;;
+          "tdjax.data.codes, tdjax.data.latents, tdjax.evaluate, tdjax.ablate do)" >&2; exit 2 ;;
 esac
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 # cuDNN flash attention for the ViT/GPT stacks: --config.model.attention_impl=cudnn (bf16 runs)

@@ -51,9 +51,9 @@ ARGS=$(printf ' %q' "$@")
 case "$MODULE" in
   # the sampler, codes, evaluation: outputs on a filesystem every worker mounts (NFS, gcsfuse)
   tdjax.sample) EXTRA="--workdir ${WORKDIR:?set WORKDIR (the run)} --multihost" ;;
-  tdjax.data.codes|tdjax.evaluate|tdjax.ablate) EXTRA="--multihost" ;;
+  tdjax.data.codes|tdjax.data.latents|tdjax.evaluate|tdjax.ablate) EXTRA="--multihost" ;;
   tdjax.train) EXTRA="--workdir ${WORKDIR:?set WORKDIR (gs://...)} --config.distributed=True --config.compilation_cache=$WORKDIR/xla_cache" ;;
   *) echo "launch/tpu_pod.sh: $MODULE does not run on several processes (tdjax.train, tdjax.sample," \
-          "tdjax.data.codes, tdjax.evaluate, tdjax.ablate do)" >&2; exit 2 ;;
+          "tdjax.data.codes, tdjax.data.latents, tdjax.evaluate, tdjax.ablate do)" >&2; exit 2 ;;
 esac
 ssh "cd $DIR && TDJAX_LOG_DIR=$LOGS bash launch/pod_worker.sh $COMMIT $PY -m $MODULE $ARGS $EXTRA"

@@ -5,6 +5,7 @@ scanned stack counts the loop body once, so its own figure (`compiled_flops_per_
 reported) undercounts a depth-L scanned model about L times.
 
   python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json] [--markdown]
+  python -m tdjax.bench --input      # the input pipeline's images/s (threads; 1, 2 worker processes)
 
 With several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8) it also reports
 how evenly FSDP spreads each model's parameter bytes.  The train-step figures use the config's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -184,6 +186,60 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
   return out
 
 
+def jpeg_folder(path: str, num: int = 192, seed: int = 0) -> str:
+  """`num` JPEGs of ImageNet-like sizes (sides 300-500 px, mostly landscape; smooth content that
+  compresses like photographs, ~40-90 KB) in 4 class folders under `path`."""
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for i in range(num):
+    w, h = int(rng.integers(400, 501)), int(rng.integers(300, 501))
+    low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    im = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    noise = rng.integers(-12, 13, (h, w, 3))
+    im = Image.fromarray(np.clip(np.asarray(im, np.int16) + noise, 0, 255).astype(np.uint8))
+    folder = os.path.join(path, f"class_{i % 4}")
+    os.makedirs(folder, exist_ok=True)
+    im.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+  return path
+
+
+def input_figures(workers=(0, 1, 2), num_images: int = 192, batch: int = 32,
+                  image_size: int = 256, threads: int = 2) -> dict:
+  """Images/s of the training input (JPEG decode + random square crop + flip + resize to
+  `image_size`, ADM-style) on a generated folder, with decoding on `threads` threads in this
+  process (worker_processes=0, the demo's setting) and in k grain worker processes (each with one
+  thread).  Each setting reads 3 epochs of the folder after a first batch (worker start-up)."""
+  import tempfile
+  from tdjax.data import pipeline
+  out = {"cores": os.cpu_count(), "images": num_images, "batch": batch, "image_size": image_size}
+  with tempfile.TemporaryDirectory() as d:
+    jpeg_folder(d, num_images)
+    sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs]
+    out["mean_jpeg_kb"] = sum(sizes) / len(sizes) / 1024
+    for k in workers:
+      cfg = pipeline.with_defaults(dict(source="folder", data_dir=d, image_size=image_size,
+                                        channels=3, augment="crop_flip", batch_size=batch,
+                                        num_classes=4, num_workers=threads if k == 0 else 1,
+                                        worker_processes=k))
+      data = pipeline.make_pipeline(cfg, seed=0)
+      next(data)
+      n = 3 * data.steps_per_epoch
+      t0 = time.perf_counter()
+      for _ in range(n):
+        next(data)
+      rate = n * batch / (time.perf_counter() - t0)
+      data.close()
+      name = f"threads_{threads}" if k == 0 else f"processes_{k}"
+      out[name] = {"images_per_sec": rate,
+                   "images_per_sec_per_core": rate / min(max(k, 1) if k else threads,
+                                                         os.cpu_count() or 1)}
+  if "processes_1" in out and "processes_2" in out:
+    out["speedup_2_vs_1_process"] = (out["processes_2"]["images_per_sec"]
+                                     / out["processes_1"]["images_per_sec"])
+  return out
+
+
 def markdown_table(result: dict) -> str:
   """The README's table of the train-step figures (one row per model) from a bench result."""
   peak = result["matmul"]["flops_per_sec"]
@@ -205,6 +261,13 @@ def markdown_table(result: dict) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.input:
+    result = input_figures()
+    print(json.dumps(result, indent=2))
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    return
   # compile times are cold compiles: no persistent XLA cache (JAX_COMPILATION_CACHE_DIR) is read
   import jax
   jax.config.update("jax_enable_compilation_cache", False)
@@ -224,4 +287,6 @@ if __name__ == "__main__":   # flags defined here: tdjax.aot imports this module
   flags.DEFINE_integer("steps", 5, "Train steps per timed repeat.")
   flags.DEFINE_string("out", None, "Also write the JSON to this file.")
   flags.DEFINE_bool("markdown", False, "Also print the train-step figures as a Markdown table.")
+  flags.DEFINE_bool("input", False, "Only the input pipeline: images/s of JPEG decode + crop + "
+                    "resize on threads and in 1 and 2 worker processes.")
   cli.run(main)

@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_warmup = False         # decay min(ema_decay, (1 + t) / (10 + t)) (optim.ema_decay_at)
   c.on_nonfinite = "stop"      # 'stop' or 'skip' (skip the update, keep going)
   c.compilation_cache = ""     # directory of the persistent XLA cache ('' = off)
+  c.profile_steps = ""         # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile
+  c.peak_flops = 0.0           # FLOP/s per device for the MFU in the log (0: by device kind)
   c.distributed = False        # join a multi-process job at start (parallel.initialize_distributed)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = []            # extra (logical, mesh) rules taking precedence over the defaults

@@ -163,7 +163,13 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 class Progress:
-  """Steps/s, examples/s and ETA between two reports (excludes time spent outside `tick`)."""
+  """Steps/s, examples/s, ETA, and the step time split into data wait and device time, between
+  two reports (time spent in `pause()`, evaluations and saves, is left out).
+
+  Data wait is the time the loop spent getting the next batch (`data()`); the rest of a step's
+  wall time is the device's (and the dispatch's): with the loop one step ahead of the device, a
+  step's data wait overlaps the previous step's device work, so a pipeline that keeps up shows
+  data wait near 0."""
 
   def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
     self.total_steps = total_steps
@@ -171,29 +177,55 @@ class Progress:
     self._step = start_step
     self._time = time.perf_counter()
     self._paused = 0.0
+    self._data = 0.0
 
   def pause(self):
-    return _Pause(self)
+    return _Pause(self, "_paused")
+
+  def data(self):
+    return _Pause(self, "_data")
 
   def report(self, step: int) -> dict:
     now = time.perf_counter()
     dt = max(now - self._time - self._paused, 1e-9)
-    steps = step - self._step
-    sps = steps / dt
-    self._step, self._time, self._paused = step, now, 0.0
+    steps = max(step - self._step, 1)
+    sps = (step - self._step) / dt
+    data = self._data / steps
+    self._step, self._time, self._paused, self._data = step, now, 0.0, 0.0
     eta = (self.total_steps - step) / sps if sps > 0 else float("inf")
-    return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size, "eta_sec": eta}
+    return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size, "eta_sec": eta,
+            "step_sec": dt / steps, "data_wait_sec": data, "device_sec": max(dt / steps - data, 0.0)}
 
 
 class _Pause:
-  def __init__(self, progress: Progress):
-    self.progress = progress
+  def __init__(self, progress: Progress, field: str):
+    self.progress, self.field = progress, field
 
   def __enter__(self):
     self.t0 = time.perf_counter()
 
   def __exit__(self, *exc):
-    self.progress._paused += time.perf_counter() - self.t0
+    setattr(self.progress, self.field,
+            getattr(self.progress, self.field) + time.perf_counter() - self.t0)
+
+
+# Peak dense bf16 FLOP/s per chip by device kind (vendor figures), for the MFU in the log; a
+# kind missing here gets no MFU unless config.peak_flops names one (e.g. a CPU's measured matmul
+# rate from `python -m tdjax.bench`).
+PEAK_FLOPS = (
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU7x", 2307e12),
+    ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12),
+    ("B200", 2250e12), ("L4", 121e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak FLOP/s of one device of `device_kind` (the first entry of PEAK_FLOPS it contains)."""
+  for name, peak in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
 
 
 def format_eta(seconds: float) -> str:

@@ -251,12 +251,15 @@ class _SaveClock:
 
 
 def _make_input(config, mesh, split, train, seed_offset=0):
-  """This process's input: block `parallel.data_shard(mesh)` of every global batch."""
+  """This process's input: block `parallel.data_shard(mesh)` of every global batch.  Evaluation
+  reads a few batches: threads only (starting worker processes would cost more than it saves)."""
   from tdjax.data import pipeline
   index, count = parallel.data_shard(mesh)
-  return pipeline.make_pipeline(config.input, seed=config.seed + seed_offset,
-                                process_index=index, process_count=count, split=split,
-                                train=train)
+  cfg = config.input
+  if not train and cfg.get("worker_processes", 0):
+    cfg = ml_collections.ConfigDict({**cfg.to_dict(), "worker_processes": 0})
+  return pipeline.make_pipeline(cfg, seed=config.seed + seed_offset, process_index=index,
+                                process_count=count, split=split, train=train)
 
 
 def _host_metrics(metrics_list):
@@ -320,7 +323,15 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
   """Restores or initialises the state, then runs the steps, evaluations and saves."""
   config, mesh = setup.config, setup.mesh
   data = _make_input(config, mesh, config.input.get("split", "train"), train=True)
+  try:
+    return _run_steps(setup, config_dict, writer, checkpointer, data)
+  finally:
+    if hasattr(data, "close"):
+      data.close()                 # stops the input's worker processes
 
+
+def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data) -> dict:
+  config, mesh = setup.config, setup.mesh
   restored = _restore_for_training(checkpointer, setup, config_dict)
   if restored is None:
     state = setup.init_state()
@@ -346,36 +357,47 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
 
   total = int(config.total_steps)
   progress = metrics_lib.Progress(total, config.input.batch_size, start_step)
+  mfu = _MFU(setup, first, config.get("peak_flops", 0.0))
+  profile = _Profile(config.get("profile_steps", ""), writer.workdir)
   pending, last_metrics, batch = [], {}, first
   eval_fn, eval_data = None, None
   stopped_by_signal = False
   clock = _SaveClock(config.get("ckpt_every_secs", 0))
+  unchecked = None     # (step, metrics) of the last step whose finite flag is not read yet
   with _Preemption() as preempt:
     for step in range(start_step, total):
-      if batch is None:
-        batch = parallel.host_to_global(next(data), mesh)
-      state, m = step_fn(state, batch)
+      done = step + 1
+      profile.before(done)
+      with progress.data(), jax.profiler.TraceAnnotation("tdjax.input"):
+        if batch is None:
+          batch = parallel.host_to_global(next(data), mesh)
+      with jax.profiler.StepTraceAnnotation("tdjax.train", step_num=done):
+        state, m = step_fn(state, batch)
       batch = None
       pending.append(m)
-      done = step + 1
-      if not bool(m["finite"]):  # checked every step: a NaN is caught in the step it happens
-        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(m[k]))]
-        msg = f"non-finite {', '.join(bad) or 'value'} at step {done}: " + ", ".join(
-            f"{k}={float(m[k])}" for k in ("loss", "grad_norm"))
-        if config.get("on_nonfinite", "stop") == "stop":
-          raise NonFiniteError(msg + " (state not updated; no checkpoint written for this step; "
-                               "set on_nonfinite='skip' to skip such updates)")
-        logging.warning("%s: update skipped", msg)
-      if done % config.log_every == 0 or done == total:
+      # One step behind: reading step k-1's flag waits for k-1 only, while the device already
+      # has step k queued, so the next batch's host work overlaps it.  The update of a
+      # non-finite step is masked on the device; no checkpoint is written before its flag is read.
+      if unchecked is not None:
+        _check_finite(*unchecked, config)
+      unchecked = (done, m)
+      logged = done % config.log_every == 0 or done == total
+      if logged:
+        _check_finite(*unchecked, config)
+        unchecked = None
         last_metrics = _host_metrics(pending)
         pending = []
         rates = progress.report(done)
+        rates.update(mfu.of(rates["steps_per_sec"]))
         writer.write_scalars(done, {**{f"train/{k}": v for k, v in last_metrics.items()},
                                     **rates, "lr": float(_lr(config, done))})
-        logging.info("step %d/%d loss %.5g | %.2f steps/s, %.1f ex/s, ETA %s", done, total,
+        logging.info("step %d/%d loss %.5g | %.2f steps/s, %.1f ex/s (%.3f s/step: data wait %.3f "
+                     "s, device %.3f s)%s, ETA %s", done, total,
                      last_metrics.get("loss", float("nan")), rates["steps_per_sec"],
-                     rates["examples_per_sec"], metrics_lib.format_eta(rates["eta_sec"]))
-      logged = done % config.log_every == 0 or done == total
+                     rates["examples_per_sec"], rates["step_sec"], rates["data_wait_sec"],
+                     rates["device_sec"], f", MFU {100 * rates['mfu']:.1f} %" if "mfu" in rates
+                     else "", metrics_lib.format_eta(rates["eta_sec"]))
+      profile.after(done, state)
       with progress.pause():
         if config.get("eval_every", 0) and (done % config.eval_every == 0 or done == total):
           eval_fn, eval_data, ev = _evaluate(setup, state, eval_fn, eval_data, done)
@@ -388,6 +410,9 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
         stop = preempt.reached(done)
         if (done % config.ckpt_every == 0 or done == total or stop
             or (logged and clock.due())):
+          if unchecked is not None:          # never save a state before its step was checked
+            _check_finite(*unchecked, config)
+            unchecked = None
           checkpointer.save(done, state, config_dict, data.get_state())
           clock.saved()
           writer.flush()     # a remote workdir's metrics and pictures are copied there now
@@ -395,6 +420,9 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
           stopped_by_signal = True
           logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", done)
           break
+  if unchecked is not None:
+    _check_finite(*unchecked, config)
+  profile.close()
   checkpointer.wait()
   if not stopped_by_signal and jax.process_index() == 0 and hasattr(data, "stats"):
     stats = data.stats()
@@ -404,6 +432,81 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
     _write_images(setup, state, writer, int(jax.device_get(state["step"])))
   last_metrics["stopped_by_signal"] = stopped_by_signal
   return last_metrics
+
+
+def _check_finite(step: int, m: dict, config) -> None:
+  """Raises NonFiniteError (on_nonfinite='stop') or warns ('skip') when step `step`'s loss or
+  gradient norm was not finite; its update was not applied (masked in the step)."""
+  if bool(m["finite"]):
+    return
+  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(m[k]))]
+  msg = f"non-finite {', '.join(bad) or 'value'} at step {step}: " + ", ".join(
+      f"{k}={float(m[k])}" for k in ("loss", "grad_norm"))
+  if config.get("on_nonfinite", "stop") == "stop":
+    raise NonFiniteError(msg + " (state not updated; no checkpoint written for this step; "
+                         "set on_nonfinite='skip' to skip such updates)")
+  logging.warning("%s: update skipped", msg)
+
+
+class _MFU:
+  """Model FLOP utilisation for the log: the task's analytic train-step FLOPs x steps/s over the
+  mesh's peak (`metrics.peak_flops` of the device kind, or config.peak_flops).  Without either,
+  says once why there is none."""
+
+  def __init__(self, setup: Setup, batch, peak_per_device: float):
+    fn = getattr(setup.task, "analytic_flops", None)
+    self.flops = float(fn(batch)) if fn is not None else None
+    kind = setup.mesh.devices.flat[0].device_kind
+    peak = float(peak_per_device or 0) or metrics_lib.peak_flops(kind)
+    self.peak = peak * setup.mesh.size if peak else None
+    if self.flops is None:
+      logging.info("MFU: not logged (task %r has no analytic FLOP count)", setup.task.kind)
+    elif self.peak is None:
+      logging.info("MFU: not logged (no peak FLOP/s known for device kind %r; set "
+                   "--config.peak_flops=FLOPS_PER_DEVICE)", kind)
+    else:
+      logging.info("MFU: %.4g FLOPs per step against %.4g FLOP/s peak (%d x %s)", self.flops,
+                   self.peak, setup.mesh.size, kind)
+
+  def of(self, steps_per_sec: float) -> dict:
+    if self.flops is None or self.peak is None:
+      return {}
+    return {"mfu": self.flops * steps_per_sec / self.peak}
+
+
+class _Profile:
+  """config.profile_steps 'A,B': a jax.profiler trace (TensorBoard's profile plugin, Perfetto)
+  of steps A..B in `<dir>/profile`, started before step A's batch and stopped after step B ran."""
+
+  def __init__(self, steps: str, directory: str):
+    self.first = self.last = None
+    self.active = False
+    if steps:
+      try:
+        self.first, self.last = (int(x) for x in str(steps).split(","))
+      except ValueError:
+        raise ValueError(f"config.profile_steps={steps!r}: expected 'A,B', two step numbers") from None
+      if not 0 < self.first <= self.last:
+        raise ValueError(f"config.profile_steps={steps!r}: expected 0 < A <= B")
+    self.dir = os.path.join(directory, "profile")
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0     # Python function events would flood the trace
+      jax.profiler.start_trace(self.dir, create_perfetto_trace=True, profiler_options=options)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(state)
+      self.close()
+      logging.info("profile of steps %d-%d written to %s", self.first, self.last, self.dir)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _lr(config, step):

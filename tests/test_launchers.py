@@ -190,6 +190,30 @@ def test_slurm_codes_and_samples_equal_one_process(tmp_path, tiny_tokenizer_dir)
   assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1   # uint8 rounding
 
 
+def test_slurm_latent_cache_equals_one_process(tmp_path):
+  """`tdjax.data.latents` through slurm.sh: the 2 tasks encode alternate shards (each batch over
+  its 2 devices) into the same files one process writes."""
+  import jax
+  import jax.numpy as jnp
+  from tdjax.tokenizers import kl_vae
+  vae = str(tmp_path / "vae.npz")
+  kl_vae.save_params(kl_vae.AutoencoderKL(kl_vae.DEMO).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"], vae)
+  flags = [f"--vae={vae}", "--vae_config=demo", "--source=fashion_mnist", "--image_size=32",
+           "--channels=1", "--split=test", "--max_records=100", "--shard_size=40",
+           "--batch_size=16"]
+  logs, two, one = str(tmp_path / "l"), str(tmp_path / "two"), str(tmp_path / "one")
+  r = _slurm(logs, "tdjax.data.latents", f"--out={two}", *flags)
+  assert r.returncode == 0, _task_logs(logs)
+  _single(["tdjax.data.latents", f"--out={one}", *flags])
+  names = sorted(f for f in os.listdir(one) if f.endswith(".npy"))
+  assert len(names) == 6 and sorted(f for f in os.listdir(two) if f.endswith(".npy")) == names
+  for n in names:
+    np.testing.assert_allclose(np.load(os.path.join(two, n)), np.load(os.path.join(one, n)),
+                               atol=1e-6)
+  assert "shard" in _task_logs(logs)[1]          # task 1 encoded its share
+
+
 def test_slurm_evaluation_reports_once(tmp_path):
   """`tdjax.evaluate` through slurm.sh: both tasks compute, task 0 writes the metrics, which equal
   one process's."""

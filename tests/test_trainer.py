@@ -198,13 +198,18 @@ def test_resume_with_another_model_is_an_error_naming_the_change(tmp_path):
     assert ck.steps() == [3]
 
 
-def test_nonfinite_loss_stops_without_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nan_at,log_every", [(5, 1), (5, 100), (6, 100)])
+def test_nonfinite_loss_stops_without_checkpoint(tmp_path, monkeypatch, nan_at, log_every):
+  """The loop reads a step's finite flag one step late (no stall) except at log and save points:
+  a NaN at step 5 (read at step 6, a save point) or at step 6 (itself a save point) stops the run
+  naming its step, before any checkpoint after step 3."""
   workdir = str(tmp_path / "nan")
   closed, close = [], ckpt_lib.Checkpointer.close
   monkeypatch.setattr(ckpt_lib.Checkpointer, "close",
                       lambda self: (closed.append(self.directory), close(self))[1])
-  with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss at step 5: loss=nan"):
-    trainer.train_and_evaluate(toy_config(total_steps=6, nan_at_step=5), workdir)
+  with pytest.raises(trainer.NonFiniteError, match=rf"non-finite loss at step {nan_at}: loss=nan"):
+    trainer.train_and_evaluate(toy_config(total_steps=10, nan_at_step=nan_at, log_every=log_every),
+                               workdir)
   assert closed == [ckpt_lib.checkpoint_dir(workdir)]   # closed on the error: no Orbax thread leaks
   with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:
     assert ck.steps() == [3]

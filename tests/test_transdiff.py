@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tdjax import configlib
+
 from tdjax.generators import transdiff as td
 
 SMALL = dict(num_classes=10, latent_len=16, latent_dim=4, width=32, depth=2, num_heads=2,
@@ -448,8 +450,10 @@ def test_vae_latents_train_and_decode(tmp_path):
   np.testing.assert_allclose(np.asarray(z), np.asarray(mean) * kl_vae.DEMO.scale, atol=1e-5)
   images = task.image_sampler(steps=2)(params, jnp.arange(2), jax.random.key(3))
   assert images.shape == (2, 32, 32, 1)
+  from tdjax.tasks.transdiff import TransDiffTask
   with pytest.raises(ValueError, match="the VAE gives 8x8x4 latents at 32 px, the config's cached "
                                        "latents are 8x8x16"):
-    _task(f"size=demo,latent=cached,vae_weights={path}")
+    TransDiffTask(configlib.load_config("transdiff", f"size=demo,latent=cached,vae_weights={path}",
+                                        {"latent.channels": 16}))
   with pytest.raises(ValueError, match="needs latent.vae_weights"):
     _task("size=demo,latent=vae")

@@ -15,8 +15,13 @@ next valid record (index+1, +2, ... wrapping; for group partners the next of the
 counted.  Once at least min(100, N) records were read, a bad fraction above max_bad_fraction
 raises a ValueError naming an example file.
 
-Threads.  grain maps batch numbers to batches on `input.num_workers` threads (PIL and numpy release
-the GIL), in order, a few batches ahead.  `train=False` disables augmentation (ADM center crop).
+Workers.  grain maps batch numbers to batches, in order, a few batches ahead: on
+`input.num_workers` threads of this process (PIL and numpy release the GIL only in parts, so
+decoding large JPEGs does not scale with threads), or, with `input.worker_processes` = k > 0, in k
+worker processes (grain's `mp_prefetch`: worker j builds batches j, j + k, ...; the output order,
+hence every batch, is the same for any k).  Bad-data counts travel with each batch and are summed
+here, so `stats()` and the max_bad_fraction rule cover every worker.  `train=False` disables
+augmentation (ADM center crop).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ _STREAM_END = 2**62  # the stream is effectively infinite; grain maps positions 
 def default_input_config() -> ml_collections.ConfigDict:
   """The `input` fields the pipeline reads, with their defaults."""
   return ml_collections.ConfigDict(dict(
-      source="fashion_mnist",  # 'fashion_mnist' | 'folder' | 'tfds'
+      source="fashion_mnist",  # 'fashion_mnist' | 'folder' | 'tfds' | 'latents' (a latent cache)
       data_dir="",             # '' = the source's default (fashion_mnist: /usr/share/datasets/...)
       tfds_name="",            # e.g. 'imagenet2012' when source='tfds'
       split="train",           # training split
@@ -48,7 +53,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       batch_size=64,           # GLOBAL batch size; each process gets batch_size // process_count
       min_size=8,              # images with a shorter side are skipped
       max_bad_fraction=0.01,   # fail when more of the records read are bad (after >= 100 reads)
-      num_workers=2,           # decoding threads
+      num_workers=2,           # decoding threads (per worker process, when there are some)
+      worker_processes=0,      # > 0: decode in that many grain worker processes per host
       group_size=1,            # k > 1: each example is k images of the same class
       num_classes=10,
       shuffle=True,            # False: epochs in record order
@@ -62,36 +68,47 @@ def with_defaults(cfg) -> ml_collections.ConfigDict:
   return out
 
 
+_COUNT_FIELDS = ("reads", "skipped_corrupt", "skipped_small", "converted_mode")
+
+
 class _Counters:
-  """Thread-safe bad-data counters with the fail-fast rule."""
+  """Bad-data counters with the fail-fast rule.  Each batch counts into its own `_Counters` (on a
+  thread or in a worker process), and the pipeline merges the batch's counts into its totals
+  (`merge`), where the rule is checked."""
 
   def __init__(self, num_records: int, max_bad_fraction: float):
-    self.lock = threading.Lock()
     self.reads = self.skipped_corrupt = self.skipped_small = self.converted_mode = 0
     self.example_bad = None
     self.min_reads = min(100, num_records)
     self.limit = max_bad_fraction
 
   def add(self, *, bad: str | None = None, converted: bool = False, where: str = "", why=""):
-    with self.lock:
-      self.reads += 1
-      self.converted_mode += bool(converted)
-      if bad:
-        setattr(self, bad, getattr(self, bad) + 1)
-        if self.example_bad is None:
-          self.example_bad = f"{where} ({why})"
-      n_bad = self.skipped_corrupt + self.skipped_small
-      frac = n_bad / self.reads
-      if n_bad and self.reads >= self.min_reads and frac > self.limit:
-        raise ValueError(
-            f"too much bad input data: {n_bad} of {self.reads} records read were skipped "
-            f"({self.skipped_corrupt} corrupt, {self.skipped_small} too small), fraction "
-            f"{frac:.4f} > input.max_bad_fraction={self.limit}; e.g. {self.example_bad}")
+    self.reads += 1
+    self.converted_mode += bool(converted)
+    if bad:
+      setattr(self, bad, getattr(self, bad) + 1)
+      if self.example_bad is None:
+        self.example_bad = f"{where} ({why})"
+
+  def as_array(self) -> np.ndarray:
+    return np.array([getattr(self, k) for k in _COUNT_FIELDS], np.int64)
+
+  def merge(self, counts: np.ndarray, example_bad: str | None) -> None:
+    """Adds one batch's counts, then raises if too much of what was read was bad."""
+    for k, v in zip(_COUNT_FIELDS, np.asarray(counts).tolist()):
+      setattr(self, k, getattr(self, k) + int(v))
+    if self.example_bad is None and example_bad:
+      self.example_bad = example_bad
+    n_bad = self.skipped_corrupt + self.skipped_small
+    frac = n_bad / max(self.reads, 1)
+    if n_bad and self.reads >= self.min_reads and frac > self.limit:
+      raise ValueError(
+          f"too much bad input data: {n_bad} of {self.reads} records read were skipped "
+          f"({self.skipped_corrupt} corrupt, {self.skipped_small} too small), fraction "
+          f"{frac:.4f} > input.max_bad_fraction={self.limit}; e.g. {self.example_bad}")
 
   def as_dict(self) -> dict:
-    with self.lock:
-      return dict(reads=self.reads, skipped_corrupt=self.skipped_corrupt,
-                  skipped_small=self.skipped_small, converted_mode=self.converted_mode)
+    return {k: getattr(self, k) for k in _COUNT_FIELDS}
 
 
 class BatchOrder:
@@ -120,6 +137,13 @@ class BatchOrder:
     self.examples_per_epoch = self.steps_per_epoch * batch_size
     self._perms, self._lock = {}, threading.Lock()
 
+  def __getstate__(self):          # picklable for grain's worker processes (no lock)
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_perms")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._perms, self._lock = {}, threading.Lock()
+
   def perm(self, epoch: int) -> np.ndarray:
     """Record order of `epoch`; the last two epochs are cached (thread-safe)."""
     with self._lock:
@@ -136,6 +160,8 @@ class BatchOrder:
 
 class Pipeline:
   """Infinite iterator of this process's batches: image f32 [B_local, (k,) H, W, C], label i32."""
+
+  key = "image"
 
   def __init__(self, cfg: ml_collections.ConfigDict, source, *, seed: int, process_index: int = 0,
                process_count: int = 1, train: bool = True):
@@ -170,7 +196,7 @@ class Pipeline:
     return self.order.global_indices(batch)
 
   # ---- records ----
-  def _load(self, index: int) -> tuple[np.ndarray, int] | None:
+  def _load(self, index: int, counts: _Counters) -> tuple[np.ndarray, int] | None:
     """(uint8 HxWxC, label) of record `index`, or None (counted) when it is bad."""
     where = f"record {index}"
     try:
@@ -178,15 +204,15 @@ class Pipeline:
       where = r.get("path", where)
       image, converted = preprocess.to_uint8(r["image"], self.channels)
     except Exception as e:  # noqa: BLE001  any decoding failure is a corrupt record
-      self.counters.add(bad="skipped_corrupt", where=where, why=f"{type(e).__name__}: {e}")
+      counts.add(bad="skipped_corrupt", where=where, why=f"{type(e).__name__}: {e}")
       return None
     if min(image.shape[:2]) < self.min_size:
-      self.counters.add(bad="skipped_small", where=where, why=f"{image.shape[1]}x{image.shape[0]}")
+      counts.add(bad="skipped_small", where=where, why=f"{image.shape[1]}x{image.shape[0]}")
       return None
-    self.counters.add(converted=converted)
+    counts.add(converted=converted)
     return image, int(r["label"])
 
-  def _load_valid(self, start: int, candidates: np.ndarray | None = None):
+  def _load_valid(self, start: int, counts: _Counters, candidates: np.ndarray | None = None):
     """(image, label, index) of the first valid record among candidates[start], [start+1], ...
 
     (wrapping); candidates=None means all records.
@@ -195,16 +221,17 @@ class Pipeline:
     for k in range(n):
       index = (start + k) % n
       index = index if candidates is None else int(candidates[index])
-      out = self._load(index)
+      out = self._load(index, counts)
       if out is not None:
         return out[0], out[1], index
-    raise ValueError(f"no valid record among {n} candidates (skipped counts: {self.stats()})")
+    raise ValueError(f"no valid record among {n} candidates (skipped counts: "
+                     f"{counts.as_dict()}; e.g. {counts.example_bad})")
 
-  def _example(self, batch: int, i: int) -> tuple[np.ndarray, np.int32]:
+  def _example(self, batch: int, i: int, counts: _Counters) -> tuple[np.ndarray, np.int32]:
     """Example i of this process's part of global batch `batch` -> (image [(k,) H, W, C], label)."""
     epoch, step = divmod(batch, self.steps_per_epoch)
     position = step * self.batch_size + self.offset + i  # position within the epoch (global)
-    image, label, index = self._load_valid(int(self.order.perm(epoch)[position]))
+    image, label, index = self._load_valid(int(self.order.perm(epoch)[position]), counts)
     images = [image]
     if self.group_size > 1:
       members = self._class_index[label]
@@ -212,33 +239,83 @@ class Pipeline:
       others = members[members != index] if len(members) > 1 else members
       picks = rng.choice(len(others), self.group_size - 1,
                          replace=len(others) < self.group_size - 1)
-      images += [self._load_valid(int(j), others)[0] for j in picks]
+      images += [self._load_valid(int(j), counts, others)[0] for j in picks]
     out = []
     for slot, im in enumerate(images):
       rng = preprocess.record_rng(self.seed, epoch, position, slot) if self.train else None
-      out.append(preprocess.process(im, self.size, self.augment, rng))
+      out.append(self._prepare(im, rng))
     return (np.stack(out) if self.group_size > 1 else out[0]), np.int32(label)
+
+  def _prepare(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """A record's training view (rng: its augmentation draws; None: evaluation)."""
+    return preprocess.process_uint8(image, self.size, self.augment, rng)
+
+  def eval_records(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [n, H, W, C] in [-1, 1], labels int32 [n]) of records `indices` in evaluation
+    form (ADM centre crop), a bad record replaced by the next valid one and counted."""
+    counts = _Counters(self.num_records, float(self.cfg.max_bad_fraction))
+    out = []
+    for i in indices:
+      image, label, _ = self._load_valid(int(i), counts)
+      out.append((self._prepare(image, None), np.int32(label)))
+    counted = _collate(out)
+    counted.update(_counts=counts.as_array(), _example_bad=counts.example_bad or "")
+    batch = self._take(counted)
+    return batch[self.key], batch["label"]
+
+  def _counted_batch(self, b: int) -> dict:
+    """Batch `b` with its bad-data counts ('_counts', '_example_bad'): what a worker sends."""
+    counts = _Counters(self.num_records, float(self.cfg.max_bad_fraction))
+    out = _collate([self._example(b, i, counts) for i in range(self.local_batch)], self.key)
+    out["_counts"] = counts.as_array()
+    out["_example_bad"] = counts.example_bad or ""
+    return out
+
+  def _take(self, counted: dict) -> dict[str, np.ndarray]:
+    """A worker's batch without its counts, which go into this pipeline's totals (arrays from a
+    worker process are copied out of grain's shared memory, which is then released at once)."""
+    self.counters.merge(counted["_counts"], counted["_example_bad"])
+    out = {k: np.array(v) for k, v in counted.items() if k not in ("_counts", "_example_bad")}
+    if self.key == "image":
+      out["image"] = preprocess.to_float(out["image"])     # workers send uint8
+    return out
 
   def batch(self, b: int) -> dict[str, np.ndarray]:
     """This process's part of global batch `b`, read synchronously (what `__next__` yields)."""
-    return _collate([self._example(b, i) for i in range(self.local_batch)])
+    return self._take(self._counted_batch(b))
 
   # ---- iterator ----
   def _build(self, start_batch: int):
-    """grain iterator over batches start_batch, start_batch+1, ...; one batch per worker thread
-    (per-batch work amortises grain's per-element overhead; PIL and numpy release the GIL)."""
-    workers = max(1, int(self.cfg.num_workers))
-    ds = grain.MapDataset.range(start_batch, _STREAM_END).map(self.batch)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=workers,
-                                                     prefetch_buffer_size=max(2, workers))))
+    """grain iterator over batches start_batch, start_batch+1, ...; one batch per thread or worker
+    process (per-batch work amortises grain's per-element overhead)."""
+    threads = max(1, int(self.cfg.num_workers))
+    processes = int(self.cfg.get("worker_processes", 0))
+    ds = grain.MapDataset.range(start_batch, _STREAM_END).map(self._counted_batch)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=max(2, threads)))
+    if processes > 0:
+      from absl import flags        # grain's worker set-up reads its absl flags' defaults
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
+                                                       per_worker_buffer_size=2))
+    return iter(ds)
+
+  def __getstate__(self):   # what grain's worker processes get: no iterator, no totals
+    return {k: v for k, v in self.__dict__.items() if k not in ("_it", "counters")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._it = None
+    self.counters = _Counters(self.num_records, float(self.cfg.max_bad_fraction))
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._it is None:  # threads start on the first batch, not at construction / set_state
+    if self._it is None:  # workers start on the first batch, not at construction / set_state
       self._it = self._build(self.batches_consumed)
-    out = next(self._it)
+    out = self._take(next(self._it))
     self.batches_consumed += 1
     return out
 
@@ -249,16 +326,40 @@ class Pipeline:
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues after `state['batches_consumed']` batches (0 when absent)."""
     self.batches_consumed = int((state or {}).get("batches_consumed", 0))
-    self._it = None
+    self.close()
+
+  def close(self) -> None:
+    """Stops the worker threads / processes (a new iterator starts on the next batch)."""
+    it, self._it = getattr(self, "_it", None), None
+    if it is not None and hasattr(it, "close"):
+      it.close()
 
   def stats(self) -> dict[str, int]:
     """Bad-data counters of this process: reads, skipped_corrupt, skipped_small, converted_mode."""
     return self.counters.as_dict()
 
 
-def _collate(examples):
+def _collate(examples, key: str = "image"):
   images, labels = zip(*examples)
-  return {"image": np.stack(images), "label": np.array(labels, np.int32)}
+  return {key: np.stack(images), "label": np.array(labels, np.int32)}
+
+
+class LatentPipeline(Pipeline):
+  """The same order, grouping, sharding and workers over a latent cache (`tdjax.data.latents`):
+  batches {'moments': float32 [B_local, (k,) h, w, 2c], 'label'}; a training example takes the
+  flipped view with probability 1/2 (input.augment='flip', the reference's cached path), the
+  centre crop otherwise and in evaluation."""
+
+  key = "moments"
+
+  def _load(self, index: int, counts: _Counters):
+    r = self.source[index]
+    counts.add()
+    return r["moments"], int(r["label"])
+
+  def _prepare(self, moments: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    flip = rng is not None and self.augment != "none" and rng.random() < 0.5
+    return np.asarray(moments[1 if flip else 0], np.float32)
 
 
 def make_pipeline(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
@@ -269,9 +370,16 @@ def make_pipeline(input_config: ml_collections.ConfigDict, *, seed: int, process
     return CodesPipeline(input_config, seed=seed, process_index=process_index,
                          process_count=process_count, split=split, train=train)
   input_config = with_defaults(input_config)
-  source = sources.make_source(input_config, split)
-  p = Pipeline(input_config, source, seed=seed, process_index=process_index,
-               process_count=process_count, train=train)
+  if input_config.source == "latents":       # TransDiff's cached VAE moments
+    from tdjax.data.latents import CachedLatents
+    kind, source = LatentPipeline, CachedLatents(input_config.data_dir, split)
+    if input_config.augment not in ("none", "flip"):
+      raise ValueError(f"input.augment={input_config.augment!r}: a latent cache has the centre "
+                       f"crop and its flip only ('none' or 'flip')")
+  else:
+    kind, source = Pipeline, sources.make_source(input_config, split)
+  p = kind(input_config, source, seed=seed, process_index=process_index,
+           process_count=process_count, train=train)
   logging.info("input %s/%s: %d records, %d per epoch, global batch %d, %d per process",
                input_config.source, split, p.num_records, p.examples_per_epoch, p.batch_size,
                p.local_batch)

@@ -128,10 +128,15 @@ def to_float(a: np.ndarray) -> np.ndarray:
 
 def process(a: np.ndarray, size: int, augment: str, rng: np.random.Generator | None) -> np.ndarray:
   """uint8 HxWxC -> float32 size x size x C in [-1, 1]; rng=None (eval) means center crop."""
+  return to_float(process_uint8(a, size, augment, rng))
+
+
+def process_uint8(a: np.ndarray, size: int, augment: str,
+                  rng: np.random.Generator | None) -> np.ndarray:
+  """`process` before the conversion to float: uint8 size x size x C (a quarter of the bytes
+  that the input's worker processes send)."""
   if augment not in AUGMENTS:
     raise ValueError(f"input.augment={augment!r}: expected one of {AUGMENTS}")
   if rng is None or augment == "none":
-    out = center_crop(a, size)
-  else:
-    out = random_crop_flip(a, size, rng, crop=augment == "crop_flip")
-  return to_float(out)
+    return center_crop(a, size)
+  return random_crop_flip(a, size, rng, crop=augment == "crop_flip")

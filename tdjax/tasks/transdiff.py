@@ -5,10 +5,13 @@ pipeline's `group_size`), 'label': [B]} in [-1, 1].  Images become latent grids 
 `config.latent`:
   kind='pixels': the identity "autoencoder", h = H / p, w = W / p, c = C p^2 (pixel patches; the
   demo's stand-in for a VAE: no demo-size VAE is trained);
-  kind='cached': the batch holds 'latent' [B, (K,) h, w, c], VAE posterior samples x scale
-  (the reference's cached-latent training; full-size configs, AOT);
+  kind='cached': the batch holds 'moments' [B, (K,) h, w, 2c], the VAE posterior's mean and
+  logvar from a latent cache (`tdjax.data.latents`, the reference's main_cache.py; input.source
+  'latents'); the step draws the posterior sample x scale (full-size configs, AOT);
   kind='vae': images encoded in the step by the KL VAE of `latent.vae_weights` (tdjax.tokenizers.
   kl_vae, converted by `tdjax.convert --kind mar_vae`), posterior samples x scale.
+Both VAE kinds draw the sample the same way from the same key (`_posterior_latents`), so a cache
+gives the losses that encoding in the step gives.
 With `latent.vae_weights`, samples of 'vae' and 'cached' models are decoded by that VAE.
 Latent grids become L = h w tokens of c features (`patchify_latent` with p = 1) for the decoder;
 MRAR references use p = `ref_patch` (2).
@@ -77,8 +80,15 @@ class TransDiffTask(Task):
       if c.image_size % p:
         raise ValueError(f"input.image_size={c.image_size} is not divisible by latent.patch={p}")
       self.grid, self.latent_dim = c.image_size // p, self.channels * p * p
-    elif lc.kind == "cached":   # batch['latent'] holds VAE latents (x scale), e.g. 16x16x16
+    elif lc.kind == "cached":   # batch['moments']: the VAE posterior's (mean, logvar), e.g. 16x16x32
       self.grid, self.latent_dim = int(lc.grid), int(lc.channels)
+      if c.get("source") == "latents" and c.get("data_dir"):
+        from tdjax.data.latents import read_meta
+        meta = read_meta(c.data_dir, c.get("split", "train"))
+        if (meta["grid"], meta["channels"]) != (self.grid, self.latent_dim):
+          raise ValueError(f"input.data_dir={c.data_dir!r}: the cache holds {meta['grid']}x"
+                           f"{meta['grid']}x{meta['channels']} latents, the config "
+                           f"{self.grid}x{self.grid}x{self.latent_dim} (latent.grid, channels)")
     elif lc.kind == "vae":      # images encoded in the step by the KL VAE of latent.vae_weights
       if not lc.get("vae_weights", ""):
         raise ValueError("config.latent.kind='vae' needs latent.vae_weights (an .npz from "
@@ -146,9 +156,21 @@ class TransDiffTask(Task):
     if self.vae is not None:
       lead = images.shape[:-3]
       x = images.reshape((-1,) + images.shape[-3:])
-      z = kl_vae.images_to_latents(self.vae, self.vae_params, x, rng)
-      return jax.lax.stop_gradient(z.reshape(lead + z.shape[1:]))
+      mean, logvar = self.vae.apply({"params": self.vae_params}, x,
+                                    method=kl_vae.AutoencoderKL.encode)
+      moments = jnp.concatenate([mean, logvar], axis=-1)
+      return self._posterior_latents(moments.reshape(lead + moments.shape[1:]), rng)
     return images_to_latent(images, self.config.latent)
+
+  def _posterior_latents(self, moments, rng=None):
+    """(mean, logvar) [..., h, w, 2c] -> posterior samples x scale [..., h, w, c] (the mean when
+    rng is None); drawn over the flattened leading axes, so any batch layout gives one draw."""
+    lead = moments.shape[:-3]
+    flat = moments.astype(jnp.float32).reshape((-1,) + moments.shape[-3:])
+    mean, logvar = jnp.split(flat, 2, axis=-1)
+    z = mean if rng is None else kl_vae.posterior_sample(mean, logvar, rng)
+    scale = self.vae.cfg.scale if self.vae is not None else float(self.config.latent.scale)
+    return jax.lax.stop_gradient((z * scale).reshape(lead + z.shape[1:]))
 
   def _to_images(self, z):
     if self.vae is not None:
@@ -214,7 +236,7 @@ class TransDiffTask(Task):
 
   def logical_batch_axes(self):
     nd = 5 if self.num_refs else 4
-    return {"latent" if self.cached else "image": ("batch",) + (None,) * (nd - 1),
+    return {"moments" if self.cached else "image": ("batch",) + (None,) * (nd - 1),
             "label": ("batch",)}
 
   def example_batch(self, batch_size: int, seed: int = 0) -> dict:
@@ -222,7 +244,7 @@ class TransDiffTask(Task):
     rng = np.random.default_rng(seed)
     group = (self.num_refs + 1,) if self.num_refs else ()
     if self.cached:
-      key, shape = "latent", (self.grid, self.grid, self.latent_dim)
+      key, shape = "moments", (self.grid, self.grid, 2 * self.latent_dim)
     else:
       size = int(self.config.input.image_size)
       key, shape = "image", (size, size, self.channels)
@@ -273,12 +295,12 @@ class TransDiffTask(Task):
   def _losses(self, params, batch, rng, train):
     k_drop, k_ar, k_flow, k_head = jax.random.split(rng, 4)
     labels = batch["label"]
+    k_vae = None
+    if self.cached or self.vae is not None:      # one posterior draw, from the same key
+      k_flow, k_vae = jax.random.split(k_flow)
     if self.cached:
-      lat = batch["latent"].astype(jnp.float32)
+      lat = self._posterior_latents(batch["moments"], k_vae)
     else:
-      k_vae = None
-      if self.vae is not None:
-        k_flow, k_vae = jax.random.split(k_flow)
       lat = self._to_latent(batch["image"].astype(jnp.float32), k_vae)
     drop = (jax.random.uniform(k_drop, labels.shape) < self.label_drop) if train else None
     rngs = {"dropout": k_ar} if train else {}
