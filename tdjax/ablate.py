@@ -486,8 +486,7 @@ if __name__ == "__main__":
                     "reported from earlier runs' results where they exist.")
   flags.DEFINE_string("teacher", "", "Alignment teacher .npz for the alignment rows (default: "
                       "those rows need SigLIP2's and are skipped below full scale).")
-  flags.DEFINE_bool("multihost", False, "Run on every host of a multi-process job (launch/slurm.sh, "
-                    "launch/tpu_pod.sh add it): each stage joins the job; this process itself "
-                    "starts no JAX.")
+  cli.define_multihost_flag("run on every host, each stage joins the job (this process "
+                            "itself starts no JAX)")
   flags.mark_flags_as_required(["table", "workdir"])
   cli.run(main)

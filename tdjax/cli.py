@@ -102,6 +102,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("not reached")
 
 
+def define_multihost_flag(what_each_process_does: str) -> None:
+  """`--multihost`, the switch of an entry point that can run on several processes."""
+  flags.DEFINE_bool("multihost", False, "Join a multi-process job before any other JAX call "
+                    f"(launch/slurm.sh, launch/tpu_pod.sh add it): {what_each_process_does}.")
+
+
 def run(main) -> None:
   """absl `app.run(main)`, reporting bad input in one line (see the module docstring)."""
 

@@ -37,9 +37,8 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Write the metrics here as JSON as well.")
   flags.DEFINE_integer("batch_size", 500, "Images per feature batch.")
   flags.DEFINE_integer("k", 3, "Neighbourhood size of precision/recall.")
-  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
-                    "launch/tpu_pod.sh add it): every process computes the metrics on its own "
-                    "devices, process 0 prints and writes them.")
+  cli.define_multihost_flag("every process computes the metrics on its own devices, process "
+                            "0 prints and writes them")
 
 
 def real_images(judge, split: str, num: int):

@@ -50,9 +50,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
   flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
-  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
-                    "launch/tpu_pod.sh add it) and split the chunks over its processes (the .npz "
-                    "parts folder must be on storage every host shares).")
+  cli.define_multihost_flag("the chunks are split over the processes (the parts folder "
+                            "beside --out must be on storage every host shares)")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:

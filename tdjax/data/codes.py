@@ -438,6 +438,7 @@ def _read_part(path) -> dict:
 
 def _define_flags():
   from absl import flags
+  from tdjax import cli
   flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained DetailFlow tokenizer.")
   flags.DEFINE_string("out", None, "Output .npz, or a directory (memory-mapped .npy files); the "
                       "AR config's codes=...")
@@ -448,9 +449,8 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the self-correction draws.")
   flags.DEFINE_bool("use_ema", False, "Use the tokenizer's EMA weights (reference: non-EMA).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before encoding).")
-  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
-                    "launch/tpu_pod.sh add it) and split the batches over its processes (--out "
-                    "on storage every host shares).")
+  cli.define_multihost_flag("the batches are split over the processes (--out on storage every "
+                            "host shares)")
   flags.mark_flags_as_required(["tokenizer_workdir", "out"])
 
 

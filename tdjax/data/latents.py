@@ -177,6 +177,7 @@ def encode_split(vae_weights: str, out: str, input_cfg: ml_collections.ConfigDic
 
 def _define_flags():
   from absl import flags
+  from tdjax import cli
   flags.DEFINE_string("vae", None, "KL VAE weights .npz (python -m tdjax.convert --kind mar_vae).")
   flags.DEFINE_enum("vae_config", "kl16", ["kl16", "demo"], "The VAE's architecture.")
   flags.DEFINE_string("out", None, "Cache folder (on storage every host shares with --multihost).")
@@ -189,8 +190,8 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call (split over local devices).")
   flags.DEFINE_integer("shard_size", 4096, "Records per shard file (the unit of resumption).")
   flags.DEFINE_integer("max_records", None, "Only the first records (smoke runs).")
-  flags.DEFINE_bool("multihost", False, "Join a multi-process job (launch/slurm.sh, "
-                    "launch/tpu_pod.sh add it) and split the shards over its processes.")
+  cli.define_multihost_flag("the shards are split over the processes (--out on storage every "
+                            "host shares)")
   flags.mark_flags_as_required(["vae", "out"])
 
 
