@@ -105,7 +105,7 @@ def get_config(arg=None):
   c.sample = ml_collections.ConfigDict(dict(
       cfg=a.cfg or d["cfg"], cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0,
       use_cache=True))
-  # the tokenizer that made the codes: sampling decodes with it (tdjax.data.codes.restore_tokenizer
+  # the tokenizer that made the codes: sampling decodes with it (tdjax.tasks.tokenizer.load_tokenizer
   # + tdjax.generators.next_detail.decode_codes, which checks that N and the vocabulary agree)
   c.tokenizer_workdir = a.tokenizer
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -22,17 +22,8 @@ safetensors file).
 """
 
 from tdjax import configlib as common
+from tdjax.data.pipeline import default_input_config
 from tdjax.losses.alignment import teacher_shape
-
-try:
-  from tdjax.data.pipeline import default_input_config
-except ImportError:  # pragma: no cover - data package not there yet
-  import ml_collections
-
-  def default_input_config():
-    return ml_collections.ConfigDict(dict(source="fashion_mnist", data_dir="", split="train",
-                                          eval_split="test", image_size=32, channels=1,
-                                          augment="none", batch_size=64))
 
 # per size: model dims, data and schedule defaults
 DEFAULTS = {

@@ -41,18 +41,14 @@ def _early_device_count(argv) -> None:
 if __name__ == "__main__":
   _early_device_count(sys.argv)
 
+import jax  # noqa: E402  (imported after the fake device count is set)
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tdjax import cli  # noqa: E402
+from tdjax import cli, parallel, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (path.py[:args]).", lock_config=True)
-flags.DEFINE_integer("devices", 8, "Fake devices to compile for.")
-flags.DEFINE_string("mesh", "", "data=..,fsdp=..,tensor=.. (default: the config's mesh).")
-flags.DEFINE_integer("batch", 0, "Global batch size (default: the config's).")
-flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
-flags.DEFINE_multi_float("budget_gib", [95.0, 80.0], "Per-device memory budgets to check (GiB).")
 
 GIB = 1024 ** 3
 
@@ -68,19 +64,10 @@ def parse_mesh(text: str) -> dict:
   return out
 
 
-def analytic_flops(setup, batch) -> float | None:
-  """The task's analytic train-step FLOPs for `batch`, if it defines `analytic_flops`."""
-  fn = getattr(setup.task, "analytic_flops", None)
-  return None if fn is None else float(fn(batch))
-
-
 def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None,
                      unroll: bool = False):
   """Lowers the train step for abstract state and batch; returns (setup, lowered, batch).
   unroll=True turns every layer stack's `scan` off (model, head, ...)."""
-  import jax
-  import numpy as np
-  from tdjax import bench, parallel, trainer
   config = config.copy_and_resolve_references()
   if unroll:
     for key in config.keys():
@@ -93,7 +80,7 @@ def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | No
     config.mesh.update(mesh_axes)
   mesh = parallel.make_mesh(dict(config.mesh))
   setup = trainer.Setup(config, mesh)
-  batch = bench._synthetic_batch(config, setup)
+  batch = setup.task.example_batch(int(config.input.batch_size))
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                             sharding=parallel.batch_sharding(mesh, np.ndim(v)))
                     for k, v in batch.items()}
@@ -104,7 +91,6 @@ def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | No
 
 def compile_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None):
   """Lowers and compiles the train step; returns (setup, compiled, seconds, batch)."""
-  from tdjax import parallel
   t0 = time.perf_counter()
   setup, lowered, batch = lower_train_step(config, mesh_axes, batch_size)
   with parallel.use_mesh(setup.mesh, setup.rules):
@@ -121,8 +107,6 @@ def unrolled_hlo_flops(config, mesh_axes=None, batch_size=None) -> float:
 
 
 def report(config, mesh_axes=None, batch_size=None, budgets=(95.0, 80.0)) -> dict:
-  import jax
-  import numpy as np
   setup, compiled, secs, batch = compile_train_step(config, mesh_axes, batch_size)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -147,7 +131,7 @@ def report(config, mesh_axes=None, batch_size=None, budgets=(95.0, 80.0)) -> dic
   # once in the compiled figure; the program's FLOPs come from lowering an unrolled copy
   # (scan=False, lowering only: no compile) and reading the global HLO cost analysis
   out["hlo_flops_total"] = unrolled_hlo_flops(config, mesh_axes, batch_size)
-  an = analytic_flops(setup, batch)
+  an = setup.task.analytic_flops(batch)
   if an:
     out["analytic_flops_total"] = an
     out["hlo_over_analytic"] = out["hlo_flops_total"] / an
@@ -158,7 +142,6 @@ def report(config, mesh_axes=None, batch_size=None, budgets=(95.0, 80.0)) -> dic
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
   if jax.device_count() != FLAGS.devices:
     raise SystemExit(f"--devices {FLAGS.devices}: jax sees {jax.device_count()} devices (set "
                      f"--devices before anything imports jax)")
@@ -171,5 +154,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (path.py[:args]).",
+                                  lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Fake devices to compile for.")
+  flags.DEFINE_string("mesh", "", "data=..,fsdp=..,tensor=.. (default: the config's mesh).")
+  flags.DEFINE_integer("batch", 0, "Global batch size (default: the config's).")
+  flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_multi_float("budget_gib", [95.0, 80.0], "Per-device memory budgets to check (GiB).")
   flags.mark_flags_as_required(["config"])
   cli.run(main)

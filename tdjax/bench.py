@@ -18,12 +18,19 @@ import functools
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags, logging
+from PIL import Image
 
-from tdjax import cli, configlib
+from tdjax import aot, cli, configlib, parallel, trainer
+from tdjax.data import pipeline
+from tdjax.generators.next_detail import benchmark_cache_vs_recompute
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +41,6 @@ _persistent_cache_hits = 0     # executables this process read from the persiste
 @functools.cache
 def _count_persistent_cache_hits() -> None:
   """Registers (once) the listener that counts reads from the persistent XLA cache."""
-  import jax
 
   def count(event: str, **kwargs) -> None:
     global _persistent_cache_hits
@@ -55,8 +61,6 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> dict:
   """FLOP/s of one f32 n x n matmul, the machine's reference figure."""
-  import jax
-  import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
@@ -94,12 +98,9 @@ def _first(cost):
 
 def train_step_figures(config, steps: int, repeats: int) -> dict:
   """Compile time, FLOPs per step (compiled cost analysis) and achieved FLOP/s of one model."""
-  import jax
-  import numpy as np
-  from tdjax import parallel, trainer
   setup = trainer.Setup(config, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   state = setup.init_state()
-  batch = _synthetic_batch(config, setup)
+  batch = setup.task.example_batch(int(config.input.batch_size))
   with parallel.use_mesh(setup.mesh, setup.rules):
     gbatch = parallel.host_to_global(batch, setup.mesh)
     _count_persistent_cache_hits()
@@ -112,7 +113,6 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
     compile_cached = _persistent_cache_hits > hits
   cost = _first(compiled.cost_analysis())
   if _scanned(config):               # the loop body is counted once: lower an unrolled copy
-    from tdjax import aot
     flops = aot.unrolled_hlo_flops(config)
   else:                              # the step as lowered is already unrolled
     flops = float(_first(lowered.cost_analysis()).get("flops", 0.0))
@@ -135,8 +135,6 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
 def fsdp_bytes_ratio(config) -> dict:
   """Parameter bytes held per device with the parameters fully sharded over all devices (fsdp =
   device count), relative to total / devices (1.0 = perfectly even), measured from the shards."""
-  import jax
-  from tdjax import parallel, trainer
   n = jax.device_count()
   config = config.copy_and_resolve_references()
   setup = trainer.Setup(config, parallel.make_mesh({"data": 1, "fsdp": n, "tensor": 1}))
@@ -147,20 +145,7 @@ def fsdp_bytes_ratio(config) -> dict:
           "ratio_max_to_even_share": max(held.values()) / (total / n)}
 
 
-def _synthetic_batch(config, setup):
-  """A batch of the shapes the task trains on, from the task's own example if it has one."""
-  import numpy as np
-  example = getattr(setup.task, "example_batch", None)
-  if example is not None:
-    return example(int(config.input.batch_size))
-  c = config.input
-  rng = np.random.default_rng(0)
-  return {"image": rng.uniform(-1, 1, (c.batch_size, c.image_size, c.image_size, c.channels)).astype(np.float32),
-          "label": rng.integers(0, c.get("num_classes", 10), (c.batch_size,)).astype(np.int32)}
-
-
 def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
-  import jax
   unknown = [m for m in models or () if m not in MODELS]
   if unknown:
     raise ValueError(f"--models: {', '.join(unknown)} unknown; expected some of {', '.join(MODELS)}")
@@ -180,7 +165,6 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
     if jax.device_count() > 1:
       out[f"fsdp_bytes/{name}"] = fsdp_bytes_ratio(config)
   if models is None or "next_detail" in models:
-    from tdjax.generators.next_detail import benchmark_cache_vs_recompute
     out["sampling/next_detail_cache_vs_recompute"] = benchmark_cache_vs_recompute(
         repeats=repeats, verbose=False)
   return out
@@ -189,8 +173,6 @@ def run_benchmarks(models=None, repeats: int = 5, steps: int = 5) -> dict:
 def jpeg_folder(path: str, num: int = 192, seed: int = 0) -> str:
   """`num` JPEGs of ImageNet-like sizes (sides 300-500 px, mostly landscape; smooth content that
   compresses like photographs, ~40-90 KB) in 4 class folders under `path`."""
-  import numpy as np
-  from PIL import Image
   rng = np.random.default_rng(seed)
   for i in range(num):
     w, h = int(rng.integers(400, 501)), int(rng.integers(300, 501))
@@ -210,8 +192,6 @@ def input_figures(workers=(0, 1, 2), num_images: int = 192, batch: int = 32,
   `image_size`, ADM-style) on a generated folder, with decoding on `threads` threads in this
   process (worker_processes=0, the demo's setting) and in k grain worker processes (each with one
   thread).  Each setting reads 3 epochs of the folder after a first batch (worker start-up)."""
-  import tempfile
-  from tdjax.data import pipeline
   out = {"cores": os.cpu_count(), "images": num_images, "batch": batch, "image_size": image_size}
   with tempfile.TemporaryDirectory() as d:
     jpeg_folder(d, num_images)
@@ -222,7 +202,7 @@ def input_figures(workers=(0, 1, 2), num_images: int = 192, batch: int = 32,
                                         channels=3, augment="crop_flip", batch_size=batch,
                                         num_classes=4, num_workers=threads if k == 0 else 1,
                                         worker_processes=k))
-      data = pipeline.make_pipeline(cfg, seed=0)
+      data = pipeline.make_image_pipeline(cfg, seed=0)
       next(data)
       n = 3 * data.steps_per_epoch
       t0 = time.perf_counter()
@@ -269,7 +249,6 @@ def main(argv):
         f.write(json.dumps(result, indent=2) + "\n")
     return
   # compile times are cold compiles: no persistent XLA cache (JAX_COMPILATION_CACHE_DIR) is read
-  import jax
   jax.config.update("jax_enable_compilation_cache", False)
   result = run_benchmarks(FLAGS.models, FLAGS.repeats, FLAGS.steps)
   text = json.dumps(result, indent=2)

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -182,6 +183,37 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     return dict(_read_json(self.manager.directory / str(step) / "config"))
+
+
+def read_params(workdir: str, step: int | None = None,
+                use_ema: bool = True) -> tuple[dict, Any, int]:
+  """(config dict, parameters as host numpy arrays, step) of a run's checkpoint `step` (default:
+  the latest): its EMA weights when it has them and `use_ema`, else the trained ones.  Reads only
+  those arrays, onto no mesh: what inference and the tasks that build on another run (the AR
+  model's tokenizer, MRAR's 1-step start) need.  One-line errors for a workdir without
+  checkpoints and a step that is not there."""
+  with Checkpointer(workdir, read_only=True) as ck:
+    steps = ck.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {ck.directory}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint of step {step} in {ck.directory} (steps: {steps})")
+    config = ck.restore_config(step)
+    root = ck.manager.directory / str(step) / "state"
+    meta = ocp.StandardCheckpointHandler().metadata(root)
+    tree = getattr(meta, "tree", meta)
+    key = "ema" if use_ema and "ema" in tree else "params"
+    wanted = {key: tree[key]}
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      out = handler.restore(root, args=ocp.args.PyTreeRestore(
+          item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
+          restore_args=jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+          partial_restore=True))
+    finally:
+      handler.close()
+  return config, out[key], step
 
 
 def _read_json(path) -> Any:

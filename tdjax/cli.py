@@ -33,7 +33,10 @@ _BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError
 def _program() -> str:
   main = sys.modules.get("__main__")
   spec = getattr(main, "__spec__", None)
-  return f"python -m {spec.name}" if spec else os.path.basename(sys.argv[0])
+  if spec is None:
+    return os.path.basename(sys.argv[0])
+  # `python -m tdjax.convert` runs the package's `tdjax.convert.__main__`: name the package
+  return f"python -m {spec.name.removesuffix('.__main__')}"
 
 
 def _fail(message: str) -> None:

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 
+import jax
+import numpy as np
 from absl import flags, logging
 
-from tdjax import cli
+from tdjax import cli, evaluation, metrics, parallel
+from tdjax.data import pipeline
 
 FLAGS = flags.FLAGS
 
@@ -43,19 +46,15 @@ def _define_flags():
 
 def real_images(judge, split: str, num: int):
   """`num` real images (uint8, record order) of `split` of the judge's dataset."""
-  import numpy as np
-  from tdjax import metrics
-  from tdjax.data import pipeline
   cfg = pipeline.with_defaults(judge.config.input)
   cfg.update(dict(batch_size=min(num, 1000), shuffle=False, augment="none"))
-  it = pipeline.make_pipeline(cfg, seed=0, split=split, train=False)
+  it = pipeline.make_image_pipeline(cfg, seed=0, split=split, train=False)
   images = np.concatenate([next(it)["image"] for _ in range(-(-num // cfg.batch_size))])[:num]
   return metrics.to_uint8(images)
 
 
 def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
              inception: str | None = None, batch_size: int = 500, k: int = 3) -> dict:
-  from tdjax import evaluation
   if bool(judge_dir) == bool(inception):
     raise ValueError("give exactly one feature net: --judge CLASSIFIER_DIR or --inception "
                      "WEIGHTS.npz")
@@ -80,9 +79,7 @@ def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
 
 def main(argv):
   del argv
-  from tdjax import parallel
   parallel.initialize_distributed(FLAGS.multihost)    # before any other JAX call
-  import jax
   result = evaluate(FLAGS.samples, FLAGS.reference, FLAGS.judge, inception=FLAGS.inception,
                     batch_size=FLAGS.batch_size, k=FLAGS.k)
   if jax.process_index() != 0:

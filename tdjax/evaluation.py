@@ -7,7 +7,13 @@ real and generated images (FID's formula on another feature net; statistics in f
 
 from __future__ import annotations
 
+import os
+
+import jax
 import numpy as np
+
+from tdjax import runs
+from tdjax.nn import inception
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -37,13 +43,10 @@ class ClassifierJudge:
   """A trained `classifier` task checkpoint used as the judge of generated images."""
 
   def __init__(self, workdir: str):
-    import jax
-    from tdjax import parallel, trainer
-    config, task, state = trainer.load_for_inference(workdir)
+    config, task, params = runs.load_run(workdir)
     if task.kind != "classifier":
       raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint, expected a classifier")
-    self.config, self.task = config, task
-    self.params = parallel.to_host(state.get("ema", state["params"]))
+    self.config, self.task, self.params = config, task, params
     self._fn = jax.jit(lambda p, x: task.features(p, x))
     self._all = jax.jit(lambda p, x: task.all_features(p, x))
     self.image_size = int(config.input.image_size)
@@ -87,8 +90,6 @@ class InceptionJudge:
   net of `evaluate_batches`: logits (1008), pool_3 (2048), ADM's sFID spatial features (2023)."""
 
   def __init__(self, weights: str):
-    import jax
-    from tdjax.nn import inception
     self.variables = inception.load_variables(weights)
     self._fn = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
 
@@ -154,7 +155,6 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
 
 def load_image_batch(path: str, key: str = "arr_0") -> tuple[np.ndarray, np.ndarray | None]:
   """An ADM-format .npz -> (uint8 images [N, H, W, C], labels [N] or None); clear errors."""
-  import os
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
   with np.load(path) as f:

@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import tempfile
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+from PIL import Image
 
 
 class MetricWriter:
@@ -96,13 +100,10 @@ class MetricWriter:
 
 def default_mirror_dir(url: str) -> str:
   """<temporary folder>/tdjax_mirror/<the URL with its scheme and separators as '_'>."""
-  import re
-  import tempfile
   return os.path.join(tempfile.gettempdir(), "tdjax_mirror", re.sub(r"[^A-Za-z0-9.-]+", "_", url))
 
 
 def _download_if_exists(url: str, path: str) -> None:
-  from etils import epath
   src = epath.Path(url)
   if src.exists():
     with open(path, "wb") as f:
@@ -113,7 +114,6 @@ def _upload_tree(local: str, url: str, sent: dict) -> None:
   """Copies each file under `local` that changed since it was last sent (`sent`: path -> (size,
   mtime)) to the same relative path under `url`, written under a temporary name and renamed, so
   a reader never sees half a file."""
-  from etils import epath
   for root, _, files in os.walk(local):
     rel = os.path.relpath(root, local)
     dest = epath.Path(url) if rel == "." else epath.Path(url) / rel
@@ -154,7 +154,6 @@ def image_grid(batch: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  from PIL import Image
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -101,7 +102,6 @@ def num_slices(devices: Sequence[Any]) -> int:
 def hybrid_device_array(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
   """The (data, fsdp, tensor) device array of a multislice job: `data` = slices x per-slice data
   (DCN outside, ICI inside; JAX's `create_hybrid_device_mesh`)."""
-  from jax.experimental import mesh_utils
   slices = num_slices(devices)
   data, fsdp, tensor = shape
   if data % slices:
@@ -312,7 +312,6 @@ def all_processes(flag: bool) -> bool:
   """True where `flag` is true on every process (a collective: every process calls it)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
@@ -320,7 +319,6 @@ def from_first_process(value: int) -> int:
   """Process 0's `value` on every process (a collective: every process calls it)."""
   if jax.process_count() == 1:
     return int(value)
-  from jax.experimental import multihost_utils
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
@@ -330,14 +328,12 @@ def preemption_sync_point(step: int) -> bool:
   reach, so no host waits alone in a save).  Always False without jax.distributed."""
   if not jax.distributed.is_initialized():
     return False
-  from jax.experimental import multihost_utils
   return bool(multihost_utils.reached_preemption_sync_point(step))
 
 
 def barrier(name: str) -> None:
   """Waits until every process got here (no-op on one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -346,7 +342,6 @@ def to_host(tree):
   several processes is gathered (a collective: every process calls it), others are copied."""
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-      from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(get, tree)

@@ -19,9 +19,16 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags, logging
 
-from tdjax import cli
+from tdjax import checkpoint as ckpt_lib
+from tdjax import cli, evaluation, metrics, runs
+from tdjax.data import pipeline
+from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
+                                         degrade_matrix, resolution_for_prefix)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Tokenizer training directory (its checkpoints).")
@@ -46,22 +53,13 @@ def prefix_lengths(N: int) -> list[int]:
 def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int = 1000,
                        batch_size: int = 250, split: str = "", seed: int = 0,
                        judge: str | None = None) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from tdjax import checkpoint as ckpt_lib
-  from tdjax import evaluation, metrics, trainer
-  from tdjax.data import pipeline
-  from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
-                                           degrade_matrix, resolution_for_prefix)
 
   if not out.endswith(".png") or ckpt_lib.is_remote(out):
     raise ValueError(f"--out={out!r}: expected a local .png path (the curve and JSON go beside "
                      f"it), not a URL")
-  config, task, state = trainer.load_for_inference(workdir)
+  config, task, params = runs.load_run(workdir, use_ema=False)
   if task.kind != "tokenizer":
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint, expected a tokenizer")
-  params = jax.device_get(state["params"])
   gen = params["gen"]
   model, N, R = task.model, task.N, task.image_size
   ns = prefix_lengths(N)
@@ -83,7 +81,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
 
   icfg = pipeline.with_defaults(config.input)
   icfg.batch_size = batch_size
-  data = pipeline.make_pipeline(icfg, seed=seed, split=split or icfg.eval_split, train=False)
+  data = pipeline.make_image_pipeline(icfg, seed=seed, split=split or icfg.eval_split, train=False)
   sums = {n: [0.0, 0.0] for n in ns}
   full_psnr, full_ssim, used, count = [], [], np.zeros(int(getattr(model, "codebook_size", 1))), 0
   strip = None
@@ -148,7 +146,7 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
 
 
 def _plot_curve(curve: dict, path: str) -> None:
-  import matplotlib
+  import matplotlib                 # heavy, and only the report's plot needs it
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)

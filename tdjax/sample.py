@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import jax
+import numpy as np
 from absl import flags, logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from tdjax import cli
+from tdjax import checkpoint as ckpt_lib
+from tdjax import cli, evaluation, metrics, parallel, runs
+from tdjax.data import pipeline
+from tdjax.tasks import GeneratorTask
 
 FLAGS = flags.FLAGS
 
@@ -70,13 +79,11 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 def split_checkpoint_path(path: str) -> tuple[str, int]:
   """WORKDIR/checkpoints/STEP -> (WORKDIR, STEP), with a clear error for anything else."""
-  from etils import epath
-  from tdjax.checkpoint import CKPT_DIR, resolve_workdir
-  path = resolve_workdir(path)        # posixpath splits a gs:// URL as well as a local path
+  path = ckpt_lib.resolve_workdir(path)        # posixpath splits a gs:// URL as well as a local path
   parent, step = os.path.split(path)
   workdir, ckpts = os.path.split(parent)
-  if ckpts != CKPT_DIR or not step.isdigit():
-    raise ValueError(f"--checkpoint={path}: expected WORKDIR/{CKPT_DIR}/STEP (a step folder of a "
+  if ckpts != ckpt_lib.CKPT_DIR or not step.isdigit():
+    raise ValueError(f"--checkpoint={path}: expected WORKDIR/{ckpt_lib.CKPT_DIR}/STEP (a step folder of a "
                      f"tdjax run)")
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"--checkpoint={path}: no such checkpoint")
@@ -86,7 +93,6 @@ def split_checkpoint_path(path: str) -> tuple[str, int]:
 def sampling_devices(batch_size: int, devices=None) -> list:
   """The local devices a batch is split over: the most of them that divide `batch_size` (the batch
   shape, hence every sample, never depends on the device count)."""
-  import jax
   devices = list(devices or jax.local_devices())
   n = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
   if n < len(devices):
@@ -108,11 +114,6 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   every part and returns the whole set, the others return None.  `parts_dir`: each finished chunk
   is kept there (uint8-exact float arrays, .npy) and an existing one is reused, so a stopped run
   continues where it stopped."""
-  import jax
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from tdjax import checkpoint as ckpt_lib
-  from tdjax import parallel, trainer
 
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -120,8 +121,8 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
     raise ValueError("sampling on several processes writes parts to shared storage: give an .npz "
                      "--out that every host can reach")
 
-  config, task, state = trainer.load_for_inference(workdir, step=step)
-  if not hasattr(task, "image_sampler"):
+  config, task, params = runs.load_run(workdir, step=step, use_ema=use_ema)
+  if not isinstance(task, GeneratorTask):
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint; sampling supports: "
                      f"next_detail, transdiff, next_detail_diffusion")
   overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -130,8 +131,7 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
     raise ValueError(f"{', '.join('--' + k for k in unknown)} does not apply to a {task.kind!r} "
                      f"model (its options: {', '.join(sorted(task.sample_options))})")
   mesh = Mesh(np.array(sampling_devices(batch_size, devices)), ("data",))
-  params = jax.device_put(parallel.to_host(state["ema"] if use_ema and "ema" in state
-                                           else state["params"]), NamedSharding(mesh, PartitionSpec()))
+  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   by_example = NamedSharding(mesh, PartitionSpec("data"))
   labels = np.repeat(parse_classes(str(classes), int(config.model.num_classes)), num)
   labels = labels.astype(np.int32)
@@ -139,9 +139,8 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   key = jax.random.key(seed)
   if parts_dir:
     os.makedirs(parts_dir, exist_ok=True)
-    settings = dict(workdir=ckpt_lib.resolve_workdir(workdir), step=step, classes=str(classes), num=num,
-                    seed=seed,
-                    batch_size=batch_size, use_ema=use_ema, **overrides)
+    settings = dict(workdir=ckpt_lib.resolve_workdir(workdir), step=step, classes=str(classes),
+                    num=num, seed=seed, batch_size=batch_size, use_ema=use_ema, **overrides)
     path = os.path.join(parts_dir, "settings.json")
     if os.path.exists(path):
       with open(path) as f:
@@ -154,7 +153,6 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
       with open(tmp, "w") as f:
         json.dump(settings, f)
       os.replace(tmp, path)
-  from tqdm import tqdm
   starts = list(range(0, len(labels), batch_size))
   part_of = lambda i: os.path.join(parts_dir, f"{i:08d}_{len(labels[i:i + batch_size])}.npy")
   images = {}
@@ -186,16 +184,11 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
 
 def main(argv):
   del argv
-  from tdjax import parallel
   parallel.initialize_distributed(FLAGS.multihost)   # before any other JAX call
-  import jax
-  import numpy as np
-  from tdjax import evaluation, metrics
-  from tdjax.checkpoint import is_remote
   stem, ext = os.path.splitext(FLAGS.out)
   if ext not in (".png", ".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
-  if is_remote(FLAGS.out):   # os calls would write ./gs:/...; the .npz parts must be shared too
+  if ckpt_lib.is_remote(FLAGS.out):   # os calls would write ./gs:/...; the .npz parts must be shared too
     raise ValueError(f"--out={FLAGS.out!r}: write samples to a local path or one every host "
                      f"mounts (NFS, gcsfuse), not a URL; copy them to the bucket afterwards")
   workdir, step = FLAGS.workdir, FLAGS.step
@@ -226,17 +219,15 @@ def main(argv):
     rows = images.reshape((-1, FLAGS.num) + images.shape[1:])
     metrics.save_png(metrics.image_grid(rows[:, :min(FLAGS.num, 16)]), FLAGS.out)
   if parts:
-    import shutil
     shutil.rmtree(parts, ignore_errors=True)
   logging.info("wrote %d samples to %s", len(images), FLAGS.out)
   if judge is not None:
-    from tdjax.data import pipeline
     icfg = pipeline.with_defaults(judge.config.input)
     icfg.batch_size = min(len(images), 1000)
     n = len(images)
 
     def real(split):
-      it = pipeline.make_pipeline(icfg, seed=1, split=split, train=False)
+      it = pipeline.make_image_pipeline(icfg, seed=1, split=split, train=False)
       return np.concatenate([next(it)["image"] for _ in range(-(-n // icfg.batch_size))])[:n]
 
     test = real(icfg.eval_split)

@@ -10,7 +10,6 @@ override of a key that does not exist is an error naming the key.  All logic liv
 `tdjax.trainer.train_and_evaluate`.
 """
 
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags

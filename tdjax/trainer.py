@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from tdjax import checkpoint as ckpt_lib
 from tdjax import configlib
+from tdjax import data as data_lib
 from tdjax import metrics as metrics_lib
 from tdjax import optim
 from tdjax import parallel
@@ -122,8 +122,7 @@ class Setup:
     def loss_fn(params, mstate, micro, key, branch=None):
       p = optim.cast_floating(params, compute_dtype)
       micro = optim.cast_floating(micro, compute_dtype)
-      kw = {} if branch is None else {"branch": branch}
-      loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step, **kw)
+      loss, (metrics, new_mstate) = self.task.loss(p, mstate, micro, key, step, branch=branch)
       return loss.astype(jnp.float32), (metrics, new_mstate)
 
     def grad_fn(params, mstate, micro, key):
@@ -253,12 +252,11 @@ class _SaveClock:
 def _make_input(config, mesh, split, train, seed_offset=0):
   """This process's input: block `parallel.data_shard(mesh)` of every global batch.  Evaluation
   reads a few batches: threads only (starting worker processes would cost more than it saves)."""
-  from tdjax.data import pipeline
   index, count = parallel.data_shard(mesh)
   cfg = config.input
   if not train and cfg.get("worker_processes", 0):
     cfg = ml_collections.ConfigDict({**cfg.to_dict(), "worker_processes": 0})
-  return pipeline.make_pipeline(cfg, seed=config.seed + seed_offset, process_index=index,
+  return data_lib.make_pipeline(cfg, seed=config.seed + seed_offset, process_index=index,
                                 process_count=count, split=split, train=train)
 
 
@@ -454,8 +452,8 @@ class _MFU:
   says once why there is none."""
 
   def __init__(self, setup: Setup, batch, peak_per_device: float):
-    fn = getattr(setup.task, "analytic_flops", None)
-    self.flops = float(fn(batch)) if fn is not None else None
+    flops = setup.task.analytic_flops(batch)
+    self.flops = None if flops is None else float(flops)
     kind = setup.mesh.devices.flat[0].device_kind
     peak = float(peak_per_device or 0) or metrics_lib.peak_flops(kind)
     self.peak = peak * setup.mesh.size if peak else None
@@ -541,21 +539,3 @@ def _write_images(setup: Setup, state, writer, step):
   if images:
     paths = writer.write_images(step, images)
     logging.info("pictures: %s", paths)
-
-
-def load_for_inference(workdir: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None):
-  """(config, task, state) from the checkpoints in `workdir`; the model is rebuilt from the config
-  stored in the checkpoint, so no config flags are needed.  Fails with a one-line error if the
-  workdir has no checkpoint."""
-  with ckpt_lib.Checkpointer(workdir, read_only=True) as checkpointer:
-    if checkpointer.latest_step() is None:
-      raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpointer.directory}")
-    if step is not None and step not in checkpointer.steps():
-      raise ckpt_lib.CheckpointError(f"no checkpoint of step {step} in {checkpointer.directory} "
-                                     f"(steps: {checkpointer.steps()})")
-    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    if mesh is None:
-      mesh = parallel.make_mesh({"data": -1})
-    setup = Setup(config, mesh)
-    _, state, _ = checkpointer.restore(setup.abstract_state(), step)
-  return config, setup.task, state

@@ -54,15 +54,16 @@ def test_tokenizer_hlo_flops_match_analytic():
   c = configlib.load_config("detailflow_tokenizer",
                         "size=demo,degrade_p=0.0")
   assert abs(aot.unrolled_hlo_flops(c, {"data": 8}, 16) /
-             aot.analytic_flops(*_setup_and_batch(c, 16)) - 1) < 0.1
+             _analytic_flops(c, 16) - 1) < 0.1
 
 
-def _setup_and_batch(c, b):
+def _analytic_flops(c, b):
+  """The task's analytic FLOPs of a train step of batch b (its example batch's shapes)."""
   from tdjax import parallel, trainer
   c = c.copy_and_resolve_references()
   c.input.batch_size = b
-  setup = trainer.Setup(c, parallel.make_mesh({"data": 8}))
-  return setup, bench._synthetic_batch(c, setup)
+  task = trainer.Setup(c, parallel.make_mesh({"data": 8})).task
+  return task.analytic_flops(task.example_batch(b))
 
 
 @pytest.mark.parametrize("arg", ["size=demo,batch_mul=2", "size=demo,mrar=True", "size=demo,head=mlp",
@@ -71,7 +72,7 @@ def test_transdiff_hlo_flops_match_analytic(arg):
   """Lowering only (no compile); size=B also checks that scanned stacks are unrolled for the count."""
   c = configlib.load_config("transdiff", arg)
   c.model.dropout = c.head.dropout = 0.0
-  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
+  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / _analytic_flops(c, 8)
   assert abs(ratio - 1) < 0.1, ratio
 
 
@@ -86,5 +87,5 @@ def test_transdiff_flops_of_a_frozen_ar_and_of_head_remat(arg, head_remat):
   c = configlib.load_config("transdiff", arg)
   c.model.dropout = c.head.dropout = 0.0
   c.head.remat = head_remat   # (the 512 px config's default is the dots policy)
-  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / aot.analytic_flops(*_setup_and_batch(c, 8))
+  ratio = aot.unrolled_hlo_flops(c, {"data": 8}, 8) / _analytic_flops(c, 8)
   assert abs(ratio - 1) < 0.03, ratio

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdjax import configlib, convert
+from tdjax import configlib, convert, runs
 from tdjax.generators import next_detail as nd
 from tdjax.nn.rope import rope_2d_grid
 
@@ -122,7 +122,7 @@ def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path, tiny_tokeni
   """A .npz state dict (with a DDP prefix) -> a next_detail workdir; the tokenizer named decodes
   its samples; a second conversion into the same folder is refused."""
   from tdjax import sample as sample_cli
-  from tdjax import trainer
+  from tdjax import runs
   tok_dir = tiny_tokenizer_dir
   sd = gpt_state_dict()
   path = str(tmp_path / "gpt.npz")
@@ -130,7 +130,7 @@ def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path, tiny_tokeni
   out = str(tmp_path / "gpt")
   info = convert.convert_detailflow_gpt(path, out, tokens=N, num_heads=H, tokenizer=tok_dir)
   assert info["depth"] == L and info["vocab_size"] == V and info["group_size"] == G
-  config, task, state = trainer.load_for_inference(out)
+  config, task, state = runs.load_state(out)
   codes = np.random.default_rng(1).integers(0, V, N)
   ids = nd.layout_ids(jnp.asarray(codes[None, :N - G]), N, G)
   got = task.model.apply({"params": state["ema"]}, ids, jnp.array([1]))[0]
@@ -364,7 +364,7 @@ def tokenizer_state_dict(params, n, enc_heads, dec_heads):
 def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
   """tdjax params -> reference-named state dict -> converter -> a workdir whose restored params are
   the same leaf for leaf (scanned stacks unrolled), and which encodes and decodes."""
-  from tdjax import trainer
+  from tdjax import runs
   from tdjax.nn.layers import unstack_layers
   from tdjax.tokenizers import detailflow as df
   m = df.DetailFlowTokenizer(image_size=32, channels=3, patch=8, num_tokens=8, group=4,
@@ -380,7 +380,7 @@ def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
   info = convert.convert_detailflow_tokenizer(path, out, group=4)
   assert (info["patch"], info["channels"], info["image_size"], info["num_tokens"]) == (8, 3, 32, 8)
   assert (info["enc_heads"], info["dec_heads"]) == (2, 2)   # 144 / 72, 128 / 64
-  config, task, state = trainer.load_for_inference(out)
+  config, task, state = runs.load_state(out)
   got = jax.tree.map(np.asarray, state["params"]["gen"])
   for k in ("encoder", "decoder"):
     if "layers" in got[k]:
@@ -457,7 +457,7 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
   assert (info["width"], info["ar_depth"], info["head_depth"], info["tokens"]) == (32, 2, 2, 16)
   assert info["size"] == "tiny" and info["buffer_size"] == 4
   assert (info["mrar"], info["refs"]) == ((True, 2) if "mrar" in arg else (False, 0))
-  _, task, state = trainer.load_for_inference(out)
+  _, task, state = runs.load_state(out)
   got = jax.tree.map(np.asarray, state["params"])
   for k in ("ar", "head"):
     if "layers" in got[k]["blocks"]:
@@ -488,7 +488,7 @@ def test_transdiff_512_layout_conversion(tmp_path):
   info = convert.convert_transdiff(path, out, num_heads=2)
   assert (info["tokens"], info["cond_tokens"], info["buffer_size"], info["mrar"]) == (16, 4, 4,
                                                                                       False)
-  _, task, state = trainer.load_for_inference(out)
+  _, task, state = runs.load_state(out)
   assert (task.L, task.ar.mask_len) == (16, 4)
   got = jax.tree.map(np.asarray, state["params"])
   for k in ("ar", "head"):
@@ -624,7 +624,7 @@ def test_teacher_from_a_vit_classifier_run(tmp_path):
   """--kind teacher: a configs/classifier.py:arch=vit run (trained under the mesh) -> the alignment
   teacher .npz whose tower, mean-pooled, gives exactly the classifier's features; its dims read
   back from the file; an existing output is never replaced."""
-  from tdjax import trainer
+  from tdjax import runs, trainer
   from tdjax.losses import alignment
   wd = str(tmp_path / "vit")
   trainer.train_and_evaluate(configlib.load_config("classifier", "arch=vit,size=tiny,steps=3,batch=8"),
@@ -636,7 +636,7 @@ def test_teacher_from_a_vit_classifier_run(tmp_path):
   assert info["params"] == sum(np.load(out)[k].size for k in np.load(out).files)
   tower = alignment.ViTTeacher(**dims)
   tp = alignment.load_teacher_params(out, tower)
-  _, task, state = trainer.load_for_inference(wd)
+  _, task, state = runs.load_state(wd)
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1)) * 2 - 1
   _, feats = task.features(jax.device_get(state["params"]), x)
   pooled = alignment.teacher_features(tower, tp, jnp.repeat(x, 3, -1)).mean(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tdjax.data import pipeline, preprocess, sources
+from tdjax.data import make_pipeline, pipeline, preprocess, sources
 
 FMNIST = sources.FASHION_MNIST_DIR
 needs_fmnist = pytest.mark.skipif(
@@ -105,7 +105,7 @@ def odd_folder(tmp_path):
 def test_folder_odd_modes_and_skips(odd_folder, channels):
   cfg = _cfg(source="folder", data_dir=odd_folder, channels=channels, image_size=16,
              batch_size=9, shuffle=False, max_bad_fraction=0.5)
-  p = pipeline.make_pipeline(cfg, seed=0, split="train")
+  p = make_pipeline(cfg, seed=0, split="train")
   assert p.num_records == 9
   b = p.batch(0)
   assert b["image"].shape == (9, 16, 16, channels) and b["image"].dtype == np.float32
@@ -119,7 +119,7 @@ def test_folder_odd_modes_and_skips(odd_folder, channels):
 
 def test_folder_fail_fast(odd_folder):
   cfg = _cfg(source="folder", data_dir=odd_folder, channels=3, batch_size=3, image_size=16)
-  p = pipeline.make_pipeline(cfg, seed=0)
+  p = make_pipeline(cfg, seed=0)
   msg = (r"[12] of \d+ records read were skipped .* fraction 0\.\d+ > "
          r"input.max_bad_fraction=0.01; e.g. .*(corrupt|tiny)")
   with pytest.raises(ValueError, match=msg):
@@ -132,13 +132,13 @@ def test_tfds_imagenet_mock():
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     cfg = _cfg(source="tfds", tfds_name="imagenet2012", channels=3, image_size=16,
                batch_size=8, min_size=1, augment="crop_flip", num_classes=1000)
-    p = pipeline.make_pipeline(cfg, seed=0, split="train")
+    p = make_pipeline(cfg, seed=0, split="train")
     assert p.num_records == 24 and p.examples_per_epoch == 24
     for b in (next(p), next(p)):
       assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
       assert -1 <= b["image"].min() < b["image"].max() <= 1 and b["image"].std() > 0.2
       assert b["label"].dtype == np.int32 and ((0 <= b["label"]) & (b["label"] < 1000)).all()
-    ev = pipeline.make_pipeline(cfg, seed=0, split="validation", train=False)
+    ev = make_pipeline(cfg, seed=0, split="validation", train=False)
     assert next(ev)["image"].shape == (8, 16, 16, 3)
 
 
@@ -158,8 +158,8 @@ def rgb_folder(tmp_path_factory):
 def test_multihost_union_equals_single_process(rgb_folder):
   cfg = _cfg(source="folder", data_dir=rgb_folder, channels=3, image_size=8, batch_size=8,
              augment="crop_flip")
-  single = pipeline.make_pipeline(cfg, seed=3)
-  hosts = [pipeline.make_pipeline(cfg, seed=3, process_index=i, process_count=2) for i in range(2)]
+  single = make_pipeline(cfg, seed=3)
+  hosts = [make_pipeline(cfg, seed=3, process_index=i, process_count=2) for i in range(2)]
   for _ in range(5):  # 2 steps per epoch: crosses two epoch boundaries
     want, parts = next(single), [next(h) for h in hosts]
     assert parts[0]["image"].shape[0] == 4
@@ -168,18 +168,18 @@ def test_multihost_union_equals_single_process(rgb_folder):
   states = [h.get_state() for h in (*hosts, single)]
   assert states == [{"batches_consumed": 5}] * 3
   with pytest.raises(ValueError, match="not divisible"):
-    pipeline.make_pipeline(cfg, seed=3, process_index=0, process_count=3)
+    make_pipeline(cfg, seed=3, process_index=0, process_count=3)
 
 
 def test_resume_is_bitwise(rgb_folder):
   cfg = _cfg(source="folder", data_dir=rgb_folder, channels=3, image_size=8, batch_size=4,
              augment="crop_flip")
-  p = pipeline.make_pipeline(cfg, seed=1)
+  p = make_pipeline(cfg, seed=1)
   for _ in range(6):
     next(p)
   state = json.loads(json.dumps(p.get_state()))
   want = [next(p) for _ in range(3)]
-  q = pipeline.make_pipeline(cfg, seed=1)
+  q = make_pipeline(cfg, seed=1)
   q.set_state(state)
   for w in want:
     got = next(q)
@@ -191,21 +191,21 @@ def test_resume_is_bitwise(rgb_folder):
 def test_augment_determinism(rgb_folder):
   cfg = _cfg(source="folder", data_dir=rgb_folder, channels=3, image_size=8, batch_size=20,
              augment="crop_flip", shuffle=False)
-  a, b = (pipeline.make_pipeline(cfg, seed=5) for _ in range(2))
+  a, b = (make_pipeline(cfg, seed=5) for _ in range(2))
   np.testing.assert_array_equal(a.batch(0)["image"], b.batch(0)["image"])
   e0, e1 = a.batch(0), a.batch(1)  # same records in the same order, next epoch
   np.testing.assert_array_equal(e0["label"], e1["label"])
   assert (np.abs(e0["image"] - e1["image"]).reshape(20, -1).max(1) > 0).sum() >= 15
-  other = pipeline.make_pipeline(cfg, seed=6).batch(0)["image"]
+  other = make_pipeline(cfg, seed=6).batch(0)["image"]
   assert not np.array_equal(other, e0["image"])
-  ev = pipeline.make_pipeline(cfg, seed=5, train=False)  # eval: center crop, no randomness
+  ev = make_pipeline(cfg, seed=5, train=False)  # eval: center crop, no randomness
   np.testing.assert_array_equal(ev.batch(0)["image"], ev.batch(1)["image"])
 
 
 @needs_fmnist
 def test_same_class_groups():
   cfg = _cfg(image_size=28, batch_size=16, group_size=4)
-  p = pipeline.make_pipeline(cfg, seed=0, split="test")
+  p = make_pipeline(cfg, seed=0, split="test")
   src = sources.FashionMNIST(split="test")
   label_of = {}
   for im, y in zip(src.images, src.labels):
@@ -223,8 +223,8 @@ def test_worker_processes_give_the_same_batches_and_counts(odd_folder):
   decoding on threads, after a resume too, and the bad-data counts of every worker summed here."""
   kw = dict(source="folder", data_dir=odd_folder, channels=3, image_size=8, batch_size=3,
             augment="crop_flip", max_bad_fraction=0.5)
-  threads = pipeline.make_pipeline(_cfg(**kw), seed=5)
-  procs = pipeline.make_pipeline(_cfg(worker_processes=2, **kw), seed=5)
+  threads = make_pipeline(_cfg(**kw), seed=5)
+  procs = make_pipeline(_cfg(worker_processes=2, **kw), seed=5)
   try:
     for _ in range(5):                   # crosses an epoch (3 batches per epoch)
       a, b = next(threads), next(procs)
@@ -233,7 +233,7 @@ def test_worker_processes_give_the_same_batches_and_counts(odd_folder):
       np.testing.assert_array_equal(a["label"], b["label"])
     assert procs.stats() == threads.stats() and procs.stats()["skipped_corrupt"] > 0
     state = procs.get_state()
-    resumed = pipeline.make_pipeline(_cfg(worker_processes=2, **kw), seed=5)
+    resumed = make_pipeline(_cfg(worker_processes=2, **kw), seed=5)
     resumed.set_state(state)
     for _ in range(2):
       np.testing.assert_array_equal(next(resumed)["image"], next(threads)["image"])

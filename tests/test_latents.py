@@ -14,7 +14,7 @@ import pytest
 
 from tdjax import configlib, metrics, trainer
 from tdjax.data import latents as latents_lib
-from tdjax.data import pipeline, preprocess, sources
+from tdjax.data import make_pipeline, pipeline, preprocess, sources
 from tdjax.tokenizers import kl_vae
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -73,18 +73,18 @@ def test_latent_pipeline_picks_the_flipped_view_half_the_time(tmp_path, vae_file
   _encode_cli(vae_file, out, "test", 64)
   cfg = pipeline.with_defaults(dict(source="latents", data_dir=out, split="test", batch_size=32,
                                     augment="flip"))
-  batch = next(pipeline.make_pipeline(cfg, seed=1, split="test"))
+  batch = next(make_pipeline(cfg, seed=1, split="test"))
   assert batch["moments"].shape == (32, 8, 8, 8) and batch["moments"].dtype == np.float32
   src = latents_lib.CachedLatents(out, "test")
-  order = pipeline.make_pipeline(cfg, seed=1, split="test").global_indices(0)
+  order = make_pipeline(cfg, seed=1, split="test").global_indices(0)
   views = [next(v for v in (0, 1) if np.array_equal(src[int(i)]["moments"][v], m))
            for i, m in zip(order, batch["moments"])]
   assert 8 <= sum(views) <= 24                      # about half flipped
-  ev_pipe = pipeline.make_pipeline(cfg, seed=1, split="test", train=False)
+  ev_pipe = make_pipeline(cfg, seed=1, split="test", train=False)
   ev = next(ev_pipe)                                             # evaluation: the centre crop
   np.testing.assert_array_equal(ev["moments"][3], src[int(ev_pipe.global_indices(0)[3])]["moments"][0])
   with pytest.raises(ValueError, match="a latent cache has the centre crop and its flip only"):
-    pipeline.make_pipeline(pipeline.with_defaults(dict(cfg.to_dict(), augment="crop_flip")), seed=1,
+    make_pipeline(pipeline.with_defaults(dict(cfg.to_dict(), augment="crop_flip")), seed=1,
                            split="test")
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tdjax import configlib, metrics, reconstruct, trainer
+from tdjax import configlib, metrics, reconstruct, runs, trainer
 
 
 
@@ -23,7 +23,7 @@ def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, mo
   os.makedirs(os.path.dirname(out))
   # 12 images in batches of 8: the second batch is cut to 4
   report = reconstruct.reconstruct_report(tok, out, num=4, eval_images=12, batch_size=8)
-  _, task, state = trainer.load_for_inference(tok)
+  _, task, state = runs.load_state(tok)
   ns = reconstruct.prefix_lengths(task.N)
   assert report["num_images"] == 12 and report["curve"]["tokens"] == ns and ns[-1] == task.N
   # the curve's last point is the full-N PSNR, averaged over the same images

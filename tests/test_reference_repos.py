@@ -252,7 +252,7 @@ def tokenizer_pair(tmp_path_factory):
     pytest.skip(f"DetailFlow's siglip2_vit.py needs transformers 4.49-4.53 (SigLIP2, and its encoder "
                 f"layers return tuples there), this is {transformers.__version__}")
   from transformers import Siglip2VisionConfig
-  from tdjax import trainer
+  from tdjax import runs, trainer
   tmp = tmp_path_factory.mktemp("detailflow_tokenizer")
   # The reference reads the SigLIP2 config (not weights, when pretrained=False) from
   # $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex: a tiny one with a 4 x 4 position table.
@@ -280,7 +280,7 @@ def tokenizer_pair(tmp_path_factory):
                                               enc_heads=ENC["num_heads"],
                                               dec_heads=DEC["num_heads"])
   assert (info["image_size"], info["patch"], info["num_tokens"]) == (32, 8, 8)
-  _, task, state = trainer.load_for_inference(str(tmp / "converted"))
+  _, task, state = runs.load_state(str(tmp / "converted"))
   model = task.model.clone(dtype=jnp.float32)     # the paper-size config computes in bfloat16
   return ref, model, state["params"]["gen"]
 

@@ -302,12 +302,12 @@ def test_mrar_fine_tune_starts_from_a_one_step_run(tmp_path):
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   from configs.transdiff import get_config
-  from tdjax import parallel, trainer
+  from tdjax import parallel, runs, trainer
   c = get_config("size=tiny,steps=4")
   c.input.image_size, c.log_every, c.eval_every, c.ckpt_every = 16, 2, 4, 4
   one_dir = str(tmp_path / "one")
   trainer.train_and_evaluate(c, one_dir)
-  _, _, one = trainer.load_for_inference(one_dir)
+  _, _, one = runs.load_state(one_dir)
   m = get_config(f"size=tiny,mrar=True,init_from={one_dir}")
   m.input.image_size = 16
   setup = trainer.Setup(m, parallel.make_mesh({"data": -1}))
@@ -389,13 +389,13 @@ def test_resolution_transfer_trains_the_decoder_under_the_frozen_one_step_ar(tmp
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   from configs.transdiff import get_config
-  from tdjax import parallel, trainer
+  from tdjax import parallel, runs, trainer
   from tdjax.nn import resize_pos_grid
   c = get_config("size=tiny,steps=4")
   c.log_every, c.eval_every, c.ckpt_every = 2, 4, 4
   one_dir = str(tmp_path / "one")
   trainer.train_and_evaluate(c, one_dir)
-  _, _, one = trainer.load_for_inference(one_dir)
+  _, _, one = runs.load_state(one_dir)
   ema = jax.device_get(one["ema"])
   hi = get_config(f"size=tiny,res=32,init_from={one_dir},steps=3")
   hi.log_every, hi.eval_every, hi.ckpt_every = 1, 3, 3
@@ -412,7 +412,7 @@ def test_resolution_transfer_trains_the_decoder_under_the_frozen_one_step_ar(tmp
                {k: v for k, v in ema["head"].items() if k != "pos_embed"})
   hi_dir = str(tmp_path / "hi")
   trainer.train_and_evaluate(hi, hi_dir)
-  _, task, end = trainer.load_for_inference(hi_dir)
+  _, task, end = runs.load_state(hi_dir)
   end = jax.device_get(end)
   jax.tree.map(np.testing.assert_array_equal, end["params"]["ar"], start["ar"])
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), end["params"]["head"],

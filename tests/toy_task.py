@@ -46,7 +46,7 @@ class ToyTask(Task):
     c = self.config.input
     return self.model.init(rng, jnp.zeros((1, c.image_size, c.image_size, c.channels)))["params"], {}
 
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, model_state, batch, rng, step, branch=None):
     logits = self.model.apply({"params": params}, batch["image"])
     # makes the loss depend on the step's RNG (so resume tests check the RNG stream too)
     noise = jax.random.normal(rng, ()) * self.config.get("noise_scale", 1e-3)

@@ -36,8 +36,15 @@ import json
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import ml_collections
 import numpy as np
+from absl import flags
+from etils import epath
+
+from tdjax import cli, parallel
+from tdjax.data import pipeline
+from tdjax.tasks.tokenizer import load_tokenizer
 
 CODE_KEYS = ("clean", "ar_input", "ar_label")
 META_KEYS = ("num_tokens", "vocab_size", "group_size", "num_classes", "num_views")
@@ -75,7 +82,6 @@ def extract_codes(encode_fn: EncodeFn, batches: Iterable[Mapping[str, np.ndarray
 
 
 def refuse_existing(path: str, overwrite: bool) -> None:
-  from etils import epath
   if epath.Path(path).exists() and not overwrite:
     raise FileExistsError(f"codes file {path} exists: pass --overwrite (overwrite=True) to "
                           f"replace it; nothing was written")
@@ -146,7 +152,6 @@ def write_codes(path: str, encoded: Iterable[dict], *, vocab_size: int, group_si
 
 def _write_npz(path: str, arrays: dict) -> None:
   """Atomic write (temporary name, then rename), local or any etils.epath location (gs://...)."""
-  from etils import epath
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = epath.Path(str(p) + ".tmp")
@@ -159,7 +164,6 @@ def _write_npz(path: str, arrays: dict) -> None:
 def _write_dir(path: str, arrays: dict, meta: dict) -> None:
   """A directory of .npy files (memory-mapped when read) + meta.json; written under a temporary
   name and renamed."""
-  from etils import epath
   p = epath.Path(path)
   tmp = epath.Path(str(p) + ".tmp")
   if tmp.exists():
@@ -177,7 +181,6 @@ def _write_dir(path: str, arrays: dict, meta: dict) -> None:
 
 def _read(path: str) -> tuple[dict, dict]:
   """Raw arrays and metadata of an .npz file or a codes directory (local .npy: memory-mapped)."""
-  from etils import epath
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"codes file {path} not found: extract it first with "
@@ -233,8 +236,7 @@ class CodesPipeline:
     self.arrays, self.meta = load_codes(self.path)
     self._check_against_config()
     self.num_records = len(self.arrays["label"])
-    from tdjax.data.pipeline import BatchOrder
-    self.order = BatchOrder(self.num_records, int(cfg.batch_size), seed=self.seed,
+    self.order = pipeline.BatchOrder(self.num_records, int(cfg.batch_size), seed=self.seed,
                             shuffle=bool(cfg.get("shuffle", True)) and train,
                             process_index=process_index, process_count=process_count)
     self.batch_size, self.local_batch = self.order.batch_size, self.order.local_batch
@@ -297,6 +299,14 @@ class CodesPipeline:
                 batches_consumed=self.batches_consumed)
 
 
+def make_codes_pipeline(input_config: ml_collections.ConfigDict, *, seed: int,
+                        process_index: int = 0, process_count: int = 1, split: str = "train",
+                        train: bool = True) -> "CodesPipeline":
+  """This process's iterator over a codes file (input.source='codes', input.path)."""
+  return CodesPipeline(input_config, seed=seed, process_index=process_index,
+                       process_count=process_count, split=split, train=train)
+
+
 def synthetic_codes(path: str, *, num: int = 512, num_tokens: int = 32, group_size: int = 4,
                     vocab_size: int = 64, num_classes: int = 4, seed: int = 0,
                     correction_rate: float = 0.25) -> dict:
@@ -339,7 +349,6 @@ def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None 
   (the 'gen' subtree is taken when given the tokenizer task's params): eval-mode
   `encode_for_ar`, the self-correction draw of call `call` keyed by fold_in(seed, call) (frozen
   once written to the file)."""
-  import jax
   gen = params["gen"] if isinstance(params, Mapping) and "gen" in params else params
   extra = dict(variables or {})
   fn = jax.jit(lambda p, x, k: model.apply({"params": p, **extra}, x, k, method="encode_for_ar"))
@@ -355,25 +364,6 @@ def flip_views(images: np.ndarray) -> list:
   return [images, images[:, :, ::-1]]
 
 
-def restore_tokenizer(tokenizer_workdir: str, *, use_ema: bool = False):
-  """(tokenizer task, its params, its config) from the latest checkpoint of a tokenizer workdir.
-  The task's `.model` is the `DetailFlowTokenizer`; params hold the 'gen' subtree, as host
-  (numpy) arrays on every process."""
-  from tdjax import checkpoint as ckpt_lib
-  from tdjax import parallel, trainer
-  with ckpt_lib.Checkpointer(tokenizer_workdir, use_async=False, read_only=True) as ck:
-    cfg = ml_collections.ConfigDict(ck.restore_config())
-    if cfg.task != "tokenizer":
-      raise ValueError(f"{tokenizer_workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
-    setup = trainer.Setup(cfg)
-    restored = ck.restore(setup.abstract_state())
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {tokenizer_workdir}")
-  _, state, _ = restored
-  params = state["ema"] if use_ema and "ema" in state else state["params"]
-  return setup.task, parallel.to_host(params), cfg
-
-
 def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = "train",
                          batch_size: int = 64, max_batches: int | None = None,
                          views: str = "none", seed: int = 0, use_ema: bool = False,
@@ -386,17 +376,13 @@ def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = 
   `out_path + '.parts/'` (storage every host shares; an existing part is kept, so a stopped run
   goes on where it stopped), and after a barrier process 0 writes the file from the parts: the
   same file as one process writes.  Returns the metadata (None on the other processes)."""
-  import jax
-  from etils import epath
-  from tdjax import parallel
-  from tdjax.data import pipeline
   pi, pc = jax.process_index(), jax.process_count()
   refuse_existing(out_path, overwrite)
-  task, params, cfg = restore_tokenizer(tokenizer_workdir, use_ema=use_ema)
+  task, params, cfg = load_tokenizer(tokenizer_workdir, use_ema=use_ema)
   model = task.model
   inp = ml_collections.ConfigDict(cfg.input.to_dict())
   inp.update(dict(batch_size=batch_size, augment="none", shuffle=False))
-  data = pipeline.make_pipeline(inp, seed=seed, process_index=0, process_count=1, split=split,
+  data = pipeline.make_image_pipeline(inp, seed=seed, process_index=0, process_count=1, split=split,
                                 train=False)
   steps = getattr(data, "steps_per_epoch", None)
   limits = [x for x in (steps, max_batches) if x is not None]
@@ -437,8 +423,6 @@ def _read_part(path) -> dict:
 
 
 def _define_flags():
-  from absl import flags
-  from tdjax import cli
   flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained DetailFlow tokenizer.")
   flags.DEFINE_string("out", None, "Output .npz, or a directory (memory-mapped .npy files); the "
                       "AR config's codes=...")
@@ -456,10 +440,8 @@ def _define_flags():
 
 def main(argv):
   """python -m tdjax.data.codes --tokenizer_workdir DIR --out F.npz [--views flip]"""
-  from absl import flags
   del argv
   f = flags.FLAGS
-  from tdjax import parallel
   parallel.initialize_distributed(f.multihost)    # before any other JAX call
   meta = extract_from_workdir(f.tokenizer_workdir, f.out, split=f.split, batch_size=f.batch_size,
                               max_batches=f.max_batches, views=f.views, seed=f.seed,
@@ -469,6 +451,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from tdjax import cli
   _define_flags()
   cli.run(main)

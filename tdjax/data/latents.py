@@ -24,11 +24,21 @@ in training (`tdjax.data.pipeline`), and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+
+import jax
 import ml_collections
 import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from tdjax import cli, parallel
+from tdjax.data import pipeline
+from tdjax.tokenizers import kl_vae
 
 MOMENTS = "moments"
 
@@ -92,6 +102,38 @@ class CachedLatents:
     return self._labels
 
 
+class LatentPipeline(pipeline.Pipeline):
+  """The same order, grouping, sharding and workers over a latent cache: batches
+  {'moments': float32 [B_local, (k,) h, w, 2c], 'label'}; a training example takes the flipped
+  view with probability 1/2 (input.augment='flip', the reference's cached path), the centre crop
+  otherwise and in evaluation."""
+
+  key = MOMENTS
+
+  def _load(self, index: int, counts):
+    r = self.source[index]
+    counts.add()
+    return r[MOMENTS], int(r["label"])
+
+  def _prepare(self, moments: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    flip = rng is not None and self.augment != "none" and rng.random() < 0.5
+    return np.asarray(moments[1 if flip else 0], np.float32)
+
+
+def make_latent_pipeline(input_config: ml_collections.ConfigDict, *, seed: int,
+                         process_index: int = 0, process_count: int = 1, split: str = "train",
+                         train: bool = True) -> LatentPipeline:
+  """This process's iterator over a latent cache split (input.source='latents', data_dir)."""
+  input_config = pipeline.with_defaults(input_config)
+  if input_config.augment not in ("none", "flip"):
+    raise ValueError(f"input.augment={input_config.augment!r}: a latent cache has the centre "
+                     f"crop and its flip only ('none' or 'flip')")
+  p = LatentPipeline(input_config, CachedLatents(input_config.data_dir, split), seed=seed,
+                     process_index=process_index, process_count=process_count, train=train)
+  pipeline.log_pipeline(p, "latents", split)
+  return p
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, array)
@@ -103,16 +145,6 @@ def encode_split(vae_weights: str, out: str, input_cfg: ml_collections.ConfigDic
                  shard_size: int = 4096, max_records: int | None = None) -> dict | None:
   """Writes the latent cache of `split` of `input_cfg`'s source to `out` (see the module
   docstring).  Returns the metadata on process 0, None on the others."""
-  import dataclasses
-
-  import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from tqdm import tqdm
-
-  from tdjax import parallel
-  from tdjax.data import pipeline
-  from tdjax.tokenizers import kl_vae
-
   cfg = dataclasses.replace({"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[vae])
   model = kl_vae.AutoencoderKL(cfg)
   params = kl_vae.load_params(vae_weights)
@@ -121,7 +153,7 @@ def encode_split(vae_weights: str, out: str, input_cfg: ml_collections.ConfigDic
   if inp.image_size % cfg.stride or inp.channels != cfg.in_channels:
     raise ValueError(f"the {vae} VAE encodes {cfg.in_channels}-channel images of sides divisible "
                      f"by {cfg.stride}; input gives {inp.channels} channels at {inp.image_size} px")
-  data = pipeline.make_pipeline(inp, seed=0, split=split, train=False)
+  data = pipeline.make_image_pipeline(inp, seed=0, split=split, train=False)
   n = len(data.source) if max_records is None else min(len(data.source), max_records)
   shards = -(-n // shard_size)
   devices = jax.local_devices()
@@ -176,8 +208,6 @@ def encode_split(vae_weights: str, out: str, input_cfg: ml_collections.ConfigDic
 
 
 def _define_flags():
-  from absl import flags
-  from tdjax import cli
   flags.DEFINE_string("vae", None, "KL VAE weights .npz (python -m tdjax.convert --kind mar_vae).")
   flags.DEFINE_enum("vae_config", "kl16", ["kl16", "demo"], "The VAE's architecture.")
   flags.DEFINE_string("out", None, "Cache folder (on storage every host shares with --multihost).")
@@ -197,10 +227,8 @@ def _define_flags():
 
 def main(argv):
   """python -m tdjax.data.latents --vae kl16.npz --out DIR [--split train] [--multihost]"""
-  from absl import flags
   del argv
   f = flags.FLAGS
-  from tdjax import parallel
   parallel.initialize_distributed(f.multihost)    # before any other JAX call
   inp = ml_collections.ConfigDict(dict(source=f.source, tfds_name=f.tfds_name,
                                        data_dir=f.data_dir, image_size=f.image_size,
@@ -212,6 +240,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from tdjax import cli
   _define_flags()
   cli.run(main)

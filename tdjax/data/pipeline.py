@@ -344,43 +344,18 @@ def _collate(examples, key: str = "image"):
   return {key: np.stack(images), "label": np.array(labels, np.int32)}
 
 
-class LatentPipeline(Pipeline):
-  """The same order, grouping, sharding and workers over a latent cache (`tdjax.data.latents`):
-  batches {'moments': float32 [B_local, (k,) h, w, 2c], 'label'}; a training example takes the
-  flipped view with probability 1/2 (input.augment='flip', the reference's cached path), the
-  centre crop otherwise and in evaluation."""
-
-  key = "moments"
-
-  def _load(self, index: int, counts: _Counters):
-    r = self.source[index]
-    counts.add()
-    return r["moments"], int(r["label"])
-
-  def _prepare(self, moments: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    flip = rng is not None and self.augment != "none" and rng.random() < 0.5
-    return np.asarray(moments[1 if flip else 0], np.float32)
-
-
-def make_pipeline(input_config: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, split: str = "train", train: bool = True) -> Pipeline:
-  """This process's iterator over `split` of `input_config.source` (see the module docstring)."""
-  if input_config.get("source") == "codes":  # token codes extracted from a tokenizer (AR training)
-    from tdjax.data.codes import CodesPipeline
-    return CodesPipeline(input_config, seed=seed, process_index=process_index,
-                         process_count=process_count, split=split, train=train)
+def make_image_pipeline(input_config: ml_collections.ConfigDict, *, seed: int,
+                        process_index: int = 0, process_count: int = 1, split: str = "train",
+                        train: bool = True) -> Pipeline:
+  """This process's iterator over `split` of an image source (`tdjax.data.make_pipeline` picks
+  this, the codes or the latent-cache pipeline by `input.source`)."""
   input_config = with_defaults(input_config)
-  if input_config.source == "latents":       # TransDiff's cached VAE moments
-    from tdjax.data.latents import CachedLatents
-    kind, source = LatentPipeline, CachedLatents(input_config.data_dir, split)
-    if input_config.augment not in ("none", "flip"):
-      raise ValueError(f"input.augment={input_config.augment!r}: a latent cache has the centre "
-                       f"crop and its flip only ('none' or 'flip')")
-  else:
-    kind, source = Pipeline, sources.make_source(input_config, split)
-  p = kind(input_config, source, seed=seed, process_index=process_index,
-           process_count=process_count, train=train)
-  logging.info("input %s/%s: %d records, %d per epoch, global batch %d, %d per process",
-               input_config.source, split, p.num_records, p.examples_per_epoch, p.batch_size,
-               p.local_batch)
+  p = Pipeline(input_config, sources.make_source(input_config, split), seed=seed,
+               process_index=process_index, process_count=process_count, train=train)
+  log_pipeline(p, input_config.source, split)
   return p
+
+
+def log_pipeline(p: Pipeline, source: str, split: str) -> None:
+  logging.info("input %s/%s: %d records, %d per epoch, global batch %d, %d per process", source,
+               split, p.num_records, p.examples_per_epoch, p.batch_size, p.local_batch)

@@ -42,7 +42,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tdjax.losses.weights import expected_params, load_npz_params, npz_shapes
 from tdjax.nn.attention import HeadProjection

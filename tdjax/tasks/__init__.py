@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from tdjax.tasks.base import Task
+from tdjax.tasks.base import GeneratorTask, Task
+
+__all__ = ["GeneratorTask", "Task", "TASKS", "get_task"]
 
 TASKS = {
     "classifier": "tdjax.tasks.classifier:ClassifierTask",

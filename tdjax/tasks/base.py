@@ -1,9 +1,16 @@
-"""The model-agnostic task interface the training loop drives.
+"""What the tools call on a task: the training, FLOP-model and sampling protocols.
 
 A task owns one trainable thing (a tokenizer, an AR model, a diffusion generator, a classifier).
-The loop (`tdjax.trainer`) only ever calls the methods below; everything model-specific lives in
-the task.  All methods that run on device are pure functions of their arguments so the loop can
-`jax.jit` them with explicit shardings.
+Nothing outside a task reaches into it except through these methods:
+
+  training (`tdjax.trainer`)   init, loss, and the optional hooks loss_branch, param_groups,
+                               load_pretrained, load_frozen, eval_metrics, images
+  FLOP model (`tdjax.aot`, `tdjax.bench`, the MFU in the training log)
+                               example_batch, analytic_flops
+  sampling (`tdjax.sample`)    `GeneratorTask`: image_sampler, sample_options
+
+All methods that run on device are pure functions of their arguments so the loop can `jax.jit`
+them with explicit shardings.
 
 State layout the loop keeps for every task:
 
@@ -24,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 
 PyTree = Any
 Metrics = Mapping[str, jax.Array]
@@ -44,8 +52,10 @@ class Task:
     raise NotImplementedError(f"{type(self).__name__}.init")
 
   def loss(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
-           rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
-    """Returns (scalar loss, (metrics, new_model_state)).  Called inside jit with a traced step."""
+           rng: jax.Array, step: jax.Array,
+           branch: int | None = None) -> tuple[jax.Array, tuple[dict, PyTree]]:
+    """Returns (scalar loss, (metrics, new_model_state)).  Called inside jit with a traced step;
+    `branch`: the static branch index when `loss_branch` splits the step (else None)."""
     raise NotImplementedError(f"{type(self).__name__}.loss")
 
   # --- optional -------------------------------------------------------------------------------
@@ -71,10 +81,6 @@ class Task:
     """A pytree of group names (same structure as params) or None for a single group."""
     return None
 
-  def logical_batch_axes(self) -> Mapping[str, tuple]:
-    """Logical axes of each batch entry; the loop shards the leading axis over the data axes."""
-    return {}
-
   def eval_metrics(self, params: PyTree, model_state: PyTree, batch: Mapping[str, jax.Array],
                    rng: jax.Array) -> dict:
     """Metrics on a held-out batch (jit-compiled by the loop).  Default: none."""
@@ -85,6 +91,30 @@ class Task:
     """Pictures for TensorBoard / the demo: name -> float array [N, H, W, C] in [-1, 1]."""
     return {}
 
-  def sample_fn(self) -> Callable | None:
-    """Returns a sampling function for the sampling CLI, or None if the task cannot sample."""
+  # --- FLOP model -------------------------------------------------------------------------------
+  def example_batch(self, batch_size: int, seed: int = 0) -> dict:
+    """Random inputs of the training shapes (`tdjax.aot`, `tdjax.bench`): by default images of
+    `config.input` and labels."""
+    c = self.config.input
+    classes = self.config.get("model", {}).get("num_classes", c.get("num_classes", 10))
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, c.image_size, c.image_size, c.get("channels", 1))
+    return {"image": rng.uniform(-1, 1, shape).astype(np.float32),
+            "label": rng.integers(0, classes, (batch_size,)).astype(np.int32)}
+
+  def analytic_flops(self, batch: Mapping[str, Any]) -> float | None:
+    """The train step's FLOPs for `batch` from the model's dimensions (the MFU, `tdjax.aot`'s
+    check of XLA's count), or None when the task has no FLOP model."""
     return None
+
+
+class GeneratorTask(Task):
+  """A task whose checkpoints `tdjax.sample` draws images from."""
+
+  # the keyword options `image_sampler` accepts (the sampling CLI's flags that apply)
+  sample_options: tuple[str, ...] = ()
+
+  def image_sampler(self, **overrides) -> Callable:
+    """`(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1]`, jit-compiled, with the
+    config's sampling settings updated by `overrides` (keys from `sample_options`)."""
+    raise NotImplementedError(f"{type(self).__name__}.image_sampler")

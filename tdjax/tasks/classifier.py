@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -110,7 +109,7 @@ class ClassifierTask(Task):
     x = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
     return self.model.init(rng, x)["params"], {}
 
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, model_state, batch, rng, step, branch=None):
     logits = self.model.apply({"params": params}, batch["image"])
     labels = batch["label"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

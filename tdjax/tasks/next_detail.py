@@ -14,10 +14,11 @@ import numpy as np
 import optax
 
 from tdjax.generators import next_detail as nd
-from tdjax.tasks.base import Task
+from tdjax.tasks.base import GeneratorTask
+from tdjax.tasks.tokenizer import load_tokenizer
 
 
-class NextDetailTask(Task):
+class NextDetailTask(GeneratorTask):
   kind = "next_detail"
 
   def __init__(self, config):
@@ -60,10 +61,6 @@ class NextDetailTask(Task):
     fwd = blocks + 2 * d * v
     return float(b * n * (3 * fwd + (blocks if m.remat != "none" else 0)))
 
-  def logical_batch_axes(self):
-    codes = ("batch", "length")
-    return {"clean": codes, "ar_input": codes, "ar_label": codes, "label": ("batch",)}
-
   # --- loss -------------------------------------------------------------------------------------
   def _forward(self, params, codes, labels, train, rng=None):
     m = self.model
@@ -71,7 +68,7 @@ class NextDetailTask(Task):
     rngs = {"dropout": rng} if train else {}
     return m.apply({"params": params}, ids, labels, train=train, rngs=rngs)
 
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, model_state, batch, rng, step, branch=None):
     r_mix, r_drop = jax.random.split(rng)
     codes, targets, chosen = nd.self_correction_mix(
         r_mix, batch["clean"], batch["ar_input"], batch["ar_label"], self.correction_prob)
@@ -98,8 +95,7 @@ class NextDetailTask(Task):
     if not workdir:
       return None
     if self._tokenizer is None:
-      from tdjax.data.codes import restore_tokenizer
-      task, params, _ = restore_tokenizer(workdir)
+      task, params, _ = load_tokenizer(workdir)
       nd.check_tokenizer_pair(task.model.num_tokens, task.model.codebook_size,
                               self.model.num_tokens, self.model.vocab_size)
       self._tokenizer = (task.model, params)      # host arrays

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tdjax.generators import next_detail as nd
+from tdjax.data import pipeline
 from tdjax.generators import next_detail_diffusion as ndd
-from tdjax.tasks.base import Task
+from tdjax.tasks.base import GeneratorTask
+from tdjax.tasks.tokenizer import load_tokenizer
 
 
-class NextDetailDiffusionTask(Task):
+class NextDetailDiffusionTask(GeneratorTask):
   kind = "next_detail_diffusion"
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -32,8 +33,7 @@ class NextDetailDiffusionTask(Task):
     if not workdir:
       raise ValueError("config.tokenizer_workdir: next-detail diffusion needs a trained continuous "
                        "DetailFlow tokenizer (configs/detailflow_tokenizer.py:bottleneck=continuous)")
-    from tdjax.data.codes import restore_tokenizer
-    tok_task, tok_params, _ = restore_tokenizer(workdir)
+    tok_task, tok_params, _ = load_tokenizer(workdir)
     tok = tok_task.model
     if tok.is_vq:
       raise ValueError(f"{workdir}: a VQ tokenizer; next-detail diffusion needs bottleneck="
@@ -60,11 +60,9 @@ class NextDetailDiffusionTask(Task):
 
   def _token_stats(self, num_images: int):
     """Per-channel mean and std [C] of the tokens of the first training images (record order)."""
-    from tdjax.data import pipeline
     inp = ml_collections.ConfigDict(pipeline.with_defaults(self.config.input).to_dict())
     inp.update(dict(batch_size=min(256, num_images), augment="none", shuffle=False))
-    data = pipeline.make_pipeline(inp, seed=0, process_index=0, process_count=1, split=inp.split,
-                                  train=False)
+    data = pipeline.make_image_pipeline(inp, seed=0, split=inp.split, train=False)
     encode = jax.jit(lambda p, x: self._raw_tokens(x, p))
     z = []
     while sum(len(a) for a in z) < num_images:
@@ -85,17 +83,8 @@ class NextDetailDiffusionTask(Task):
   def init(self, rng):
     return ndd.init_params(self.model, rng), {}
 
-  def logical_batch_axes(self):
-    return {"image": ("batch", None, None, None), "label": ("batch",)}
-
-  def example_batch(self, batch_size: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    s, c = int(self.config.input.image_size), int(self.config.input.get("channels", 1))
-    return {"image": rng.uniform(-1, 1, (batch_size, s, s, c)).astype(np.float32),
-            "label": rng.integers(0, self.model.num_classes, (batch_size,)).astype(np.int32)}
-
   # --- loss -------------------------------------------------------------------------------------
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, model_state, batch, rng, step, branch=None):
     loss, metrics = ndd.flow_loss(self.model, params, self.tokens(batch["image"]), batch["label"],
                                   rng, train=True, batch_mul=self.batch_mul)
     return loss, (metrics, model_state)

@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import os
 
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from tdjax import checkpoint as ckpt_lib
 from tdjax import parallel
+from tdjax.losses import alignment, augment, lpips
+from tdjax.losses import discriminators as D
 from tdjax.tasks.base import Task
+from tdjax.tokenizers import siglip2
 from tdjax.tokenizers.detailflow import build_tokenizer
 from tdjax.tokenizers.resolution import (PrefixPlan, apply_separable, bicubic_matrix,
                                          decoder_resolution, resolution_for_prefix,
@@ -110,19 +114,16 @@ class TokenizerTask(Task):
                          "(a SigLIP2 teacher .npz) or config.loss.align_from_batch=True")
     self._lpips = self._disc = self._teacher = None
     if self.use_lpips:
-      from tdjax.losses.lpips import LPIPS
-      self._lpips = LPIPS(**dict(l.get("lpips_kwargs", {})))
+      self._lpips = lpips.LPIPS(**dict(l.get("lpips_kwargs", {})))
     if self.use_adv:
-      from tdjax.losses import discriminators as D
       if l.get("disc", "patchgan") == "dino":
         self._disc = D.DinoDiscriminator(**dict(l.get("disc_kwargs", {})))
       else:
         self._disc = D.PatchGAN(**dict(l.get("disc_kwargs", {})))
     if self.use_align and l.get("align_teacher_weights"):
-      from tdjax.losses.alignment import ViTTeacher, teacher_shape
       # the tower's dimensions: teacher_kwargs, else read from the weights file's shapes
-      self._teacher = ViTTeacher(**(dict(l.get("teacher_kwargs", {})) or
-                                    teacher_shape(l.align_teacher_weights)))
+      self._teacher = alignment.ViTTeacher(**(dict(l.get("teacher_kwargs", {})) or
+                                              alignment.teacher_shape(l.align_teacher_weights)))
       if self._teacher.width != int(m.align_dim):
         raise ValueError(f"config.model.align_dim={m.align_dim}: the alignment teacher "
                          f"{l.align_teacher_weights!r} is {self._teacher.width} wide")
@@ -144,8 +145,7 @@ class TokenizerTask(Task):
       dvars = self._disc.init(k_disc, self._dummy(2), train=False)
       params["disc"] = dvars["params"]
       state["disc"] = {k: v for k, v in dvars.items() if k != "params"}
-      from tdjax.losses.discriminators import init_lecam_ema
-      state["lecam"] = init_lecam_ema()
+      state["lecam"] = D.init_lecam_ema()
     if self._lpips is not None:
       x = jnp.zeros((1, 16, 16, 3))
       frozen["lpips"] = self._lpips.init(k_frozen, x, x)["params"]
@@ -165,11 +165,9 @@ class TokenizerTask(Task):
       return params
     params = dict(params)
     if path:
-      from tdjax.tokenizers.siglip2 import init_encoder_from_siglip2
-      params["gen"] = init_encoder_from_siglip2(parallel.to_host(params["gen"]), path)
+      params["gen"] = siglip2.init_encoder_from_siglip2(parallel.to_host(params["gen"]), path)
     if dino:
-      from tdjax.losses.discriminators import load_dino_backbone, with_backbone
-      params["disc"] = with_backbone(params["disc"], load_dino_backbone(
+      params["disc"] = D.with_backbone(params["disc"], D.load_dino_backbone(
           l.disc_backbone_weights, self._disc, strict=False))
     return params
 
@@ -182,8 +180,7 @@ class TokenizerTask(Task):
     if "lpips" in frozen:
       frozen["lpips"] = self._lpips.load_params(l.lpips_weights)
     if "teacher" in frozen:
-      from tdjax.losses.alignment import load_teacher_params
-      frozen["teacher"] = load_teacher_params(l.align_teacher_weights, self._teacher)
+      frozen["teacher"] = alignment.load_teacher_params(l.align_teacher_weights, self._teacher)
     return {**model_state, "frozen": frozen}
 
   def analytic_flops(self, batch) -> float:
@@ -222,9 +219,8 @@ class TokenizerTask(Task):
     forward only, heads forward + weight gradients + input gradients below conv_in."""
     total = 0.0
     if self._lpips is not None:
-      from tdjax.losses.lpips import MIN_SIZE, vgg16_flops
-      s = max(self.image_size, MIN_SIZE)
-      total += 3 * n * vgg16_flops(s, s, widths=self._lpips.widths)
+      s = max(self.image_size, lpips.MIN_SIZE)
+      total += 3 * n * lpips.vgg16_flops(s, s, widths=self._lpips.widths)
     if self._disc is not None and hasattr(self._disc, "flops"):
       f = self._disc.flops()
       d_calls = 4 if float(self.loss_cfg.get("cr_weight", 0.0)) > 0 else 2
@@ -238,9 +234,6 @@ class TokenizerTask(Task):
       return None
     return {k: jax.tree.map(lambda _: "disc" if k == "disc" else "gen", v)
             for k, v in params.items()}
-
-  def logical_batch_axes(self):
-    return {"image": ("batch", None, None, None)}
 
   # -------------------------------------------------------------------------------------------
   def _lpips_fn(self, frozen, x, y):
@@ -267,8 +260,7 @@ class TokenizerTask(Task):
     if size and x.shape[1] != size:
       x = apply_separable(x, bicubic_matrix(x.shape[1], size), bicubic_matrix(x.shape[2], size))
     if hasattr(self._disc, "img_size"):
-      from tdjax.losses.discriminators import resize_torch
-      x = resize_torch(x, (self._disc.img_size, self._disc.img_size))
+      x = D.resize_torch(x, (self._disc.img_size, self._disc.img_size))
     return x
 
   def _disc_apply(self, dparams, dstate, x):
@@ -283,11 +275,7 @@ class TokenizerTask(Task):
     prob = float(l.get("diffaug_prob", 0.5) if prob is None else prob)
     if not policy or prob <= 0:
       return x
-    try:
-      from tdjax.losses.augment import diff_augment
-    except ImportError:  # pragma: no cover
-      from tdjax.losses.discriminators import diff_augment
-    return diff_augment(x, rng, policy, prob)
+    return augment.diff_augment(x, rng, policy, prob)
 
   def _disc_views(self, rec, target, rng):
     """D's inputs, augmented at the decoded resolution and resized to D's: the generator term's
@@ -309,7 +297,6 @@ class TokenizerTask(Task):
     iteration per call), then, with consistency regularisation, D on the strongly augmented real
     and fake images.  D's state (power-iteration vectors, BN running stats) and the LeCAM EMAs
     advance every step, before adv_start too, as the reference's forward passes do."""
-    from tdjax.losses import discriminators as D
     l = self.loss_cfg
     sg = jax.lax.stop_gradient
     on = _lerp_on(step, l.get("adv_start", 0))
@@ -446,8 +433,7 @@ class TokenizerTask(Task):
     if self.use_align:
       pred = self.model.apply({"params": params["gen"]}, tok["z_q"][:, 0], method="align")
       feats = self._teacher_feats(model_state, batch, x)
-      from tdjax.losses.alignment import alignment_loss
-      al = alignment_loss(pred, feats)
+      al = alignment.alignment_loss(pred, feats)
       total = total + float(l.align_weight) * _lerp_on(step, l.get("align_start", 0)) * al
       metrics["align_loss"] = al
     new_model_state = dict(model_state)
@@ -461,9 +447,8 @@ class TokenizerTask(Task):
   def _teacher_feats(self, model_state, batch, x):
     if "teacher_feats" in batch:
       return batch["teacher_feats"]
-    from tdjax.losses.alignment import teacher_features
     xt = x if x.shape[-1] == 3 else jnp.repeat(x, 3, axis=-1)
-    return teacher_features(self._teacher, model_state["frozen"]["teacher"], xt)
+    return alignment.teacher_features(self._teacher, model_state["frozen"]["teacher"], xt)
 
   # -------------------------------------------------------------------------------------------
   def reconstruct(self, params, images, num_tokens: int | None = None, res: int | None = None):
@@ -539,3 +524,14 @@ class TokenizerTask(Task):
     strip = jnp.concatenate(tiles, axis=2)
     clip = lambda a: jnp.clip(a, -1.0, 1.0)
     return {"originals": x, "reconstructions": clip(rec), "coarse_to_fine": clip(strip)}
+
+
+def load_tokenizer(workdir: str, use_ema: bool = False):
+  """(task, params as host arrays, config) of the latest checkpoint of a trained DetailFlow
+  tokenizer run; `task.model` is the `DetailFlowTokenizer`, `params['gen']` its weights (the
+  reference extracts codes and decodes with the non-EMA weights: use_ema=False)."""
+  cfg, params, _ = ckpt_lib.read_params(workdir, use_ema=use_ema)
+  cfg = ml_collections.ConfigDict(cfg)
+  if cfg.task != "tokenizer":
+    raise ValueError(f"{workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
+  return TokenizerTask(cfg), params, cfg

@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tdjax import checkpoint as ckpt_lib
 from tdjax import parallel
 from tdjax.diffusion import ddpm, flow
 from tdjax.generators import transdiff as td
 from tdjax.generators.heads import make_head
-from tdjax.tasks.base import Task
+from tdjax.tasks.base import GeneratorTask
 from tdjax.tokenizers import kl_vae
 
 
@@ -67,7 +68,7 @@ def _recomputed(stack_cfg, forward: float, batched_dots: float) -> float:
   return batched_dots if policy == "dots_with_no_batch_dims_saveable" else forward
 
 
-class TransDiffTask(Task):
+class TransDiffTask(GeneratorTask):
   kind = "transdiff"
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -207,14 +208,13 @@ class TransDiffTask(Task):
     src = self.config.model.get("init_from", "")
     if not src:
       return params
-    from tdjax import trainer   # the loop imports the tasks: import it lazily
-    cfg, task, state = trainer.load_for_inference(src)
-    if task.kind != self.kind or task.num_refs:
-      raise ValueError(f"model.init_from={src!r} holds a {task.kind!r} checkpoint with "
-                       f"num_refs={getattr(task, 'num_refs', None)}; expected a 1-step TransDiff run")
-    # host copies on every process (the arrays may be sharded over several: a gather)
-    one = parallel.to_host(state["ema"] if "ema" in state else state["params"])
-    params = parallel.to_host(params)
+    cfg, one, _ = ckpt_lib.read_params(src)        # host arrays: its EMA weights, if any
+    cfg = ml_collections.ConfigDict(cfg)
+    if cfg.task != self.kind or int(cfg.model.get("num_refs", 0)):
+      raise ValueError(f"model.init_from={src!r} holds a {cfg.task!r} checkpoint with "
+                       f"num_refs={cfg.model.get('num_refs')}; expected a 1-step TransDiff run")
+    task = TransDiffTask(cfg)
+    params = parallel.to_host(params)   # on every process (sharded over several: a gather)
     try:
       if self.num_refs:
         return {"ar": td.mrar_from_one_step(one["ar"], params["ar"]),
@@ -233,11 +233,6 @@ class TransDiffTask(Task):
       return None
     return {"ar": jax.tree.map(lambda _: "frozen", params["ar"]),
             "head": jax.tree.map(lambda _: "head", params["head"])}
-
-  def logical_batch_axes(self):
-    nd = 5 if self.num_refs else 4
-    return {"moments" if self.cached else "image": ("batch",) + (None,) * (nd - 1),
-            "label": ("batch",)}
 
   def example_batch(self, batch_size: int, seed: int = 0) -> dict:
     """Random inputs of the training shapes (benchmarks, AOT compilation)."""
@@ -322,7 +317,7 @@ class TransDiffTask(Task):
     fn = lambda x, t, c: self._head(params, x, t, c["z"], c["mask"], k_head, train)
     return self._diffusion_loss(fn, x0, {"z": cond, "mask": cmask}, k_flow)
 
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, model_state, batch, rng, step, branch=None):
     if self.head_only:   # no AR backward pass (its optimiser group is frozen too)
       params = {**params, "ar": jax.lax.stop_gradient(params["ar"])}
     loss, metrics = self._losses(params, batch, rng, True)

@@ -24,11 +24,13 @@ Training the VAE is out of scope; `DEMO` is a small configuration for tests and 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +197,6 @@ def latents_to_images(vae: AutoencoderKL, params, latents):
 
 def save_params(params, path: str) -> None:
   """Params as an .npz of '/'-joined names (written to a temporary file, then renamed)."""
-  import os
-  import numpy as np
   flat = {"/".join(getattr(k, "key", str(k)) for k in p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   tmp = path + ".tmp.npz"
@@ -206,7 +206,6 @@ def save_params(params, path: str) -> None:
 
 def load_params(path: str) -> dict:
   """Inverse of `save_params` (e.g. the output of `python -m tdjax.convert --kind mar_vae`)."""
-  import numpy as np
   params: dict = {}
   with np.load(path) as f:
     for name in f.files:
