@@ -65,7 +65,7 @@ python -m tdjax.reconstruct --workdir "$OUT/tokenizer" --out "$PICS/coarse_to_fi
   || { tail -20 "$OUT/reconstruct.log"; exit 1; }
 for cfg in $CFGS; do
   name=samples; [ "$cfg" = 3.0 ] || name="samples_cfg$cfg"
-  python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/$name.png" --classes all --num 100 --cfg "$cfg" \
+  python -m tdjax.sample --workdir "$OUT/ar" --out "$PICS/$name.png" --overwrite --classes all --num 100 --cfg "$cfg" \
     --judge "$OUT/classifier" 2>"$OUT/$name.log" || { tail -20 "$OUT/$name.log"; exit 1; }
 done
 cp "$OUT"/*/pictures/*.png "$PICS/" 2>/dev/null || true

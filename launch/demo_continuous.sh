@@ -30,7 +30,7 @@ train() {  # name config
 judge() {  # name [sampling flags]; skipped when its judge report exists
   local name="$1"; shift
   [ -f "$PICS/${name}_judge.json" ] && { cat "$PICS/${name}_judge.json"; echo; return; }
-  python -m tdjax.sample --workdir "$OUT/$name" --out "$PICS/$name.png" --classes all --num 100 \
+  python -m tdjax.sample --workdir "$OUT/$name" --out "$PICS/$name.png" --overwrite --classes all --num 100 \
     --judge "$JUDGE" "$@" 2>"$OUT/${name}_sample.log" | tail -1 || { tail -20 "$OUT/${name}_sample.log"; exit 1; }
 }
 

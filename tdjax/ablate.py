@@ -258,7 +258,8 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
   samples = os.path.join("samples", _slug(workdir)) if "://" in workdir else os.path.join(workdir,
                                                                                           "samples")
   out = os.path.join(samples, _slug(os.path.basename(gen) + "_" + sampling) + ".png")
-  sample = py + ["tdjax.sample", f"--workdir={gen}", f"--out={out}", "--classes=all",
+  # the runner decides what is finished (the judge file): a picture without one is redone
+  sample = py + ["tdjax.sample", f"--workdir={gen}", f"--out={out}", "--overwrite", "--classes=all",
                  f"--num={s['num']}"] + [f"--{k}={v}" for k, v in row.sample.items()]
   if judge:
     sample.append(f"--judge={judge}")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from typing import Any
 
 import jax
@@ -126,7 +128,7 @@ class Checkpointer:
     errors = []
     wanted = _shapes_by_path(abstract_state)
     for s in candidates:
-      restored, problem = None, self._shape_misfit(s, wanted)
+      restored, problem = None, self._missing_files(s) or self._shape_misfit(s, wanted)
       if problem is None:      # a misfit is known before reading: spare Orbax's failing reads
         try:
           restored = self._read(s, abstract_state)
@@ -160,6 +162,21 @@ class Checkpointer:
     finally:
       handler.close()
     return state, dict(_read_json(root / "data") or {})
+
+  def _missing_files(self, step: int) -> str | None:
+    """'missing FILE' when a file that a restore needs is gone (known before reading: a read
+    would fail inside Orbax's async machinery and print pages of 'Event loop is closed').  Not
+    needed, so not checked: `state/_sharding` (tdjax restores onto explicit shardings) and the
+    per-process `state/ocdbt.process_N/manifest.ocdbt` (merged into the top-level manifest when
+    the save finalised); deleting them was checked to change nothing."""
+    root = self.manager.directory / str(step)
+    needed = ["state/_METADATA", "config/metadata", "data/metadata"]
+    if (root / "state" / "ocdbt.process_0").exists():
+      needed.append("state/manifest.ocdbt")
+    for rel in needed:
+      if not (root / rel).exists():
+        return f"missing {root / rel}"
+    return None
 
   def _shape_misfit(self, step: int, wanted: dict) -> str | None:
     """'K arrays of other shapes, e.g. PATH: stored S, this state T' when arrays at the same
@@ -214,6 +231,92 @@ def read_params(workdir: str, step: int | None = None,
     finally:
       handler.close()
   return config, out[key], step
+
+
+class WorkdirLock:
+  """`WORKDIR/tdjax.lock`: one training at a time in a workdir (two would collide in Orbax's
+  temporary folders, interleave metrics.jsonl and could leave checkpoints of two models side by
+  side).  The lock file holds the owner's host, pid and a heartbeat the loop refreshes at log
+  points; a lock whose owner is a dead process on this host, or whose heartbeat is older than
+  `stale_secs` (a job killed on another host), is taken over with a warning line.  Created with
+  O_EXCL, which local filesystems and NFS honour; on a gs:// workdir there is no lock (GCS has no
+  exclusive create through etils): one training per bucket path is the user's to keep."""
+
+  NAME = "tdjax.lock"
+
+  def __init__(self, workdir: str, stale_secs: float = 900):
+    self.path = None if is_remote(workdir) else os.path.join(resolve_workdir(workdir), self.NAME)
+    self.stale_secs = float(stale_secs)
+    self.owned = False
+
+  def _record(self, started: float) -> bytes:
+    return json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), started=started,
+                           heartbeat=time.time())).encode()
+
+  def acquire(self) -> None:
+    if self.path is None:
+      return
+    self.started = time.time()
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      self._take_over_or_refuse()
+    else:
+      with os.fdopen(fd, "wb") as f:
+        f.write(self._record(self.started))
+    self.owned = True
+
+  def _take_over_or_refuse(self) -> None:
+    try:
+      with open(self.path) as f:
+        other = json.load(f)
+      host, pid, beat = other["host"], int(other["pid"]), float(other["heartbeat"])
+    except (OSError, ValueError, KeyError, TypeError):
+      host, pid, beat = "?", -1, 0.0           # unreadable: a half-written lock, stale
+    age = time.time() - beat
+    if host == socket.gethostname() and pid > 0 and _alive(pid) and pid != os.getpid():
+      stale = None
+    elif host == socket.gethostname() and pid != os.getpid():
+      stale = f"its process {pid} on this host is gone"
+    elif age > self.stale_secs:
+      stale = f"not refreshed for {age:.0f} s (config.lock_stale_secs={self.stale_secs:g})"
+    else:
+      stale = None
+    if stale is None:
+      raise FileExistsError(
+          f"{os.path.dirname(self.path)} is in use by the training of pid {pid} on host {host} "
+          f"(heartbeat {age:.0f} s ago): two trainings in one workdir would corrupt it; use "
+          f"another --workdir, or delete {self.path} if that run is gone")
+    logging.warning("workdir lock %s: taking it over, %s", self.path, stale)
+    self._write()
+
+  def _write(self) -> None:
+    tmp = f"{self.path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(self._record(self.started))
+    os.replace(tmp, self.path)
+
+  def refresh(self) -> None:
+    if self.owned:
+      self._write()
+
+  def release(self) -> None:
+    if self.owned:
+      self.owned = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def _read_json(path) -> Any:

@@ -7,6 +7,8 @@
   * an error that reports bad input (a ValueError, a missing or existing file, a CheckpointError)
     prints `python -m MODULE: error: MESSAGE` on stderr and exits 2; `--verbosity=1` logs its
     traceback first (absl DEBUG), for the case where it is a bug rather than bad input;
+  * an error with an `exit_code` (a training stopped by a non-finite loss: 3) prints the same
+    one line and exits with that status;
   * an override of a key the locked config lacks (`--config.input.not_a_key=3`) names the
     override and the key, where ml_collections raises a bare AttributeError;
   * a flag error is one line too: an error of `get_config` (an unknown config arg) keeps its last
@@ -120,6 +122,9 @@ def run(main) -> None:
     try:
       return main(argv)
     except Exception as err:                   # noqa: BLE001 - re-raised unless bad input
+      if getattr(err, "exit_code", None):      # a run stopped for a reason of its own (NaN: 3)
+        print(f"{_program()}: error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        _exit(int(err.exit_code))
       if not is_bad_input(err):
         if _in_distributed_job():              # the traceback, then out without the barrier
           import traceback

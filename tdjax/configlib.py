@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache = ""     # directory of the persistent XLA cache ('' = off)
   c.profile_steps = ""         # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile
   c.peak_flops = 0.0           # FLOP/s per device for the MFU in the log (0: by device kind)
+  c.lock_stale_secs = 900      # a workdir lock not refreshed for this long is taken over
   c.distributed = False        # join a multi-process job at start (parallel.initialize_distributed)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = []            # extra (logical, mesh) rules taking precedence over the defaults
@@ -80,6 +81,23 @@ def base_config() -> ml_collections.ConfigDict:
       decay_min_ndim=2))
   c.optimizer_groups = ml_collections.ConfigDict()  # per-group overrides, e.g. {'disc': {'lr': ..}}
   return c
+
+
+def check_run_config(c: ml_collections.ConfigDict) -> None:
+  """One-line errors for loop settings no run can use (the loop reads these keys)."""
+  at_least = dict(total_steps=1, log_every=1, ckpt_every=1, grad_accum=1, eval_every=0,
+                  image_every=0, keep_checkpoints=0, eval_batches=1, ckpt_every_secs=0,
+                  lock_stale_secs=1)
+  for key, low in at_least.items():
+    if key in c and c[key] < low:
+      raise ValueError(f"config.{key}={c[key]}: expected >= {low}")
+  if c.get("on_nonfinite", "stop") not in ("stop", "skip"):
+    raise ValueError(f"config.on_nonfinite={c.on_nonfinite!r}: expected 'stop' or 'skip'")
+  if c.get("compute_dtype", "float32") not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.compute_dtype={c.compute_dtype!r}: expected float32, bfloat16 or "
+                     f"float16")
+  if not 0 <= float(c.get("ema_decay", 0.0)) < 1:
+    raise ValueError(f"config.ema_decay={c.ema_decay}: expected in [0, 1) (0: no EMA)")
 
 
 def config_path(name: str) -> str:
@@ -129,11 +147,22 @@ def _flatten(tree, prefix: str = "") -> dict:
   return {prefix[:-1]: tree}
 
 
-def config_diff(old: dict, new: dict, limit: int = 8) -> list[str]:
+# keys that change how a run goes, not what its checkpoints hold: a resume may change them
+SCHEDULE_KEYS = ("seed", "total_steps", "log_every", "eval_every", "eval_batches", "image_every",
+                 "ckpt_every", "ckpt_every_secs", "keep_checkpoints", "async_checkpoint",
+                 "on_nonfinite", "compilation_cache", "distributed", "profile_steps", "peak_flops",
+                 "optimizer.lr", "optimizer.warmup_steps", "optimizer.warmup_init",
+                 "optimizer.schedule", "optimizer.min_lr_ratio", "optimizer.grad_clip",
+                 "optimizer.weight_decay")
+
+
+def config_diff(old: dict, new: dict, limit: int = 8, ignore=()) -> list[str]:
   """'key: old -> new' for each dotted key whose value differs (absent keys read '<none>'):
-  `task` and `model.*` first, then the rest sorted; at most `limit` (then '... and K more')."""
+  `task` and `model.*` first, then the rest sorted; at most `limit` (then '... and K more').
+  Keys in `ignore` (e.g. SCHEDULE_KEYS) are left out."""
   a, b = _flatten(old), _flatten(new)
-  keys = sorted((k for k in set(a) | set(b) if a.get(k, "<none>") != b.get(k, "<none>")),
+  keys = sorted((k for k in set(a) | set(b)
+                 if a.get(k, "<none>") != b.get(k, "<none>") and k not in ignore),
                 key=lambda k: (k != "task", not k.startswith("model."), k))
   out = [f"{k}: {a.get(k, '<none>')!r} -> {b.get(k, '<none>')!r}" for k in keys[:limit]]
   return out + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])

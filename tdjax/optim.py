@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -57,7 +58,33 @@ def decay_mask(params, min_ndim: int, specs=None, exclude=()):
   return jax.tree_util.tree_map_with_path(decide, params, specs, is_leaf=leaf)
 
 
-def _single(c: ml_collections.ConfigDict, total_steps: int, specs=None) -> optax.GradientTransformation:
+def check_optimizer(c: ml_collections.ConfigDict, total_steps: int, where: str = "optimizer") -> None:
+  """One-line errors for settings no run can want (a negative learning rate ascends the loss),
+  and one warning line for legal but surprising ones (a warm-up as long as the run)."""
+  def bad(key, expected):
+    raise ValueError(f"config.{where}.{key}={c.get(key)}: expected {expected}")
+  if float(c.lr) < 0:
+    bad("lr", ">= 0 (a negative learning rate ascends the loss)")
+  for key in ("weight_decay", "grad_clip", "eps"):
+    if float(c.get(key, 0.0)) < 0:
+      bad(key, ">= 0")
+  for key in ("warmup_init", "min_lr_ratio"):
+    if not 0 <= float(c.get(key, 0.0)) <= 1:
+      bad(key, "a fraction of lr in [0, 1]")
+  for key in ("b1", "b2"):
+    if key in c and not 0 <= float(c[key]) < 1:
+      bad(key, "in [0, 1)")
+  warm = int(c.get("warmup_steps", 0))
+  if warm < 0:
+    bad("warmup_steps", ">= 0")
+  if warm and warm >= total_steps:
+    logging.warning("config.%s.warmup_steps=%d >= total_steps=%d: the run never reaches its full "
+                    "learning rate %g", where, warm, total_steps, float(c.lr))
+
+
+def _single(c: ml_collections.ConfigDict, total_steps: int, specs=None,
+            where: str = "optimizer") -> optax.GradientTransformation:
+  check_optimizer(c, total_steps, where)
   name = c.get("name", "adamw")
   sched = learning_rate_schedule(c, total_steps)
   parts = []
@@ -99,7 +126,8 @@ def make_optimizer(config: ml_collections.ConfigDict, groups=None, specs=None) -
     c = ml_collections.ConfigDict(config.optimizer.to_dict())
     overrides = config.get("optimizer_groups", {}).get(name, {})
     c.update(dict(overrides))
-    transforms[name] = _single(c, config.total_steps, specs)
+    transforms[name] = _single(c, config.total_steps, specs,
+                               f"optimizer_groups.{name}" if overrides else "optimizer")
   return optax.multi_transform(transforms, groups)
 
 

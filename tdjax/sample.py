@@ -56,6 +56,7 @@ def _define_flags():
   flags.DEFINE_bool("clip_denoised", None, "DDPM heads: clip x0 predictions to [-1, 1] (default: "
                     "on for pixel latents, off for VAE latents).")
   flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before sampling).")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
   flags.DEFINE_string("judge", None, "Classifier workdir: report class accuracy and Fréchet distance.")
@@ -188,6 +189,12 @@ def main(argv):
   stem, ext = os.path.splitext(FLAGS.out)
   if ext not in (".png", ".npz"):
     raise ValueError(f"--out={FLAGS.out!r}: expected a .png or .npz file")
+  for name in ("num", "batch_size"):
+    if getattr(FLAGS, name) < 1:
+      raise ValueError(f"--{name}={getattr(FLAGS, name)}: expected at least 1")
+  if os.path.exists(FLAGS.out) and not FLAGS.overwrite:
+    raise FileExistsError(f"--out={FLAGS.out} exists: pass --overwrite to replace it; nothing was "
+                          f"sampled")
   if ckpt_lib.is_remote(FLAGS.out):   # os calls would write ./gs:/...; the .npz parts must be shared too
     raise ValueError(f"--out={FLAGS.out!r}: write samples to a local path or one every host "
                      f"mounts (NFS, gcsfuse), not a URL; copy them to the bucket afterwards")

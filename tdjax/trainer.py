@@ -42,7 +42,9 @@ from tdjax.tasks import Task, get_task
 
 
 class NonFiniteError(FloatingPointError):
-  pass
+  """A non-finite loss or gradient norm stopped the run (on_nonfinite='stop'): the entry points
+  report it in one line and exit with this status."""
+  exit_code = 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,13 +273,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains `config.task` in `workdir`, resuming from its checkpoints; returns final metrics."""
   t_start = time.time()
+  configlib.check_run_config(config)
   parallel.initialize_distributed(config.get("distributed", False))
   parallel.enable_compilation_cache(config.get("compilation_cache", ""))
   workdir = ckpt_lib.resolve_workdir(workdir)
   if not ckpt_lib.is_remote(workdir):
     os.makedirs(workdir, exist_ok=True)
   config_dict = json.loads(config.to_json_best_effort())
+  lock = ckpt_lib.WorkdirLock(workdir, config.get("lock_stale_secs", 900))
+  _lock_on_first_process(lock)
+  try:
+    return _train(config, config_dict, workdir, mesh, lock, t_start)
+  finally:
+    lock.release()
 
+
+def _lock_on_first_process(lock) -> None:
+  """Process 0 takes the workdir lock; every process learns whether it got it."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except FileExistsError as e:
+      error = e
+  if not parallel.from_first_process(error is None):
+    raise error or FileExistsError("the workdir is in use by another training (process 0 says "
+                                   "which)")
+
+
+def _train(config, config_dict: dict, workdir: str, mesh, lock, t_start: float) -> dict:
   setup = Setup(config, mesh)
   mesh = setup.mesh
   sizes = parallel.batch_sizes(config.input.batch_size, mesh)
@@ -291,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:  # on errors too: pending async saves finish and Orbax's threads stop, nothing leaks
     with ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                use_async=config.get("async_checkpoint", True)) as checkpointer:
-      last_metrics = _train_loop(setup, config_dict, writer, checkpointer)
+      last_metrics = _train_loop(setup, config_dict, writer, checkpointer, lock)
   finally:
     writer.close()
   last_metrics["wall_seconds"] = time.time() - t_start
@@ -305,8 +329,9 @@ def _restore_for_training(checkpointer, setup: Setup, config_dict: dict):
   try:
     return checkpointer.restore(setup.abstract_state())
   except ckpt_lib.CheckpointError as err:
-    try:
-      diff = configlib.config_diff(checkpointer.restore_config(), config_dict)
+    try:   # a change of schedule (total_steps, ...) is not why checkpoints do not fit
+      diff = configlib.config_diff(checkpointer.restore_config(), config_dict,
+                                   ignore=configlib.SCHEDULE_KEYS)
     except Exception:  # noqa: BLE001 - the config unreadable too: the original error stands
       diff = []
     if not diff:
@@ -317,18 +342,18 @@ def _restore_for_training(checkpointer, setup: Setup, config_dict: dict):
         f"(config.json beside them). Restore errors: {err}") from err
 
 
-def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer) -> dict:
+def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer, lock) -> dict:
   """Restores or initialises the state, then runs the steps, evaluations and saves."""
   config, mesh = setup.config, setup.mesh
   data = _make_input(config, mesh, config.input.get("split", "train"), train=True)
   try:
-    return _run_steps(setup, config_dict, writer, checkpointer, data)
+    return _run_steps(setup, config_dict, writer, checkpointer, data, lock)
   finally:
     if hasattr(data, "close"):
       data.close()                 # stops the input's worker processes
 
 
-def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data) -> dict:
+def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data, lock) -> dict:
   config, mesh = setup.config, setup.mesh
   restored = _restore_for_training(checkpointer, setup, config_dict)
   if restored is None:
@@ -336,6 +361,10 @@ def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data) -> d
     logging.info("initialised from scratch (seed %d)", config.seed)
   else:
     step, state, data_state = restored
+    if step > int(config.total_steps):    # refused before config.json is rewritten
+      raise ValueError(f"config.total_steps={config.total_steps} is below the step of the "
+                       f"checkpoint to resume, {step} ({checkpointer.directory}): nothing to "
+                       f"train; give total_steps >= {step}, or another --workdir")
     data.set_state(data_state)
     logging.info("resumed from step %d of %s", step, checkpointer.directory)
   if jax.process_index() == 0:   # after the restore: a run that cannot resume leaves it as it was
@@ -381,6 +410,7 @@ def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data) -> d
       unchecked = (done, m)
       logged = done % config.log_every == 0 or done == total
       if logged:
+        lock.refresh()
         _check_finite(*unchecked, config)
         unchecked = None
         last_metrics = _host_metrics(pending)

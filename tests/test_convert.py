@@ -137,7 +137,7 @@ def test_convert_cli_writes_a_checkpoint_the_sampler_loads(tmp_path, tiny_tokeni
   np.testing.assert_allclose(np.asarray(got), reference_forward(sd, codes, 1), rtol=2e-4, atol=2e-4)
   images, labels, _ = sample_cli.generate(out, "0,2", 2)
   assert images.shape == (4, 32, 32, 1)
-  with pytest.raises(convert.ConversionError, match="already holds a checkpoint"):
+  with pytest.raises(convert.ConversionError, match="exists; choose a new --output"):
     convert.convert_detailflow_gpt(path, out, tokens=N, num_heads=H)
   with pytest.raises(FileNotFoundError, match="nope.pt"):
     convert.read_state_dict(str(tmp_path / "nope.pt"))
@@ -396,7 +396,7 @@ def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
                          group=4)
   assert "missing refine_proj/bias (144,)" in msg and "unexpected decoder.extra.weight" in msg
   assert "layers.1.mlp.fc2.weight: checkpoint gives (30, 144)" in msg
-  with pytest.raises(convert.ConversionError, match="already holds a checkpoint"):
+  with pytest.raises(convert.ConversionError, match="exists; choose a new --output"):
     convert.convert_detailflow_tokenizer(path, out, group=4)
 
 

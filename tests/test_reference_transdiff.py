@@ -113,6 +113,13 @@ def mrar():
   return _pair(mrar=True)
 
 
+def _as_moments(x):
+  """Ready latents as the posterior moments that latent.kind='cached' reads: logvar -1e4 gives a
+  standard deviation of exactly 0, so the step's posterior draw x scale (1.0) is `x` itself."""
+  x = jnp.asarray(x)
+  return jnp.concatenate([x, jnp.full_like(x, -1e4)], axis=-1)
+
+
 def _latents(seed, *lead):
   """Random latent grids [*lead, 16, 16, C] (tdjax layout)."""
   return np.random.default_rng(seed).normal(size=lead + (GRID, GRID, C)).astype(np.float32)
@@ -203,7 +210,7 @@ def test_one_step_flow_loss_matches_transdiff(one_step, float32_cpu_reference):
   mp = float32_cpu_reference
   lat, labels = _latents(2, 2), np.array([1, 8])
   seen = _record_flow_draws(mp)
-  got, _ = task._losses(params, {"latent": jnp.asarray(lat), "label": jnp.asarray(labels)},
+  got, _ = task._losses(params, {"moments": _as_moments(lat), "label": jnp.asarray(labels)},
                         jax.random.key(5), False)
   (x0, eps, t), = seen
   assert x0.shape == (4, L, C)
@@ -314,7 +321,7 @@ def test_mrar_flow_loss_matches_transdiff(mrar, float32_cpu_reference):
   mp = float32_cpu_reference
   imgs, labels = _latents(4, 2, 4), np.array([0, 5])
   seen = _record_flow_draws(mp)
-  got, _ = task._losses(params, {"latent": jnp.asarray(imgs), "label": jnp.asarray(labels)},
+  got, _ = task._losses(params, {"moments": _as_moments(imgs), "label": jnp.asarray(labels)},
                         jax.random.key(6), False)
   (x0, eps, t), = seen
   # tdjax rows: (repeat r, image k, example b); the reference's call k tiles its batch: rows (r, b)
@@ -372,7 +379,7 @@ def test_512px_model_matches_transdiff(float32_cpu_reference):
   _close(task.ar.apply({"params": params["ar"]}, jnp.asarray(labels)), want.numpy(), 1e-5)
   lat = np.random.default_rng(7).normal(size=(1, 2 * GRID, 2 * GRID, C)).astype(np.float32)
   seen = _record_flow_draws(mp)
-  got, _ = task._losses(params, {"latent": jnp.asarray(lat), "label": jnp.asarray(labels)},
+  got, _ = task._losses(params, {"moments": _as_moments(lat), "label": jnp.asarray(labels)},
                         jax.random.key(8), False)
   (_, eps, t), = seen
   calls, hook = _hand_draws(mp, ref, np.split(eps, 2), [t])

@@ -189,9 +189,10 @@ def test_resume_with_another_model_is_an_error_naming_the_change(tmp_path):
   wider = toy_config(total_steps=6)
   wider.input.image_size = 16
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"differs from theirs in input\.image_size: 8 -> 16; total_steps: 3 -> 6"
-                           r".*step 3: \d+ arrays of other shapes, e\.g\. "):
+                     match=r"differs from theirs in input\.image_size: 8 -> 16\. "
+                           r".*step 3: \d+ arrays of other shapes, e\.g\. ") as e:
     trainer.train_and_evaluate(wider, workdir)
+  assert "total_steps" not in str(e.value)   # a schedule change is not why they do not fit
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == config_json
   with ckpt_lib.Checkpointer(workdir, read_only=True) as ck:

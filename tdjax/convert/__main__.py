@@ -23,10 +23,13 @@ existing checkpoint at --output is never replaced.
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from tdjax import cli
 from tdjax.convert import KINDS, REGISTRY
+from tdjax.convert.common import ConversionError, likely_kind, read_state_dict
 
 FLAGS = flags.FLAGS
 
@@ -71,7 +74,23 @@ def _tokenizer_heads() -> dict:
 def main(argv):
   del argv
   options = _OPTIONS.get(FLAGS.kind, dict)()
-  print(REGISTRY[FLAGS.kind].convert(FLAGS.input, FLAGS.output, **options))
+  try:
+    print(REGISTRY[FLAGS.kind].convert(FLAGS.input, FLAGS.output, **options))
+  except ConversionError as err:            # a file of another kind: say which it looks like
+    guess = _likely_kind_of(FLAGS.input)
+    if guess and guess != FLAGS.kind:
+      raise ConversionError(f"--input={FLAGS.input} looks like a {guess} checkpoint, not "
+                            f"{FLAGS.kind} (use --kind {guess}): {err}") from err
+    raise
+
+
+def _likely_kind_of(path: str) -> str | None:
+  if "," in path or not os.path.isfile(path):     # lpips' two files, a teacher workdir
+    return None
+  try:
+    return likely_kind(read_state_dict(path))
+  except Exception:  # noqa: BLE001 - unreadable: the converter's own error stands
+    return None
 
 
 if __name__ == "__main__":

@@ -100,6 +100,39 @@ def torch_leaf(path: list, value: np.ndarray):
   return "params", target.split("/"), value
 
 
+def summarize(errors: list[str], cap: int = 4) -> str:
+  """Key errors in one line, at most `cap` of each kind (missing, unexpected, the rest: shapes,
+  head counts), then how many more: a file of another kind gives thousands."""
+  kinds = {"missing": [], "unexpected": [], "other": []}
+  for e in errors:
+    kinds[e.split(" ", 1)[0] if e.startswith(("missing ", "unexpected ")) else "other"].append(e)
+  shown = [e for group in kinds.values() for e in group[:cap]]
+  more = len(errors) - len(shown)
+  return "; ".join(shown) + (f"; ... and {more} more" if more > 0 else "")
+
+
+# key prefixes that mark each kind's state dict (`likely_kind`)
+SIGNATURES = {
+    "detailflow_tokenizer": ("encoder.visual_model.", "decoder.visual_model.", "quantize."),
+    "detailflow_gpt": ("tok_embeddings.", "cls_embedding."),
+    "transdiff": ("diffdecoder.", "class_emb."),
+    "mar_vae": ("encoder.down.", "decoder.up.", "quant_conv."),
+    "inception": ("Mixed_", "Conv2d_1a_3x3."),
+    "lpips": ("features.", "net.slice", "lin0."),
+    "siglip2": ("vision_model.", "embeddings.patch_embedding."),
+    "dino": ("blocks.0.attn.qkv.", "patch_embed.proj."),
+}
+
+
+def likely_kind(keys) -> str | None:
+  """The kind whose key prefixes most of `keys` carry (None when none stands out)."""
+  keys = list(keys)
+  counts = {kind: sum(k.startswith(prefixes) for k in keys) for kind, prefixes in
+            SIGNATURES.items()}
+  best = max(counts, key=counts.get)
+  return best if counts[best] else None
+
+
 def place(flat: dict, expected: Mapping, errors: list) -> dict:
   """Nested params from {target path: (source key, array)}; every target leaf missing from `flat`,
   every mis-shaped one and every source key without a target joins `errors` -> ConversionError."""
@@ -115,7 +148,7 @@ def place(flat: dict, expected: Mapping, errors: list) -> dict:
                     f"the model expects {tuple(leaf.shape)}")
   errors += [f"unexpected {key} {v.shape}" for path, (key, v) in flat.items() if path not in want]
   if errors:
-    raise ConversionError("; ".join(errors))
+    raise ConversionError(summarize(errors))
   params: dict = {}
   for path, (_, value) in flat.items():
     node = params
@@ -166,10 +199,9 @@ def write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
   from tdjax import checkpoint as ckpt_lib
   from tdjax import parallel, trainer
   from tdjax.nn.layers import stack_layers, unstack_layers
-  with ckpt_lib.Checkpointer(output, use_async=False) as ck:
-    if ck.latest_step() is not None:
-      raise ConversionError(f"{output} already holds a checkpoint (step {ck.latest_step()}); "
-                            f"choose a new --output")
+  if os.path.exists(output):
+    raise ConversionError(f"{output} exists; choose a new --output (a converted run is a new "
+                          f"workdir)")
   setup = trainer.Setup(config, parallel.make_mesh({"data": -1}))
   target = nn.unbox(setup.abstract_state()["params"])
   target = target[under] if under else target
@@ -197,7 +229,14 @@ def write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
     if name in state:
       tree = dict(state[name], **{under: params}) if under else params
       state[name] = jax.device_put(tree, setup.state_shardings[name])
-  with ckpt_lib.Checkpointer(output, use_async=False) as ck:
-    ck.save(0, state, config.to_dict(), {})
-  ckpt_lib.write_config_json(output, config.to_dict())
+  tmp = f"{output.rstrip('/')}.tmp-{os.getpid()}"     # nothing at --output until it is complete
+  try:
+    with ckpt_lib.Checkpointer(tmp, use_async=False) as ck:
+      ck.save(0, state, config.to_dict(), {})
+    ckpt_lib.write_config_json(tmp, config.to_dict())
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      import shutil
+      shutil.rmtree(tmp, ignore_errors=True)
   return params

@@ -19,7 +19,7 @@ import numpy as np
 
 from tdjax import configlib
 from tdjax.convert.common import (ConversionError, count_params, linear_leaf, place,
-                                  read_state_dict, write_workdir)
+                                  read_state_dict, summarize, write_workdir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def detailflow_gpt_params(sd: Mapping[str, np.ndarray], depth: int, num_heads: i
         errors.append(f"{jax.tree_util.keystr(path)}: checkpoint gives {tuple(have.shape)}, the "
                       f"model expects {tuple(want.shape)}")
   if errors:
-    raise ConversionError("; ".join(errors))
+    raise ConversionError(summarize(errors))
   return p
 
 

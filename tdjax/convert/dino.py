@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from tdjax.convert.common import ConversionError, convert_vit, linear_leaf
+from tdjax.convert.common import ConversionError, convert_vit, linear_leaf, summarize
 
 
 _DINO_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attn/proj", "mlp.fc1": "mlp/fc1",
@@ -57,7 +57,7 @@ def dino_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.nd
   if "blocks_0/attn/qkv/kernel" not in flat or "pos_embed" not in flat:
     errors.append("no 'blocks.0.attn.qkv' / 'pos_embed' keys: not a DINO ViT state dict")
   if errors:
-    raise ConversionError("DINO state dict: " + "; ".join(errors))
+    raise ConversionError("DINO state dict: " + summarize(errors))
   return flat
 
 

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from tdjax.convert.common import (ConversionError, convert_vit, count_params, linear_leaf,
-                                  save_atomically)
+                                  save_atomically, summarize)
 
 
 _SIGLIP2_RENAME = {"embeddings.patch_embedding": "patch_embed", "post_layernorm": "post_ln"}
@@ -54,7 +54,7 @@ def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np
   if "blocks_0/ln1/scale" not in flat:
     errors.append("no 'encoder.layers.0.*' keys: not a SigLIP2 vision tower")
   if errors:
-    raise ConversionError("SigLIP2 state dict: " + "; ".join(errors))
+    raise ConversionError("SigLIP2 state dict: " + summarize(errors))
   return flat
 
 

@@ -15,6 +15,7 @@ import functools
 import gzip
 import logging
 import os
+import zlib
 
 import numpy as np
 
@@ -29,8 +30,12 @@ def read_idx(path: str) -> np.ndarray:
     raise FileNotFoundError(f"{path} not found: install it with `apt-get install "
                             f"dataset-fashion-mnist` or set input.data_dir to the IDX folder")
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, OSError, zlib.error) as e:   # a truncated or damaged download
+    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); reinstall it (apt-get "
+                     f"install --reinstall dataset-fashion-mnist) or set input.data_dir") from None
   if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 0x08:
     raise ValueError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
   ndim = raw[3]
@@ -111,7 +116,11 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str = "", image_key: str = "image",
                label_key: str = "label"):
     import tensorflow_datasets as tfds  # heavy import, only when used
-    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    try:   # never download or prepare here: an unprepared dataset is an error, said in one line
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # noqa: BLE001 - tfds names an unprepared dataset in several ways
+      _raise_if_unprepared(tfds, name, split, data_dir)
+      raise ValueError(f"tfds dataset {name!r}, split {split!r}: {str(e).splitlines()[0]}") from e
     self.name, self.image_key, self.label_key = name, image_key, label_key
     self._labels = None
     self._args = (name, split, data_dir, image_key, label_key)
@@ -134,6 +143,20 @@ class TfdsSource:
       logging.warning("reading all %d records of %s for their labels", len(self), self.name)
       self._labels = np.array([int(self.source[i][self.label_key]) for i in range(len(self))])
     return self._labels
+
+
+def _raise_if_unprepared(tfds, name: str, split: str, data_dir: str) -> None:
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"input.tfds_name={name!r}: tfds has no such dataset") from None
+  if not builder.is_prepared():
+    where = os.path.dirname(os.path.dirname(str(builder.data_dir)))
+    raise FileNotFoundError(
+        f"tfds dataset {name!r} (split {split!r}) is not prepared in {where}: prepare it once with "
+        f"`tfds build {name} --data_dir={where}` (imagenet2012 first needs ILSVRC2012_img_train.tar "
+        f"and ILSVRC2012_img_val.tar in {where}/downloads/manual), or set input.data_dir to where "
+        f"it is prepared")
 
 
 def make_source(cfg, split: str):

@@ -162,8 +162,24 @@ class MLPHead(nn.Module):
     return out.astype(jnp.float32)
 
 
+def check_head(cfg) -> None:
+  """One-line errors naming config.head.X for heads that cannot be built as asked (a width the
+  heads do not divide would silently be cut to heads x (width // heads))."""
+  for key in ("width", "depth"):
+    if int(cfg[key]) < 1:
+      raise ValueError(f"config.head.{key}={cfg[key]}: expected >= 1")
+  if cfg.get("type", "attention") == "attention":
+    if int(cfg.num_heads) < 1 or int(cfg.width) % int(cfg.num_heads):
+      raise ValueError(f"config.head.num_heads={cfg.num_heads} does not divide config.head.width="
+                       f"{cfg.width}")
+    if cfg.get("conditioning", "cross") not in ("cross", "adaln", "incontext"):
+      raise ValueError(f"config.head.conditioning={cfg.conditioning!r}: expected 'cross', "
+                       f"'adaln' or 'incontext'")
+
+
 def make_head(cfg, out_channels: int, dtype=jnp.float32) -> nn.Module:
   """From a config dict: type 'attention' | 'mlp' plus the module's fields."""
+  check_head(cfg)
   kind = cfg.get("type", "attention")
   if kind == "attention":
     return AttentionHead(out_channels, cfg.width, cfg.depth, cfg.num_heads,

@@ -116,6 +116,20 @@ class TransDiffAR(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def validate(self) -> None:
+    """One-line errors naming config.model.X (the task builds the AR from config.model)."""
+    for key, low in (("width", 1), ("depth", 1), ("num_heads", 1), ("num_classes", 1),
+                     ("buffer_size", 0), ("num_refs", 0), ("ref_patch", 1)):
+      name = {"depth": "ar_depth"}.get(key, key)
+      if getattr(self, key) < low:
+        raise ValueError(f"config.model.{name}={getattr(self, key)}: expected >= {low}")
+    if self.width % self.num_heads:
+      raise ValueError(f"config.model.num_heads={self.num_heads} does not divide "
+                       f"config.model.width={self.width}")
+    if not 0 <= self.dropout < 1 or not 0 <= self.label_drop < 1:
+      raise ValueError(f"config.model.dropout={self.dropout}, label_drop={self.label_drop}: "
+                       f"expected probabilities in [0, 1)")
+
   @property
   def mask_len(self) -> int:
     return self.latent_len // self.ref_patch ** 2 if self.num_refs else self.latent_len

@@ -44,7 +44,7 @@ from tdjax.losses import discriminators as D
 from tdjax.tasks.base import Task
 from tdjax.tokenizers import siglip2
 from tdjax.tokenizers.detailflow import build_tokenizer
-from tdjax.tokenizers.resolution import (PrefixPlan, apply_separable, bicubic_matrix,
+from tdjax.tokenizers.resolution import (PrefixPlan, apply_separable, bicubic_matrix, check_alpha,
                                          decoder_resolution, resolution_for_prefix,
                                          sample_prefix_length)
 
@@ -80,7 +80,10 @@ class TokenizerTask(Task):
     self.g = int(m.group)
     self.causal_num = int(m.get("causal_num") or self.g)
     self.alpha = float(m.get("alpha", 1.5))
+    check_alpha(self.alpha)
     self.degrade_p = float(m.get("degrade_p", 0.2))
+    if not 0 <= self.degrade_p <= 1:
+      raise ValueError(f"config.model.degrade_p={self.degrade_p}: expected a probability in [0, 1]")
     self.self_correction = bool(m.get("self_correction", True)) and m.get("bottleneck", "vq") == "vq"
     # the reference runs the self-correction branch on every step (1); k > 1 runs it on every k-th
     # step only (it costs ~1.5x a plain step: a second encoder pass and a doubled decoder batch)

@@ -117,6 +117,7 @@ class TransDiffTask(GeneratorTask):
         width=m.width, depth=m.ar_depth, num_heads=m.num_heads, buffer_size=m.buffer_size,
         num_refs=self.num_refs, ref_patch=m.get("ref_patch", 2), dropout=m.get("dropout", 0.0),
         scan=m.get("scan", False), remat=m.get("remat", "none"))
+    self.ar.validate()
     self.diffusion = config.get("diffusion", "flow")
     if self.diffusion not in ("flow", "ddpm"):
       raise ValueError(f"config.diffusion={self.diffusion!r}: expected 'flow' or 'ddpm'")
@@ -127,6 +128,8 @@ class TransDiffTask(GeneratorTask):
     head_cfg.max_len = self.L
     self.head = make_head(head_cfg, self.latent_dim * (2 if self.learn_sigma else 1))
     self.batch_mul = int(m.get("batch_mul", 1))
+    if self.batch_mul < 1:
+      raise ValueError(f"config.model.batch_mul={self.batch_mul}: expected >= 1")
     self.head_only = bool(m.get("head_only", False))
     if self.head_only and not m.get("init_from", ""):
       raise ValueError("model.head_only=True trains the decoder under a frozen AR: it needs "

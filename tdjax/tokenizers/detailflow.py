@@ -133,12 +133,42 @@ class DetailFlowTokenizer(nn.Module):
   def is_vq(self) -> bool:
     return self.bottleneck == "vq"
 
+  def validate(self) -> None:
+    """One-line errors naming the config key (config.model.X, config.input.image_size) for
+    values the tokenizer cannot be built with; `build_tokenizer` calls it, so a config argument
+    and a --config.model.X override are checked alike."""
+    positive = dict(num_tokens=self.num_tokens, group=self.group, patch=self.patch,
+                    code_dim=self.code_dim, enc_width=self.enc_width, enc_depth=self.enc_depth,
+                    enc_heads=self.enc_heads, dec_width=self.dec_width,
+                    dec_depth=self.dec_depth, dec_heads=self.dec_heads)
+    if self.bottleneck == "vq":
+      positive["codebook_size"] = self.codebook_size
+    for k, v in positive.items():
+      if int(v) <= 0:
+        raise ValueError(f"config.model.{k}={v}: expected > 0")
+    if self.num_tokens % self.group:
+      raise ValueError(f"config.model.group={self.group} does not divide config.model.num_tokens="
+                       f"{self.num_tokens} (tokens come in groups of g)")
+    if self.causal_num is not None and not 0 < self.causal_num <= self.num_tokens:
+      raise ValueError(f"config.model.causal_num={self.causal_num}: expected 1..num_tokens="
+                       f"{self.num_tokens}")
+    if self.image_size % self.patch:
+      raise ValueError(f"config.input.image_size={self.image_size} is not a multiple of "
+                       f"config.model.patch={self.patch}")
+    for part in ("enc", "dec"):
+      width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+      if width % heads:
+        raise ValueError(f"config.model.{part}_heads={heads} does not divide "
+                         f"config.model.{part}_width={width}")
+    if self.bottleneck not in ("vq", "continuous"):
+      raise ValueError(f"config.model.bottleneck={self.bottleneck!r}: expected 'vq' or "
+                       f"'continuous'")
+    if self.top_k < 0:
+      raise ValueError(f"config.model.top_k={self.top_k}: expected >= 0")
+
   def setup(self):
     N, P, C = self.num_tokens, self.patch, self.channels
-    if self.image_size % P:
-      raise ValueError(f"image_size={self.image_size} is not a multiple of patch={P}")
-    if self.bottleneck not in ("vq", "continuous"):
-      raise ValueError(f"bottleneck={self.bottleneck!r}: expected 'vq' or 'continuous'")
+    self.validate()
     grid = self.pos_grid or self.image_size // P
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dense = lambda f, axes, name, init=nn.initializers.xavier_uniform(): nn.Dense(
@@ -366,7 +396,7 @@ def build_tokenizer(m, image_size: int, channels: int, dtype=jnp.float32) -> Det
             "dec_heads", "dec_mlp"):
     if m.get(k):
       dims[k] = m[k]
-  return DetailFlowTokenizer(
+  model = DetailFlowTokenizer(
       image_size=image_size, channels=channels, patch=m.patch, num_tokens=m.num_tokens,
       group=m.group, causal_num=m.get("causal_num") or None,
       causal_encoder=m.get("causal_encoder", True), pos_grid=m.get("pos_grid") or None,
@@ -378,3 +408,5 @@ def build_tokenizer(m, image_size: int, channels: int, dtype=jnp.float32) -> Det
       align_hidden=m.get("align_hidden", 1024), scan=m.get("scan", False),
       remat=m.get("remat", "none"), attention_impl=m.get("attention_impl", "einsum"), dtype=dtype,
       **dims)
+  model.validate()
+  return model

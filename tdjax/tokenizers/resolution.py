@@ -27,11 +27,19 @@ import numpy as np
 
 def resolution_for_prefix(n: int, N: int, R: int, alpha: float = 1.5) -> int:
   """Target resolution of the first n of N tokens (reference `token_res_map_func`)."""
+  check_alpha(alpha)
   if N <= 1:
     return R
   b = (R - 1) / (N - 1) ** alpha
   s = int(R - b * (N - n) ** alpha)
   return max(1, min(R, s))
+
+
+def check_alpha(alpha: float) -> None:
+  """R(n) = R - (R - 1) / (N - 1)^a (N - n)^a grows with n only for a > 0 (the paper's 1.5): a = 0
+  would give every prefix, even the full one, the smallest resolution."""
+  if not alpha > 0:
+    raise ValueError(f"config.model.alpha={alpha}: R(n) needs alpha > 0 (the paper: 1.5)")
 
 
 def decoder_resolution(tgt: int, patch: int) -> int:
