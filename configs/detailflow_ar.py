@@ -8,7 +8,9 @@ tokenizer=/tmp/df_tok --workdir /tmp/df_ar
   python -m tdjax.train --config configs/detailflow_ar.py:size=L,codes=gs://b/codes_{split}.npz \
       --workdir gs://b/df_ar_l
 
-Options: size=demo|B|L|XL, tokens (N), group (g), vocab, classes, cfg (sampling), codes (path),
+Options: size=demo|B|L|XL, tokens (N), group (g), vocab, classes, cfg (sampling; paper sizes:
+the reference's 1.45 / 1.5 / 1.32 for N = 128 / 256 / 512), cfg_schedule (constant | linear |
+gradual: the reference's gradual_cfg), codes (path),
 steps, batch, lr, ema, correction (self-correction probability), dropout (-1: size default),
 scan, remat, tokenizer (the
 tokenizer workdir, for decoding samples).  tokens/group/vocab/classes = 0 take the values stored in
@@ -29,11 +31,16 @@ from tdjax.generators.next_detail import GPT_SIZES
 DEFAULTS = {
     "demo": dict(tokens=32, group=4, vocab=1024, classes=10, steps=1500, batch=64, lr=1e-3,
                  ema=0.999, dropout=0.0, cfg=1.5, compute_dtype="float32"),
-    # reference: 300 epochs of ImageNet (1,281,167 images) at global batch 256, lr 1e-4, EMA 0.9999
-    **{s: dict(tokens=128, group=8, vocab=8192, classes=1000, steps=300 * 1281167 // 256,
+    # reference: 300 epochs of ImageNet at global batch 256, lr 1e-4 (not batch-scaled:
+    # autoregressive/train/train_c2i.py), EMA 0.9999; the steps follow batch= (get_config)
+    **{s: dict(tokens=128, group=8, vocab=8192, classes=1000, steps=common.epochs(300, 256),
                batch=256, lr=1e-4, ema=0.9999, dropout=0.1, cfg=1.45, compute_dtype="bfloat16")
        for s in ("B", "L", "XL")},
 }
+
+
+# the reference's sampling CFG per token count (scripts/eval_c2i.sh: DetailFlow-16 / -32 / -64)
+PAPER_CFG = {128: 1.45, 256: 1.5, 512: 1.32}
 
 
 def _codes_meta(path: str) -> dict:
@@ -41,7 +48,7 @@ def _codes_meta(path: str) -> dict:
   path = path.replace("{split}", "train")
   if not path or "://" in path or not os.path.exists(path):
     return {}
-  keys = ("num_tokens", "vocab_size", "group_size", "num_classes")
+  keys = ("num_tokens", "vocab_size", "group_size", "num_classes", "causal_num")
   if os.path.isdir(path):
     with open(os.path.join(path, "meta.json")) as f:
       meta = json.load(f)
@@ -51,7 +58,8 @@ def _codes_meta(path: str) -> dict:
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="L", tokens=0, group=0, vocab=0, classes=0, cfg=0.0, codes="",
+  a = common.parse_arg(arg, size="L", tokens=0, group=0, vocab=0, classes=0, cfg=0.0,
+                       cfg_schedule="constant", codes="",
                        steps=0, batch=0, lr=0.0, ema=-1.0, correction=0.3, dropout=-1.0,
                        scan=True, remat="none", seed=0, tokenizer="")
   if a.size not in GPT_SIZES:
@@ -64,7 +72,7 @@ def get_config(arg=None):
   classes = a.classes or meta.get("num_classes", d["classes"])
   if tokens % group:
     raise ValueError(f"config: token count tokens={tokens} is not divisible by group={group}")
-  steps = a.steps or d["steps"]
+  steps = a.steps or (common.epochs(300, a.batch) if a.batch and a.size != "demo" else d["steps"])
   dropout = d["dropout"] if a.dropout < 0 else a.dropout
 
   c = common.base_config()
@@ -89,7 +97,11 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict(dict(
       size=a.size, **GPT_SIZES[a.size], vocab_size=vocab, num_tokens=tokens, group_size=group,
-      num_classes=classes, class_dropout=0.1, token_dropout=dropout, dropout=dropout,
+      num_classes=classes,
+      # the tokenizer's causal_num from the codes file (the reference reads it from the VQ config,
+      # autoregressive/train/train_c2i.py); files without it: g, the first group token by token
+      causal_num=meta.get("causal_num", group), class_dropout=0.1, token_dropout=dropout,
+      dropout=dropout,
       rope_base=10000.0, scan=a.scan, remat=a.remat))
 
   c.loss = ml_collections.ConfigDict(dict(correction_prob=a.correction))
@@ -103,7 +115,8 @@ def get_config(arg=None):
                           min_lr_ratio=0.01, grad_clip=1.0, decay_min_ndim=2))
 
   c.sample = ml_collections.ConfigDict(dict(
-      cfg=a.cfg or d["cfg"], cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0,
+      cfg=a.cfg or (PAPER_CFG.get(tokens, d["cfg"]) if a.size != "demo" else d["cfg"]),
+      cfg_schedule=a.cfg_schedule, temperature=1.0, top_k=0, top_p=1.0,
       use_cache=True))
   # the tokenizer that made the codes: sampling decodes with it (tdjax.tasks.tokenizer.load_tokenizer
   # + tdjax.generators.next_detail.decode_codes, which checks that N and the vocabulary agree)

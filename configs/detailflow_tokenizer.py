@@ -8,7 +8,9 @@
 
 Options: size=tiny|demo|full, tokens (N), group (g), patch, alpha (R(n) power), degrade_p
 (probability of a degraded prefix step; 0 = always all N tokens at full resolution, i.e. no
-coarse-to-fine supervision), causal_encoder (False: unordered tokens), correction (self-correction
+coarse-to-fine supervision), causal_encoder (False: unordered tokens), first_group_causal (False:
+the reference's causal_num = 0, every group parallel, DetailFlow Table 2's "parallel" row; the AR
+model takes it from the codes file), correction (self-correction
 branch on/off), top_k, codebook, code_dim, bottleneck=vq|continuous (kl, latent_noise: its
 regularisers), steps, batch, lr, warmup, lpips/adv/align (loss weights; > 0 needs the matching
 weights file in config.loss), teacher (the alignment teacher .npz: sets align_teacher_weights and
@@ -33,10 +35,11 @@ DEFAULTS = {
     "demo": dict(tokens=32, group=4, patch=8, codebook=1024, code_dim=8, image_size=32,
                  channels=1, source="fashion_mnist", steps=1000, batch=32, lr=1e-3, warmup=50,
                  compute_dtype="float32", scan=False),
-    # reference: 250 epochs of ImageNet at batch 256 (~5,004 steps/epoch), lr 1e-4, 1 warm-up epoch
+    # reference (train/train_tokenizer.py): 250 epochs of ImageNet at batch 256, lr 1e-4 x batch /
+    # 256, 1 warm-up epoch from 1e-5; the steps, lr and warm-up follow batch= (get_config)
     "full": dict(tokens=128, group=8, patch=16, codebook=8192, code_dim=8, image_size=256,
-                 channels=3, source="tfds", steps=250 * 5004, batch=256, lr=1e-4, warmup=5004,
-                 compute_dtype="bfloat16", scan=True),
+                 channels=3, source="tfds", steps=common.epochs(250, 256), batch=256, lr=1e-4,
+                 warmup=common.epochs(1, 256), compute_dtype="bfloat16", scan=True),
 }
 
 
@@ -44,12 +47,16 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", tokens=0, group=0, patch=0, alpha=1.5, degrade_p=0.2,
                        correction=True, correction_every=0, top_k=50, codebook=0, code_dim=0,
                        bottleneck="vq", kl=0.0, latent_noise=0.0, causal_encoder=True,
+                       first_group_causal=True,
                        steps=0, batch=0, lr=0.0, warmup=-1, lpips=0.0, adv=0.0, align=0.0,
                        teacher="", disc="patchgan", paper=False, scan=False, remat="none", image_size=0,
                        seed=0)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
   d = DEFAULTS[a.size]
+  if a.size == "full" and a.batch:    # epochs stay epochs; lr = 1e-4 x batch / 256 (reference)
+    d = dict(d, batch=a.batch, steps=common.epochs(250, a.batch), warmup=common.epochs(1, a.batch),
+             lr=1e-4 * a.batch / 256)
   c = common.base_config()
   c.task = "tokenizer"
   c.seed = a.seed
@@ -63,7 +70,9 @@ def get_config(arg=None):
   c.input.source = d["source"]
   if d["source"] == "tfds":
     c.input.tfds_name = "imagenet2012"
-    c.input.augment = "crop_flip"
+    # the reference's random_crop_arr + flip (train/train_tokenizer.py): crops of 80-100 % of
+    # the short side, so the tokenizer also sees scale changes
+    c.input.augment = "adm_crop_flip"
     c.input.worker_processes = 16    # JPEG decoding per host (~370 images/s per process here)
   c.input.image_size = a.image_size or d["image_size"]
   c.input.channels = d["channels"]
@@ -83,7 +92,10 @@ def get_config(arg=None):
       patch=a.patch or d["patch"],
       num_tokens=tokens,
       group=group,
-      causal_num=0,                # 0 = group (first group token-causal)
+      causal_num=0,                # 0 = group (first group token-causal); see first_group_causal
+      # False: causal_num = 0 (the reference's setting: no token-causal first group, every group
+      # parallel; kept apart from causal_num so configs saved before it keep their meaning)
+      first_group_causal=a.first_group_causal,
       causal_encoder=a.causal_encoder,  # False: unordered tokens (Table 2 baseline)
       pos_grid=0,                  # 0 = image_size // patch
       gelu_approximate=True,
@@ -129,7 +141,7 @@ def get_config(arg=None):
   c.optimizer.update(dict(
       name="adam", lr=a.lr or d["lr"], b1=0.9, b2=0.95, weight_decay=0.0, schedule="cosine",
       warmup_steps=d["warmup"] if a.warmup < 0 else a.warmup,
-      warmup_init=0.1 if a.size == "full" else 0.0,  # timm warm-up from 1e-5 at lr 1e-4
+      warmup_init=1e-5 / (a.lr or d["lr"]) if a.size == "full" else 0.0,  # timm: from 1e-5
       min_lr_ratio=0.1, grad_clip=1.0))
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   return c

@@ -20,6 +20,8 @@ Options: size=tiny|demo|B|L|H, mrar (refs = 3 references by default, K = refs + 
 above the size's own: reference stage 2b, 512 px from a 256 px run; the AR keeps the source's
 condition slots, the decoder denoises (res / stride)^2 tokens; needs init_from), head_only (with
 res; reference --only_train_diff: the AR frozen; head_only=False trains both), head=attention|mlp,
+head_size=mar_b|mar_l|mar_h (head=mlp: MAR's released MLP heads, width x depth 1024 x 6, 1280 x 8,
+1536 x 12; sizes B / L / H default to the MAR model of their letter, tiny / demo to 2 x width x 3),
 head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm,
 temperature (DDPM sampling), batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps,
 latent=pixels|cached|vae and vae_weights (KL VAE params from `python -m tdjax.convert --kind
@@ -32,6 +34,7 @@ import ml_collections
 
 from tdjax import configlib as common
 from tdjax.data.pipeline import default_input_config
+from tdjax.generators.heads import MAR_HEAD_SIZES
 from tdjax.generators.transdiff import PAPER_SAMPLING, SIZES
 
 DEFAULTS = {
@@ -40,14 +43,16 @@ DEFAULTS = {
     # demo: batch_mul 1 (the reference's 4 costs ~3x per step on 2 CPU cores)
     "demo": dict(steps=2000, batch=32, lr=1e-3, buffer=16, image=32, patch=4, classes=10, mul=1,
                  cfg=2.0, s0=1.0, s1=1.0),
-    # reference 4.3: batch 2048, lr 8e-4 constant after a 100-epoch warm-up, 800 epochs, mul 4
-    **{s: dict(steps=800 * 1281167 // 2048, batch=2048, lr=8e-4, buffer=64, image=256, patch=16,
-               classes=1000, mul=4, cfg=1.3, s0=0.89, s1=0.95) for s in ("B", "L", "H")},
+    # reference 4.3: batch 2048, lr = blr 1e-4 x batch / 256 = 8e-4 constant after a 100-epoch
+    # warm-up, 800 epochs, mul 4; the steps and lr follow batch= (get_config)
+    **{s: dict(steps=common.epochs(800, 2048), batch=2048, lr=8e-4, buffer=64, image=256,
+               patch=16, classes=1000, mul=4, cfg=1.3, s0=0.89, s1=0.95) for s in ("B", "L", "H")},
 }
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="demo", mrar=False, refs=3, init_from="", head="attention", head_depth=0,
+  a = common.parse_arg(arg, size="demo", mrar=False, refs=3, init_from="", head="attention",
+                       head_size="", head_depth=0,
                        self_attention=True, conditioning="cross", diffusion="flow",
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
                        scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
@@ -67,13 +72,15 @@ def get_config(arg=None):
   if res and (res < d["image"] or res % d["patch"]):
     raise ValueError(f"config arg res={a.res}: expected a multiple of {d['patch']} above the "
                      f"size's {d['image']} px")
+  if big and a.batch:   # epochs stay epochs; stage 1's lr = blr 1e-4 x batch / 256 (main.py)
+    d = dict(d, batch=a.batch, steps=common.epochs(800, a.batch), lr=1e-4 * a.batch / 256)
   if a.mrar and a.init_from:   # reference 2.3: MRAR fine-tune, 40 epochs at lr 5e-5, batch_mul 2
-    d = dict(d, steps=d["steps"] // 20 if big else d["steps"] // 2,
+    d = dict(d, steps=common.epochs(40, d["batch"]) if big else d["steps"] // 2,
              lr=5e-5 if big else d["lr"] / 2, mul=2 if big else d["mul"])
   cond_tokens = 0
   if res:   # reference stage 2b: 150 epochs (10 warm-up) at lr 1e-4, batch 2048, EMA 0.999, mul 4
     cond_tokens = (d["image"] // d["patch"]) ** 2   # the source's slots (seq_len 256 at 512 px)
-    d = dict(d, image=res, steps=150 * 1281167 // 2048 if big else d["steps"] // 2,
+    d = dict(d, image=res, steps=common.epochs(150, d["batch"]) if big else d["steps"] // 2,
              lr=1e-4 if big else d["lr"] / 2)
   c = common.base_config()
   c.task = "transdiff"
@@ -122,9 +129,13 @@ def get_config(arg=None):
       head_only=bool(res) and a.head_only,
       dropout=0.0 if small else 0.1, label_drop=0.1, batch_mul=a.batch_mul or d["mul"],
       scan=not small, remat="none"))
+  head_width, head_depth = ((s.width, s.head_depth) if a.head == "attention" else
+                             _mlp_head_size(a.head_size, a.size, s.width))
+  if a.head_size and a.head != "mlp":
+    raise ValueError(f"config arg head_size={a.head_size!r} names one of MAR's MLP heads: it needs "
+                     f"head=mlp (head={a.head!r})")
   c.head = ml_collections.ConfigDict(dict(
-      type=a.head, width=s.width if a.head == "attention" else 2 * s.width,
-      depth=a.head_depth or (s.head_depth if a.head == "attention" else 3),
+      type=a.head, width=head_width, depth=a.head_depth or head_depth,
       num_heads=s.num_heads, mlp_ratio=4.0, dropout=0.0 if small else 0.1,
       self_attention=a.self_attention, conditioning=a.conditioning, scan=not small,
       # 512 px: 1,024-token attention; saving only the weight matmuls (scores recomputed) puts
@@ -153,4 +164,20 @@ def get_config(arg=None):
                           warmup_steps=max(round(c.total_steps * warm_frac), 1),
                           min_lr_ratio=0.1,
                           grad_clip=3.0))
+  if big and (res or (a.mrar and a.init_from)):
+    # the reference fine-tunes on 64 GPUs x 16 x 2 accumulation steps and sums the two
+    # micro-batches' gradients (its loss is not divided by the steps), so the 3.0 clip acts on
+    # twice the mean gradient: the same here (the memory per step halves as well)
+    c.grad_accum, c.grad_accum_reduce = 2, "sum"
   return c
+
+
+def _mlp_head_size(name: str, size: str, width: int) -> tuple[int, int]:
+  """(width, depth) of the MLP head: MAR's released head `name`; none named: the MAR model of the
+  size's letter for B / L / H (MAR-B / L / H's README heads), 2 x the AR width x 3 blocks below."""
+  name = name or (f"mar_{size.lower()}" if size in ("B", "L", "H") else "")
+  if not name:
+    return 2 * width, 3
+  if name not in MAR_HEAD_SIZES:
+    raise ValueError(f"config arg head_size={name!r}: expected one of {sorted(MAR_HEAD_SIZES)}")
+  return MAR_HEAD_SIZES[name]

@@ -19,10 +19,10 @@ with every training seeded K (new run folders, DIR/NAME_seedK.*): its rows' run-
 The paper's figures (from the reference notes) sit beside ours, marked as such.
 
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
-degrade_p=0, g = 1, then the additions; the paper's "parallel without a causal first group" row is
-merged with "+ first group causal", since tdjax's AR always decodes the first group token by token,
-and the alignment row needs SigLIP2 teacher weights, or `--teacher` names another teacher file:
-`with_teacher`), detailflow_cfg (Table 5), detailflow_degrade
+degrade_p=0, g = 1, then the additions; "parallel" and "+ self-correction" train the tokenizer with
+first_group_causal=False (the reference's causal_num = 0, every group parallel; the AR model reads
+it from the codes file), "+ first group causal" with the default c = g; the alignment row needs
+SigLIP2 teacher weights, or `--teacher` names another teacher file: `with_teacher`), detailflow_cfg (Table 5), detailflow_degrade
 (Table 3), detailflow_group (Table 4), detailflow_alpha (Fig. 4c), detailflow_tokens,
 transdiff_heads (head type and the attention-in-head variants), transdiff_depth, transdiff_steps,
 transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references), transdiff_seeds and
@@ -41,6 +41,7 @@ import subprocess
 import sys
 
 from absl import flags, logging
+from tqdm import tqdm
 
 from tdjax import cli, configlib
 from tdjax import metrics as metrics_lib
@@ -91,10 +92,12 @@ TABLES = {
             generator=f"group=1,{_T2_AR}", paper="gFID 3.66, R 0.53, 128 steps"),
         Row("+ coarse-to-fine (R(n) supervision)", tokenizer="correction=False,group=1",
             generator=f"group=1,{_T2_AR}", paper="gFID 3.33, R 0.54, 128 steps"),
-        Row("+ parallel (g = 4) and first group causal", tokenizer="correction=False",
-            generator=_T2_AR, paper="parallel: gFID 4.11 (32 steps); + first group causal: 3.59 "
-            "(35 steps); tdjax's AR always decodes the first group token by token"),
-        Row("+ self-correction", paper="gFID 3.68, R 0.51, 32 steps"),
+        Row("+ parallel (g = 4, all groups parallel)",
+            tokenizer="correction=False,first_group_causal=False", generator=_T2_AR,
+            paper="gFID 4.11, R 0.50, 32 steps"),
+        Row("+ self-correction", tokenizer="first_group_causal=False",
+            paper="gFID 3.68, R 0.51, 32 steps"),
+        Row("+ first group causal", paper="gFID 3.59, R 0.51, 35 steps"),
         Row(f"+ alignment loss (first token vs {_SIGLIP2})", tokenizer="align=1.0",
             paper="gFID 3.35, R 0.55, 35 steps",
             needs="SigLIP2 teacher weights: --config.loss.align_teacher_weights=siglip2.npz")],
@@ -324,6 +327,10 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
   if not dry_run:                       # printing the commands writes nothing (gs:// workdirs too)
     os.makedirs(workdir, exist_ok=True)
   results, printed, others = [], set(), []
+  todo = [i for i, r in enumerate(table.rows)
+          if not r.needs and (rows is None or i in rows)]
+  bar = tqdm(total=sum(len(row_stages(table, table.rows[i], scale, workdir, judge)) for i in todo),
+             desc=f"ablate {name}", unit="stage", disable=dry_run)
   for index, row in enumerate(table.rows):
     if row.needs and not dry_run:       # below full scale, whether or not --rows names it
       if rows is None or index in rows:
@@ -343,14 +350,17 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
           print("python " + cmd)
           printed.add(cmd)
         continue
+      bar.update()
       if _finished(marker):
         logging.info("done already: %s", cmd)
         continue
+      bar.set_postfix_str(row.label)
       logging.info("running: %s", cmd)
       os.makedirs(os.path.dirname(marker), exist_ok=True)
       subprocess.run(argv, check=True, cwd=configlib.ROOT)
     if not dry_run:
       results.append(_result(row, marker, table.family, workdir, scale))
+  bar.close()
   if dry_run:
     return {}
   for i, row, marker in others:

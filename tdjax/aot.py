@@ -69,10 +69,11 @@ def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | No
   """Lowers the train step for abstract state and batch; returns (setup, lowered, batch).
   unroll=True turns every layer stack's `scan` off (model, head, ...)."""
   config = config.copy_and_resolve_references()
-  if unroll:
+  if unroll:     # XLA counts a loop body once: no layer scan, no accumulation loop (same FLOPs)
     for key in config.keys():
       if hasattr(config[key], "keys") and "scan" in config[key]:
         config[key].scan = False
+    config.grad_accum = 1
   if batch_size:
     config.input.batch_size = batch_size
   if mesh_axes:

@@ -6,6 +6,22 @@ reported) undercounts a depth-L scanned model about L times.
 
   python -m tdjax.bench [--models=classifier,tokenizer] [--repeats=5] [--out=bench.json] [--markdown]
   python -m tdjax.bench --input      # the input pipeline's images/s (threads; 1, 2 worker processes)
+  python -m tdjax.bench --latency [--generators=detailflow,transdiff_1step,transdiff_mrar]
+                                     # per-image sampling latency: measured at the demo size,
+                                     # an AOT cost-model estimate at the paper size
+
+Latency (`--latency`): each generator samples with random weights (the time does not depend on
+them) at the settings the papers time at (`LATENCY`): DetailFlow-16 at batch 1, CFG 1.45, N = 128
+in 23 AR steps + the tokenizer's decode (paper Table 1: 0.08 s/img on an A100); TransDiff-L 1-step
+and MRAR with 100 Euler-Maruyama steps at CFG 1.3 and batch 256 (the reference's timer divides a
+batch's wall time by its size; maintainer, issue #1: 0.2 s/img for TransDiff-L 1-step).  The demo
+size is compiled and run (`seconds_per_image` after a warm-up call, median of repeats, on this
+machine).  The paper size is only lowered, with its layer stacks and sampling loops unrolled, and
+XLA's cost analysis gives FLOPs per image (AR passes, every diffusion step with its CFG half, the
+tokenizer decode; TransDiff's KL-16 VAE decode is counted separately as `vae_decode_flops`): a
+100-step sampler is lowered at 2 and 3 steps and extrapolated linearly (each step costs the same).
+`estimated_seconds_per_image_at_{tflops}` divides those FLOPs by a sustained rate (an assumption,
+not a measurement: 40 % of an A100's 312 bf16 TFLOP/s).
 
 With several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8) it also reports
 how evenly FSDP spreads each model's parameter bytes.  The train-step figures use the config's
@@ -14,6 +30,7 @@ one device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,9 +45,14 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+import flax.linen as nn
+
 from tdjax import aot, cli, configlib, parallel, trainer
 from tdjax.data import pipeline
+from tdjax.generators import next_detail as nd
 from tdjax.generators.next_detail import benchmark_cache_vs_recompute
+from tdjax.tasks import get_task
+from tdjax.tokenizers import kl_vae
 
 FLAGS = flags.FLAGS
 
@@ -239,8 +261,248 @@ def markdown_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# Per-image sampling latency
+# ------------------------------------------------------------------------------------------------
+
+# name: (family, demo config args, paper config args, paper timing settings, paper figure)
+LATENCY = {
+    "detailflow": dict(
+        family="detailflow", demo=("size=demo", "size=demo"),
+        paper=("size=L,tokens=128", "size=full,tokens=128"),
+        settings=dict(batch=1, cfg=1.45),
+        paper_figure="DetailFlow-16 (GPT-L, N=128, 23 AR steps): 0.08 s/img, A100, batch 1 "
+                     "(paper Table 1)"),
+    "transdiff_1step": dict(
+        family="transdiff", demo="size=demo", paper="size=L",
+        settings=dict(batch=256, steps=100, cfg=1.30, scale_0=0.89, scale_1=0.95),
+        paper_figure="TransDiff-L 1-step: 0.2 s/img (maintainer, issue #1; the reference's timer: "
+                     "a batch of 256's wall time / 256)"),
+    "transdiff_mrar": dict(
+        family="transdiff", demo="size=demo,mrar=True", paper="size=L,mrar=True",
+        settings=dict(batch=256, steps=100, cfg=1.30, scale_0=0.925, scale_1=0.95),
+        paper_figure="TransDiff-L MRAR: not published (4 rounds of the 1-step sampler: ~4x)"),
+}
+ASSUMED_TFLOPS = 0.4 * 312     # sustained bf16 rate assumed for the paper-size estimate (A100)
+
+
+def _unscanned(config):
+  """The config with every layer stack's scan off (XLA counts a loop body once)."""
+  config = config.copy_and_resolve_references()
+  for key in config.keys():
+    if hasattr(config[key], "keys") and "scan" in config[key]:
+      config[key].scan = False
+  return config
+
+
+@contextlib.contextmanager
+def _python_fori_loops():
+  """jax.lax.fori_loop with Python-int bounds runs as a Python loop while tracing (each step its
+  own ops in the program, so a cost analysis counts every step)."""
+  original = jax.lax.fori_loop
+
+  def fori_loop(lower, upper, body, init, **kw):
+    if isinstance(lower, int) and isinstance(upper, int):
+      x = init
+      for i in range(lower, upper):
+        x = body(i, x)
+      return x
+    return original(lower, upper, body, init, **kw)
+
+  jax.lax.fori_loop = fori_loop
+  try:
+    yield
+  finally:
+    jax.lax.fori_loop = original
+
+
+def _flops(lowered) -> float:
+  return float(_first(lowered.cost_analysis()).get("flops", 0.0))
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(tree))
+
+
+def _detailflow(ar_arg: str, tok_arg: str, *, abstract: bool, scan: bool = True):
+  """(AR task, AR params, tokenizer model, tokenizer params): random weights, or their shapes."""
+  ar_cfg = configlib.load_config("detailflow_ar", ar_arg)
+  tok_cfg = configlib.load_config("detailflow_tokenizer", tok_arg)
+  if not scan:
+    ar_cfg, tok_cfg = _unscanned(ar_cfg), _unscanned(tok_cfg)
+  ar_cfg.tokenizer_workdir = ""
+  for part in (ar_cfg.model, ar_cfg.input):     # the AR model on this tokenizer's codes
+    part.update(dict(num_tokens=tok_cfg.model.num_tokens, vocab_size=tok_cfg.model.codebook_size))
+  task, tok_task = get_task(ar_cfg), get_task(tok_cfg)
+  key = jax.random.key(0)
+  init_ar = lambda k: nn.unbox(task.init(k)[0])
+  init_tok = lambda k: tok_task.model.init({"params": k}, tok_task._dummy())["params"]
+  if abstract:
+    return task, _abstract(jax.eval_shape(init_ar, key)), tok_task.model, _abstract(
+        jax.eval_shape(init_tok, key))
+  # a non-zero head: sampled tokens that depend on the inputs, as with trained weights
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(key, p.shape, p.dtype),
+                        jax.jit(init_ar)(key))
+  return task, params, tok_task.model, jax.jit(init_tok)(key)
+
+
+def _detailflow_sampler(task, tok_model, settings, python_loop: bool = False):
+  model = task.model
+  guided = float(settings["cfg"]) != 1.0
+  decode_ar = functools.partial(nd._decode, model, guided=guided, cfg_schedule="constant",
+                                temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                                python_loop=python_loop, counter=None)
+
+  def fn(params, tok_params, labels, rng):
+    codes = decode_ar(params, labels, rng, jnp.float32(settings["cfg"]))
+    return nd.decode_codes(tok_model, tok_params, codes)
+  return fn
+
+
+def _transdiff(arg: str, *, abstract: bool, scan: bool = True):
+  cfg = configlib.load_config("transdiff", arg)
+  if not scan:
+    cfg = _unscanned(cfg)
+  task = get_task(cfg)
+  init = lambda k: nn.unbox(task.init(k)[0])
+  key = jax.random.key(0)
+  if abstract:
+    return task, _abstract(jax.eval_shape(init, key))
+  return task, jax.jit(init)(key)
+
+
+def _transdiff_sampler(task, settings, steps=None):
+  kw = dict(cfg=settings["cfg"], steps=int(steps or settings["steps"]),
+            scale_0=settings["scale_0"], scale_1=settings["scale_1"])
+  return lambda params, labels, rng: task.sample_latents(params, labels, rng, **kw)
+
+
+def measured_latency(name: str, *, batch: int | None = None, steps: int | None = None,
+                     repeats: int = 3) -> dict:
+  """Wall seconds per image of generator `name` at the demo size (random weights, compiled
+  before timing; median of `repeats` calls), with LATENCY's settings (batch / steps overridable)."""
+  spec = LATENCY[name]
+  settings = dict(spec["settings"])
+  settings.update({k: v for k, v in (("batch", batch), ("steps", steps))
+                   if v and k in settings})
+  b = int(settings["batch"])
+  key = jax.random.key(1)
+  if spec["family"] == "detailflow":
+    task, params, tok_model, tok_params = _detailflow(*spec["demo"], abstract=False)
+    fn = jax.jit(_detailflow_sampler(task, tok_model, settings))
+    labels = jnp.arange(b, dtype=jnp.int32) % task.model.num_classes
+    run = lambda: jax.block_until_ready(fn(params, tok_params, labels, key))
+    extra = dict(num_tokens=task.model.num_tokens, group=task.model.group_size,
+                 ar_forward_passes=nd.num_forward_passes(task.model.num_tokens,
+                                                         task.model.group_size, task.model.c))
+  else:
+    task, params = _transdiff(spec["demo"], abstract=False)
+    sampler = _transdiff_sampler(task, settings)
+    fn = jax.jit(lambda p, lab, k: task._to_images(sampler(p, lab, k)))   # + the latent decode
+    labels = jnp.arange(b, dtype=jnp.int32) % int(task.config.model.num_classes)
+    run = lambda: jax.block_until_ready(fn(params, labels, key))
+    extra = dict(latent_tokens=task.L, rounds=task.num_refs + 1)
+  t0 = time.perf_counter()
+  run()
+  compile_and_first = time.perf_counter() - t0
+  times = []
+  for _ in range(max(repeats, 1)):         # after the first call (compile): the median
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  sec = statistics.median(times)
+  params_n = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  return dict(settings, **extra, params=params_n, seconds_per_batch=sec,
+              seconds_per_image=sec / b, first_call_seconds=compile_and_first)
+
+
+def paper_flops(name: str) -> dict:
+  """FLOPs per image of generator `name` at the paper size with LATENCY's settings, from XLA's
+  cost analysis of the lowered (not compiled, not run) sampler: layer stacks and sampling loops
+  unrolled; a multi-step sampler is lowered at 2 and 3 steps and extrapolated linearly."""
+  spec = LATENCY[name]
+  settings = dict(spec["settings"])
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  b = 1           # FLOPs scale with the batch: per image = the program at batch 1
+  labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+  t0 = time.perf_counter()
+  if spec["family"] == "detailflow":
+    task, params, tok_model, tok_params = _detailflow(*spec["paper"], abstract=True, scan=False)
+    ar = _detailflow_sampler(task, tok_model, settings, python_loop=True)
+    codes = jax.ShapeDtypeStruct((b, task.model.num_tokens), jnp.int32)
+    decode = lambda tp, c: nd.decode_codes(tok_model, tp, c)
+    decode_flops = _flops(jax.jit(decode).lower(tok_params, codes))
+    total = _flops(jax.jit(ar).lower(params, tok_params, labels, key))
+    out = dict(ar_flops=total - decode_flops, tokenizer_decode_flops=decode_flops,
+               ar_forward_passes=nd.num_forward_passes(task.model.num_tokens,
+                                                       task.model.group_size, task.model.c),
+               params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))))
+  else:
+    task, params = _transdiff(spec["paper"], abstract=True, scan=False)
+    with _python_fori_loops():
+      f2, f3 = (_flops(jax.jit(_transdiff_sampler(task, settings, s)).lower(params, labels, key))
+                for s in (2, 3))
+    steps = int(settings["steps"])
+    total = f2 + (steps - 2) * (f3 - f2)
+    out = dict(flops_per_step=(f3 - f2), rounds=task.num_refs + 1, latent_tokens=task.L,
+               params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))))
+    vae = kl_vae.AutoencoderKL(kl_vae.KL16)
+    size = int(task.config.input.image_size)
+    vae_params = _abstract(jax.eval_shape(
+        lambda k: vae.init(k, jnp.zeros((1, size, size, 3)))["params"], jax.random.key(0)))
+    z = jax.ShapeDtypeStruct((b, task.grid, task.grid, kl_vae.KL16.embed_dim), jnp.float32)
+    out["vae_decode_flops"] = _flops(jax.jit(
+        lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(vae_params, z))
+  out.update(settings=settings, flops_per_image=total / b, lower_seconds=time.perf_counter() - t0,
+             **{f"estimated_seconds_per_image_at_{ASSUMED_TFLOPS:g}_tflops":
+                (total / b + out.get("vae_decode_flops", 0.0)) / (ASSUMED_TFLOPS * 1e12)},
+             paper_figure=spec["paper_figure"])
+  return out
+
+
+def latency_figures(generators=None, *, batch: int | None = None, steps: int | None = None,
+                    repeats: int = 3, paper: bool = True) -> dict:
+  unknown = [g for g in generators or () if g not in LATENCY]
+  if unknown:
+    raise ValueError(f"--generators: {', '.join(unknown)} unknown; expected some of "
+                     f"{', '.join(LATENCY)}")
+  out = {"jax": jax.__version__, "device": str(jax.devices()[0])}
+  for name in generators or LATENCY:
+    out[name] = {"demo": measured_latency(name, batch=batch, steps=steps, repeats=repeats)}
+    if paper:
+      out[name]["paper"] = paper_flops(name)
+  return out
+
+
+def latency_table(result: dict) -> str:
+  lines = ["| generator | demo: batch, steps, CFG | demo s / image (this machine) | paper size: "
+           "GFLOP / image | paper size: est. s / image | paper's figure |",
+           "|---|---|---|---|---|---|"]
+  for name, r in result.items():
+    if not isinstance(r, dict) or "demo" not in r:
+      continue
+    d, p = r["demo"], r.get("paper")
+    est = [v for k, v in (p or {}).items() if k.startswith("estimated_seconds_per_image")]
+    gflop = "-" if not p else f"{(p['flops_per_image'] + p.get('vae_decode_flops', 0.0)) / 1e9:,.0f}"
+    lines.append(f"| {name} | {d['batch']}, {d.get('steps', d.get('ar_forward_passes'))}, "
+                 f"{d['cfg']} | {d['seconds_per_image'] * 1e3:.2f} ms | {gflop} | "
+                 f"{'-' if not est else f'{est[0]:.3f}'} | "
+                 f"{LATENCY[name]['paper_figure'] if name in LATENCY else ''} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if FLAGS.latency:
+    result = latency_figures(FLAGS.generators, batch=FLAGS.latency_batch or None,
+                             steps=FLAGS.latency_steps or None, repeats=FLAGS.repeats,
+                             paper=FLAGS.paper)
+    print(json.dumps(result, indent=2))
+    print(latency_table(result))
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    return
   if FLAGS.input:
     result = input_figures()
     print(json.dumps(result, indent=2))
@@ -266,6 +528,13 @@ if __name__ == "__main__":   # flags defined here: tdjax.aot imports this module
   flags.DEFINE_integer("steps", 5, "Train steps per timed repeat.")
   flags.DEFINE_string("out", None, "Also write the JSON to this file.")
   flags.DEFINE_bool("markdown", False, "Also print the train-step figures as a Markdown table.")
+  flags.DEFINE_bool("latency", False, "Only per-image sampling latency: measured at the demo "
+                    "size, estimated from the AOT cost model at the paper size.")
+  flags.DEFINE_list("generators", None, "--latency: generators (default: all of "
+                    + ", ".join(LATENCY) + ").")
+  flags.DEFINE_integer("latency_batch", 0, "--latency: demo batch (default: the paper's).")
+  flags.DEFINE_integer("latency_steps", 0, "--latency: demo diffusion steps (default: the paper's).")
+  flags.DEFINE_bool("paper", True, "--latency: also the paper-size cost-model estimate.")
   flags.DEFINE_bool("input", False, "Only the input pipeline: images/s of JPEG decode + crop + "
                     "resize on threads and in 1 and 2 worker processes.")
   cli.run(main)

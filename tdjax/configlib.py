@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.grad_accum = 1
+  c.grad_accum_reduce = "mean"   # 'sum': the micro-batches' gradients summed, as TransDiff's
+                                 # reference does (it matters for the clip), not averaged
   c.compute_dtype = "float32"  # 'bfloat16' for mixed precision (fp32 master weights)
   c.ema_decay = 0.0            # 0 disables the EMA copy
   c.ema_warmup = False         # decay min(ema_decay, (1 + t) / (10 + t)) (optim.ema_decay_at)
@@ -83,6 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+IMAGENET_TRAIN = 1_281_167     # images in ImageNet-1k's train split: the papers count epochs of it
+
+
+def epochs(n: float, batch: int) -> int:
+  """Steps of `n` ImageNet epochs at global batch `batch` (at least 1)."""
+  return max(int(n * IMAGENET_TRAIN // batch), 1)
+
+
 def check_run_config(c: ml_collections.ConfigDict) -> None:
   """One-line errors for loop settings no run can use (the loop reads these keys)."""
   at_least = dict(total_steps=1, log_every=1, ckpt_every=1, grad_accum=1, eval_every=0,
@@ -91,6 +101,8 @@ def check_run_config(c: ml_collections.ConfigDict) -> None:
   for key, low in at_least.items():
     if key in c and c[key] < low:
       raise ValueError(f"config.{key}={c[key]}: expected >= {low}")
+  if c.get("grad_accum_reduce", "mean") not in ("mean", "sum"):
+    raise ValueError(f"config.grad_accum_reduce={c.grad_accum_reduce!r}: expected 'mean' or 'sum'")
   if c.get("on_nonfinite", "stop") not in ("stop", "skip"):
     raise ValueError(f"config.on_nonfinite={c.on_nonfinite!r}: expected 'stop' or 'skip'")
   if c.get("compute_dtype", "float32") not in ("float32", "bfloat16", "float16"):

@@ -6,7 +6,12 @@ r"""The ADM evaluation suite on sample batches: FID, sFID, Inception Score, prec
 
 S.npz is what `tdjax.sample --out S.npz` writes (arr_0 uint8 NHWC, labels); R.npz the same format
 (ADM's reference batches), or `split:NAME` for as many real images of the judge's dataset split as
-there are samples.  The feature net is a classifier trained on the dataset (`configs/classifier.py`):
+there are samples.  A reference .npz without images but with stored feature statistics (`mu`,
+`sigma`, optionally sFID's `mu_s`, `sigma_s`: the FID statistics files of MAR / TransDiff /
+torch-fidelity) gives FID (and sFID) from those statistics and IS from the samples; precision and
+recall need reference images and come out null, with the reason under "not_computed".  A file with
+both images and statistics (ADM's VIRTUAL_*.npz) is evaluated on its images (statistics of this
+feature net; ADM's evaluator reads its stored TF-graph statistics instead).  The feature net is a classifier trained on the dataset (`configs/classifier.py`):
 pooled features for FID and precision/recall (k = 3), the first 7 channels of its second stage for
 sFID, its logits for IS, and class accuracy when the samples carry labels.  With `--inception` the
 feature net is the FID InceptionV3 instead (`tdjax.nn.inception`, weights converted from pytorch-fid's
@@ -19,6 +24,7 @@ the launch scripts do), each computes the metrics on its own devices and process
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -32,8 +38,9 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   flags.DEFINE_string("samples", None, "Samples .npz (arr_0 uint8 NHWC, optional labels).")
-  flags.DEFINE_string("reference", None, "Reference .npz, or split:NAME (real images of the "
-                      "judge's dataset).")
+  flags.DEFINE_string("reference", None, "Reference .npz (images as arr_0, or statistics only: "
+                      "mu, sigma[, mu_s, sigma_s]), or split:NAME (real images of the judge's "
+                      "dataset).")
   flags.DEFINE_string("judge", None, "Classifier workdir whose features the metrics use.")
   flags.DEFINE_string("inception", None, "InceptionV3 weights .npz (tdjax.convert --kind "
                       "inception): ADM's feature net instead of a classifier.")
@@ -53,6 +60,22 @@ def real_images(judge, split: str, num: int):
   return metrics.to_uint8(images)
 
 
+def reference_batch(path: str):
+  """A reference .npz -> its uint8 images (arr_0), or, when it holds no images, its stored
+  statistics (dict: mu, sigma[, mu_s, sigma_s]); the format error of load_image_batch when it holds
+  neither."""
+  if os.path.exists(path):
+    with np.load(path) as f:
+      has_images = "arr_0" in f.files
+    if not has_images:
+      stats = evaluation.load_reference_statistics(path)
+      if stats is not None:
+        logging.info("%s: no images, FID%s from its stored statistics", path,
+                     " and sFID" if "mu_s" in stats else "")
+        return stats
+  return evaluation.load_image_batch(path)[0]
+
+
 def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
              inception: str | None = None, batch_size: int = 500, k: int = 3) -> dict:
   if bool(judge_dir) == bool(inception):
@@ -69,7 +92,7 @@ def evaluate(samples: str, reference: str, judge_dir: str | None = None, *,
                        f"dataset; with --inception give a reference .npz")
     ref = real_images(judge, reference[len("split:"):], len(images))
   else:
-    ref, _ = evaluation.load_image_batch(reference)
+    ref = reference_batch(reference)
   # class accuracy only for the classifier: Inception's 1008 outputs are not the dataset's labels
   result = evaluation.evaluate_batches(judge.extract, images, ref, None if inception else labels,
                                        batch_size=batch_size, k=k)

@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from tdjax import runs
 from tdjax.nn import inception
@@ -160,7 +161,8 @@ def load_image_batch(path: str, key: str = "arr_0") -> tuple[np.ndarray, np.ndar
   with np.load(path) as f:
     if key not in f.files:
       raise ValueError(f"{path}: no '{key}' array (found {', '.join(f.files) or 'nothing'}); "
-                       f"expected the ADM format (arr_0 uint8 NHWC)")
+                       f"expected the ADM format (arr_0 uint8 NHWC)" +
+                       (" or reference statistics (mu, sigma)" if key == "arr_0" else ""))
     images = f[key]
     labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
   if images.ndim != 4 or images.dtype != np.uint8:
@@ -168,29 +170,89 @@ def load_image_batch(path: str, key: str = "arr_0") -> tuple[np.ndarray, np.ndar
   return images, labels
 
 
+def load_reference_statistics(path: str) -> dict | None:
+  """The feature statistics stored in a reference .npz, {'mu', 'sigma'} and, when both are there,
+  {'mu_s', 'sigma_s'} (sFID's), float64; None when it stores none.  ADM's reference batches
+  (VIRTUAL_imagenet256_labeled.npz: arr_0 and all four) and the FID statistics files of MAR /
+  TransDiff / torch-fidelity (mu and sigma only) have them."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with np.load(path) as f:
+    if "mu" not in f.files or "sigma" not in f.files:
+      return None
+    stats = {k: np.asarray(f[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")
+             if k in f.files}
+  for m, c in (("mu", "sigma"), ("mu_s", "sigma_s")):
+    if m in stats and c not in stats or c in stats and m not in stats:
+      raise ValueError(f"{path}: '{m}' and '{c}' come in pairs, found only one of them")
+    if m in stats and (stats[m].ndim != 1 or stats[c].shape != 2 * stats[m].shape):
+      raise ValueError(f"{path}: '{m}' is {stats[m].shape} and '{c}' {stats[c].shape}; expected "
+                       f"[D] and [D, D]")
+  return stats
+
+
+def batch_statistics(extract, images, batch_size: int = 500) -> dict:
+  """{'mu', 'sigma', 'mu_s', 'sigma_s'} (float64) of uint8 images on extract's pooled and
+  spatial features: what a reference statistics file holds (`np.savez(path, **stats)`)."""
+  _, pool, spatial = _features(extract, images, batch_size)
+  (mu, sigma), (mu_s, sigma_s) = feature_statistics(pool), feature_statistics(spatial)
+  return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+
+
+def _features(extract, images, batch_size, desc: str = "features"):
+  """(logits, pooled, spatial) of uint8 images, extract() on [-1, 1] batches of `batch_size`."""
+  starts = range(0, len(images), batch_size)
+  out = [extract(images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
+         for i in tqdm(starts, desc=desc, unit="batch", disable=len(starts) <= 1)]
+  return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(3)]
+
+
+def _stored_frechet(stats: dict, mu: str, sigma: str, features, what: str) -> float:
+  got = features.shape[1]
+  if stats[mu].shape[0] != got:
+    raise ValueError(f"the reference statistics '{mu}' have {stats[mu].shape[0]} features, the "
+                     f"feature net's {what} features {got}: statistics of another feature net?")
+  return frechet_distance(stats[mu], stats[sigma], *feature_statistics(features))
+
+
 def evaluate_batches(extract, samples, reference, sample_labels=None, *, batch_size: int = 500,
                      k: int = 3) -> dict:
   """FID, sFID, IS, precision, recall (and class accuracy when labels are given) of uint8 sample
   images against uint8 reference images; extract(float images in [-1, 1]) -> (logits, pooled,
-  spatial) per batch.  Statistics in float64."""
-  if samples.shape[1:] != reference.shape[1:]:
-    raise ValueError(f"samples are {samples.shape[1:]} images, the reference batch "
-                     f"{reference.shape[1:]}: evaluate images of one size")
+  spatial) per batch.  Statistics in float64.
 
-  def feats(images):
-    out = [extract(images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
-           for i in range(0, len(images), batch_size)]
-    return [np.concatenate([np.asarray(o[j]) for o in out]) for j in range(3)]
-
-  s_logits, s_pool, s_spatial = feats(samples)
-  _, r_pool, r_spatial = feats(reference)
-  precision, recall = precision_recall(r_pool, s_pool, k)
-  result = {
-      "num_samples": int(len(samples)), "num_reference": int(len(reference)),
-      "fid": frechet_distance(*feature_statistics(r_pool), *feature_statistics(s_pool)),
-      "sfid": frechet_distance(*feature_statistics(r_spatial), *feature_statistics(s_spatial)),
-      "inception_score": inception_score(s_logits),
-      "precision": precision, "recall": recall}
+  `reference` may instead be stored statistics (a dict, `load_reference_statistics`): FID from
+  'mu' / 'sigma', sFID from 'mu_s' / 'sigma_s' when present, IS from the samples alone; precision
+  and recall need the reference images' features, so they are None then, and
+  result['not_computed'] says why for each metric left out."""
+  if isinstance(reference, dict):
+    s_logits, s_pool, s_spatial = _features(extract, samples, batch_size, "sample features")
+    no_images = "the reference holds feature statistics only (no images)"
+    result = {
+        "num_samples": int(len(samples)), "num_reference": None,
+        "reference_statistics": sorted(reference),
+        "fid": _stored_frechet(reference, "mu", "sigma", s_pool, "pooled"),
+        "sfid": None, "inception_score": inception_score(s_logits),
+        "precision": None, "recall": None,
+        "not_computed": {"precision": f"{no_images}: precision needs the reference features",
+                         "recall": f"{no_images}: recall needs the reference features"}}
+    if "mu_s" in reference:
+      result["sfid"] = _stored_frechet(reference, "mu_s", "sigma_s", s_spatial, "spatial")
+    else:
+      result["not_computed"]["sfid"] = "the reference statistics have no mu_s / sigma_s"
+  else:
+    if samples.shape[1:] != reference.shape[1:]:
+      raise ValueError(f"samples are {samples.shape[1:]} images, the reference batch "
+                       f"{reference.shape[1:]}: evaluate images of one size")
+    s_logits, s_pool, s_spatial = _features(extract, samples, batch_size, "sample features")
+    _, r_pool, r_spatial = _features(extract, reference, batch_size, "reference features")
+    precision, recall = precision_recall(r_pool, s_pool, k)
+    result = {
+        "num_samples": int(len(samples)), "num_reference": int(len(reference)),
+        "fid": frechet_distance(*feature_statistics(r_pool), *feature_statistics(s_pool)),
+        "sfid": frechet_distance(*feature_statistics(r_spatial), *feature_statistics(s_spatial)),
+        "inception_score": inception_score(s_logits),
+        "precision": precision, "recall": recall}
   if sample_labels is not None:
     result["class_accuracy"] = float((s_logits.argmax(-1) == np.asarray(sample_labels)).mean())
   return result

@@ -47,6 +47,8 @@ def _define_flags():
   flags.DEFINE_integer("num", 8, "Samples per class.")
   flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the config's).")
   flags.DEFINE_float("temperature", None, "Sampling temperature (default: the config's).")
+  flags.DEFINE_string("cfg_schedule", None, "next-detail AR: constant | linear | gradual (the "
+                      "reference's gradual_cfg; default: the config's).")
   flags.DEFINE_integer("top_k", None, "Top-k (0 = off; default: the config's).")
   flags.DEFINE_float("top_p", None, "Top-p (1 = off; default: the config's).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -212,7 +214,8 @@ def main(argv):
   images, labels, config = generate(
       workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
       use_ema=FLAGS.ema, step=step, parts_dir=parts,
-      cfg=FLAGS.cfg, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+      cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k, top_p=FLAGS.top_p,
       steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1,
       clip_denoised=FLAGS.clip_denoised)
   if images is None:                 # another process writes the output

@@ -152,8 +152,9 @@ class Setup:
       (grads, loss, mstate), ms = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32), state["model_state"]),
           (jnp.arange(accum), micro))
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
+      if c.get("grad_accum_reduce", "mean") == "mean":
+        grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum            # the mean loss is logged either way
       metrics = jax.tree.map(lambda m: m.mean(0), ms)
 
     grad_norm = optax.tree.norm(grads)
@@ -349,8 +350,7 @@ def _train_loop(setup: Setup, config_dict: dict, writer, checkpointer, lock) -> 
   try:
     return _run_steps(setup, config_dict, writer, checkpointer, data, lock)
   finally:
-    if hasattr(data, "close"):
-      data.close()                 # stops the input's worker processes
+    data.close()                   # stops the input's worker processes
 
 
 def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data, lock) -> dict:
@@ -452,7 +452,7 @@ def _run_steps(setup: Setup, config_dict: dict, writer, checkpointer, data, lock
     _check_finite(*unchecked, config)
   profile.close()
   checkpointer.wait()
-  if not stopped_by_signal and jax.process_index() == 0 and hasattr(data, "stats"):
+  if not stopped_by_signal and jax.process_index() == 0:
     stats = data.stats()
     if stats:
       logging.info("input: %s", stats)

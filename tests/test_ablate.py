@@ -124,8 +124,18 @@ def test_rows_of_one_configuration_share_their_runs_and_samples():
     row = next(r for r in table.rows if r.label == label)
     return [m for m, _ in ablate.row_stages(table, row, scale, "W", None)]
 
-  default = stages("detailflow_table2", "+ self-correction")
+  default = stages("detailflow_table2", "+ first group causal")
   assert default[0] == "W/tokenizer_base/config.json" and default[2] == "W/ar_base/config.json"
+  # Table 2's parallel rows: a tokenizer with causal_num = 0, whose codes file gives the AR its c
+  parallel = stages("detailflow_table2", "+ self-correction")
+  assert not set(parallel) & set(default)
+  table = ablate.TABLES["detailflow_table2"]
+  row = next(r for r in table.rows if r.label == "+ self-correction")
+  tok_arg = next(a for a in ablate.row_stages(table, row, "demo", "W", None)[0][1]
+                 if a.startswith("--config="))
+  cfg = configlib.load_config("detailflow_tokenizer", tok_arg.split(":", 1)[1])
+  from tdjax.tokenizers import detailflow
+  assert detailflow.build_tokenizer(cfg.model, 32, 1).c == 0
   for name, label in (("detailflow_degrade", "20%"), ("detailflow_group", "g = 4"),
                       ("detailflow_alpha", "alpha 1.5"), ("detailflow_tokens", "N = 32")):
     assert stages(name, label) == default, (name, label)
@@ -217,19 +227,19 @@ def test_teacher_runs_the_alignment_row_with_that_file(tmp_path, capsys):
   path = str(tmp_path / "stand_in.npz")
   weights.save_npz_params(path, jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
   table = ablate.TABLES["detailflow_table2"]
-  assert table.rows[5].needs and "SigLIP2" in table.rows[5].label
+  assert table.rows[6].needs and "SigLIP2" in table.rows[6].label
   taught = ablate.with_teacher(table, path)
-  assert taught.rows[:5] == table.rows[:5]
-  row = taught.rows[5]
+  assert taught.rows[:6] == table.rows[:6]
+  row = taught.rows[6]
   assert not row.needs and row.label == "+ alignment loss (first token vs stand_in.npz)"
   stages = ablate.row_stages(taught, row, "demo", "W", None)
   tok_arg = next(a for a in stages[0][1] if a.startswith("--config="))
   cfg = configlib.load_config("detailflow_tokenizer", tok_arg.split(":", 1)[1])
   assert (cfg.loss.align_weight, cfg.loss.align_teacher_weights, cfg.model.align_dim) == (
       1.0, path, 16)
-  default = ablate.row_stages(table, table.rows[4], "demo", "W", None)
+  default = ablate.row_stages(table, table.rows[5], "demo", "W", None)
   assert not {m for m, _ in stages} & {m for m, _ in default}
-  ablate.run_table("detailflow_table2", "full", str(tmp_path / "full"), rows=[5], teacher=path)
+  ablate.run_table("detailflow_table2", "full", str(tmp_path / "full"), rows=[6], teacher=path)
   assert f"align=1.0,teacher={path}" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="--teacher: alignment teacher weights file not found"):
     ablate.with_teacher(table, str(tmp_path / "none.npz"))

@@ -61,3 +61,60 @@ def test_load_config_by_name_or_path_and_its_errors(tmp_path):
     configlib.load_config("transdiff", "size=demo", {"head.dept": 3})
   with pytest.raises(ValueError, match="'sise' is unknown"):
     configlib.load_config("transdiff", "sise=demo")
+
+
+def test_latency_cli_measures_per_image_sampling_time():
+  """`--latency` as a subprocess (DetailFlow's AR + tokenizer decode at the demo size, the batch
+  cut to 2): seconds per image = a timed batch / its size, after the compiling call."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, "-m", "tdjax.bench", "--latency", "--generators=detailflow",
+                        "--latency_batch=2", "--repeats=2", "--nopaper"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  text = run.stdout
+  table = text[text.index("| generator |"):]
+  result = json.loads(text[:text.index("| generator |")])
+  d = result["detailflow"]["demo"]
+  assert "paper" not in result["detailflow"]
+  assert d["batch"] == 2 and d["cfg"] == 1.45 and "steps" not in d      # the paper's CFG
+  assert d["num_tokens"] == 32 and d["ar_forward_passes"] == 11           # demo N=32, g=4
+  assert d["seconds_per_image"] == d["seconds_per_batch"] / 2 > 0
+  assert d["first_call_seconds"] > d["seconds_per_batch"]                 # the compile is excluded
+  assert f"| detailflow | 2, 11, 1.45 | {d['seconds_per_image'] * 1e3:.2f} ms | - | - |" in table
+
+
+def test_paper_size_flops_count_every_step_and_layer(monkeypatch):
+  """The cost model lowers the sampler with its loops unrolled: a 2- and 3-step TransDiff sampler
+  differ by one step (2 guided head calls), which the 100-step figure extrapolates exactly; the
+  DetailFlow figure counts all its AR passes and the decode.  Sizes cut to tiny/demo here."""
+  import pytest
+  import jax
+  monkeypatch.setitem(bench.LATENCY, "transdiff_1step", dict(
+      bench.LATENCY["transdiff_1step"], paper="size=tiny",
+      settings=dict(bench.LATENCY["transdiff_1step"]["settings"], steps=5)))
+  monkeypatch.setitem(bench.LATENCY, "detailflow", dict(
+      bench.LATENCY["detailflow"], paper=("size=demo,tokens=16,group=4", "size=tiny")))
+  before = jax.lax.fori_loop
+  td = bench.paper_flops("transdiff_1step")
+  assert jax.lax.fori_loop is before                   # the unrolling patch is undone
+  task, params = bench._transdiff("size=tiny", abstract=True, scan=False)
+  labels = jax.ShapeDtypeStruct((1,), jax.numpy.int32)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  with bench._python_fori_loops():
+    five = bench._flops(jax.jit(bench._transdiff_sampler(task, td["settings"], 5)).lower(
+        params, labels, key))
+  assert td["flops_per_step"] > 0 and td["flops_per_image"] == pytest.approx(five, rel=1e-6)
+  # a step is one head call on the guided (2x) batch: at least 2 x 2 x head params x tokens
+  head = sum(x.size for x in jax.tree.leaves(params["head"]))
+  assert td["flops_per_step"] > 2 * 2 * head * task.L * 0.5
+  assert td["vae_decode_flops"] > 0
+  df = bench.paper_flops("detailflow")
+  assert df["ar_forward_passes"] == 7                  # N=16, g=4: 4 tokens, then 3 groups
+  # every pass of the guided batch (2 rows) through every layer: >= 2 x params x N x 2 rows
+  assert df["ar_flops"] > 2 * 0.5 * df["params"] * 16 * 2
+  assert df["flops_per_image"] == pytest.approx(df["ar_flops"] + df["tokenizer_decode_flops"])
+  assert df["tokenizer_decode_flops"] > 0

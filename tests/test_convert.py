@@ -645,3 +645,145 @@ def test_teacher_from_a_vit_classifier_run(tmp_path):
     convert.convert_teacher(wd, out)
   with pytest.raises(ValueError, match="arch='vit', size='wide'"):
     configlib.load_config("classifier", "arch=vit,size=wide")
+
+
+def mar_diffloss_shapes(c=4, w=16, dc=6, depth=2, prefix="diffloss.net."):
+  """{key: shape} of MAR's SimpleMLPAdaLN (in c, width w, condition dc, out 2 c: MAR's learned
+  variance) under `prefix` (`diffloss.net.` in its .pth checkpoints)."""
+  linears = {"time_embed.mlp.0": (w, 256), "time_embed.mlp.2": (w, w), "cond_embed": (w, dc),
+             "input_proj": (w, c), "final_layer.adaLN_modulation.1": (2 * w, w),
+             "final_layer.linear": (2 * c, w)}
+  for i in range(depth):
+    linears.update({f"res_blocks.{i}.mlp.0": (w, w), f"res_blocks.{i}.mlp.2": (w, w),
+                    f"res_blocks.{i}.adaLN_modulation.1": (3 * w, w),
+                    f"res_blocks.{i}.in_ln": (w,)})
+  return {f"{prefix}{name}.{leaf}": shape if leaf == "weight" else shape[:1]
+          for name, shape in linears.items() for leaf in ("weight", "bias")}
+
+
+def mar_diffloss_state_dict(c=4, w=16, dc=6, depth=2, seed=0, prefix="diffloss.net."):
+  """A tiny MAR SimpleMLPAdaLN state dict, random weights (LayerNorm weights around 1)."""
+  rng = np.random.default_rng(seed)
+  return {k: (("in_ln.weight" in k) + 0.3 * rng.normal(size=s)).astype(np.float32)
+          for k, s in mar_diffloss_shapes(c, w, dc, depth, prefix).items()}
+
+
+def mar_diffloss_forward(sd, x, t, z, prefix="diffloss.net."):
+  """SimpleMLPAdaLN's forward written from its equations in float64 numpy: x [N, c], t [N], z
+  [N, dc] -> [N, 2c]."""
+  p = {k[len(prefix):]: np.asarray(v, np.float64) for k, v in sd.items()}
+  lin = lambda a, m: a @ p[m + ".weight"].T + p[m + ".bias"]
+  silu = lambda a: a / (1 + np.exp(-a))
+
+  def ln(a, m=None):
+    a = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-6)
+    return a * p[m + ".weight"] + p[m + ".bias"] if m else a
+
+  freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+  args = np.asarray(t, np.float64)[:, None] * freqs
+  temb = lin(silu(lin(np.concatenate([np.cos(args), np.sin(args)], -1), "time_embed.mlp.0")),
+             "time_embed.mlp.2")
+  y, h = temb + lin(z, "cond_embed"), lin(x, "input_proj")
+  for i in range(len({k.split(".")[1] for k in p if k.startswith("res_blocks.")})):
+    r = f"res_blocks.{i}."
+    shift, scale, gate = np.split(lin(silu(y), r + "adaLN_modulation.1"), 3, -1)
+    u = lin(silu(lin(ln(h, r + "in_ln") * (1 + scale) + shift, r + "mlp.0")), r + "mlp.2")
+    h = h + gate * u
+  shift, scale = np.split(lin(silu(y), "final_layer.adaLN_modulation.1"), 2, -1)
+  return lin(ln(h) * (1 + scale) + shift, "final_layer.linear")
+
+
+def test_mar_head_conversion_matches_simplemlpadaln_equations(tmp_path):
+  """--kind mar_head: the diffloss.net.* keys of a MAR state dict (the masked-AR keys beside them
+  are not the head's and stay behind) -> the MLPHead .npz, whose head gives SimpleMLPAdaLN's output
+  (t, as MAR feeds it, the integer step 0..999); every bad key named; no output replaced."""
+  c, w, dc, depth = 4, 16, 6, 2
+  sd = mar_diffloss_state_dict(c, w, dc, depth)
+  mar = dict(sd, **{"encoder_blocks.0.norm1.weight": np.ones(8, np.float32),
+                    "diffusion_pos_embed_learned": np.zeros((1, 4, 8), np.float32)})
+  np.savez(str(tmp_path / "mar.npz"), **mar)
+  out = str(tmp_path / "head.npz")
+  info = convert.convert_mar_head(str(tmp_path / "mar.npz"), out)
+  assert {k: info[k] for k in ("width", "depth", "in_channels", "out_channels", "z_channels")} == \
+      dict(width=w, depth=depth, in_channels=c, out_channels=2 * c, z_channels=dc)
+  assert info["params"] == sum(v.size for v in sd.values()) and info["head_size"] == ""
+  head, params = convert.load_mar_head(out)
+  rng = np.random.default_rng(1)
+  x, z = rng.normal(size=(5, c)), rng.normal(size=(5, dc))
+  t = np.array([0, 1, 250, 998, 999])
+  got = head.apply({"params": params}, jnp.asarray(x, jnp.float32)[:, None], jnp.asarray(t),
+                   jnp.asarray(z, jnp.float32)[:, None])[:, 0]
+  np.testing.assert_allclose(np.asarray(got), mar_diffloss_forward(sd, x, t, z), rtol=1e-4,
+                             atol=1e-4)
+  bare = {k[len("diffloss.net."):]: v for k, v in sd.items()}     # a SimpleMLPAdaLN state dict
+  np.savez(str(tmp_path / "bare.npz"), **bare)
+  convert.convert_mar_head(str(tmp_path / "bare.npz"), str(tmp_path / "bare_head.npz"))
+  assert_same_leaves(params, convert.load_mar_head(str(tmp_path / "bare_head.npz"))[1])
+  with pytest.raises(convert.ConversionError, match="exists; choose a new --output"):
+    convert.convert_mar_head(str(tmp_path / "mar.npz"), out)
+  bad = dict(sd)
+  del bad["diffloss.net.res_blocks.1.mlp.2.bias"]
+  bad["diffloss.net.res_blocks.0.in_ln.weight"] = np.ones(w + 1, np.float32)
+  bad["diffloss.net.res_blocks.0.extra.weight"] = np.ones(3, np.float32)
+  msg = conversion_error(tmp_path, bad, convert.convert_mar_head, str(tmp_path / "bad_out.npz"))
+  assert "missing res_1_fc2/bias (16,)" in msg, msg
+  assert "unexpected diffloss.net.res_blocks.0.extra.weight (3,)" in msg, msg
+  assert "diffloss.net.res_blocks.0.in_ln.weight: checkpoint gives (17,)" in msg, msg
+  assert not os.path.exists(str(tmp_path / "bad_out.npz"))
+
+
+def test_mar_head_sizes_are_the_config_head_sizes():
+  """MAR-B / L / H's released heads (1024 x 6, 1280 x 8, 1536 x 12): the converter names the size
+  of a checkpoint of those dims, and configs/transdiff.py:head=mlp,head_size=NAME (the default of
+  sizes B / L / H) builds a head with exactly the converted parameter tree; the demo sizes keep
+  2 x width x 3; head_size without head=mlp is refused."""
+  from tdjax.generators.heads import MAR_HEAD_SIZES, make_head
+  assert MAR_HEAD_SIZES == {"mar_b": (1024, 6), "mar_l": (1280, 8), "mar_h": (1536, 12)}
+  for (name, (w, depth)), size in zip(MAR_HEAD_SIZES.items(), ("B", "L", "H")):
+    sd = {k: np.broadcast_to(np.float32(0), s)                # the shapes without the memory
+          for k, s in mar_diffloss_shapes(16, w, 16, depth).items()}
+    dims = convert.mar_head_dims(convert.mar.mar_head_state_dict(sd))
+    assert (dims["width"], dims["depth"], dims["head_size"]) == (w, depth, name)
+    _, expected = convert.mar.mar_head_expected(dims)
+    for arg in (f"size={size},head=mlp", f"size=demo,head=mlp,head_size={name}"):
+      cfg = configlib.load_config("transdiff", arg)
+      assert (cfg.head.width, cfg.head.depth) == (w, depth), arg
+      head = make_head(cfg.head, 2 * 16)
+      tree = jax.eval_shape(lambda: __import__("flax").linen.unbox(head.init(
+          jax.random.key(0), jnp.zeros((1, 1, 16)), jnp.zeros((1,)), jnp.zeros((1, 1, 16)))
+          ["params"]))
+      assert jax.tree.map(lambda a: a.shape, tree) == jax.tree.map(lambda a: a.shape, expected)
+  cfg = configlib.load_config("transdiff", "size=demo,head=mlp")
+  assert (cfg.head.width, cfg.head.depth) == (256, 3)
+  with pytest.raises(ValueError, match="head_size='mar_b' names one of MAR's MLP heads: it needs "
+                                       "head=mlp"):
+    configlib.load_config("transdiff", "size=demo,head_size=mar_b")
+  with pytest.raises(ValueError, match="head_size='mar_x': expected one of"):
+    configlib.load_config("transdiff", "size=demo,head=mlp,head_size=mar_x")
+
+
+def test_a_file_without_a_mar_head_is_one_line(tmp_path):
+  """`python -m tdjax.convert --kind mar_head` on a VAE state dict: one line naming what is
+  missing and the kind the file looks like; nothing written."""
+  from test_bad_input import one_line, run
+  np.savez(tmp_path / "vae.npz", **{"encoder.down.0.block.0.conv1.weight": np.zeros((2, 1, 3, 3)),
+                                    "quant_conv.weight": np.zeros((2, 2, 1, 1))})
+  r = run("tdjax.convert", "--kind=mar_head", f"--input={tmp_path / 'vae.npz'}",
+          f"--output={tmp_path / 'head.npz'}")
+  one_line(r, "tdjax.convert", 2, "looks like a mar_vae checkpoint, not mar_head",
+           "not a MAR checkpoint: no diffloss.net.* keys")
+  assert sorted(os.listdir(tmp_path)) == ["vae.npz"]
+
+
+def test_reading_a_full_state_dict_shows_a_progress_bar(tmp_path, monkeypatch):
+  """tdjax.sample's tqdm style: a bar over the tensors being read and cast, from 64 tensors on (a
+  checkpoint), none for a handful."""
+  from tdjax.convert import common
+  bars = []
+  real = common.tqdm
+  monkeypatch.setattr(common, "tqdm", lambda it, **kw: bars.append(kw) or real(it, **kw))
+  for n in (70, 3):
+    np.savez(str(tmp_path / f"sd{n}.npz"), **{f"w{i}": np.ones(2, np.float32) for i in range(n)})
+    assert len(convert.read_state_dict(str(tmp_path / f"sd{n}.npz"))) == n
+  assert [(b["desc"], b["total"], b["unit"], b["disable"]) for b in bars] == [
+      ("reading sd70.npz", 70, "tensor", False), ("reading sd3.npz", 3, "tensor", True)]

@@ -240,3 +240,41 @@ def test_worker_processes_give_the_same_batches_and_counts(odd_folder):
     resumed.close()
   finally:
     procs.close()
+
+
+def test_adm_random_crop_takes_80_to_100_percent_of_the_short_side():
+  """ADM's random_crop_arr, the reference tokenizer's augmentation: the short side is resized to
+  a length in [S, S / 0.8], so a crop covers 80-100 % of it; the same rng gives the same crop."""
+  rng0 = np.random.default_rng(0)
+  a = rng0.integers(0, 256, (300, 400, 3)).astype(np.uint8)    # 300 short side, crop S = 60
+  lengths = []
+  for seed in range(200):
+    rng = np.random.default_rng(seed)
+    short = int(np.random.default_rng(seed).integers(60, 76))  # ceil(60 / 0.8) = 75
+    lengths.append(short)
+    out = preprocess.adm_random_crop(a, 60, rng)
+    assert out.shape == (60, 60, 3)
+    np.testing.assert_array_equal(out, preprocess.adm_random_crop(a, 60, np.random.default_rng(seed)))
+  assert min(lengths) == 60 and max(lengths) == 75           # both ends of the range are drawn
+  # the pipeline's 'adm_crop_flip' (the tokenizer's full-size default) gives other images than
+  # the evaluation crop
+  cfg = _cfg(source="fashion_mnist", image_size=24, augment="adm_crop_flip", batch_size=4)
+  batch = next(make_pipeline(cfg, seed=1))
+  assert batch["image"].shape == (4, 24, 24, 1)
+  assert not np.array_equal(batch["image"],
+                            next(make_pipeline(_cfg(**{**cfg.to_dict(), "augment": "none"}), seed=1))["image"])
+
+
+def test_ten_crop_matches_torchvision_order():
+  """TenCrop(S): top-left, top-right, bottom-left, bottom-right, centre, then the five of the
+  mirrored image (so view 5 is the mirror of view 1's region, not of view 0's)."""
+  x = np.arange(2 * 7 * 9 * 1).reshape(2, 7, 9, 1)
+  v = preprocess.ten_crop(x, 4)
+  assert len(v) == 10 and all(e.shape == (2, 4, 4, 1) for e in v)
+  np.testing.assert_array_equal(v[0], x[:, :4, :4])
+  np.testing.assert_array_equal(v[1], x[:, :4, 5:])
+  np.testing.assert_array_equal(v[2], x[:, 3:, :4])
+  np.testing.assert_array_equal(v[3], x[:, 3:, 5:])
+  np.testing.assert_array_equal(v[4], x[:, 2:6, 2:6])       # round((7-4)/2) = 2, round((9-4)/2) = 2
+  np.testing.assert_array_equal(v[5], x[:, :4, ::-1][:, :, :4])
+  np.testing.assert_array_equal(v[5], x[:, :4, 5:][:, :, ::-1])

@@ -140,3 +140,29 @@ def test_hybrid_loss_optimal_eps_and_frozen_mean():
     return m["vb"]
   g_eps, g_v = jax.grad(vb_of, argnums=(0, 1))(0.1, 0.2)
   assert float(g_eps) == 0.0 and abs(float(g_v)) > 0
+
+
+def test_per_token_steps_make_each_token_a_mar_row():
+  """per_token_t: a [B, L, C] batch is MAR's B * L independent rows, each with its own step (MAR's
+  DiffLoss draws t per token): the loss equals that of the rows laid out as [B * L, 1, C] with the
+  same draws, and the steps differ inside an example (one step per example would not)."""
+  s = ddpm.Schedule.make(1000)
+  rng = np.random.default_rng(0)
+  b, l, c = 3, 5, 2
+  x0 = jnp.asarray(rng.normal(size=(b, l, c)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(c + 1, 2 * c)), jnp.float32)
+  seen = []
+
+  def per_token_fn(x, t, cond):        # each token on its own, its step as an input
+    seen.append(t)
+    tt = jnp.broadcast_to((t if t.ndim == 2 else t[:, None]) / 1000.0, x.shape[:2])[..., None]
+    return jnp.concatenate([x, tt], -1) @ w
+
+  key = jax.random.key(3)
+  loss, m = ddpm.training_loss(s, per_token_fn, x0, None, key, per_token_t=True)
+  flat, mf = ddpm.training_loss(s, per_token_fn, x0.reshape(b * l, 1, c), None, key)
+  assert seen[0].shape == (b, l) and len(np.unique(np.asarray(seen[0])[0])) > 1
+  np.testing.assert_array_equal(np.asarray(seen[0]).reshape(-1), np.asarray(seen[1]))
+  for k in ("mse", "vb"):
+    np.testing.assert_allclose(float(m[k]), float(mf[k]), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(flat), rtol=1e-5)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from tdjax import evaluation
 from tdjax.evaluation import feature_statistics, frechet_distance
 
 
@@ -129,6 +130,57 @@ def test_evaluate_batches_same_set_and_shifted_set():
   assert shifted["fid"] > 0.1 and shifted["sfid"] > 0.1 and "class_accuracy" not in shifted
 
 
+def test_reference_statistics_only(tmp_path):
+  """A reference .npz with feature statistics and no images (mu, sigma[, mu_s, sigma_s], as the
+  FID statistics files and ADM's reference batches hold them): FID / sFID from the statistics
+  equal FID / sFID from the images they were computed from, IS is the samples' own, precision /
+  recall are None with the reason; without mu_s / sigma_s sFID is None too."""
+  from tdjax import evaluate
+  from tdjax.evaluation import batch_statistics, evaluate_batches, load_reference_statistics
+  rng = np.random.default_rng(1)
+  w_pool, w_sp = rng.normal(size=(64, 6)), rng.normal(size=(64, 12))
+
+  def extract(x):
+    flat = x.reshape(len(x), -1)
+    pool = np.tanh(flat @ w_pool)
+    return pool[:, :3] * 5.0, pool, np.tanh(flat @ w_sp)
+
+  ref = rng.integers(0, 256, (200, 8, 8, 1)).astype(np.uint8)
+  samples = np.clip(ref[:150].astype(int) + 40, 0, 255).astype(np.uint8)
+  from_images = evaluate_batches(extract, samples, ref, batch_size=64)
+  full, fid_only = str(tmp_path / "full.npz"), str(tmp_path / "fid_only.npz")
+  stats = batch_statistics(extract, ref, batch_size=64)
+  np.savez(full, **stats)
+  np.savez(fid_only, mu=stats["mu"], sigma=stats["sigma"])
+  loaded = evaluate.reference_batch(full)
+  assert isinstance(loaded, dict) and sorted(loaded) == ["mu", "mu_s", "sigma", "sigma_s"]
+  got = evaluate_batches(extract, samples, loaded, batch_size=64)
+  assert from_images["fid"] > 0.1
+  np.testing.assert_allclose(got["fid"], from_images["fid"], rtol=1e-9)
+  np.testing.assert_allclose(got["sfid"], from_images["sfid"], rtol=1e-9)
+  assert got["inception_score"] == from_images["inception_score"]
+  assert got["precision"] is None and got["recall"] is None and got["num_reference"] is None
+  assert set(got["not_computed"]) == {"precision", "recall"}
+  assert "statistics only" in got["not_computed"]["precision"]
+  only = evaluate_batches(extract, samples, evaluate.reference_batch(fid_only), batch_size=64)
+  np.testing.assert_allclose(only["fid"], from_images["fid"], rtol=1e-9)
+  assert only["sfid"] is None and set(only["not_computed"]) == {"precision", "recall", "sfid"}
+  # a file with images and statistics (ADM's VIRTUAL_*.npz) is evaluated on its images
+  both = str(tmp_path / "both.npz")
+  np.savez(both, arr_0=ref, **stats)
+  assert evaluate.reference_batch(both).shape == ref.shape
+  # statistics of another feature net, half a pair, neither images nor statistics
+  np.savez(str(tmp_path / "wide.npz"), mu=np.zeros(7), sigma=np.eye(7))
+  with pytest.raises(ValueError, match=r"'mu' have 7 features, the feature net's pooled .* 6"):
+    evaluate_batches(extract, samples, load_reference_statistics(str(tmp_path / "wide.npz")))
+  np.savez(str(tmp_path / "half.npz"), mu=stats["mu"], sigma=stats["sigma"], mu_s=stats["mu_s"])
+  with pytest.raises(ValueError, match=r"'mu_s' and 'sigma_s' come in pairs"):
+    load_reference_statistics(str(tmp_path / "half.npz"))
+  np.savez(str(tmp_path / "neither.npz"), mu=stats["mu"])
+  with pytest.raises(ValueError, match=r"no 'arr_0' array .* or reference statistics"):
+    evaluate.reference_batch(str(tmp_path / "neither.npz"))
+
+
 def test_evaluate_cli_on_real_images_with_a_tiny_judge(tmp_path):
   """tdjax.evaluate end to end: real test images as 'samples' against split:test and split:train;
   the same images score FID 0 and P = R = 1, other real images a small positive FID."""
@@ -155,3 +207,19 @@ def test_evaluate_cli_on_real_images_with_a_tiny_judge(tmp_path):
     sample.split_checkpoint_path(judge_dir)
   with pytest.raises(FileNotFoundError, match=r"checkpoints/99: no such checkpoint"):
     sample.split_checkpoint_path(os.path.join(judge_dir, "checkpoints", "99"))
+
+
+def test_long_jobs_show_progress(tmp_path, capsys):
+  """Codes extraction and the feature passes of an evaluation draw tqdm bars on stderr (as
+  tdjax.sample does), named by what they count."""
+  from tdjax.data import codes as codes_lib
+  codes_lib.synthetic_codes(str(tmp_path / "c.npz"), num=130)
+  extract = lambda x: (x.reshape(len(x), -1)[:, :4], x.reshape(len(x), -1)[:, :3],
+                       x.reshape(len(x), -1)[:, :2])
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (12, 4, 4, 1), dtype=np.uint8)
+  evaluation.evaluate_batches(extract, imgs, imgs[::-1].copy(), batch_size=5)
+  err = capsys.readouterr().err
+  for bar in ("codes: 3batch", "sample features: 100%", "reference features: 100%"):
+    assert bar in err, (bar, err[-500:])
+  assert "3/3 [" in err and "batch/s" in err

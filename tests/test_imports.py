@@ -103,3 +103,41 @@ def test_function_level_imports_are_few(limit):
   torch / safetensors / tensorflow-datasets / matplotlib when a path needs them)."""
   _, lazy = import_graph()
   assert sum(lazy.values()) <= limit, sorted(lazy.items(), key=lambda kv: -kv[1])[:8]
+
+
+def _requirements() -> set:
+  """Normalised distribution names of setup.cfg's install_requires."""
+  import configparser
+  import re
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(ROOT, "setup.cfg"))
+  lines = [ln.split("#")[0].strip() for ln in cfg["options"]["install_requires"].splitlines()]
+  return {re.split(r"[\[<>=!~ ]", ln)[0].lower().replace("_", "-") for ln in lines if ln}
+
+
+def _third_party_imports(module_level_only: bool) -> set:
+  import sys
+  out = set()
+  for path in _modules().values():
+    tree = ast.parse(open(path).read())
+    for node in (tree.body if module_level_only else ast.walk(tree)):
+      if isinstance(node, ast.Import):
+        out |= {a.name.split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        out.add(node.module.split(".")[0])
+  return out - set(sys.stdlib_module_names) - {"tdjax", "__future__"}
+
+
+def test_every_imported_distribution_is_declared_and_every_declared_one_used():
+  """A module-level import of a package setup.cfg does not declare works here only because
+  something else installed it (etils was such a one); a declared package no module imports is
+  dead weight (einops was).  importlib_resources is declared for tfds (its comment says why)."""
+  import importlib.metadata as md
+  dists = md.packages_distributions()
+  name = lambda m: dists.get(m, [m])[0].lower().replace("_", "-")
+  required = _requirements()
+  undeclared = sorted(m for m in _third_party_imports(True) if name(m) not in required)
+  assert not undeclared, f"imported at module level but not in install_requires: {undeclared}"
+  used = {name(m) for m in _third_party_imports(False)}
+  unused = sorted(required - used - {"importlib-resources"})
+  assert not unused, f"declared in install_requires, imported by no module: {unused}"

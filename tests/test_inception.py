@@ -94,6 +94,57 @@ def test_fid_pools_ignore_padding_and_e2_max_pools():
   np.testing.assert_allclose(np.asarray(out_avg[0, 0, 0, 0]), branch(1 / 4), rtol=1e-5)
 
 
+def _np_bilinear_align_corners_false(x, size):
+  """F.interpolate(mode='bilinear', align_corners=False, antialias=False) written out per output
+  pixel in float64: source s = (d + 0.5) in / out - 0.5, clamped below at 0; the two neighbours
+  floor(s) and floor(s) + 1 (clamped at the last row) weighted 1 - frac and frac."""
+  x = np.asarray(x, np.float64)
+  (h, w), (oh, ow) = x.shape[1:3], size
+
+  def taps(n_in, n_out):
+    out = []
+    for d in range(n_out):
+      s = max((d + 0.5) * n_in / n_out - 0.5, 0.0)
+      i = min(int(np.floor(s)), n_in - 1)
+      out.append((i, min(i + 1, n_in - 1), s - i))
+    return out
+
+  y = np.empty((x.shape[0], oh, ow, x.shape[3]))
+  for r, (r0, r1, fr) in enumerate(taps(h, oh)):
+    for c, (c0, c1, fc) in enumerate(taps(w, ow)):
+      y[:, r, c] = ((1 - fr) * ((1 - fc) * x[:, r0, c0] + fc * x[:, r0, c1])
+                    + fr * ((1 - fc) * x[:, r1, c0] + fc * x[:, r1, c1]))
+  return y
+
+
+@pytest.mark.parametrize("src", [(512, 512), (256, 256), (64, 48), (7, 5), (300, 640)])
+def test_fid_resize_is_pytorch_fids_bilinear(src):
+  """InceptionV3 resizes its input to 299 as pytorch-fid does (`F.interpolate(bilinear,
+  align_corners=False)`, no antialiasing), also when downsampling 512 px images; an antialiased
+  resize (jax.image.resize) moves 512 -> 299 by ~1 on random images, while 256 -> 299 (up) is
+  the same either way.  (tests/test_torch_references.py checks against torch itself.)"""
+  x = np.random.default_rng(0).uniform(-1, 1, (2, *src, 3)).astype(np.float32)
+  want = _np_bilinear_align_corners_false(x, (299, 299))
+  got = np.asarray(jax.jit(lambda x: inception.resize_bilinear(x, (299, 299)))(x))
+  # float32 source positions (torch's too) are within ~1 ulp of the exact ones (3e-5 at 512 px),
+  # and neighbouring values differ by up to 2: tolerance 4 ulp(largest source size)
+  np.testing.assert_allclose(got, want, rtol=0, atol=4 * max(src) * 2.0 ** -23)
+  antialiased = np.asarray(jax.image.resize(x, (2, 299, 299, 3), "bilinear"))
+  if src[0] > 299:
+    assert np.abs(antialiased - want).max() > 0.1
+  elif src[0] < 299 and src[1] < 299:
+    np.testing.assert_allclose(antialiased, want, rtol=0, atol=1e-4)
+  seen, resize = [], inception.resize_bilinear
+
+  def spy(x, size):
+    seen.append((x.shape, size))
+    return resize(x, size)
+  with pytest.MonkeyPatch.context() as mp:       # the network resizes through it (shapes only)
+    mp.setattr(inception, "resize_bilinear", spy)
+    jax.eval_shape(lambda: inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, *src, 3))))
+  assert seen == [((1, *src, 3), (299, 299))]
+
+
 def test_conversion_errors_name_keys_and_shapes(tmp_path):
   sd = torch_state_dict()
   sd["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)       # dropped, not an error
@@ -129,6 +180,20 @@ def test_converted_file_drives_the_adm_evaluation(tmp_path):
   assert abs(same["fid"]) < 1e-3 and abs(same["sfid"]) < 1e-3
   assert other["fid"] > 1e-2 and "class_accuracy" not in other
   assert same["features"].startswith("InceptionV3")
+  # a statistics-only reference (mu, sigma, mu_s, sigma_s of b's features, computed by tdjax):
+  # the same FID and sFID as from b's images, IS from the samples, precision / recall not
+  # computable (null in the JSON, the reason under not_computed)
+  _, pool_b, spatial_b = evaluation.InceptionJudge(weights).extract(b.astype(np.float32) / 127.5 - 1)
+  (mu, sigma), (mu_s, sigma_s) = (evaluation.feature_statistics(np.asarray(f))
+                                  for f in (pool_b, spatial_b))
+  np.savez(str(tmp_path / "b_stats.npz"), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+  stats = evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b_stats.npz"),
+                            inception=weights, batch_size=6)
+  np.testing.assert_allclose([stats["fid"], stats["sfid"]], [other["fid"], other["sfid"]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(stats["inception_score"], other["inception_score"], rtol=1e-6)
+  assert stats["precision"] is None and stats["recall"] is None
+  assert set(stats["not_computed"]) == {"precision", "recall"}
   with pytest.raises(ValueError, match="exactly one feature net"):
     evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
   with pytest.raises(ValueError, match="with --inception give a reference .npz"):

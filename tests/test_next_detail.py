@@ -46,12 +46,14 @@ def random_params(model, seed=0, scale=0.3):
 # layout, mask, targets, RoPE
 # ------------------------------------------------------------------------------------------------
 
-def reference_mask(n, g):
-  """Reference 2.3 written out as a loop: rows < g causal; later rows see earlier-or-same blocks."""
+def reference_mask(n, g, causal_num=None):
+  """Reference 2.3 written out as a loop: rows < c (= g) causal; later rows see earlier-or-same
+  blocks."""
+  c = g if causal_num is None else causal_num
   m = np.zeros((n, n), bool)
   for i in range(n):
     for j in range(n):
-      if i < g:
+      if i < c:
         m[i, j] = j <= i
       else:
         m[i, j] = math.floor(i / g) >= math.floor(j / g)
@@ -80,14 +82,38 @@ def test_layout_and_targets():
     assert p == -1 if k >= n - g else ids[0, p] == 100 + k
 
 
-def test_outputs_do_not_depend_on_later_groups():
-  """Dependency matrix (logits at row i change when the input at column p changes) == the mask."""
-  model = tiny_model()
+def test_layout_with_causal_num():
+  """The reference's causal_num c: the placeholders follow the first c codes (gpt.py's
+  token_embeddings_first / spe / token_embeddings_last); c = 0: [cls] spe_0..spe_{g-2} z_0 ..."""
+  n, g = 16, 4
+  kind, index = nd.sequence_layout(n, g, 0)
+  assert kind.tolist() == [0] + [2] * 3 + [1] * 12
+  assert index.tolist() == [0, 0, 1, 2] + list(range(12))
+  kind, index = nd.sequence_layout(n, g, 8)
+  assert kind.tolist() == [0] + [1] * 8 + [2] * 3 + [1] * 4
+  assert index.tolist() == [0] + list(range(8)) + [0, 1, 2] + list(range(8, 12))
+  ids = np.asarray(nd.layout_ids(jnp.arange(100, 112)[None], n, g, 0))
+  for c in (0, 4, 8):
+    ids = np.asarray(nd.layout_ids(jnp.arange(100, 112)[None], n, g, c))
+    for k in range(n):
+      p = nd.code_position(k, n, g, c)
+      assert p == -1 if k >= n - g else ids[0, p] == 100 + k
+  for bad in (2, -4, 16):
+    with pytest.raises(ValueError, match=f"causal_num={bad}: expected a multiple"):
+      nd.sequence_layout(n, g, bad)
+  assert [nd.num_forward_passes(128, 8, c) for c in (None, 0, 16)] == [23, 16, 30]
+
+
+@pytest.mark.parametrize("causal_num", [None, 0, 8])
+def test_outputs_do_not_depend_on_later_groups(causal_num):
+  """Dependency matrix (logits at row i change when the input at column p changes) == the mask
+  (causal_num 0: the first group is predicted from the class token alone, every group parallel)."""
+  model = tiny_model(causal_num=causal_num)
   params = random_params(model)
   n, g = model.num_tokens, model.group_size
   rng = np.random.default_rng(0)
-  ids = np.asarray(nd.layout_ids(jnp.asarray(rng.integers(0, 32, (1, n - g))), n, g))
-  kind, _ = nd.sequence_layout(n, g)
+  ids = np.asarray(nd.layout_ids(jnp.asarray(rng.integers(0, 32, (1, n - g))), n, g, causal_num))
+  kind, _ = nd.sequence_layout(n, g, causal_num)
   code_cols = np.flatnonzero(kind == nd.KIND_CODE)
   # row 0: the original; row 1: another class; rows 2..: one code changed each
   batch = np.repeat(ids, 2 + len(code_cols), axis=0)
@@ -99,7 +125,7 @@ def test_outputs_do_not_depend_on_later_groups():
   dep = np.zeros((n, n), bool)
   dep[:, 0] = changed[0]                                            # the class token
   dep[:, code_cols] = changed[1:].T
-  mask = reference_mask(n, g)
+  mask = reference_mask(n, g, causal_num)
   cols = kind != nd.KIND_PLACEHOLDER
   np.testing.assert_array_equal(dep[:, cols], mask[:, cols])
 
@@ -123,9 +149,14 @@ def test_rope_zero_for_class_token_and_2d_grid():
 
 @pytest.mark.parametrize("scan,opts", [(True, dict(cfg=1.5, top_k=12, top_p=0.95)),
                                        (False, dict(cfg=2.0, cfg_schedule="linear",
-                                                    temperature=0.8))])
+                                                    temperature=0.8)),
+                                       (False, dict(cfg=1.5, cfg_schedule="gradual")),
+                                       (True, dict(cfg=1.5, causal_num=0)),
+                                       (False, dict(cfg=1.5, cfg_schedule="gradual",
+                                                    causal_num=8))])
 def test_cache_sampling_equals_recompute(scan, opts):
-  model = tiny_model(scan=scan)
+  opts = dict(opts)
+  model = tiny_model(scan=scan, causal_num=opts.pop("causal_num", None))
   params = random_params(model)
   labels = np.array([0, 1, 2, 1])
   key = jax.random.key(3)
@@ -149,6 +180,11 @@ def test_number_of_forward_passes():
   assert nd.num_forward_passes(128, 8) == 23
   assert len(counter) == 23
   assert counter == [1] * 8 + [8] * 15          # 8 single-token steps, then 15 group steps
+  for c, want in ((0, [8] * 16), (16, [1] * 16 + [8] * 14)):   # every group parallel; c = 2g
+    counter = []
+    jax.eval_shape(lambda p: nd.sample(model.clone(causal_num=c), p, np.array([0, 1]),
+                                       jax.random.key(0), cfg=1.5, counter=counter), params)
+    assert counter == want and len(want) == nd.num_forward_passes(128, 8, c)
 
 
 def test_python_loop_sampler_equals_fori_loop():
@@ -423,3 +459,70 @@ def test_train_steps_on_a_sharded_mesh_match_one_device(tmp_path):
     losses[name] = out
   np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
   assert losses["one"][-1] < losses["one"][0]
+
+
+def test_gradual_cfg_follows_the_reference_formula():
+  """DetailFlow's gradual_cfg: the first group's token steps at cfg, then group step i of M at
+  cfg * (M - i + 1) / (M + 1) (autoregressive/models/generate.py), below 1 on the last groups."""
+  n, g, cfg = 16, 4, 1.5                   # M = 4 groups
+  got = [float(nd.cfg_scale(cfg, "gradual", t, n, g)) for t in (0, 1, 3, 4, 8, 12)]
+  np.testing.assert_allclose(got, [1.5, 1.5, 1.5, 1.5 * 4 / 5, 1.5 * 3 / 5, 1.5 * 2 / 5])
+  assert nd.cfg_scale(cfg, "constant", 8, n, g) == cfg
+
+
+@pytest.mark.parametrize("tokens,cfg", [(128, 1.45), (256, 1.5), (512, 1.32)])
+def test_paper_sizes_sample_with_the_reference_cfg_per_token_count(tokens, cfg):
+  """scripts/eval_c2i.sh: CFG 1.45 / 1.5 / 1.32 for DetailFlow-16 / -32 / -64; an explicit cfg
+  argument still wins, and the demo keeps its own."""
+  from tdjax import configlib
+  assert configlib.load_config("detailflow_ar", f"size=L,tokens={tokens}").sample.cfg == cfg
+  assert configlib.load_config("detailflow_ar", f"size=L,tokens={tokens},cfg=2.0").sample.cfg == 2.0
+  c = configlib.load_config("detailflow_ar", "size=L,cfg_schedule=gradual")
+  assert c.sample.cfg_schedule == "gradual"
+
+
+def test_ten_crop_codes_share_one_self_correction_draw_per_image(tmp_path, tiny_tokenizer_dir):
+  """views='tencrop' (the reference's extraction): ten views of each image, and one
+  self-correction draw per image for all ten (the perturbation starts at the same position in
+  every view: noise_idx, the first code where ar_input differs from clean; what follows is
+  re-encoded from each view's own content); views='flip' keeps a draw per view."""
+  out = str(tmp_path / "ten.npz")
+  meta = codes_lib.extract_from_workdir(tiny_tokenizer_dir, out, batch_size=8, max_batches=1,
+                                        views="tencrop")
+  assert meta["num_views"] == 10
+  arrays, _ = codes_lib.load_codes(out)
+  first = (arrays["ar_input"] != arrays["clean"]).argmax(-1)      # [num, 10]
+  assert first.any()
+  np.testing.assert_array_equal(first, np.broadcast_to(first[:, :1], first.shape))
+  flip = str(tmp_path / "flip.npz")
+  codes_lib.extract_from_workdir(tiny_tokenizer_dir, flip, batch_size=8, max_batches=1,
+                                 views="flip")
+  f, _ = codes_lib.load_codes(flip)
+  first = (f["ar_input"] != f["clean"]).argmax(-1)
+  assert not np.array_equal(first[:, 0], first[:, 1])
+
+
+def test_codes_files_carry_the_tokenizers_causal_num_to_the_ar_config(tmp_path,
+                                                                       tiny_tokenizer_dir):
+  """The reference's AR takes causal_num from the tokenizer's config (train_c2i.py): tdjax writes
+  the tokenizer's c into the codes file and the AR config reads it (files written before: g); a
+  tokenizer / AR pair that disagree on c is one line."""
+  from tdjax import configlib
+  out = str(tmp_path / "codes.npz")
+  meta = codes_lib.extract_from_workdir(tiny_tokenizer_dir, out, batch_size=8, max_batches=1)
+  g = meta["group_size"]
+  assert meta["causal_num"] == g and codes_lib.load_codes(out)[1]["causal_num"] == g
+  arrays, meta = codes_lib.load_codes(out)
+  n, b = meta["num_tokens"], len(arrays["label"])
+  enc = [dict(label=arrays["label"], **{k: np.asarray(arrays[k]).reshape(b, -1, n)
+                                        for k in ("clean", "ar_input", "ar_label")})]
+  kw = dict(vocab_size=meta["vocab_size"], group_size=g, num_classes=meta["num_classes"])
+  for name, c, want in (("parallel", 0, 0), ("old", None, g)):
+    for suffix in (".npz", ""):
+      path = str(tmp_path / (name + suffix))
+      codes_lib.write_codes(path, enc, causal_num=c, **kw)
+      cfg = configlib.load_config("detailflow_ar", f"size=demo,codes={path}")
+      assert cfg.model.causal_num == want, (name, suffix)
+  assert nd.model_from_config(cfg.model).c == g
+  with pytest.raises(ValueError, match="the tokenizer has causal_num=4, the AR model causal_num=0"):
+    nd.check_tokenizer_pair(16, 32, 16, 32, 4, 0)

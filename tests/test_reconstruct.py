@@ -21,8 +21,11 @@ def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, mo
   monkeypatch.setattr(metrics, "image_grid", lambda s: strips.append(np.asarray(s)) or grid(s))
   out = str(tmp_path / "pics" / "strip.png")
   os.makedirs(os.path.dirname(out))
+  clf = str(tmp_path / "clf")
+  trainer.train_and_evaluate(_config("classifier", "size=tiny,steps=1,batch=8"), clf)
   # 12 images in batches of 8: the second batch is cut to 4
-  report = reconstruct.reconstruct_report(tok, out, num=4, eval_images=12, batch_size=8)
+  report = reconstruct.reconstruct_report(tok, out, num=4, eval_images=12, batch_size=8,
+                                          judge=clf)
   _, task, state = runs.load_state(tok)
   ns = reconstruct.prefix_lengths(task.N)
   assert report["num_images"] == 12 and report["curve"]["tokens"] == ns and ns[-1] == task.N
@@ -39,8 +42,12 @@ def test_report_matches_the_tokenizer_and_refuses_other_checkpoints(tmp_path, mo
   for path in (out, str(tmp_path / "pics" / "strip_psnr.png")):
     assert os.path.getsize(path) > 0
   assert json.load(open(str(tmp_path / "pics" / "strip.json")))["num_images"] == 12
-
-  clf = str(tmp_path / "clf")
-  trainer.train_and_evaluate(_config("classifier", "size=tiny,steps=1,batch=8"), clf)
+  # rFID: the reconstructions' features against the originals' (0 for the originals themselves)
+  net, features = reconstruct.feature_net(clf, None)
+  assert report["rfid_features"] == features and features.startswith("classifier ")
+  assert abs(reconstruct.fid_of(net, strip[:, 0], strip[:, 0])) < 1e-6
+  assert np.isfinite(report["full"]["rfid"]) and report["full"]["rfid"] > 1e-4
+  with pytest.raises(ValueError, match="give one feature net"):
+    reconstruct.reconstruct_report(tok, out, eval_images=8, judge=clf, inception="x.npz")
   with pytest.raises(ValueError, match="holds a 'classifier' checkpoint, expected a tokenizer"):
     reconstruct.reconstruct_report(clf, str(tmp_path / "x.png"), eval_images=8, batch_size=8)

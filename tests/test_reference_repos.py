@@ -17,7 +17,6 @@ code / placeholder positions), the 2D RoPE table, the group-causal mask and the 
 the reference's own, not a reading of them.
 """
 
-import importlib
 import os
 import sys
 from unittest import mock
@@ -38,21 +37,12 @@ if not REFS:
 
 
 def reference_module(repo: str, module: str):
-  """Imports `module` from the checkout $TDJAX_REFERENCE_REPOS/`repo` (skips if it is absent).
-  The repositories share top-level names (`models`, `util`): modules of those names imported from
-  another checkout are dropped first."""
-  root = os.path.abspath(os.path.join(REFS, repo))
-  if not os.path.isdir(root):
-    pytest.skip(f"{root}: no checkout of the reference repository {repo}")
-  tops = {os.path.splitext(n)[0] for n in os.listdir(root)}
-  for name in [n for n in sys.modules if n.split(".")[0] in tops]:
-    where = getattr(sys.modules[name], "__file__", None) or ""
-    if where and not os.path.abspath(where).startswith(root + os.sep):
-      del sys.modules[name]
-  if root in sys.path:
-    sys.path.remove(root)
-  sys.path.insert(0, root)
-  return importlib.import_module(module)
+  """Imports `module` from the checkout $TDJAX_REFERENCE_REPOS/`repo` (skips if it is absent)."""
+  from tdjax.bench_reference import import_from_checkout
+  try:
+    return import_from_checkout(REFS, repo, module)
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
 
 
 def randomize(module, seed: int, scale: float = 0.3):
@@ -77,11 +67,13 @@ N, G, V, C = 16, 4, 64, 10          # tokens, group, vocabulary, classes
 GPT = dict(dim=64, n_layer=2, n_head=4, multiple_of=32)
 
 
-@pytest.fixture(scope="module")
-def gpt_pair():
-  """(reference Transformer, tdjax NextDetailTransformer, its params) with the same weights."""
+@pytest.fixture(scope="module", params=[None, 0], ids=["causal_num=g", "causal_num=0"])
+def gpt_pair(request):
+  """(reference Transformer, tdjax NextDetailTransformer, its params) with the same weights; with
+  the reference's default causal_num (g) and with 0 (every group parallel, Table 2's row)."""
   gpt = reference_module("DetailFlow", "autoregressive.models.gpt")
   args = gpt.ModelArgs(**GPT, vocab_size=V, num_classes=C, block_size=N, group_size=G,
+                       causal_num=request.param,
                        cls_token_num=1, token_dropout_p=0.0, resid_dropout_p=0.0,
                        ffn_dropout_p=0.0, class_dropout_prob=0.1)
   torch.manual_seed(0)
@@ -92,7 +84,7 @@ def gpt_pair():
   model = nd.NextDetailTransformer(vocab_size=V, num_tokens=N, group_size=G, num_classes=C,
                                    dim=GPT["dim"], depth=GPT["n_layer"], num_heads=GPT["n_head"],
                                    mlp_dim=dims["mlp_dim"], class_dropout=0.0, token_dropout=0.0,
-                                   dropout=0.0, scan=False)
+                                   dropout=0.0, scan=False, causal_num=request.param)
   expected = jax.eval_shape(lambda: __import__("flax").linen.unbox(
       nd.init_params(model, jax.random.key(0))))
   params = convert.detailflow_gpt_params(sd, GPT["n_layer"], GPT["n_head"], expected)
@@ -109,7 +101,7 @@ def test_gpt_teacher_forced_logits_match_detailflow(gpt_pair):
   with torch.no_grad():
     want, _ = ref(torch.from_numpy(codes[:, :N - G]), torch.from_numpy(labels),
                   basic_group_inference=True)
-  ids = nd.layout_ids(jnp.asarray(nd.next_detail_inputs(codes, G)), N, G)
+  ids = nd.layout_ids(jnp.asarray(nd.next_detail_inputs(codes, G)), N, G, model.causal_num)
   got = model.apply({"params": params}, ids, jnp.asarray(labels))
   assert got.shape == tuple(want.shape) == (3, N, V)
   np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-4)
@@ -122,8 +114,13 @@ def test_gpt_prefixes_match_detailflow(gpt_pair):
   codes = np.random.default_rng(1).integers(0, V, (2, N))
   labels = np.array([3, 4])
   full = model.apply({"params": params},
-                     nd.layout_ids(jnp.asarray(codes[:, :N - G]), N, G), jnp.asarray(labels))
-  for k in (0, 1, G - 1, G, 2 * G, 3 * G):
+                     nd.layout_ids(jnp.asarray(codes[:, :N - G]), N, G, model.causal_num),
+                     jnp.asarray(labels))
+  # causal_num 0: no token-causal rows, so a prefix ending inside a group (k % g != 0) is cut
+  # inside a bidirectional block and its last rows see fewer codes than in the full forward; and
+  # the class-only prefill (k = 0) lacks the placeholders block 0 holds (generate_group_par
+  # overwrites that draw with group 0's, so its sampler never uses it: checked below)
+  for k in (0, 1, G - 1, G, 2 * G, 3 * G) if model.c else (G, 2 * G, 3 * G):
     with torch.no_grad():
       want, _ = ref(torch.from_numpy(codes[:, :k]) if k else None, torch.from_numpy(labels),
                     torch.arange(1), basic_group_inference=True)
@@ -132,19 +129,21 @@ def test_gpt_prefixes_match_detailflow(gpt_pair):
                                err_msg=f"{k} codes in")
 
 
-@pytest.mark.parametrize("cfg", [1.5, 3.0])
+@pytest.mark.parametrize("cfg,gradual", [(1.5, False), (3.0, False), (3.0, True)])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_greedy_group_parallel_sampling_matches_detailflow(gpt_pair, cfg, use_cache):
-  """`generate_group_par` (first g codes one at a time, then g per step from the last g positions,
-  constant CFG on logits) with argmax picks = tdjax's sampler with top_k = 1, cached or not."""
+def test_greedy_group_parallel_sampling_matches_detailflow(gpt_pair, cfg, gradual, use_cache):
+  """`generate_group_par` (first c codes one at a time, then g per step from the last g positions,
+  constant or gradual CFG on logits) with argmax picks = tdjax's sampler with top_k = 1, cached or
+  not."""
   ref, model, params = gpt_pair
   generate = reference_module("DetailFlow", "autoregressive.models.generate")
   labels = np.array([0, 1, 5, 9])
   with torch.no_grad():
     want = generate.generate_group_par(ref, torch.from_numpy(labels), N, cfg_scale=cfg,
-                                       sample_logits=False, temperature=1.0, top_k=0, top_p=1.0)
+                                       gradual_cfg=gradual, sample_logits=False, temperature=1.0,
+                                       top_k=0, top_p=1.0)
   got = nd.sample(model, params, jnp.asarray(labels), jax.random.key(0), cfg=cfg, top_k=1,
-                  use_cache=use_cache)
+                  cfg_schedule="gradual" if gradual else "constant", use_cache=use_cache)
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
@@ -173,7 +172,7 @@ def test_ar_training_loss_matches_train_c2i(gpt_pair, correction_prob):
                                                   f"classes={C}")
   config.model.update(dict(dim=model.dim, depth=model.depth, num_heads=model.num_heads,
                            mlp_dim=model.mlp_dim, class_dropout=0.0, token_dropout=0.0,
-                           dropout=0.0, scan=False))
+                           dropout=0.0, scan=False, causal_num=model.c))
   config.loss.correction_prob = correction_prob
   task = NextDetailTask(config)
   batch = {"clean": triplets[..., 0], "ar_input": triplets[..., 1], "ar_label": triplets[..., 2],
@@ -577,28 +576,54 @@ def test_discriminator_loss_matches_vqloss():
 # MAR's diffusion loss (LTH14/mar: models/diffloss.py, diffusion/)
 # ------------------------------------------------------------------------------------------------
 
-def _mar_head_pair(C=4, Dc=6, W=32, depth=2):
-  """(MAR SimpleMLPAdaLN, tdjax MLPHead, its params) with the same random weights."""
-  from tdjax.generators.heads import MLPHead
+def mar_head(C=4, Dc=6, W=32, depth=2, seed=4):
+  """MAR's `SimpleMLPAdaLN` (in C, out 2C, condition Dc, width W), random weights (also
+  tests/parity/record.py's)."""
   diffloss = reference_module("mar", "models.diffloss")
   torch.manual_seed(0)
-  ref = randomize(diffloss.SimpleMLPAdaLN(C, W, 2 * C, Dc, depth), seed=4, scale=0.2)
-  sd = state_dict(ref)
-  lin = lambda k: {"kernel": sd[k + ".weight"].T, "bias": sd[k + ".bias"]}
-  p = {"time_embed": {"linear_1": lin("time_embed.mlp.0"), "linear_2": lin("time_embed.mlp.2")},
-       "cond_embed": lin("cond_embed"), "input_proj": lin("input_proj"),
-       "final_ada": lin("final_layer.adaLN_modulation.1"), "final_linear": lin("final_layer.linear")}
-  for i in range(depth):
-    r = f"res_blocks.{i}."
-    p.update({f"res_{i}_ada": lin(r + "adaLN_modulation.1"), f"res_{i}_fc1": lin(r + "mlp.0"),
-              f"res_{i}_fc2": lin(r + "mlp.2"),
-              f"res_{i}_norm": {"ln": {"scale": sd[r + "in_ln.weight"], "bias": sd[r + "in_ln.bias"]}}})
-  head = MLPHead(2 * C, W, depth)
-  x = jnp.zeros((1, 1, C))
-  want = jax.eval_shape(lambda: head.init(jax.random.key(0), x, jnp.zeros((1,)),
-                                          jnp.zeros((1, 1, Dc))))["params"]
-  assert jax.tree.structure(__import__("flax").linen.unbox(want)) == jax.tree.structure(p)
-  return ref, head, p
+  return randomize(diffloss.SimpleMLPAdaLN(C, W, 2 * C, Dc, depth), seed=seed, scale=0.2)
+
+
+def _mar_head_pair(C=4, Dc=6, W=32, depth=2):
+  """(MAR SimpleMLPAdaLN, tdjax MLPHead, its params) with the same random weights, converted by
+  `tdjax.convert.mar_head_params`."""
+  ref = mar_head(C, Dc, W, depth)
+  sd = {"diffloss.net." + k: v for k, v in state_dict(ref).items()}
+  dims = convert.mar_head_dims(convert.mar.mar_head_state_dict(sd))
+  assert (dims["in_channels"], dims["z_channels"], dims["width"], dims["depth"]) == (C, Dc, W,
+                                                                                   depth)
+  head, expected = convert.mar.mar_head_expected(dims)
+  return ref, head, jax.tree.map(jnp.asarray, convert.mar_head_params(sd, expected))
+
+
+def test_mar_checkpoint_head_converts_through_the_cli(tmp_path):
+  """A MAR checkpoint as main_mar.py saves it (.pth: "model", "model_ema", "args"; the head under
+  diffloss.net. beside the masked-AR keys) -> `python -m tdjax.convert --kind mar_head` -> the
+  MLPHead .npz: its output is the EMA SimpleMLPAdaLN's on (x, t, c), t the integer steps MAR
+  feeds, to float32 precision."""
+  import argparse
+  from test_bad_input import run
+  C, Dc, W, depth = 4, 6, 32, 2
+  ema, live = mar_head(C, Dc, W, depth, seed=5), mar_head(C, Dc, W, depth, seed=6)
+  mar = lambda net: {"encoder_pos_embed_learned": torch.zeros(1, 4, 8),
+                     **{"diffloss.net." + k: v for k, v in net.state_dict().items()}}
+  torch.save({"model": mar(live), "model_ema": mar(ema), "epoch": 799,
+              "args": argparse.Namespace(diffloss_d=depth, diffloss_w=W)}, tmp_path / "mar.pth")
+  out = tmp_path / "head.npz"
+  r = run("tdjax.convert", "--kind=mar_head", f"--input={tmp_path / 'mar.pth'}", f"--output={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"'width': {W}, 'depth': {depth}" in r.stdout, r.stdout
+  head, params = convert.load_mar_head(str(out))
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(6, C)).astype(np.float32)
+  c = rng.normal(size=(6, Dc)).astype(np.float32)
+  t = np.array([0, 1, 17, 500, 998, 999])
+  with torch.no_grad():
+    want = ema(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)).numpy()
+  got = np.asarray(head.apply({"params": params}, jnp.asarray(x)[:, None], jnp.asarray(t),
+                              jnp.asarray(c)[:, None]))[:, 0]
+  assert got.shape == want.shape == (6, 2 * C) and np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_mlp_head_and_ddpm_loss_match_mar_diffloss():

@@ -17,6 +17,11 @@ reference package does:
     python -m pytest tests/test_torch_references.py
 """
 
+import importlib
+import re
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +44,45 @@ def _nchw(x):
 def _state_dict(module):
   """Copies: a plain .numpy() shares memory with buffers that torch updates in place."""
   return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+# the transformers releases the HF tests need: SigLIP2 (Siglip2VisionConfig / Siglip2VisionModel)
+# arrived in 4.49; `LlamaRotaryEmbedding(config)` in 4.48 (4.45-4.47 take `dim` first)
+SIGLIP2, LLAMA_ROPE_CONFIG = (4, 49), (4, 48)
+
+
+def require_transformers(minimum: tuple, *names: str):
+  """transformers, if it is at least `minimum` and has each of `names` ('Siglip2VisionModel', or
+  a dotted 'models.llama.modeling_llama.LlamaRotaryEmbedding' under transformers); otherwise the
+  test skips saying what is missing, instead of failing with an AttributeError on an older
+  release."""
+  transformers = pytest.importorskip("transformers")
+  version = getattr(transformers, "__version__", "unknown")
+  need = ".".join(map(str, minimum))
+  if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < tuple(minimum):
+    pytest.skip(f"needs transformers >= {need}, this is {version}")
+  for name in names:
+    where, _, attr = name.rpartition(".")
+    try:
+      getattr(importlib.import_module(f"transformers.{where}") if where else transformers, attr)
+    except (ImportError, AttributeError) as e:
+      pytest.skip(f"needs transformers >= {need} with {name}, this is {version} ({e})")
+  return transformers
+
+
+def test_older_transformers_skip_with_the_reason(monkeypatch):
+  """An older transformers release, or one without a class a test uses, skips those tests with
+  the reason (seen before as AttributeError failures under transformers 4.48.3)."""
+  old = types.ModuleType("transformers")            # a release without SigLIP2 or the Llama module
+  old.__version__ = "4.48.3"
+  monkeypatch.setitem(sys.modules, "transformers", old)
+  with pytest.raises(pytest.skip.Exception, match=r"needs transformers >= 4.49, this is 4.48.3"):
+    require_transformers(SIGLIP2, "Siglip2VisionConfig")
+  old.__version__ = "4.60.0"                        # new enough by number, the class missing
+  with pytest.raises(pytest.skip.Exception, match=r"with Siglip2VisionModel, this is 4.60.0"):
+    require_transformers(SIGLIP2, "Siglip2VisionModel")
+  with pytest.raises(pytest.skip.Exception, match=r"with models.llama.modeling_llama.Llama"):
+    require_transformers(LLAMA_ROPE_CONFIG, "models.llama.modeling_llama.LlamaRotaryEmbedding")
 
 
 def test_lpips_vgg_matches_the_lpips_package():
@@ -64,7 +108,10 @@ def test_lpips_vgg_matches_the_lpips_package():
 
 def test_inception_matches_pytorch_fid(monkeypatch):
   """pytorch-fid's FID InceptionV3 loads the tdjax-layout state dict strictly (every key and shape
-  of the real module), and pool_3, logits and ADM's spatial features agree with tdjax's."""
+  of the real module), and pool_3, logits and ADM's spatial features agree with tdjax's.  pool_3
+  through pytorch-fid's own resize to 299 (`F.interpolate(bilinear, align_corners=False)`, no
+  antialiasing): up from 64 x 48, and down from 512 x 512 (ImageNet 512), where an antialiased
+  resize (`jax.image.resize`) would differ."""
   pf = pytest.importorskip("pytorch_fid.inception")
   sd = torch_state_dict(seed=1)
   monkeypatch.setattr(pf, "load_state_dict_from_url",
@@ -77,15 +124,20 @@ def test_inception_matches_pytorch_fid(monkeypatch):
   rng = np.random.default_rng(0)
   x01 = rng.uniform(0, 1, (2, 64, 48, 3)).astype(np.float32)
   x299 = rng.uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
+  x512 = rng.uniform(0, 1, (1, 512, 512, 3)).astype(np.float32)
   with torch.no_grad():
     pool_ref = pool_net(_nchw(x01))[0].numpy().reshape(2, -1)
+    pool512_ref = pool_net(_nchw(x512))[0].numpy().reshape(1, -1)
     logits_ref = full(_nchw(x299)).numpy()
   spatial_ref = spatial["x"].numpy()[:, :7].transpose(0, 2, 3, 1).reshape(2, -1)
   apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
   _, pool, _ = apply(variables, 2 * x01 - 1)
   logits, _, spat = apply(variables, x299)
+  _, pool512, _ = apply(variables, 2 * x512 - 1)
   assert np.std(pool_ref[0] - pool_ref[1]) > 1e-2              # features depend on the image
   np.testing.assert_allclose(np.asarray(pool), pool_ref, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(pool512), pool512_ref, rtol=1e-3, atol=1e-4,
+                             err_msg="512 px: pytorch-fid's resize to 299")
   np.testing.assert_allclose(np.asarray(logits), logits_ref, rtol=1e-3, atol=1e-4)
   np.testing.assert_allclose(np.asarray(spat), spatial_ref, rtol=1e-3, atol=1e-4)
 
@@ -95,7 +147,7 @@ def test_siglip2_teacher_matches_hf_siglip2_vision_model(tmp_path, size):
   """`convert --kind siglip2` on a random HF `Siglip2VisionModel` (NaFlex) -> the alignment
   teacher's features equal HF's last_hidden_state, at the position table's own grid (4 x 4) and at
   grids it is resized to (up: 6 x 8, down: 2 x 3; bilinear with antialiasing as HF does)."""
-  transformers = pytest.importorskip("transformers")
+  transformers = require_transformers(SIGLIP2, "Siglip2VisionConfig", "Siglip2VisionModel")
   w, heads, mlp, patch, grid = 32, 4, 48, 4, 4
   cfg = transformers.Siglip2VisionConfig(hidden_size=w, intermediate_size=mlp, num_hidden_layers=2,
                                          num_attention_heads=heads, patch_size=patch,
@@ -234,6 +286,19 @@ def test_resizers_match_torch_interpolate(src, dst):
                              want.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("src", [(512, 512), (256, 256), (64, 48), (300, 640), (7, 5)])
+def test_fid_resize_matches_torch_interpolate(src):
+  """InceptionV3's resize to 299 = pytorch-fid's `F.interpolate(bilinear, align_corners=False)`
+  in float32 (identical values on the torch 2.13 CPU build here; 1e-6 leaves room for a build
+  that does not fuse the source-position multiply-add)."""
+  import torch.nn.functional as F
+  x = np.random.default_rng(0).uniform(-1, 1, (2, *src, 3)).astype(np.float32)
+  want = F.interpolate(_nchw(x), size=(299, 299), mode="bilinear", align_corners=False)
+  got = jax.jit(lambda x: inception.resize_bilinear(x, (299, 299)))(x)
+  np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1), rtol=0,
+                             atol=1e-6)
+
+
 def test_fid_psnr_ssim_match_pytorch_fid_and_scikit_image():
   """Fréchet distance = pytorch-fid's `calculate_frechet_distance`; PSNR / SSIM = scikit-image's
   with the Wang et al. settings (Gaussian window, sigma 1.5, population covariances)."""
@@ -308,7 +373,9 @@ def test_gpt_block_matches_hf_llama_decoder_layer():
   attention_norm / ffn_norm) equals HF's `LlamaDecoderLayer` under a causal mask at positions
   0..L-1 (1D RoPE, base 10000), once HF's q / k rows are taken back from its half-split rotary
   basis to the interleaved one (the inverse of HF's Llama conversion `permute`)."""
-  transformers = pytest.importorskip("transformers")
+  transformers = require_transformers(LLAMA_ROPE_CONFIG, "LlamaConfig",
+                                      "models.llama.modeling_llama.LlamaDecoderLayer",
+                                      "models.llama.modeling_llama.LlamaRotaryEmbedding")
   from transformers.models.llama import modeling_llama as ml
   from tdjax.nn.layers import TransformerBlock, llama_block_kwargs
   from tdjax.nn.rope import rope_1d
@@ -427,7 +494,7 @@ def test_detailflow_tokenizer_visual_model_keys_are_hf_siglip2s():
   `tokenizer_state_dict`) names and shapes its `visual_model` tensors exactly as HF's
   `Siglip2VisionModel(...).vision_model` does, with the reference's edits: the pooling head
   replaced by Identity on both sides, and the decoder's patch embedding too."""
-  transformers = pytest.importorskip("transformers")
+  transformers = require_transformers(SIGLIP2, "Siglip2VisionConfig", "Siglip2VisionModel")
   from flax import linen as nn
   from test_convert import tokenizer_state_dict
   from tdjax.tokenizers import detailflow as df

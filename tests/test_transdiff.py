@@ -140,7 +140,44 @@ def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
                       lambda *a, **k: calls.append(1) or orig(*a, **k))
   imgs = np.asarray(task.image_sampler(steps=4)(params, np.array([0, 3]), jax.random.key(1)))
   assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
-  assert len(calls) == (4 if mrar else 1)          # MRAR: 4 rounds (3 references + the output)
+  assert len(calls) == 1          # MRAR: its 4 rounds are one fori_loop body, traced once
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_mrar_sampling_rounds_in_one_loop_equal_the_unrolled_rounds(cfg):
+  """MRAR sampling as one compiled round (all reference slots read, zeros before they exist; the
+  head masks the conditions of later rounds) = K rounds unrolled with the references growing, as
+  the reference's sampler runs them (tdjax did so before): same images to float rounding."""
+  from tdjax.diffusion import flow
+  task = _task("size=tiny,mrar=True")
+  params = nn.unbox(task.init(jax.random.key(0))[0])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])   # the zero final layer too
+  labels = jnp.array([0, 3, 7])
+  rng = jax.random.key(2)
+  got = jax.jit(lambda p: task.sample_latents(p, labels, rng, cfg=cfg, steps=5))(params)
+
+  def unrolled(params):
+    b = labels.shape[0]
+    k_noise, k_s = jax.random.split(rng)
+    noise = jax.random.normal(k_noise, (b, task.L, task.latent_dim))
+    refs = jnp.zeros((b, 0, task.ar.mask_len, task.latent_dim * task.ar.ref_patch ** 2))
+    for rnd in range(task.num_refs + 1):
+      ar = lambda lab: task.ar.apply({"params": params["ar"]}, lab, refs)
+      z = ar(labels) if cfg == 1 else jnp.concatenate([ar(labels), ar(jnp.full_like(labels, -1))])
+      vf = ((lambda x, t: task._head(params, x, t, z)) if cfg == 1 else
+            (lambda x, t: tuple(jnp.split(task._head(params, jnp.concatenate([x, x]),
+                                                     jnp.concatenate([t, t]), z), 2))))
+      x = flow.euler_maruyama_sample(vf, noise, jax.random.fold_in(k_s, rnd), steps=5, cfg=cfg)
+      grid = x.reshape(b, task.grid, task.grid, task.latent_dim)
+      refs = jnp.concatenate([refs, td.patchify_latent(grid, task.ar.ref_patch)[:, None]], 1)
+    return x.reshape(got.shape)
+
+  want = jax.jit(unrolled)(params)
+  assert float(jnp.abs(want).mean()) > 0.1
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_mlp_head_with_ddpm_trains_and_samples(monkeypatch):

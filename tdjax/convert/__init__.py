@@ -1,7 +1,7 @@
 """Official PyTorch checkpoints -> tdjax checkpoints (`python -m tdjax.convert`, see `__main__`).
 
 One module per source maps its key names and layouts: `detailflow` (tokenizer and GPT),
-`transdiff`, `mar` (the KL-16 VAE), `lpips`, `inception`, `siglip2` (also the `teacher` kind) and
+`transdiff`, `mar` (the KL-16 VAE and MAR's MLP diffusion head), `lpips`, `inception`, `siglip2` (also the `teacher` kind) and
 `dino`; `common` holds what they share (reading, checking, writing).  This module holds the
 REGISTRY: each kind's converter and a one-line description.
 JAX, torch, safetensors and the tdjax models are imported inside the functions that use them, so
@@ -19,7 +19,9 @@ from tdjax.convert.detailflow import (
 from tdjax.convert.dino import convert_dino, dino_params
 from tdjax.convert.inception import convert_inception, inception_variables
 from tdjax.convert.lpips import convert_lpips, lpips_params
-from tdjax.convert.mar import convert_mar_vae, mar_vae_params
+from tdjax.convert.mar import (
+    convert_mar_head, convert_mar_vae, load_mar_head, mar_head_dims, mar_head_params,
+    mar_vae_params)
 from tdjax.convert.siglip2 import convert_siglip2, convert_teacher, siglip2_params
 from tdjax.convert.transdiff import (
     convert_transdiff, transdiff_dims, transdiff_params)
@@ -38,6 +40,8 @@ REGISTRY: dict[str, Kind] = {
     "transdiff": Kind(convert_transdiff, "TransDiff -> a transdiff workdir (--vae: the KL-16 .npz "
                       "that decodes)"),
     "mar_vae": Kind(convert_mar_vae, "MAR's / TransDiff's KL-16 VAE -> the kl_vae .npz"),
+    "mar_head": Kind(convert_mar_head, "MAR's MLP diffusion head (diffloss.net) -> the MLPHead "
+                     ".npz"),
     "inception": Kind(convert_inception, "pytorch-fid's FID InceptionV3 -> the .npz of "
                       "tdjax.evaluate --inception"),
     "lpips": Kind(convert_lpips, "torchvision's VGG16 + the LPIPS heads -> the LPIPS .npz"),
@@ -54,6 +58,7 @@ __all__ = [
     "convert_detailflow_gpt", "convert_detailflow_tokenizer", "detailflow_gpt_params",
     "detailflow_tokenizer_params", "gpt_dims", "tokenizer_dims", "convert_dino", "dino_params",
     "convert_inception", "inception_variables", "convert_lpips", "lpips_params",
-    "convert_mar_vae", "mar_vae_params", "convert_siglip2", "convert_teacher", "siglip2_params",
+    "convert_mar_head", "convert_mar_vae", "load_mar_head", "mar_head_dims", "mar_head_params",
+    "mar_vae_params", "convert_siglip2", "convert_teacher", "siglip2_params",
     "convert_transdiff", "transdiff_dims", "transdiff_params",
 ]

@@ -6,6 +6,7 @@ r"""Official checkpoints -> tdjax checkpoints that the sampling CLI loads.
   python -m tdjax.convert --kind detailflow_tokenizer --input DetailFlow-16/checkpoints/128.pt \
       --output runs/df16_tok [--group 8]
   python -m tdjax.convert --kind mar_vae --input kl16.ckpt --output kl16.npz
+  python -m tdjax.convert --kind mar_head --input mar_large/checkpoint-last.pth --output mar_l_head.npz
   python -m tdjax.convert --kind transdiff --input transdiff_l.pth --output runs/td_l --vae kl16.npz
   python -m tdjax.convert --kind inception --input pt_inception-2015-12-05-6726825d.pth \
       --output inception.npz

@@ -9,10 +9,19 @@ existing checkpoint at the output is never replaced: `save_atomically`, `write_w
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
+
+from tdjax import checkpoint as ckpt_lib
+from tdjax import parallel, trainer
+from tdjax.losses.weights import save_npz_params
+from tdjax.nn.layers import stack_layers, unstack_layers
 
 
 class ConversionError(ValueError):
@@ -50,14 +59,21 @@ def read_state_dict(path: str, entries=("ema", "model")) -> dict[str, np.ndarray
         logging.info("%s: using the %r entry", path, e)
         obj = obj[e]
         break
-    sd = {k: v.float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+    sd = {k: v for k, v in obj.items() if hasattr(v, "numpy")}    # tensors: cast below
   out = {}
-  for k, v in sd.items():
+  for k, v in progress(sd.items(), f"reading {os.path.basename(path)}", len(sd)):
     for prefix in ("module.", "_orig_mod."):
       if k.startswith(prefix):
         k = k[len(prefix):]
-    out[k] = np.asarray(v, np.float32)
+    out[k] = np.asarray(v.float().numpy() if hasattr(v, "float") and hasattr(v, "numpy") else v,
+                        np.float32)
   return out
+
+
+def progress(items, desc: str, total: int):
+  """A tqdm bar over the tensors of a state dict (as tdjax.sample's), shown from 64 tensors on:
+  casting a full checkpoint's tensors to float32 numpy takes a while, a test's few do not."""
+  return tqdm(items, desc=desc, total=total, unit="tensor", disable=total < 64)
 
 
 def read_merged(paths: str, entries=("state_dict", "model")) -> dict:
@@ -117,6 +133,7 @@ SIGNATURES = {
     "detailflow_gpt": ("tok_embeddings.", "cls_embedding."),
     "transdiff": ("diffdecoder.", "class_emb."),
     "mar_vae": ("encoder.down.", "decoder.up.", "quant_conv."),
+    "mar_head": ("diffloss.net.",),
     "inception": ("Mixed_", "Conv2d_1a_3x3."),
     "lpips": ("features.", "net.slice", "lin0."),
     "siglip2": ("vision_model.", "embeddings.patch_embedding."),
@@ -137,7 +154,6 @@ def place(flat: dict, expected: Mapping, errors: list) -> dict:
   """Nested params from {target path: (source key, array)}; every target leaf missing from `flat`,
   every mis-shaped one and every source key without a target joins `errors` -> ConversionError."""
   # imported here, not at start-up: it loads JAX
-  import jax
   want = {tuple(getattr(k, "key", k) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
   for path, leaf in want.items():
@@ -170,7 +186,6 @@ def save_atomically(save, output: str, tree) -> None:
 
 def count_params(tree) -> int:
   # imported here, not at start-up: it loads JAX
-  import jax
   return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
 
@@ -179,7 +194,6 @@ def convert_vit(kind: str, params_fn, input_path: str, output: str, num_heads: i
   if os.path.exists(output):
     raise ConversionError(f"{output} exists; choose a new --output")
   # imported here, not at start-up: it loads JAX
-  from tdjax.losses.weights import save_npz_params
   flat = params_fn(read_state_dict(input_path), num_heads)
   save_atomically(save_npz_params, output, flat)
   return dict(kind=kind, output=output, params=count_params(flat), num_heads=num_heads,
@@ -194,11 +208,6 @@ def write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
   restacked); `under`: the key of the converted model inside the task's params (e.g. the
   tokenizer's 'gen')."""
   # imported here, not at start-up: they load JAX
-  import flax.linen as nn
-  import jax
-  from tdjax import checkpoint as ckpt_lib
-  from tdjax import parallel, trainer
-  from tdjax.nn.layers import stack_layers, unstack_layers
   if os.path.exists(output):
     raise ConversionError(f"{output} exists; choose a new --output (a converted run is a new "
                           f"workdir)")
@@ -237,6 +246,5 @@ def write_workdir(config, output: str, convert_fn, stacks: Mapping[str, int],
     os.replace(tmp, output)
   finally:
     if os.path.exists(tmp):
-      import shutil
       shutil.rmtree(tmp, ignore_errors=True)
   return params

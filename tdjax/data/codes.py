@@ -41,13 +41,16 @@ import ml_collections
 import numpy as np
 from absl import flags
 from etils import epath
+from tqdm import tqdm
 
 from tdjax import cli, parallel
-from tdjax.data import pipeline
+from tdjax.data import pipeline, preprocess
 from tdjax.tasks.tokenizer import load_tokenizer
 
 CODE_KEYS = ("clean", "ar_input", "ar_label")
 META_KEYS = ("num_tokens", "vocab_size", "group_size", "num_classes", "num_views")
+# optional: the tokenizer's causal_num c (files written before it was recorded: c = g)
+OPTIONAL_META_KEYS = ("causal_num",)
 
 EncodeFn = Callable[[np.ndarray, int], tuple]
 
@@ -67,18 +70,21 @@ def _check_codes(name: str, codes: np.ndarray, batch: int, vocab_size: int) -> n
 def extract_codes(encode_fn: EncodeFn, batches: Iterable[Mapping[str, np.ndarray]], path: str, *,
                   vocab_size: int, group_size: int, num_classes: int,
                   views: Callable[[np.ndarray], list] | None = None,
-                  max_batches: int | None = None, overwrite: bool = False) -> dict:
+                  max_batches: int | None = None, overwrite: bool = False,
+                  causal_num: int | None = None) -> dict:
   """Encodes every batch ({'image', 'label'}) and writes the codes file; returns its metadata.
 
   The file is written to `path + '.tmp'` and renamed, so a crash never leaves a partial file that
   a later run would take for finished codes (the reference silently reuses stale codes).  An
   existing `path` is an error before any encoding unless overwrite=True."""
   refuse_existing(path, overwrite)
+  stream = tqdm(itertools.islice(batches, max_batches), desc="codes", unit="batch",
+                total=max_batches)
   encoded = (encode_batch(encode_fn, batch, i, vocab_size=vocab_size, num_classes=num_classes,
                           views=views)
-             for i, batch in enumerate(itertools.islice(batches, max_batches)))
+             for i, batch in enumerate(stream))
   return write_codes(path, encoded, vocab_size=vocab_size, group_size=group_size,
-                     num_classes=num_classes)
+                     num_classes=num_classes, causal_num=causal_num)
 
 
 def refuse_existing(path: str, overwrite: bool) -> None:
@@ -116,7 +122,7 @@ def encode_batch(encode_fn: EncodeFn, batch: Mapping[str, np.ndarray], index: in
 
 
 def write_codes(path: str, encoded: Iterable[dict], *, vocab_size: int, group_size: int,
-                num_classes: int) -> dict:
+                num_classes: int, causal_num: int | None = None) -> dict:
   """Writes the codes file of the encoded batches (`encode_batch`'s dicts, in order); returns
   its metadata."""
   out = {k: [] for k in CODE_KEYS + ("label",)}
@@ -140,6 +146,8 @@ def write_codes(path: str, encoded: Iterable[dict], *, vocab_size: int, group_si
     arrays = {k: v[:, 0] for k, v in arrays.items()}
   meta = dict(num_tokens=num_tokens, vocab_size=vocab_size, group_size=group_size,
               num_classes=num_classes, num_views=num_views)
+  if causal_num is not None:
+    meta["causal_num"] = int(causal_num)
   arrays["label"] = np.concatenate(out["label"]).astype(np.int32)
   if path.endswith(".npz"):
     _write_npz(path, {**arrays, **{k: np.int64(v) for k, v in meta.items()}})
@@ -195,12 +203,13 @@ def _read(path: str) -> tuple[dict, dict]:
     arrays = {k: (np.load(str(p / f"{k}.npy"), mmap_mode="r") if local else
                   np.load(io.BytesIO((p / f"{k}.npy").read_bytes())))
               for k in CODE_KEYS + ("label",)}
-    return arrays, {k: int(meta[k]) for k in META_KEYS}
+    return arrays, {k: int(meta[k]) for k in META_KEYS + OPTIONAL_META_KEYS if k in meta}
   with p.open("rb") as fh, np.load(io.BytesIO(fh.read())) as f:
     missing = [k for k in CODE_KEYS + ("label",) + META_KEYS if k not in f.files]
     if missing:
       raise ValueError(f"codes file {path} lacks {missing}; found {sorted(f.files)}")
-    return {k: f[k] for k in CODE_KEYS + ("label",)}, {k: int(f[k]) for k in META_KEYS}
+    return ({k: f[k] for k in CODE_KEYS + ("label",)},
+            {k: int(f[k]) for k in META_KEYS + OPTIONAL_META_KEYS if k in f.files})
 
 
 def load_codes(path: str) -> tuple[dict, dict]:
@@ -293,6 +302,9 @@ class CodesPipeline:
   def set_state(self, state: dict[str, Any]) -> None:
     self.batches_consumed = int((state or {}).get("batches_consumed", 0))
 
+  def close(self) -> None:
+    """Nothing to stop (no workers): the iterator protocol of `tdjax.data.pipeline`."""
+
   def stats(self) -> dict[str, int]:
     return dict(sequences=self.num_records, views=self.meta["num_views"],
                 num_tokens=self.meta["num_tokens"], vocab_size=self.meta["vocab_size"],
@@ -344,17 +356,20 @@ def synthetic_codes(path: str, *, num: int = 512, num_tokens: int = 32, group_si
 # From a trained DetailFlow tokenizer
 # ------------------------------------------------------------------------------------------------
 
-def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None = None) -> EncodeFn:
+def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None = None,
+                        shared: int = 1) -> EncodeFn:
   """The encode protocol from a `tdjax.tokenizers.detailflow.DetailFlowTokenizer` and its params
   (the 'gen' subtree is taken when given the tokenizer task's params): eval-mode
-  `encode_for_ar`, the self-correction draw of call `call` keyed by fold_in(seed, call) (frozen
-  once written to the file)."""
+  `encode_for_ar`, the self-correction draw of call `call` keyed by fold_in(seed, call // shared)
+  (frozen once written to the file).  shared = the number of views of a batch: each image then
+  has one draw for all its views, as the reference's ten-crop extraction does."""
   gen = params["gen"] if isinstance(params, Mapping) and "gen" in params else params
   extra = dict(variables or {})
   fn = jax.jit(lambda p, x, k: model.apply({"params": p, **extra}, x, k, method="encode_for_ar"))
 
   def encode(images, call):
-    out = fn(gen, np.asarray(images, np.float32), jax.random.fold_in(jax.random.key(seed), call))
+    key = jax.random.fold_in(jax.random.key(seed), call // shared)
+    out = fn(gen, np.asarray(images, np.float32), key)
     return tuple(np.asarray(a) for a in out)
   return encode
 
@@ -362,6 +377,10 @@ def tokenizer_encode_fn(model, params, *, seed: int = 0, variables: dict | None 
 def flip_views(images: np.ndarray) -> list:
   """The image and its horizontal flip (a light stand-in for the reference's ten-crop)."""
   return [images, images[:, :, ::-1]]
+
+
+VIEWS = ("none", "flip", "tencrop")
+TENCROP_MARGIN = 1.1     # reference --crop-range: centre crop to int(1.1 S), then TenCrop(S)
 
 
 def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = "train",
@@ -378,17 +397,24 @@ def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = 
   same file as one process writes.  Returns the metadata (None on the other processes)."""
   pi, pc = jax.process_index(), jax.process_count()
   refuse_existing(out_path, overwrite)
+  if views not in VIEWS:
+    raise ValueError(f"--views={views!r}: expected one of {VIEWS}")
   task, params, cfg = load_tokenizer(tokenizer_workdir, use_ema=use_ema)
   model = task.model
   inp = ml_collections.ConfigDict(cfg.input.to_dict())
   inp.update(dict(batch_size=batch_size, augment="none", shuffle=False))
+  size = int(inp.image_size)
+  if views == "tencrop":      # the reference's ten-crop: one self-correction draw per image
+    inp.image_size = int(size * TENCROP_MARGIN)
   data = pipeline.make_image_pipeline(inp, seed=seed, process_index=0, process_count=1, split=split,
                                 train=False)
   steps = getattr(data, "steps_per_epoch", None)
   limits = [x for x in (steps, max_batches) if x is not None]
-  encode = tokenizer_encode_fn(model, params, seed=seed)
-  kw = dict(vocab_size=int(model.codebook_size), num_classes=int(cfg.input.num_classes))
-  view_fn = flip_views if views == "flip" else None
+  view_fn = {"none": None, "flip": flip_views,
+             "tencrop": lambda im: preprocess.ten_crop(im, size)}[views]
+  encode = tokenizer_encode_fn(model, params, seed=seed, shared=10 if views == "tencrop" else 1)
+  kw = dict(vocab_size=int(model.codebook_size), num_classes=int(cfg.input.num_classes),
+            causal_num=int(model.c))
   if pc == 1:
     return extract_codes(encode, data, out_path, group_size=int(model.group), views=view_fn,
                          max_batches=min(limits) if limits else None, overwrite=overwrite, **kw)
@@ -398,10 +424,11 @@ def extract_from_workdir(tokenizer_workdir: str, out_path: str, *, split: str = 
   parts = epath.Path(out_path + ".parts")
   parts.mkdir(parents=True, exist_ok=True)
   part = lambda b: parts / f"{b:08d}.npz"
-  for b in range(pi, min(limits), pc):
+  for b in tqdm(range(pi, min(limits), pc), desc=f"codes (process {pi} of {pc})", unit="batch"):
     if part(b).exists():
       continue
-    enc = encode_batch(encode, data.batch(b), b, views=view_fn, **kw)
+    enc = encode_batch(encode, data.batch(b), b, views=view_fn, vocab_size=kw["vocab_size"],
+                       num_classes=kw["num_classes"])
     _write_npz(str(part(b)), enc)
     logging.info("codes: process %d encoded batch %d of %d", pi, b + 1, min(limits))
   parallel.barrier("tdjax.data.codes: every part written")
@@ -429,7 +456,9 @@ def _define_flags():
   flags.DEFINE_string("split", "train", "Split of the tokenizer's input pipeline.")
   flags.DEFINE_integer("batch_size", 64, "Images per encode call.")
   flags.DEFINE_integer("max_batches", None, "Stop after this many batches (default: one epoch).")
-  flags.DEFINE_enum("views", "none", ["none", "flip"], "Views per image ('flip': image + mirror).")
+  flags.DEFINE_enum("views", "none", list(VIEWS), "Views per image: 'flip' (image + mirror, each "
+                    "with its own self-correction draw), 'tencrop' (the reference's: centre crop to "
+                    "1.1 S, TenCrop(S), one draw per image).")
   flags.DEFINE_integer("seed", 0, "Seed of the self-correction draws.")
   flags.DEFINE_bool("use_ema", False, "Use the tokenizer's EMA weights (reference: non-EMA).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before encoding).")

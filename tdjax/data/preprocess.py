@@ -3,6 +3,10 @@
   to_uint8          bytes / PIL image / array in any mode -> uint8 HxWxC with C in {1, 3}
   center_crop       ADM (guided-diffusion `center_crop_arr`): BOX halving while >= 2x, BICUBIC, crop
   random_crop_flip  random square crop (side = short edge), BICUBIC resize, optional flip (p=0.5)
+  adm_random_crop   ADM's `random_crop_arr` (DetailFlow's tokenizer augmentation): short side to a
+                    random size in [S / 1.0, S / 0.8], then a random S x S crop (scale augmentation)
+  ten_crop          torchvision's TenCrop: the four corners and the centre, then the same of the
+                    mirrored image (the reference's codes extraction)
   to_float          uint8 -> float32 in [-1, 1] (x / 127.5 - 1)
   record_rng        the per-record generator from (seed, epoch, position, slot)
 """
@@ -10,11 +14,12 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ("none", "flip", "crop_flip")
+AUGMENTS = ("none", "flip", "crop_flip", "adm_crop_flip")
 _TARGET_MODE = {1: "L", 3: "RGB"}
 
 
@@ -121,6 +126,36 @@ def random_crop_flip(a: np.ndarray, size: int, rng: np.random.Generator, crop: b
   return out[:, ::-1] if do_flip else out
 
 
+def adm_random_crop(a: np.ndarray, size: int, rng: np.random.Generator, min_frac: float = 0.8,
+                    max_frac: float = 1.0) -> np.ndarray:
+  """ADM's random_crop_arr (guided-diffusion; DetailFlow's utils/data.py): the short side is
+  resized (BOX halving while >= 2x, then BICUBIC) to a random length in [ceil(S / max_frac),
+  ceil(S / min_frac)] (256..320 for S = 256: crops of 80-100 % of the short side), then a random
+  S x S window.  The rng draws (length, row, column) in that order."""
+  short = int(rng.integers(math.ceil(size / max_frac), math.ceil(size / min_frac) + 1))
+  img = _pil(a)
+  while min(img.size) >= 2 * short:
+    img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+  scale = short / min(img.size)
+  img = _resize(img, tuple(round(x * scale) for x in img.size))
+  out = _hwc(np.asarray(img))
+  oy = int(rng.integers(0, out.shape[0] - size + 1))
+  ox = int(rng.integers(0, out.shape[1] - size + 1))
+  return out[oy:oy + size, ox:ox + size]
+
+
+def ten_crop(images: np.ndarray, size: int) -> list:
+  """[B, H, W, C] -> the ten [B, size, size, C] views of torchvision's TenCrop: top-left,
+  top-right, bottom-left, bottom-right, centre, then the same five of the mirrored images."""
+  h, w = images.shape[1:3]
+  cy, cx = int(round((h - size) / 2)), int(round((w - size) / 2))
+  corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (cy, cx)]
+  views = []
+  for imgs in (images, images[:, :, ::-1]):
+    views += [imgs[:, y:y + size, x:x + size] for y, x in corners]
+  return views
+
+
 def to_float(a: np.ndarray) -> np.ndarray:
   """uint8 -> float32 in [-1, 1]."""
   return a.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
@@ -139,4 +174,7 @@ def process_uint8(a: np.ndarray, size: int, augment: str,
     raise ValueError(f"input.augment={augment!r}: expected one of {AUGMENTS}")
   if rng is None or augment == "none":
     return center_crop(a, size)
+  if augment == "adm_crop_flip":      # the flip after the crop, as the reference's transforms
+    out = adm_random_crop(a, size, rng)
+    return out[:, ::-1] if rng.random() < 0.5 else out
   return random_crop_flip(a, size, rng, crop=augment == "crop_flip")

@@ -102,7 +102,7 @@ class Schedule:
 
 def _at(table, t, x):
   v = jnp.asarray(np.asarray(table, np.float32))[t]
-  return v.reshape(v.shape + (1,) * (x.ndim - 1))
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def q_sample(s: Schedule, x0, t, eps):
@@ -156,12 +156,14 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 def training_loss(s: Schedule, model_fn: Callable, x0, cond, rng, *, batch_mul: int = 1,
-                  learn_sigma: bool = True):
+                  learn_sigma: bool = True, per_token_t: bool = False):
   """Hybrid loss of module docstring; model_fn(x_t, t_index [B], cond) -> [B, .., 2C or C].
-  `batch_mul` repeats (x0, cond) with independent (t, eps), as MAR's `diffusion_batch_mul`."""
+  `batch_mul` repeats (x0, cond) with independent (t, eps), as MAR's `diffusion_batch_mul`.
+  per_token_t: x0 [B, L, C] draws a step per token (t [B, L]), as MAR's DiffLoss does (its rows are
+  tokens: `t = randint(T, (bsz * seq_len * mul,))`); otherwise one per example."""
   x0, cond = repeat_batch(x0, cond, batch_mul)
   k_t, k_e = jax.random.split(rng)
-  t = jax.random.randint(k_t, (x0.shape[0],), 0, s.num_steps)
+  t = jax.random.randint(k_t, x0.shape[:2] if per_token_t else (x0.shape[0],), 0, s.num_steps)
   eps = jax.random.normal(k_e, x0.shape, jnp.float32)
   out = model_fn(q_sample(s, x0, t, eps), t, cond).astype(jnp.float32)
   c = x0.shape[-1]
@@ -175,7 +177,7 @@ def training_loss(s: Schedule, model_fn: Callable, x0, cond, rng, *, batch_mul: 
     true_mean, true_logvar = q_posterior(s, x0, x_t, t)
     kl = normal_kl(true_mean, true_logvar, mean, logvar) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar) / math.log(2.0)
-    axes = tuple(range(1, x0.ndim))
+    axes = tuple(range(t.ndim, x0.ndim))
     vb = jnp.where(t == 0, jnp.mean(nll, axes), jnp.mean(kl, axes))
     metrics["vb"] = jnp.mean(vb)
     loss = mse + jnp.mean(vb)

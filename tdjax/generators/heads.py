@@ -22,6 +22,11 @@ mask masks their keys).
 MLPHead (MAR `SimpleMLPAdaLN`): per token, y = temb + cond_embed(cond) (M = L);
     h = input_proj(x_t);  per block: h += g * MLP(LN(h) (1 + c) + s), (s, c, g) = Linear_3w(SiLU y)
     out = Linear(LN_noaffine(h) (1 + c) + s), (s, c) = Linear_2w(SiLU y); adaLN and output zero-init.
+The same modules, names aside, as MAR's SimpleMLPAdaLN (models/diffloss.py): the [cos, sin]
+sinusoid of 256 frequencies, (shift, scale, gate) and (shift, scale) in that order, LayerNorm with
+an affine transform in the blocks and without one before the output; `python -m tdjax.convert
+--kind mar_head` maps its weights 1:1.  MAR_HEAD_SIZES: the (width, depth) that MAR ships per
+model (its README's diffloss_w x diffloss_d); configs/transdiff.py names them head_size=mar_b|...
 """
 
 from __future__ import annotations
@@ -37,12 +42,15 @@ from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
 
 _lp = nn.with_logical_partitioning
 
+# MAR's released MLP heads (LTH14/mar README: --diffloss_w / --diffloss_d of MAR-B / L / H)
+MAR_HEAD_SIZES = {"mar_b": (1024, 6), "mar_l": (1280, 8), "mar_h": (1536, 12)}
+
 
 def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
   """DiT/GLIDE sinusoid in [cos, sin] order: f_i = exp(-ln(max_period) i / (dim/2))."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  args = jnp.asarray(t, jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -145,7 +153,8 @@ class MLPHead(nn.Module):
     w, kw = self.width, dict(dtype=self.dtype)
     zero = nn.initializers.zeros
     y = TimestepEmbedder(w, init=nn.initializers.normal(0.02), dtype=self.dtype,
-                         name="time_embed")(t)[:, None]
+                         name="time_embed")(t)
+    y = y[:, None] if y.ndim == 2 else y        # t [B] (one step per example) or [B, L] (MAR)
     y = y + _dense(w, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype))
     h = _dense(w, ("channels", "embed"), "input_proj", **kw)(x_t.astype(self.dtype))
     for i in range(self.depth):
@@ -165,10 +174,15 @@ class MLPHead(nn.Module):
 def check_head(cfg) -> None:
   """One-line errors naming config.head.X for heads that cannot be built as asked (a width the
   heads do not divide would silently be cut to heads x (width // heads))."""
+  kind = cfg.get("type", "attention")
+  if kind not in ("attention", "mlp"):
+    raise ValueError(f"head type={kind!r}: expected 'attention' or 'mlp'")
   for key in ("width", "depth"):
+    if key not in cfg:
+      raise ValueError(f"config.head.{key} is missing")
     if int(cfg[key]) < 1:
       raise ValueError(f"config.head.{key}={cfg[key]}: expected >= 1")
-  if cfg.get("type", "attention") == "attention":
+  if kind == "attention":
     if int(cfg.num_heads) < 1 or int(cfg.width) % int(cfg.num_heads):
       raise ValueError(f"config.head.num_heads={cfg.num_heads} does not divide config.head.width="
                        f"{cfg.width}")

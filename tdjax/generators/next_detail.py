@@ -12,6 +12,13 @@ i // g >= j // g, so blocks are aligned on *sequence positions*: block 1 = {z_{g
 z_g..z_{2g-1}, block b >= 2 = {z_{(b-1)g}..z_{bg-1}} predicts z_{bg}..z_{bg+g-1}.  RoPE is DetailFlow's
 2D one over (row, col) = divmod(p - 1, g), with zero rotation (hence zero q/k) at the class token.
 
+That is the reference's default `causal_num` c = g ("first group causal").  In general (c a
+multiple of g, 0 <= c <= N - g; the reference's `causal_num`, taken from the tokenizer) the
+placeholders follow the first c codes, [cls] z_0..z_{c-1} spe_0..spe_{g-2} z_c..z_{N-g-1}, rows
+i < c are causal and the sampler draws c codes one by one, then groups c/g..M-1 in parallel:
+c + M - c/g forward passes.  c = 0 is DetailFlow Table 2's "all groups parallel" row: block 0 =
+{cls, spe_*} predicts the first group at once, M passes.
+
 Model: Llama blocks from `tdjax.nn` (RMSNorm, SwiGLU, no biases), a class table with a null class
 (index num_classes) and label dropout for CFG, a token table, g-1 learned placeholder vectors and
 an untied, zero-initialised output head.
@@ -77,25 +84,38 @@ def group_causal_mask(num_tokens: int, group: int, causal_num: int | None = None
   return np.where(i < c, j <= i, (i // group) >= (j // group))
 
 
-def sequence_layout(num_tokens: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+def check_causal_num(num_tokens: int, group: int, causal_num: int | None) -> int:
+  """c (None -> g): the number of leading codes decoded one by one.  The reference asserts
+  c % g == 0 (autoregressive/models/gpt.py) and c < N; c <= N - g keeps one parallel group."""
+  check_layout(num_tokens, group)
+  c = group if causal_num is None else int(causal_num)
+  if c < 0 or c % group or c > num_tokens - group:
+    raise ValueError(f"causal_num={causal_num}: expected a multiple of the group size g={group} "
+                     f"in 0..N-g={num_tokens - group} (0 = all groups parallel)")
+  return c
+
+
+def sequence_layout(num_tokens: int, group: int,
+                    causal_num: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(kind [N], index [N]): what sits at each input position.
 
   kind 0 = class token, 1 = code z_index, 2 = placeholder spe_index."""
-  check_layout(num_tokens, group)
   n, g = num_tokens, group
+  c = check_causal_num(n, g, causal_num)
   kind = np.full(n, KIND_CODE, np.int32)
   index = np.zeros(n, np.int32)
   kind[0] = KIND_CLASS
-  index[1:g + 1] = np.arange(g)                      # z_0 .. z_{g-1}
-  kind[g + 1:2 * g] = KIND_PLACEHOLDER
-  index[g + 1:2 * g] = np.arange(g - 1)              # spe_0 .. spe_{g-2}
-  index[2 * g:] = np.arange(g, n - g)                # z_g .. z_{N-g-1}
+  index[1:c + 1] = np.arange(c)                      # z_0 .. z_{c-1}
+  kind[c + 1:c + g] = KIND_PLACEHOLDER
+  index[c + 1:c + g] = np.arange(g - 1)              # spe_0 .. spe_{g-2}
+  index[c + g:] = np.arange(c, n - g)                # z_c .. z_{N-g-1}
   return kind, index
 
 
-def code_position(k: int, num_tokens: int, group: int) -> int:
+def code_position(k: int, num_tokens: int, group: int, causal_num: int | None = None) -> int:
   """Input position of code z_k (-1 for the last g codes, which are targets only)."""
-  if k < group:
+  c = check_causal_num(num_tokens, group, causal_num)
+  if k < c:
     return k + 1
   return k + group if k < num_tokens - group else -1
 
@@ -112,16 +132,16 @@ def next_detail_targets(codes):
   return codes
 
 
-def layout_ids(codes_in, num_tokens: int, group: int):
+def layout_ids(codes_in, num_tokens: int, group: int, causal_num: int | None = None):
   """Model-input codes [B, N-g] -> position-aligned ids [B, N] (0 at class/placeholder slots);
   continuous tokens [B, N-g, C] -> [B, N, C] alike."""
   n, g = num_tokens, group
-  check_layout(n, g)
+  c = check_causal_num(n, g, causal_num)
   if codes_in.shape[1] != n - g:
     raise ValueError(f"expected {n - g} input codes (N={n} - g={g}), got {codes_in.shape[1]}")
   b = codes_in.shape[0]
   zeros = lambda k: jnp.zeros((b, k) + codes_in.shape[2:], codes_in.dtype)
-  return jnp.concatenate([zeros(1), codes_in[:, :g], zeros(g - 1), codes_in[:, g:]], axis=1)
+  return jnp.concatenate([zeros(1), codes_in[:, :c], zeros(g - 1), codes_in[:, c:]], axis=1)
 
 
 def drop_labels(rng, labels, rate: float, null_class: int):
@@ -142,11 +162,17 @@ def self_correction_mix(rng, clean, ar_input, ar_label, prob: float):
 
 
 def check_tokenizer_pair(tokenizer_tokens: int, tokenizer_vocab: int, ar_tokens: int,
-                         ar_vocab: int) -> None:
-  """A tokenizer and an AR model must agree on N and the codebook size."""
+                         ar_vocab: int, tokenizer_causal: int | None = None,
+                         ar_causal: int | None = None) -> None:
+  """A tokenizer and an AR model must agree on N and the codebook size (and, when both are given,
+  on causal_num c: a tokenizer trained with every group parallel orders its tokens for that)."""
   if int(tokenizer_tokens) != int(ar_tokens) or int(tokenizer_vocab) != int(ar_vocab):
     raise ValueError(f"tokenizer/AR mismatch: tokenizer has N={tokenizer_tokens} tokens and vocab "
                      f"{tokenizer_vocab}, the AR model N={ar_tokens} and vocab {ar_vocab}")
+  if None not in (tokenizer_causal, ar_causal) and int(tokenizer_causal) != int(ar_causal):
+    raise ValueError(f"tokenizer/AR mismatch: the tokenizer has causal_num={tokenizer_causal}, the "
+                     f"AR model causal_num={ar_causal} (config.model.causal_num; the codes "
+                     f"file records the tokenizer's)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +206,7 @@ class NextDetailTransformer(nn.Module):
   mlp_dim: int = 2816
   rope_base: float = 10000.0
   token_dim: int = 0              # > 0: continuous tokens in, hidden states out (see above)
+  causal_num: int | None = None   # c, codes decoded one by one (None = g; 0 = all groups parallel)
   class_dropout: float = 0.1      # label dropout for CFG (train only)
   token_dropout: float = 0.1      # on the whole input embedding (class and placeholders included)
   dropout: float = 0.1            # residual dropout after attention and inside the SwiGLU FFN
@@ -196,8 +223,19 @@ class NextDetailTransformer(nn.Module):
   def num_groups(self) -> int:
     return check_layout(self.num_tokens, self.group_size)
 
+  @property
+  def c(self) -> int:
+    return check_causal_num(self.num_tokens, self.group_size, self.causal_num)
+
   def validate(self) -> None:
     check_layout(self.num_tokens, self.group_size)
+    if self.causal_num is not None and self.token_dim:
+      raise ValueError("causal_num is a setting of the discrete next-detail AR; next-detail "
+                       "diffusion decodes its first group token by token (c = g)")
+    try:
+      check_causal_num(self.num_tokens, self.group_size, self.causal_num)
+    except ValueError as e:
+      raise ValueError(f"config.model.{e}") from None
     if self.dim % self.num_heads:
       raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
     if (self.dim // self.num_heads) % 4:
@@ -217,7 +255,7 @@ class NextDetailTransformer(nn.Module):
     if not decode and (not isinstance(start, int) or start != 0 or q > n):
       raise ValueError(f"a full forward covers positions 0..q-1 with q <= N={n}; got start={start}, "
                        f"q={q} (use decode=True with a cache for later chunks)")
-    kind_all, index_all = (jnp.asarray(a) for a in sequence_layout(n, g))
+    kind_all, index_all = (jnp.asarray(a) for a in sequence_layout(n, g, self.causal_num))
     kind = jax.lax.dynamic_slice_in_dim(kind_all, start, q)
     spe_index = jnp.clip(jax.lax.dynamic_slice_in_dim(index_all, start, q), 0, max(g - 2, 0))
 
@@ -252,7 +290,7 @@ class NextDetailTransformer(nn.Module):
 
     cos, sin = self.rope()
     rope = (jax.lax.dynamic_slice_in_dim(cos, start, q), jax.lax.dynamic_slice_in_dim(sin, start, q))
-    mask = None if decode else jnp.asarray(group_causal_mask(n, g)[:q, :q])
+    mask = None if decode else jnp.asarray(group_causal_mask(n, g, self.c)[:q, :q])
     x = TransformerStack(self.depth, llama_block_kwargs(self.num_heads, self.mlp_dim,
                                                         dropout_rate=self.dropout),
                          scan=self.scan, remat=self.remat, dtype=self.dtype,
@@ -311,9 +349,11 @@ def init_cache(model: NextDetailTransformer, params, batch: int):
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
-def num_forward_passes(num_tokens: int, group: int) -> int:
-  """g + M - 1: g single-token steps, then one step per remaining group (23 for N=128, g=8)."""
-  return group + check_layout(num_tokens, group) - 1
+def num_forward_passes(num_tokens: int, group: int, causal_num: int | None = None) -> int:
+  """c + M - c/g: c single-token steps, then one step per remaining group (c = g: g + M - 1, 23
+  for N=128, g=8; c = 0: M)."""
+  c = check_causal_num(num_tokens, group, causal_num)
+  return c + check_layout(num_tokens, group) - c // group
 
 
 def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -343,13 +383,27 @@ def draw(key, logits):
   return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
 
-def cfg_scale(cfg, schedule: str, tokens_done, num_tokens: int):
-  """'constant': cfg at every step; 'linear': 1 + (cfg - 1) * tokens_done / N (MAR-style ramp)."""
+CFG_SCHEDULES = ("constant", "linear", "gradual")
+
+
+def cfg_scale(cfg, schedule: str, tokens_done, num_tokens: int, group: int = 1,
+              causal_num: int | None = None):
+  """The guidance scale of the step that has `tokens_done` tokens before it.
+    'constant': cfg at every step (DetailFlow's default);
+    'linear':   1 + (cfg - 1) * tokens_done / N (MAR-style ramp);
+    'gradual':  DetailFlow's `gradual_cfg` (autoregressive/models/generate.py): cfg on the first
+                c codes' token steps (c = causal_num, None = g), then cfg * (M - i + 1) / (M + 1)
+                on the step of group i (i = c/g..M-1, M = N / g groups); it falls below 1 on the
+                last groups, as the reference's does."""
   if schedule == "constant":
     return cfg
   if schedule == "linear":
     return 1.0 + (cfg - 1.0) * tokens_done / num_tokens
-  raise ValueError(f"cfg_schedule={schedule!r}: expected 'constant' or 'linear'")
+  if schedule == "gradual":
+    m, i = num_tokens // group, tokens_done // group
+    c = group if causal_num is None else causal_num
+    return jnp.where(tokens_done < c, cfg, cfg * (m - i + 1) / (m + 1))
+  raise ValueError(f"cfg_schedule={schedule!r}: expected one of {CFG_SCHEDULES}")
 
 
 def unrolled_for_decoding(model: NextDetailTransformer, params):
@@ -368,7 +422,7 @@ def _decode(model: NextDetailTransformer, params, labels, rng, cfg, *, guided: b
             cfg_schedule: str, temperature: float, top_k: int, top_p: float, use_cache: bool,
             python_loop: bool, counter: list | None):
   model, params = unrolled_for_decoding(model, params)
-  n, g = model.num_tokens, model.group_size
+  n, g, c = model.num_tokens, model.group_size, model.c
   m = model.num_groups
   b = labels.shape[0]
   labels = labels.astype(jnp.int32)
@@ -393,7 +447,7 @@ def _decode(model: NextDetailTransformer, params, labels, rng, cfg, *, guided: b
   def pick(logits, step, tokens_done):
     if guided:
       cond, uncond = logits[:b], logits[b:]
-      logits = uncond + cfg_scale(cfg, cfg_schedule, tokens_done, n) * (cond - uncond)
+      logits = uncond + cfg_scale(cfg, cfg_schedule, tokens_done, n, g, c) * (cond - uncond)
     logits = filter_logits(logits, temperature, top_k, top_p)
     return draw(jax.random.fold_in(rng, step), logits)
 
@@ -403,30 +457,30 @@ def _decode(model: NextDetailTransformer, params, labels, rng, cfg, *, guided: b
     ids = jax.lax.dynamic_update_slice_in_dim(ids, both, position, axis=1)
     return ids, codes
 
-  def first_group(k, carry):        # z_k from position k; z_k then sits at position k + 1
+  def token_step(k, carry):         # z_k (k < c) from position k; z_k then sits at k + 1
     ids, codes, cache = carry
     logits, cache = forward(ids, cache, k, 1)
     tok = pick(logits, k, k)
     ids, codes = write(ids, codes, tok, k, k + 1)
     return ids, codes, cache
 
-  def later_group(i, carry):        # z_{ig..ig+g-1} from positions ig..ig+g-1; inputs at +g
+  def group_step(i, carry):         # z_{ig..ig+g-1} from positions ig..ig+g-1; inputs at +g
     ids, codes, cache = carry
     start = i * g
     logits, cache = forward(ids, cache, start, g)
-    tok = pick(logits, g - 1 + i, start)
+    tok = pick(logits, c + i - c // g, start)       # step keys 0, 1, ... in pass order
     ids, codes = write(ids, codes, tok, start, start + g)
     return ids, codes, cache
 
   carry = (ids, codes, cache)
   if python_loop:
-    for k in range(g):
-      carry = first_group(k, carry)
-    for i in range(1, m):
-      carry = later_group(i, carry)
+    for k in range(c):
+      carry = token_step(k, carry)
+    for i in range(c // g, m):
+      carry = group_step(i, carry)
   else:
-    carry = jax.lax.fori_loop(0, g, first_group, carry)
-    carry = jax.lax.fori_loop(1, m, later_group, carry)
+    carry = jax.lax.fori_loop(0, c, token_step, carry)
+    carry = jax.lax.fori_loop(c // g, m, group_step, carry)
   return carry[1]
 
 
@@ -442,8 +496,8 @@ def validate_sampling(model: NextDetailTransformer, labels, *, cfg, cfg_schedule
                       top_k, top_p) -> None:
   if not cfg > 0:
     raise ValueError(f"cfg={cfg} must be > 0 (1.0 = no guidance)")
-  if cfg_schedule not in ("constant", "linear"):
-    raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected 'constant' or 'linear'")
+  if cfg_schedule not in CFG_SCHEDULES:
+    raise ValueError(f"cfg_schedule={cfg_schedule!r}: expected one of {CFG_SCHEDULES}")
   if not temperature > 0:
     raise ValueError(f"temperature={temperature} must be > 0")
   if top_k < 0:
@@ -494,7 +548,8 @@ def decode_codes(tokenizer, tokenizer_params, codes, *, ar_model: NextDetailTran
   n = codes.shape[-1]
   tok_n, tok_v = int(tokenizer.num_tokens), int(tokenizer.codebook_size)
   if ar_model is not None:
-    check_tokenizer_pair(tok_n, tok_v, ar_model.num_tokens, ar_model.vocab_size)
+    check_tokenizer_pair(tok_n, tok_v, ar_model.num_tokens, ar_model.vocab_size, tokenizer.c,
+                         ar_model.c)
   if n != tok_n:
     raise ValueError(f"tokenizer/AR mismatch: {n} codes per image, the tokenizer has N={tok_n}")
   gen = tokenizer_params["gen"] if "gen" in tokenizer_params else tokenizer_params

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from tdjax.nn.attention import block_causal_mask
 from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
@@ -77,19 +78,15 @@ def mrar_mask(length: int, block: int):
 def patchify_latent(z, p: int):
   """Latent [B, h, w, C] -> tokens [B, (h/p)(w/p), C p p], feature index c*p*p + pi*p + qi and raster
   order over (h/p, w/p): the reference's `nchpwq->nhwcpq` (transdiff.md 1.1)."""
-  b, h, w, c = z.shape
+  _, h, w, _ = z.shape
   if h % p or w % p:
     raise ValueError(f"latent {h}x{w} is not divisible by the patch size {p}")
-  z = z.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
-  return z.reshape(b, (h // p) * (w // p), c * p * p)
+  return rearrange(z, "b (h p) (w r) c -> b (h w) (c p r)", p=p, r=p)
 
 
 def unpatchify_latent(x, p: int, h: int, w: int):
   """Inverse of `patchify_latent`: [B, (h/p)(w/p), C p p] -> [B, h, w, C]."""
-  b, n, f = x.shape
-  c = f // (p * p)
-  x = x.reshape(b, h // p, w // p, c, p, p).transpose(0, 1, 4, 2, 5, 3)
-  return x.reshape(b, h, w, c)
+  return rearrange(x, "b (h w) (c p r) -> b (h p) (w r) c", h=h // p, p=p, r=p)
 
 
 class TransDiffAR(nn.Module):

@@ -15,6 +15,41 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _linear_taps(size_in: int, size_out: int):
+  """Source indices (i0, i1) and weight of i1 for each output row of PyTorch's
+  `F.interpolate(mode='bilinear', align_corners=False)` along one axis, in float32 as its kernel
+  computes them: src = max(scale (dst + 0.5) - 0.5, 0), scale = in / out, the multiply-add
+  fused (one rounding: torch's compiled CPU kernel contracts it to an FMA; the product of two
+  float32 numbers is exact in float64, so float64 then one rounding is that FMA)."""
+  scale = np.float32(size_in) / np.float32(size_out)
+  half = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
+  src = (np.float64(scale) * half.astype(np.float64) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+  i1 = np.minimum(i0 + 1, size_in - 1)
+  lam = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+  return i0, i1, lam
+
+
+def resize_bilinear(x, size: tuple[int, int]):
+  """NHWC images resized to `size` exactly as pytorch-fid (and torch-fidelity, ADM's PyTorch
+  ports) resize to 299: `F.interpolate(x, size, mode='bilinear', align_corners=False)`, half-pixel
+  centres, edges clamped, **no antialiasing** when downsampling (`jax.image.resize` antialiases,
+  which moves 512 px features).  Two gathers and a lerp per axis (width first, as torch), so no
+  matmul precision setting of the backend enters."""
+  x = jnp.asarray(x)
+  for axis, out in ((2, size[1]), (1, size[0])):
+    if x.shape[axis] == out:
+      continue
+    i0, i1, lam = _linear_taps(x.shape[axis], out)
+    shape = [1] * x.ndim
+    shape[axis] = out
+    lam = jnp.asarray(lam, x.dtype).reshape(shape)
+    x = jnp.take(x, i0, axis=axis) * (1 - lam) + jnp.take(x, i1, axis=axis) * lam
+  return x
 
 
 class BasicConv2d(nn.Module):
@@ -116,9 +151,9 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-  """FID InceptionV3.  Input: images in [-1, 1], [B, H, W, 1 or 3], any size (bilinearly resized
-  to 299x299 as pytorch-fid does; ADM's TF graph resizes without half-pixel centres, a small
-  difference).  Returns (logits [B, 1008], pool_3 [B, 2048], spatial [B, 2023])."""
+  """FID InceptionV3.  Input: images in [-1, 1], [B, H, W, 1 or 3], any size (resized to 299x299
+  by `resize_bilinear`, pytorch-fid's resize; ADM's TF graph resizes without half-pixel centres, a
+  small difference).  Returns (logits [B, 1008], pool_3 [B, 2048], spatial [B, 2023])."""
   num_classes: int = 1008
   resize: bool = True
 
@@ -128,7 +163,7 @@ class InceptionV3(nn.Module):
     if x.shape[-1] == 1:
       x = jnp.repeat(x, 3, axis=-1)
     if self.resize and x.shape[1:3] != (299, 299):
-      x = jax.image.resize(x, (x.shape[0], 299, 299, x.shape[-1]), "bilinear")
+      x = resize_bilinear(x, (299, 299))
     x = BasicConv2d(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
     x = BasicConv2d(32, (3, 3), name="Conv2d_2a_3x3")(x)
     x = BasicConv2d(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)

@@ -64,7 +64,8 @@ class NextDetailTask(GeneratorTask):
   # --- loss -------------------------------------------------------------------------------------
   def _forward(self, params, codes, labels, train, rng=None):
     m = self.model
-    ids = nd.layout_ids(nd.next_detail_inputs(codes, m.group_size), m.num_tokens, m.group_size)
+    ids = nd.layout_ids(nd.next_detail_inputs(codes, m.group_size), m.num_tokens, m.group_size,
+                        m.causal_num)
     rngs = {"dropout": rng} if train else {}
     return m.apply({"params": params}, ids, labels, train=train, rngs=rngs)
 
@@ -97,7 +98,8 @@ class NextDetailTask(GeneratorTask):
     if self._tokenizer is None:
       task, params, _ = load_tokenizer(workdir)
       nd.check_tokenizer_pair(task.model.num_tokens, task.model.codebook_size,
-                              self.model.num_tokens, self.model.vocab_size)
+                              self.model.num_tokens, self.model.vocab_size, task.model.c,
+                              self.model.c)
       self._tokenizer = (task.model, params)      # host arrays
     return self._tokenizer
 

@@ -286,8 +286,10 @@ class TransDiffTask(GeneratorTask):
   def _diffusion_loss(self, model_fn, x0, cond, rng):
     """Rectified flow (TransDiff) or MAR's DDPM hybrid loss; model_fn(x_t, t, cond)."""
     if self.diffusion == "ddpm":
+      # the MLP head denoises each token on its own: a step per token, as MAR's DiffLoss
       return ddpm.training_loss(self.ddpm_train, model_fn, x0, cond, rng, batch_mul=self.batch_mul,
-                                learn_sigma=self.learn_sigma)
+                                learn_sigma=self.learn_sigma,
+                                per_token_t=self.config.head.get("type", "attention") == "mlp")
     return flow.flow_matching_loss(model_fn, x0, cond, rng, batch_mul=self.batch_mul)
 
   def _losses(self, params, batch, rng, train):
@@ -345,16 +347,17 @@ class TransDiffTask(GeneratorTask):
     noise = jax.random.normal(k_noise, (b, self.L, self.latent_dim))
     null = jnp.full_like(labels, -1)
 
-    def run(refs, rnd):
+    def run(refs, rnd, cond_mask=None):
       ar = lambda lab: self.ar.apply({"params": params["ar"]}, lab, refs)
       z = ar(labels)
       if cfg != 1:
         z = jnp.concatenate([z, ar(null)])
+        cond_mask = None if cond_mask is None else jnp.concatenate([cond_mask, cond_mask])
 
       def vf(x, t):
         if cfg == 1:
-          return self._head(params, x, t, z)
-        v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+          return self._head(params, x, t, z, cond_mask)
+        v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z, cond_mask)
         return v[:b], v[b:]
 
       key = jax.random.fold_in(k_s, rnd)
@@ -370,11 +373,27 @@ class TransDiffTask(GeneratorTask):
     if not self.num_refs:
       x = run(None, 0)
     else:
-      refs = jnp.zeros((b, 0, self.ar.mask_len, self.latent_dim * self.ar.ref_patch ** 2))
-      for rnd in range(self.num_refs + 1):      # round k sees the k images generated before
-        x = run(refs, rnd)
+      # Round k sees the k images generated before.  One compiled round for all K (a fori_loop,
+      # not K unrolled copies: compile time): the AR always reads all K - 1 reference slots,
+      # zeros where no image exists yet, and the head reads only the first M (k + 1) condition
+      # tokens.  Exact up to float summation order: the AR's block-causal mask keeps blocks
+      # 0..k from seeing the later slots, and masked condition keys get zero attention.
+      m = self.ar.mask_len
+      refs = jnp.zeros((b, self.num_refs, m, self.latent_dim * self.ar.ref_patch ** 2))
+
+      def one_round(rnd, carry):
+        refs, _ = carry
+        mask = jnp.broadcast_to(jnp.arange(m * (1 + self.num_refs)) < m * (rnd + 1),
+                                (b, m * (1 + self.num_refs)))
+        x = run(refs, rnd, mask)
         grid = x.reshape(b, self.grid, self.grid, self.latent_dim)
-        refs = jnp.concatenate([refs, td.patchify_latent(grid, self.ar.ref_patch)[:, None]], 1)
+        new = td.patchify_latent(grid, self.ar.ref_patch)[:, None].astype(refs.dtype)
+        # the last round's image is the output, not a reference (the slot index would clamp)
+        refs = jnp.where(rnd < self.num_refs,
+                         jax.lax.dynamic_update_slice_in_dim(refs, new, rnd, axis=1), refs)
+        return refs, x
+
+      _, x = jax.lax.fori_loop(0, self.num_refs + 1, one_round, (refs, noise))
     return x.reshape(b, self.grid, self.grid, self.latent_dim)
 
   @property

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from tdjax.nn import LayerNorm, PosEmbed2D, TransformerStack, vit_block_kwargs
 from tdjax.tokenizers.quantizers import ContinuousBottleneck, VectorQuantizer
@@ -51,16 +52,12 @@ def encoder_mask(num_patches: int, num_tokens: int, group: int, causal_num: int 
 
 def patchify(x, p: int):
   """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in (py, px, c) order."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
+  return rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
 
 
 def unpatchify(x, p: int, h: int, w: int, c: int):
   """[B, h*w, p*p*c] -> [B, h*p, w*p, c]."""
-  b = x.shape[0]
-  x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h * p, w * p, c)
+  return rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=h, w=w, p=p, q=p, c=c)
 
 
 def _before(n, length: int):
@@ -149,9 +146,9 @@ class DetailFlowTokenizer(nn.Module):
     if self.num_tokens % self.group:
       raise ValueError(f"config.model.group={self.group} does not divide config.model.num_tokens="
                        f"{self.num_tokens} (tokens come in groups of g)")
-    if self.causal_num is not None and not 0 < self.causal_num <= self.num_tokens:
-      raise ValueError(f"config.model.causal_num={self.causal_num}: expected 1..num_tokens="
-                       f"{self.num_tokens}")
+    if self.causal_num is not None and not 0 <= self.causal_num <= self.num_tokens:
+      raise ValueError(f"config.model.causal_num={self.causal_num}: expected 0..num_tokens="
+                       f"{self.num_tokens} (0 = all groups parallel)")
     if self.image_size % self.patch:
       raise ValueError(f"config.input.image_size={self.image_size} is not a multiple of "
                        f"config.model.patch={self.patch}")
@@ -398,7 +395,9 @@ def build_tokenizer(m, image_size: int, channels: int, dtype=jnp.float32) -> Det
       dims[k] = m[k]
   model = DetailFlowTokenizer(
       image_size=image_size, channels=channels, patch=m.patch, num_tokens=m.num_tokens,
-      group=m.group, causal_num=m.get("causal_num") or None,
+      group=m.group,
+      # configs saved before first_group_causal existed lack it: True, their meaning then
+      causal_num=(m.get("causal_num") or None) if m.get("first_group_causal", True) else 0,
       causal_encoder=m.get("causal_encoder", True), pos_grid=m.get("pos_grid") or None,
       gelu_approximate=m.get("gelu_approximate", True), bottleneck=m.get("bottleneck", "vq"),
       codebook_size=m.codebook_size, code_dim=m.code_dim, commitment=m.get("commitment", 0.25),
