@@ -528,11 +528,41 @@ def gpt_sample(env: Env, use_cache: bool) -> Pair:
 # DetailFlow tokenizer (modelling/tokenizer.py, modules/siglip2_vit.py)
 # ------------------------------------------------------------------------------------------------
 
+def reference_detailflow_tokenizer(load: Callable, cache_dir: str, sizes: dict, enc: dict,
+                                   dec: dict):
+  """DetailFlow's VQModel as its tokenizer configs build it (causal SigLIP2 encoder,
+  bidirectional decoder, self-correction), at `sizes` (image, patch, tokens, group, codebook,
+  code_dim) with encoder / decoder dims `enc` / `dec` (layer_num, embed_dim, num_heads), its own
+  initialisation under torch seed 0.  `load(repo, module)` imports from the checkouts; the
+  reference reads a SigLIP2 config (no weights: pretrained=False) from $CACHE_DATA_PATH, written
+  to `cache_dir` here."""
+  import torch
+  from transformers import Siglip2VisionConfig
+  Siglip2VisionConfig(patch_size=sizes["patch"], num_patches=(sizes["image"] // sizes["patch"]) ** 2,
+                      num_channels=3).save_pretrained(
+                          os.path.join(cache_dir, "siglip2-so400m-patch16-naflex"))
+  tok = load("DetailFlow", "modelling.tokenizer")
+  vit = load("DetailFlow", "modelling.modules.siglip2_vit")
+  common = dict(pretrained=False, num_latent_tokens=sizes["tokens"], patch_size=sizes["patch"],
+                group_size=sizes["group"], causal_num=None)
+  args = tok.ModelArgs(image_size=sizes["image"], max_image_size=sizes["image"],
+                       codebook_size=sizes["codebook"], codebook_embed_dim=sizes["code_dim"],
+                       num_latent_tokens=sizes["tokens"], group_size=sizes["group"],
+                       enc_type="siglip2", dec_type="siglip2", causal_encoder=True,
+                       causal_decoder=False, correction_training=True)
+  with mock.patch.dict(os.environ, {"CACHE_DATA_PATH": str(cache_dir)}), \
+      mock.patch.object(tok, "build_encoder", lambda **_: vit.SiglipEncoder(
+          causal_mode=True, **common, **enc)), \
+      mock.patch.object(tok, "build_decoder", lambda **_: vit.SiglipDecoder(
+          causal_mode=False, max_image_size=sizes["image"], repa_layer=None, **common, **dec)):
+    torch.manual_seed(0)
+    return tok.VQModel(args)
+
+
 def tokenizer_train(env: Env) -> Pair:
   torch = env.torch
   try:
     import transformers
-    from transformers import Siglip2VisionConfig
   except ImportError as e:
     raise Missing(f"transformers with SigLIP2 (4.49-4.53) for the tokenizer row: {e}") from e
   version = tuple(int(v) for v in transformers.__version__.split(".")[:2])
@@ -540,27 +570,8 @@ def tokenizer_train(env: Env) -> Pair:
     raise Missing(f"DetailFlow's siglip2_vit.py needs transformers 4.49-4.53, this is "
                   f"{transformers.__version__}")
   tmp = tempfile.mkdtemp(prefix="bench_reference_tok_")
-  # the reference reads the SigLIP2 config (no weights: pretrained=False) from $CACHE_DATA_PATH
-  Siglip2VisionConfig(patch_size=TOK["patch"], num_patches=(TOK["image"] // TOK["patch"]) ** 2,
-                      num_channels=3).save_pretrained(
-                          os.path.join(tmp, "siglip2-so400m-patch16-naflex"))
-  tok = env.module("DetailFlow", "modelling.tokenizer")
-  vit = env.module("DetailFlow", "modelling.modules.siglip2_vit")
   side = dict(layer_num=TOK["layers"], embed_dim=TOK["width"], num_heads=TOK["heads"])
-  common = dict(pretrained=False, num_latent_tokens=TOK["tokens"], patch_size=TOK["patch"],
-                group_size=TOK["group"], causal_num=None)
-  args = tok.ModelArgs(image_size=TOK["image"], max_image_size=TOK["image"],
-                       codebook_size=TOK["codebook"], codebook_embed_dim=TOK["code_dim"],
-                       num_latent_tokens=TOK["tokens"], group_size=TOK["group"],
-                       enc_type="siglip2", dec_type="siglip2", causal_encoder=True,
-                       causal_decoder=False, correction_training=True)
-  with mock.patch.dict(os.environ, {"CACHE_DATA_PATH": tmp}), \
-      mock.patch.object(tok, "build_encoder", lambda **_: vit.SiglipEncoder(
-          causal_mode=True, **common, **side)), \
-      mock.patch.object(tok, "build_decoder", lambda **_: vit.SiglipDecoder(
-          causal_mode=False, max_image_size=TOK["image"], repa_layer=None, **common, **side)):
-    torch.manual_seed(0)
-    ref = env.perturb(tok.VQModel(args), seed=3)
+  ref = env.perturb(reference_detailflow_tokenizer(env.module, tmp, TOK, side, side), seed=3)
   path = os.path.join(tmp, "tokenizer.pt")
   torch.save({"model": ref.state_dict()}, path)
   convert.convert_detailflow_tokenizer(path, os.path.join(tmp, "converted"), group=TOK["group"],

@@ -245,34 +245,14 @@ def tokenizer_pair(tmp_path_factory):
   """(reference VQModel, tdjax DetailFlowTokenizer, its params) with the same random weights, the reference built
   as its tokenizer configs build it (causal encoder, bidirectional decoder, l2-normalised codebook,
   self-correction projection) at a tiny size, converted by `convert --kind detailflow_tokenizer`."""
-  from unittest import mock
   transformers = pytest.importorskip("transformers")
   if not (4, 49) <= tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 54):
     pytest.skip(f"DetailFlow's siglip2_vit.py needs transformers 4.49-4.53 (SigLIP2, and its encoder "
                 f"layers return tuples there), this is {transformers.__version__}")
-  from transformers import Siglip2VisionConfig
-  from tdjax import runs, trainer
+  from tdjax import runs
+  from tdjax.bench_reference import reference_detailflow_tokenizer
   tmp = tmp_path_factory.mktemp("detailflow_tokenizer")
-  # The reference reads the SigLIP2 config (not weights, when pretrained=False) from
-  # $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex: a tiny one with a 4 x 4 position table.
-  Siglip2VisionConfig(patch_size=TOK["patch"], num_patches=(TOK["image"] // TOK["patch"]) ** 2,
-                      num_channels=3).save_pretrained(tmp / "siglip2-so400m-patch16-naflex")
-  tok = reference_module("DetailFlow", "modelling.tokenizer")
-  vit = reference_module("DetailFlow", "modelling.modules.siglip2_vit")
-  common = dict(pretrained=False, num_latent_tokens=TOK["tokens"], patch_size=TOK["patch"],
-                group_size=TOK["group"], causal_num=None)
-  args = tok.ModelArgs(image_size=TOK["image"], max_image_size=TOK["image"],
-                       codebook_size=TOK["codebook"], codebook_embed_dim=TOK["code_dim"],
-                       num_latent_tokens=TOK["tokens"], group_size=TOK["group"],
-                       enc_type="siglip2", dec_type="siglip2", causal_encoder=True,
-                       causal_decoder=False, correction_training=True)
-  with mock.patch.dict(os.environ, {"CACHE_DATA_PATH": str(tmp)}), \
-      mock.patch.object(tok, "build_encoder", lambda **_: vit.SiglipEncoder(
-          causal_mode=True, **common, **ENC)), \
-      mock.patch.object(tok, "build_decoder", lambda **_: vit.SiglipDecoder(
-          causal_mode=False, max_image_size=TOK["image"], repa_layer=None, **common, **DEC)):
-    torch.manual_seed(0)
-    ref = randomize(tok.VQModel(args), seed=2)
+  ref = randomize(reference_detailflow_tokenizer(reference_module, tmp, TOK, ENC, DEC), seed=2)
   path = str(tmp / "tokenizer.pt")
   torch.save({"model": ref.state_dict()}, path)
   info = convert.convert_detailflow_tokenizer(path, str(tmp / "converted"), group=TOK["group"],
