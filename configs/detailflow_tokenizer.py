@@ -1,4 +1,4 @@
-"""DetailFlow 1D coarse-to-fine tokenizer (reference doc 1.2-1.8).
+"""DetailFlow 1D coarse-to-fine tokenizer (docs/reference/detailflow.md 1.2-1.8).
 
   # demo: Fashion-MNIST 32x32 grey, minutes on 2 CPU cores
   python -m tdjax.train --config configs/detailflow_tokenizer.py:size=demo --workdir /tmp/df_tok
@@ -58,7 +58,7 @@ def get_config(arg=None):
     d = dict(d, batch=a.batch, steps=common.epochs(250, a.batch), warmup=common.epochs(1, a.batch),
              lr=1e-4 * a.batch / 256)
   c = common.base_config()
-  c.task = "tokenizer"
+  c.task = "detailflow_tokenizer"
   c.seed = a.seed
   c.total_steps = a.steps or d["steps"]
   c.log_every = 50 if a.size != "full" else 100

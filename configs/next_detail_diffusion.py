@@ -22,7 +22,8 @@ from tdjax.generators.next_detail import GPT_SIZES
 DEFAULTS = {
     "demo": dict(tokens=32, group=4, classes=10, steps=2000, batch=64, lr=1e-3, head_depth=2,
                  head_heads=4, mul=2, cfg=2.0, dtype="float32"),
-    # ImageNet-scale trunk sizes; the head's depth follows TransDiff's decoder scale (reference 1.4)
+    # ImageNet-scale trunk sizes; the head's depth follows TransDiff's decoder scale
+    # (docs/reference/transdiff.md 1.4)
     **{s: dict(tokens=128, group=8, classes=1000, steps=300 * 1281167 // 256, batch=256, lr=1e-4,
                head_depth=8, head_heads=16, mul=4, cfg=1.5, dtype="bfloat16")
        for s in ("B", "L")},
@@ -63,10 +64,12 @@ def get_config(arg=None):
       num_classes=d["classes"], dim=s["dim"], depth=s["depth"], num_heads=s["num_heads"],
       mlp_dim=s["mlp_dim"], head_width=s["dim"], head_depth=a.head_depth or d["head_depth"],
       head_heads=d["head_heads"], class_dropout=0.1, dropout=0.0 if small else 0.1,
-      batch_mul=a.batch_mul or d["mul"], scan=not small, remat="none"))
+      batch_mul=a.batch_mul or d["mul"], scan=not small, remat="none",
+      attention_impl="einsum"))   # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs)
   c.sample = ml_collections.ConfigDict(dict(cfg=a.cfg or d["cfg"], steps=a.sample_steps,
                                             scale_0=a.scale_0, scale_1=a.scale_1))
-  # the discrete AR model's optimiser (reference 2.5): AdamW (0.9, 0.95), wd 0.05, clip 1.0, cosine
+  # the discrete AR model's optimiser (docs/reference/detailflow.md 2.5): AdamW (0.9, 0.95),
+  # wd 0.05, clip 1.0, cosine
   c.optimizer.update(dict(name="adamw", lr=a.lr or d["lr"], b1=0.9, b2=0.95, eps=1e-8,
                           weight_decay=0.05, schedule="cosine",
                           warmup_steps=max(int(0.05 * c.total_steps), 1), warmup_init=0.005,

@@ -53,7 +53,7 @@ if [ ! -f "$OUT/codes.npz" ]; then
 fi
 
 stage "4/5 next-detail AR"
-XLA_FLAGS="$AR_XLA_FLAGS" python -m tdjax.train --config "configs/detailflow_ar.py:size=demo,codes=$OUT/codes.npz,tokenizer=$OUT/tokenizer" \
+XLA_FLAGS="$AR_XLA_FLAGS" python -m tdjax.train --config "configs/next_detail.py:size=demo,codes=$OUT/codes.npz,tokenizer=$OUT/tokenizer" \
   --workdir "$OUT/ar" 2>"$OUT/ar.log" || { tail -20 "$OUT/ar.log"; exit 1; }
 grep "eval at" "$OUT/ar.log" | tail -1 || true
 

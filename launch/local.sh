@@ -3,7 +3,7 @@
 #
 #   bash launch/local.sh tdjax.train --config configs/detailflow_tokenizer.py:size=demo --workdir runs/tok
 #   FAKE_DEVICES=8 bash launch/local.sh tdjax.train ... --config.mesh.fsdp=8   # 8 CPU devices
-#   bash launch/local.sh tdjax.aot --config configs/detailflow_ar.py:size=L --devices 256 \
+#   bash launch/local.sh tdjax.aot --config configs/next_detail.py:size=L --devices 256 \
 #       --mesh data=1,fsdp=256,tensor=1 --batch 256                            # pod readiness
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -2,7 +2,7 @@
 # Multi-node GPU training with SLURM: one process per GPU, all running the same entry point.
 #
 #   sbatch --nodes=8 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=12 \
-#     launch/slurm.sh tdjax.train --config configs/detailflow_ar.py:size=L,codes=/shared/codes.npz \
+#     launch/slurm.sh tdjax.train --config configs/next_detail.py:size=L,codes=/shared/codes.npz \
 #     --workdir /shared/runs/gpt_l
 #   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm.sh tdjax.sample \
 #     --workdir /shared/runs/gpt_l --out /shared/samples/gpt_l.npz --classes all --num 50 --batch_size 125

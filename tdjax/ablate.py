@@ -16,7 +16,7 @@ default row of Tables 3 and 4, the alpha sweep and the token count is one run: `
 samples are named by model and sampling flags, so rows that sample one model alike share them;
 a finished stage is skipped on re-runs, so a stopped ablation resumes.  `--seed K` repeats a table
 with every training seeded K (new run folders, DIR/NAME_seedK.*): its rows' run-to-run spread.
-The paper's figures (from the reference notes) sit beside ours, marked as such.
+The paper's figures (from docs/reference/) sit beside ours, marked as such.
 
 Tables: detailflow_table2 (Table 2: unordered tokens = causal_encoder=False, no R(n) supervision =
 degrade_p=0, g = 1, then the additions; "parallel" and "+ self-correction" train the tokenizer with
@@ -67,12 +67,13 @@ class Table:
   paper_source: str
 
 
-_DF = "reference detailflow.md 3.2"
-_TD = "not in the reference notes (TransDiff's ablation tables were not retrieved)"
-# What the notes do have (transdiff.md 3.1): whole-model ImageNet 256 FID-50K from the official
+_DF = "docs/reference/detailflow.md 3.2"
+_TD = ("not in docs/reference/transdiff.md (TransDiff's ablation tables were not "
+       "retrieved)")
+# What docs/reference/transdiff.md 3.1 has: whole-model ImageNet 256 FID-50K from the official
 # READMEs, for TransDiff-B / L / H (1-step and MRAR with 3 references) and for MAR (MLP head + DDPM)
-_TD_MODELS = ("reference transdiff.md 3.1: whole-model ImageNet 256 FID-50K from the official "
-              "READMEs (the paper's ablation tables were not retrieved)")
+_TD_MODELS = ("docs/reference/transdiff.md 3.1: whole-model ImageNet 256 FID-50K from the "
+              "official READMEs (the paper's ablation tables were not retrieved)")
 _TD_1STEP = "TransDiff-B / L / H 1-step: FID 2.47 / 1.69 / 1.61"
 _TD_MRAR = "TransDiff-B / L / H MRAR (3 references): FID 2.25 / 1.49 / 1.42"
 _HEAD_PAPER = {   # whole models, not a controlled ablation: MAR also differs in its masked AR
@@ -118,14 +119,15 @@ TABLES = {
         _DF),
     "detailflow_alpha": Table("DetailFlow Fig. 4c: R(n) power alpha", "detailflow", [
         Row(f"alpha {a}", tokenizer=f"alpha={a}", paper="best" if a == 1.5 else "")
-        for a in (0.5, 1.0, 1.5, 2.0)], "reference detailflow.md 3.2 (Fig. 4c: optimum 1.5)"),
+        for a in (0.5, 1.0, 1.5, 2.0)],
+        "docs/reference/detailflow.md 3.2 (Fig. 4c: optimum 1.5)"),
     "detailflow_tokens": Table("DetailFlow: token count", "detailflow", [
         Row(f"N = {n}", tokenizer=f"tokens={n}", generator=f"tokens={n}", paper=f) for n, f in
         ((16, "N = 128 (DetailFlow-16): gFID 2.96, rFID 1.22, PSNR 19.39 dB"),
          (32, "N = 256 (DetailFlow-32): gFID 2.75, rFID 0.80, PSNR 20.80 dB"),
          (64, "N = 512 (DetailFlow-64): gFID 2.62, rFID 0.55, PSNR 22.49 dB"))],
-        "reference detailflow.md 1.9 and 3.2 (the paper's N at 256x256; the rows here use N / 8 "
-        "at 32x32)"),
+        "docs/reference/detailflow.md 1.9 and 3.2 (the paper's N at 256x256; the rows here use "
+        "N / 8 at 32x32)"),
     "transdiff_heads": Table("Diffusion head: type and attention-in-head variants", "transdiff", [
         Row(label, generator=g, sample=_TD_SAMPLE, paper=_HEAD_PAPER.get(label, ""))
         for label, g in (
@@ -209,7 +211,7 @@ def _detailflow_args(row: Row, scale: str) -> tuple[str, str]:
   tok = canonical_args("detailflow_tokenizer", s["tokenizer"], row.tokenizer)
   m = _config("detailflow_tokenizer", _join(s["tokenizer"], tok))["model"]
   codes = f"tokens={m['num_tokens']},group={m['group']},vocab={m['codebook_size']}"
-  return tok, canonical_args("detailflow_ar", _join(s["ar"], codes), row.generator)
+  return tok, canonical_args("next_detail", _join(s["ar"], codes), row.generator)
 
 
 def _tokenizer_dir(workdir: str, row: Row, scale: str) -> str:
@@ -237,7 +239,7 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
                (codes, py + ["tdjax.data.codes", f"--tokenizer_workdir={tok}", f"--out={codes}",
                              "--views=flip"]),
                (os.path.join(gen, "config.json"),
-                py + ["tdjax.train", f"--config=configs/detailflow_ar.py:{ar_args}",
+                py + ["tdjax.train", f"--config=configs/next_detail.py:{ar_args}",
                       f"--workdir={gen}"] + ([s["ar_override"]] if s["ar_override"] else []))]
   else:
     if "mrar=True" in row.generator:

@@ -1,6 +1,6 @@
 r"""Pod readiness without a pod: compile a full-size train step ahead of time on N fake devices.
 
-  python -m tdjax.aot --config configs/detailflow_ar.py:size=L --devices 256 \
+  python -m tdjax.aot --config configs/next_detail.py:size=L --devices 256 \
       --mesh data=16,fsdp=16,tensor=1 --batch 256 [--config.model.remat=...] [--json out.json]
 
 Lowers and compiles `Setup.train_step` (the same jit with in/out shardings and donation that

@@ -100,10 +100,10 @@ _W512_TD = {"model.width": 512, "model.num_heads": 8, "head.width": 512, "head.n
 MODELS = {
     "classifier": ("configs/classifier.py", "size=demo,batch=128", {}),
     "tokenizer": ("configs/detailflow_tokenizer.py", "size=demo", {}),
-    "next_detail": ("configs/detailflow_ar.py", "size=demo", {}),
+    "next_detail": ("configs/next_detail.py", "size=demo", {}),
     "transdiff": ("configs/transdiff.py", "size=demo", {}),
     "tokenizer_w512": ("configs/detailflow_tokenizer.py", "size=demo", _W512_TOK),
-    "next_detail_w512": ("configs/detailflow_ar.py", "size=demo", _W512_AR),
+    "next_detail_w512": ("configs/next_detail.py", "size=demo", _W512_AR),
     "transdiff_w512": ("configs/transdiff.py", "size=demo", _W512_TD),
 }
 
@@ -326,7 +326,7 @@ def _abstract(tree):
 
 def _detailflow(ar_arg: str, tok_arg: str, *, abstract: bool, scan: bool = True):
   """(AR task, AR params, tokenizer model, tokenizer params): random weights, or their shapes."""
-  ar_cfg = configlib.load_config("detailflow_ar", ar_arg)
+  ar_cfg = configlib.load_config("next_detail", ar_arg)
   tok_cfg = configlib.load_config("detailflow_tokenizer", tok_arg)
   if not scan:
     ar_cfg, tok_cfg = _unscanned(ar_cfg), _unscanned(tok_cfg)

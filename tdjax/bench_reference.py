@@ -469,7 +469,7 @@ def gpt_train(env: Env) -> Pair:
   N, G, V, C = GPT["tokens"], GPT["group"], GPT["vocab"], GPT["classes"]
   triplets = rng.integers(0, V, (BATCH, N, 3))          # (clean, ar_input, ar_label) per code
   labels = rng.integers(0, C, BATCH)
-  config = configlib.load_config("detailflow_ar", f"size=demo,tokens={N},group={G},vocab={V},"
+  config = configlib.load_config("next_detail", f"size=demo,tokens={N},group={G},vocab={V},"
                                                   f"classes={C}")
   config.model.update(dict(dim=GPT["dim"], depth=GPT["layers"], num_heads=GPT["heads"],
                            mlp_dim=dims["mlp_dim"], class_dropout=0.1, token_dropout=0.0,

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tdjax import parallel
+from tdjax import configlib, parallel
 
 CKPT_DIR = "checkpoints"
 
@@ -199,7 +199,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    return dict(_read_json(self.manager.directory / str(step) / "config"))
+    return configlib.upgrade_config(dict(_read_json(self.manager.directory / str(step) / "config")))
 
 
 def read_params(workdir: str, step: int | None = None,

@@ -6,6 +6,7 @@ Config files are Python modules with `get_config(arg)`; `arg` is the text after 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -83,6 +84,33 @@ def base_config() -> ml_collections.ConfigDict:
       decay_min_ndim=2))
   c.optimizer_groups = ml_collections.ConfigDict()  # per-group overrides, e.g. {'disc': {'lr': ..}}
   return c
+
+
+def from_config(cls, cfg, where: str, **fixed):
+  """`cls(**fields)` from the entries of config node `cfg` that are fields of the dataclass (or
+  flax Module) `cls`, plus `fixed`; a field the node lacks (a config saved before the field
+  existed) takes `cls`'s default, so each default is written once, on the field.  `where` names
+  the node ('config.loss') in the one-line error of a value of the wrong kind."""
+  names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+  kw = {k: cfg[k] for k in names if k in cfg and k not in fixed}
+  for k, v in kw.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      kw[k] = v.to_dict()
+  try:
+    return cls(**kw, **fixed)
+  except TypeError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+# task names changed since checkpoints were first written: old -> current ("tokenizer" was
+# DetailFlow's only tokenizer; renamed 2026-12-07 so config, task and module names agree)
+RENAMED_TASKS = {"tokenizer": "detailflow_tokenizer"}
+
+
+def upgrade_config(config: dict) -> dict:
+  """A config read from a checkpoint written by an earlier tdjax, in today's names."""
+  task = config.get("task")
+  return dict(config, task=RENAMED_TASKS[task]) if task in RENAMED_TASKS else config
 
 
 IMAGENET_TRAIN = 1_281_167     # images in ImageNet-1k's train split: the papers count epochs of it

@@ -41,7 +41,7 @@ from tdjax import checkpoint as ckpt_lib
 from tdjax import cli, evaluation, metrics, reconstruct, runs
 from tdjax.data import pipeline
 from tdjax.generators.next_detail import check_tokenizer_pair
-from tdjax.tasks.tokenizer import load_tokenizer
+from tdjax.tasks.detailflow_tokenizer import load_tokenizer
 from tdjax.tokenizers.resolution import (apply_separable, bicubic_matrix, decoder_resolution,
                                          resolution_for_prefix)
 
@@ -92,7 +92,7 @@ class _Tokenizer:
             method="decode"), -1, 1), static_argnums=2)
 
   def resolution(self, t: int) -> int:
-    return decoder_resolution(resolution_for_prefix(t, self.N, self.R, self.task.alpha),
+    return decoder_resolution(resolution_for_prefix(t, self.N, self.R, self.task.recipe.alpha),
                               self.model.patch)
 
   def codes(self, images, batch_size: int) -> np.ndarray:

@@ -132,7 +132,8 @@ def _upload_tree(local: str, url: str, sent: dict) -> None:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 with the ADM convention clip(127.5 x + 128) (DetailFlow pitfall 14)."""
+  """[-1, 1] floats -> uint8 with the ADM convention clip(127.5 x + 128)
+  (docs/reference/detailflow.md 5.2, pitfall 14)."""
   return np.clip(np.asarray(x, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
 
 

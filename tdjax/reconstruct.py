@@ -91,13 +91,13 @@ def reconstruct_report(workdir: str, out: str, *, num: int = 8, eval_images: int
                      f"it), not a URL")
   net, features = feature_net(judge, inception)
   config, task, params = runs.load_run(workdir, use_ema=False)
-  if task.kind != "tokenizer":
+  if task.kind != "detailflow_tokenizer":
     raise ValueError(f"{workdir} holds a {task.kind!r} checkpoint, expected a tokenizer")
   gen = params["gen"]
   model, N, R = task.model, task.N, task.image_size
   ns = prefix_lengths(N)
-  res = {n: decoder_resolution(resolution_for_prefix(n, N, R, task.alpha), model.patch) for n in ns}
-  tgt = {n: resolution_for_prefix(n, N, R, task.alpha) for n in ns}
+  res = {n: decoder_resolution(resolution_for_prefix(n, N, R, task.recipe.alpha), model.patch) for n in ns}
+  tgt = {n: resolution_for_prefix(n, N, R, task.recipe.alpha) for n in ns}
 
   # the weights are jit arguments, not closed-over constants: smaller programs, and XLA:CPU was
   # seen to miscompile dots against uniform constant matrices (zero-initialised layers)

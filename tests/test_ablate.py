@@ -14,11 +14,11 @@ def test_full_scale_prints_every_rows_commands(tmp_path, capsys, monkeypatch):
     ablate.run_table(name, "full", str(tmp_path / name))
   out = capsys.readouterr().out
   assert "configs/detailflow_tokenizer.py:size=full,tokens=128,degrade_p=0.1" in out
-  assert "configs/detailflow_ar.py:size=L,group=16" in out
+  assert "configs/next_detail.py:size=L,group=16" in out
   assert "--cfg=1.7" in out and "--steps=10" in out
   assert "conditioning=incontext" in out and "head=mlp,diffusion=ddpm" in out
   assert "causal_encoder=False,degrade_p=0.0,correction=False,group=1" in out    # Table 2 baseline
-  assert "configs/detailflow_ar.py:size=L,group=1,correction=0.0" in out
+  assert "configs/next_detail.py:size=L,group=1,correction=0.0" in out
   # MRAR fine-tunes from the 1-step run of the same table
   assert f"mrar=True,init_from={tmp_path / 'transdiff_mrar' / 'transdiff_base'}" in out
   # a shared stage is printed once: the CFG table trains one tokenizer for its four rows

@@ -1,12 +1,10 @@
 """Ahead-of-time compilation of a sharded train step (pod readiness on fake devices)."""
 
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-from tdjax import aot, bench, configlib
+from tdjax import aot, configlib
 
 
 
@@ -21,7 +19,7 @@ def test_parse_mesh():
 def test_report_shards_state_and_counts_flops():
   """fsdp=8: the compiled step's argument buffers per device are ~1/8 of the train state; the HLO
   FLOPs of the unrolled step match the analytic transformer count within 10 %."""
-  c = configlib.load_config("detailflow_ar", "size=demo")
+  c = configlib.load_config("next_detail", "size=demo")
   out = aot.report(c, {"data": 1, "fsdp": 8, "tensor": 1}, 16)
   rep = aot.report(c, {"data": 8, "fsdp": 1, "tensor": 1}, 16)
   state = 4 * 4 * out["params"]   # fp32 params + Adam mu, nu + EMA

@@ -67,6 +67,69 @@ def test_impossible_values_are_refused_before_training(tmp_path, override, fragm
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+# the same checks in process, where the task builds its modules (`--config.X=` sets the key the
+# constructor reads; the subprocess cases above show the CLI turns them into one line)
+@pytest.mark.parametrize("name,arg,key,value,fragment", [
+    ("detailflow_tokenizer", "size=tiny", "model.degrade_p", 1.5,
+     "config.model.degrade_p=1.5: expected a probability in [0, 1]"),
+    ("detailflow_tokenizer", "size=tiny", "model.size", "huge", "config.model.size='huge'"),
+    ("detailflow_tokenizer", "size=tiny", "loss.lpips_weight", -1.0,
+     "config.loss.lpips_weight=-1.0: expected >= 0"),
+    ("detailflow_tokenizer", "size=tiny", "loss.disc", "stylegan",
+     "config.loss.disc='stylegan': expected 'patchgan' or 'dino'"),
+    ("detailflow_tokenizer", "size=tiny", "loss.align_weight", 1.0,
+     "config.loss.align_weight > 0 needs config.loss.align_teacher_weights"),
+    ("transdiff", "size=tiny", "model.label_drop", 1.0, "label_drop=1.0: expected probabilities"),
+    ("transdiff", "size=tiny", "latent.kind", "vq", "config.latent.kind='vq'"),
+    ("classifier", "", "model.arch", "resnet", "config.model.arch='resnet'"),
+    ("next_detail", "size=demo", "model.depth", 0, "config.model.depth=0: expected >= 1"),
+    ("next_detail", "size=demo", "model.dropout", 1.0, "config.model.dropout=1.0: expected"),
+])
+def test_overrides_are_checked_where_the_module_is_built(name, arg, key, value, fragment):
+  from tdjax import configlib
+  from tdjax.tasks import get_task
+  config = configlib.load_config(name, arg, {key: value})
+  with pytest.raises(ValueError) as e:
+    get_task(config)
+  assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_key_a_saved_config_lacks_takes_the_field_default():
+  """Configs saved before a field existed lack its key: the module's (or recipe's) own default
+  applies -- written once, on the field, not restated by the builder."""
+  from tdjax import configlib
+  from tdjax.tasks import get_task
+  from tdjax.tasks.detailflow_tokenizer import Losses, Recipe
+  config = configlib.load_config("detailflow_tokenizer", "size=tiny")
+  del config.model["branch_grads"], config.model["top_k"], config.loss["lecam_weight"]
+  task = get_task(config)
+  assert task.recipe.branch_grads is Recipe.branch_grads is False
+  assert task.losses.lecam_weight == Losses.lecam_weight == 0.0
+  assert task.model.top_k == 50
+
+
+def test_a_tokenizer_checkpoint_of_the_old_task_name_still_loads(tiny_tokenizer_dir, tmp_path):
+  """Runs written before the task was renamed ('tokenizer' -> 'detailflow_tokenizer') store the
+  old name in their checkpoints: they still load, in today's name, by every reader."""
+  import glob
+  import shutil
+  from tdjax import configlib
+  from tdjax.tasks.detailflow_tokenizer import load_tokenizer
+  old = str(tmp_path / "old")
+  shutil.copytree(tiny_tokenizer_dir, old)
+  written = glob.glob(os.path.join(old, "checkpoints", "*", "config", "metadata"))
+  assert written
+  for path in written:
+    with open(path) as f:
+      saved = json.load(f)
+    assert saved["task"] == "detailflow_tokenizer"
+    with open(path, "w") as f:
+      json.dump(dict(saved, task="tokenizer"), f)
+  task, _, config = load_tokenizer(old)
+  assert config.task == task.kind == "detailflow_tokenizer"
+  assert configlib.upgrade_config({"task": "transdiff"}) == {"task": "transdiff"}
+
+
 def test_a_warmup_longer_than_the_run_is_one_warning_line(tmp_path):
   r = run("tdjax.train", TOY + ":steps=3", f"--workdir={tmp_path / 'w'}",
           "--config.optimizer.warmup_steps=10")

@@ -30,8 +30,8 @@ def test_train_step_figures_and_fsdp_ratio():
 def test_a_scanned_stack_counts_every_layer():
   """XLA's compiled cost analysis counts a scanned stack's loop body once; the bench must not."""
   import pytest
-  scanned = configlib.load_config("configs/detailflow_ar.py", "size=demo,batch=8", {"model.depth": 3})
-  unrolled = configlib.load_config("configs/detailflow_ar.py", "size=demo,batch=8,scan=False",
+  scanned = configlib.load_config("configs/next_detail.py", "size=demo,batch=8", {"model.depth": 3})
+  unrolled = configlib.load_config("configs/next_detail.py", "size=demo,batch=8,scan=False",
                                    {"model.depth": 3})
   assert scanned.model.scan and not unrolled.model.scan and scanned.model.depth == 3
   s = bench.train_step_figures(scanned, steps=1, repeats=1)

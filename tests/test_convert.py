@@ -33,7 +33,8 @@ def conversion_error(tmp_path, bad_sd, convert_fn, *args, **kwargs) -> str:
 
 
 def gpt_state_dict(seed=0):
-  """DetailFlow GPT keys (reference detailflow.md 4.3) at a tiny size, PyTorch (out, in) layout."""
+  """DetailFlow GPT keys (docs/reference/detailflow.md 4.3) at a tiny size, PyTorch (out, in)
+  layout."""
   rng = np.random.default_rng(seed)
   r = lambda *s: (0.3 * rng.normal(size=s)).astype(np.float32)
   sd = {"cls_embedding.embedding_table.weight": r(C + 1, D), "tok_embeddings.weight": r(V, D),
@@ -328,7 +329,8 @@ def _out_proj(a):    # per-head out (H, hd, D) -> Linear (D, H * hd)
 
 
 def tokenizer_state_dict(params, n, enc_heads, dec_heads):
-  """Reference DetailFlow tokenizer keys (detailflow.md 4.3) from tdjax params, PyTorch layout:
+  """Reference DetailFlow tokenizer keys (docs/reference/detailflow.md 4.3) from tdjax params,
+  PyTorch layout:
   Linear (out, in), q/k/v/o as full matrices, (1, N, W) query tables, (1, 1, W) mask token; plus
   the training-only keys a converter must ignore."""
   p = jax.tree.map(np.asarray, params)
@@ -401,7 +403,8 @@ def test_detailflow_tokenizer_conversion_round_trip(tmp_path):
 
 
 def transdiff_state_dict(p, heads):
-  """Reference TransDiff keys (transdiff.md 4.4) from tdjax params, PyTorch layout: fused qkv rows
+  """Reference TransDiff keys (docs/reference/transdiff.md 4.4) from tdjax params, PyTorch layout:
+  fused qkv rows
   [q | k | v] (heads contiguous), (1, L, D) tables, (1, k, D) scale-shift tables."""
   p = jax.tree.map(np.asarray, p)
   qkv = lambda a: {k: np.concatenate([_head_proj(a[n])[k] for n in ("query", "key", "value")])
@@ -472,7 +475,7 @@ def test_transdiff_conversion_round_trip(tmp_path, arg):
 
 
 def test_transdiff_512_layout_conversion(tmp_path):
-  """TransDiff-L 512's layout (reference transdiff.md 1.2, 4.4): the AR's 256 conditions
+  """TransDiff-L 512's layout (docs/reference/transdiff.md 1.2, 4.4): the AR's 256 conditions
   (`diffusion_pos_embed_learned`) for the decoder's 1024 latent tokens.  Here a tiny 1-step model
   with 4 conditions for 16 latent tokens (model.cond_tokens) -> reference keys -> converter: both
   lengths and the buffer (from the AR's own table) read back, the same params restored."""
@@ -536,18 +539,32 @@ def test_siglip2_conversion_matches_hf_linears_and_loads_as_the_teacher(tmp_path
   x = rng.normal(size=(3, w))
   layer = "vision_model.encoder.layers.1.self_attn."
   q_hf = x @ sd[layer + "q_proj.weight"].T + sd[layer + "q_proj.bias"]
-  q = np.einsum("bw,whd->bhd", x, out["blocks_1/attn/q/kernel"]) + out["blocks_1/attn/q/bias"]
+  q = (np.einsum("bw,whd->bhd", x, out["blocks_1/attn/query/kernel"])
+       + out["blocks_1/attn/query/bias"])
   np.testing.assert_allclose(q.reshape(3, w), q_hf, rtol=1e-5, atol=1e-5)
   o_in = rng.normal(size=(3, h, w // h))
   o_hf = o_in.reshape(3, w) @ sd[layer + "out_proj.weight"].T + sd[layer + "out_proj.bias"]
-  o = np.einsum("bhd,hdw->bw", o_in, out["blocks_1/attn/o/kernel"]) + out["blocks_1/attn/o/bias"]
+  o = (np.einsum("bhd,hdw->bw", o_in, out["blocks_1/attn/out/kernel"])
+       + out["blocks_1/attn/out/bias"])
   np.testing.assert_allclose(o, o_hf, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out["patch_embed/kernel"],
                                 sd["vision_model.embeddings.patch_embedding.weight"].T)
-  np.testing.assert_array_equal(out["blocks_0/ln2/scale"],
+  np.testing.assert_array_equal(out["blocks_0/norm2/ln/scale"],
                                 sd["vision_model.encoder.layers.0.layer_norm2.weight"])
   teacher = ViTTeacher(width=w, depth=2, num_heads=h, mlp_dim=12, patch_size=4, pos_grid=4)
-  load_teacher_params(out_path, teacher, strict=True)
+  new = load_teacher_params(out_path, teacher, strict=True)
+  # a file the previous converter wrote (blocks_i/ln1, ln2, attn/q, k, v, o) loads to the same tree
+  old_names = {"norm1/ln": "ln1", "norm2/ln": "ln2", "attn/query": "attn/q", "attn/key": "attn/k",
+               "attn/value": "attn/v", "attn/out": "attn/o"}
+  old = {}
+  for k, a in out.items():
+    mod, _, leaf = k.rpartition("/")
+    blk, _, sub = mod.partition("/")
+    old[f"{blk}/{old_names[sub]}/{leaf}" if sub in old_names else k] = a
+  assert "blocks_1/attn/o/kernel" in old and "blocks_0/ln1/bias" in old
+  np.savez(str(tmp_path / "old.npz"), **old)
+  jax.tree.map(np.testing.assert_array_equal,
+               load_teacher_params(str(tmp_path / "old.npz"), teacher, strict=True), new)
   with pytest.raises(convert.ConversionError, match="exists"):
     convert.convert_siglip2(str(tmp_path / "hf.npz"), out_path, num_heads=h)
   bad = dict(sd)
@@ -579,8 +596,10 @@ def dino_state_dict(c=32, heads=2, depth=2, patch=16, grid=2, seed=0):
 
 def test_dino_conversion_puts_qkv_heads_in_place_and_loads_as_the_backbone(tmp_path):
   """DINO's fused qkv rows are [q | k | v], each head-major: q of head h = x W[hD:(h+1)D]^T + b
-  must equal the converted [C, 3, H, D] kernel's (:, 0, h); the file loads strictly as the DINO
-  discriminator's backbone; the final norm is dropped."""
+  must equal the converted query kernel [C, H, D]'s (:, h) (k, v alike); the file loads strictly
+  as the DINO discriminator's backbone, as does one in the previous converter's layout (fused
+  attn/qkv [C, 3, H, D], attn/proj, norms without '/ln'), to the same tree; the final norm is
+  dropped."""
   from tdjax.losses import discriminators as D
   c, h = 32, 2
   sd = dino_state_dict(c=c, heads=h)
@@ -597,17 +616,33 @@ def test_dino_conversion_puts_qkv_heads_in_place_and_loads_as_the_backbone(tmp_p
     for head in range(h):
       rows = slice(part * c + head * (c // h), part * c + (head + 1) * (c // h))
       want = x @ w[rows].T + b[rows]
-      got = (x @ out["blocks_1/attn/qkv/kernel"][:, part, head]
-             + out["blocks_1/attn/qkv/bias"][part, head])
+      name = ("query", "key", "value")[part]
+      got = (x @ out[f"blocks_1/attn/{name}/kernel"][:, head]
+             + out[f"blocks_1/attn/{name}/bias"][head])
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   o_in = np.random.default_rng(2).normal(size=(3, h, c // h))
   o_hf = o_in.reshape(3, c) @ sd["blocks.0.attn.proj.weight"].T
-  o = np.einsum("bhd,hdc->bc", o_in, out["blocks_0/attn/proj/kernel"])
+  o = np.einsum("bhd,hdc->bc", o_in, out["blocks_0/attn/out/kernel"])
   np.testing.assert_allclose(o, o_hf, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out["patch_embed/kernel"],
                                 sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
   disc = D.DinoDiscriminator(embed_dim=c, num_heads=h, key_depths=(0, 1), img_size=32)
-  D.load_dino_backbone(out_path, disc, strict=True)
+  new = D.load_dino_backbone(out_path, disc, strict=True)
+  old = {k: v for k, v in out.items() if not k.startswith("blocks_")}   # the previous converter's
+  for i in range(2):
+    p, b = f"blocks.{i}.", f"blocks_{i}/"
+    old[b + "attn/qkv/kernel"] = sd[p + "attn.qkv.weight"].reshape(3, h, c // h, c).transpose(3, 0, 1, 2)
+    old[b + "attn/qkv/bias"] = sd[p + "attn.qkv.bias"].reshape(3, h, c // h)
+    old[b + "attn/proj/kernel"] = sd[p + "attn.proj.weight"].T.reshape(h, c // h, c)
+    old[b + "attn/proj/bias"] = sd[p + "attn.proj.bias"]
+    for name in ("norm1", "norm2"):
+      old[b + name + "/scale"], old[b + name + "/bias"] = sd[p + name + ".weight"], sd[p + name + ".bias"]
+    for name in ("fc1", "fc2"):
+      old[b + f"mlp/{name}/kernel"] = sd[p + f"mlp.{name}.weight"].T
+      old[b + f"mlp/{name}/bias"] = sd[p + f"mlp.{name}.bias"]
+  np.savez(str(tmp_path / "old.npz"), **old)
+  jax.tree.map(np.testing.assert_array_equal,
+               D.load_dino_backbone(str(tmp_path / "old.npz"), disc, strict=True), new)
   with pytest.raises(convert.ConversionError, match="exists"):
     convert.convert_dino(str(tmp_path / "dino.npz"), out_path, num_heads=h)
   bad = dict(sd, **{"blocks.0.attn.extra.weight": np.zeros((2,), np.float32)})

@@ -23,7 +23,7 @@ def runs_for_curves(tmp_path_factory, tiny_tokenizer_dir):
   codes = str(d / "codes.npz")
   codes_lib.synthetic_codes(codes, num=64, num_tokens=16, group_size=4, vocab_size=256,
                             num_classes=10)
-  c = configlib.load_config("detailflow_ar", f"size=demo,codes={codes},tokenizer="
+  c = configlib.load_config("next_detail", f"size=demo,codes={codes},tokenizer="
                             f"{tiny_tokenizer_dir},steps=2,batch=8")
   c.model.update(dict(depth=1, dim=32, num_heads=2, mlp_dim=64))
   c.eval_every = c.ckpt_every = 2

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -128,3 +129,48 @@ def test_incontext_conditioning_joins_the_self_attention():
   with pytest.raises(ValueError, match="needs self_attention=True"):
     H.AttentionHead(C, 16, 2, 2, max_len=L, conditioning="incontext",
                     self_attention=False).init(jax.random.key(0), x, t, c)
+
+
+@pytest.mark.parametrize("conditioning", ["cross", "incontext"])
+def test_fused_attention_is_reachable_from_the_heads_and_bounded(conditioning, monkeypatch):
+  """config.head.attention_impl='fused' (jax.nn.dot_product_attention: cuDNN flash attention on
+  GPUs) reaches the head's self- and cross-attention; with the same weights it gives the einsum
+  path's velocities to float32 round-off, condition mask included."""
+  ein = H.AttentionHead(C, 16, 2, 2, max_len=L, conditioning=conditioning)
+  fused = H.AttentionHead(C, 16, 2, 2, max_len=L, conditioning=conditioning,
+                          attention_impl="fused")
+  v = _init(ein, 5)
+  x, t, _ = _inputs()
+  c = _inputs(5)[2]
+  keep = jnp.array([[True] * 3 + [False] * 2] * B)
+  from tdjax.nn import attention
+  calls, real = [], attention.fused_attention
+  monkeypatch.setattr(attention, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+  a, b = ein.apply(v, x, t, c, keep), fused.apply(v, x, t, c, keep)
+  assert len(calls) == (2 if conditioning == "incontext" else 4)   # every attention of 2 blocks
+  np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="config.head.attention_impl='flash'"):
+    H.make_head(ml_collections.ConfigDict({"type": "attention", "width": 16, "depth": 1,
+                                           "num_heads": 2, "attention_impl": "flash"}), C)
+
+
+def test_fused_attention_is_reachable_from_the_next_detail_models():
+  """The next-detail AR (full forward) and next-detail diffusion take attention_impl too: equal
+  logits / velocities to round-off."""
+  from tdjax.generators import next_detail as nd
+  from tdjax.generators import next_detail_diffusion as ndd
+  kw = dict(vocab_size=32, num_tokens=8, group_size=2, num_classes=3, dim=16, depth=2,
+            num_heads=2, mlp_dim=32, scan=False)
+  ein, fused = nd.NextDetailTransformer(**kw), nd.NextDetailTransformer(**kw, attention_impl="fused")
+  ids, labels = jnp.arange(16).reshape(2, 8) % 32, jnp.array([0, 2])
+  v = ein.init(jax.random.key(0), ids, labels)
+  v = jax.tree.map(lambda a: a + 0.05, nn.unbox(v))        # the output layer is zero-initialised
+  np.testing.assert_allclose(ein.apply(v, ids, labels), fused.apply(v, ids, labels), atol=2e-5)
+  kw = dict(token_dim=4, num_tokens=8, group_size=2, num_classes=3, dim=16, depth=1,
+            num_heads=2, mlp_dim=32, head_width=16, head_depth=1, head_heads=2)
+  ein, fused = ndd.NextDetailDiffusion(**kw), ndd.NextDetailDiffusion(**kw, attention_impl="fused")
+  v = ndd.init_params(ein, jax.random.key(0))
+  v = jax.tree.map(lambda a: a + 0.05, nn.unbox(v))
+  tok = jax.random.normal(jax.random.key(1), (2, 8, 4))
+  f = lambda m: m.apply({"params": v}, tok, labels)
+  np.testing.assert_allclose(f(ein), f(fused), atol=2e-5)

@@ -455,7 +455,9 @@ def test_dino_backbone_loader(dino, tmp_path):
   f = _japply(m, train=False, return_features=True)
   jax.tree.map(np.testing.assert_array_equal, f({**v, "params": params}, x), f(v, x))
   flat = weights.flatten_params(bb)
-  assert flat["blocks_2/attn/qkv/kernel"].shape == (32, 3, 2, 16)
+  assert flat["blocks_2/attn/query/kernel"].shape == (32, 2, 16)
+  assert flat["blocks_2/attn/out/kernel"].shape == (2, 16, 32)
+  assert flat["blocks_2/norm1/ln/scale"].shape == (32,)
   assert flat["pos_embed"].shape == (1, 10, 32)
   shallow = disc.DinoDiscriminator(**{**TINY_DINO, "key_depths": (0,)})
   with pytest.raises(weights.WeightsError, match="unexpected keys"):
@@ -468,6 +470,45 @@ def test_dino_backbone_loader(dino, tmp_path):
   assert full["patch_embed/kernel"].shape == (16, 16, 3, 384)
   assert full["pos_embed"].shape == (1, 197, 384)
   assert full["blocks_11/mlp/fc1/kernel"].shape == (384, 1536)
+
+
+def _old_dino_layout(flat: dict) -> dict:
+  """A DINO backbone file as tdjax wrote it before its blocks were tdjax.nn's TransformerBlock:
+  blocks_i/norm1/{scale,bias}, fused attn/qkv kernel [C, 3, H, D] / bias [3, H, D], attn/proj."""
+  out = {}
+  for k, a in flat.items():
+    blk, _, rest = k.partition("/")
+    if rest.startswith(("attn/key/", "attn/value/")):
+      continue
+    if rest.startswith("attn/query/"):
+      leaf = rest.rsplit("/", 1)[1]
+      parts = [flat[f"{blk}/attn/{n}/{leaf}"] for n in ("query", "key", "value")]
+      out[f"{blk}/attn/qkv/{leaf}"] = np.stack(parts, axis=1 if leaf == "kernel" else 0)
+    else:
+      out[k.replace("/ln/", "/").replace("attn/out/", "attn/proj/")] = a
+  return out
+
+
+def test_dino_backbone_loader_reads_the_older_layout(dino, tmp_path):
+  """A backbone file written in the older key layout (fused qkv, attn/proj, norms without '/ln')
+  loads into the same tree as the current one and gives the same readouts."""
+  m, _, v = dino
+  bb = v["params"]["backbone"]
+  flat = {k: np.asarray(a) for k, a in weights.flatten_params(bb).items()}
+  old = _old_dino_layout(flat)
+  assert old["blocks_2/attn/qkv/kernel"].shape == (32, 3, 2, 16) and "blocks_0/norm1/scale" in old
+  np.savez(tmp_path / "old.npz", **old)
+  loaded = disc.load_dino_backbone(str(tmp_path / "old.npz"), m)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, bb))
+  x = _img(46)
+  f = _japply(m, train=False, return_features=True)
+  jax.tree.map(np.testing.assert_array_equal,
+               f({**v, "params": disc.with_backbone(v["params"], loaded)}, x), f(v, x))
+  assert disc.upgrade_dino_keys(flat) is flat              # the current layout passes untouched
+  del old["blocks_1/attn/qkv/bias"]
+  np.savez(tmp_path / "miss.npz", **old)
+  with pytest.raises(weights.WeightsError, match="missing key 'blocks_1/attn/(key|query|value)/bias'"):
+    disc.load_dino_backbone(str(tmp_path / "miss.npz"), m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,13 +567,14 @@ def test_alignment_projector_and_teacher(tmp_path):
   np.testing.assert_array_equal(tf({"params": loaded}, x), tf({"params": tparams}, x))
   flat = {k: np.asarray(a) for k, a in weights.flatten_params(tparams).items()}
   assert flat["patch_embed/kernel"].shape == (8 * 8 * 3, 32)
-  assert flat["blocks_0/attn/q/kernel"].shape == (32, 2, 16)
+  assert flat["blocks_0/attn/query/kernel"].shape == (32, 2, 16)
+  assert flat["blocks_0/norm1/ln/scale"].shape == (32,)
   with pytest.raises(FileNotFoundError, match="alignment teacher weights file not found"):
     alignment.load_teacher_params(str(tmp_path / "none.npz"), teacher)
   miss = dict(flat)
-  del miss["blocks_0/attn/o/bias"]
+  del miss["blocks_0/attn/out/bias"]
   np.savez(tmp_path / "miss.npz", **miss)
-  with pytest.raises(weights.WeightsError, match="missing key 'blocks_0/attn/o/bias'"):
+  with pytest.raises(weights.WeightsError, match="missing key 'blocks_0/attn/out/bias'"):
     alignment.load_teacher_params(str(tmp_path / "miss.npz"), teacher)
   bigger = alignment.ViTTeacher(**{**TINY_TEACHER, "mlp_dim": 96})
   with pytest.raises(weights.WeightsError,
@@ -555,6 +597,34 @@ def test_teacher_shape_reads_the_towers_dims(tmp_path):
     alignment.teacher_shape(str(tmp_path / "no_pos.npz"))
   with pytest.raises(FileNotFoundError, match="alignment teacher weights file not found"):
     alignment.teacher_shape(str(tmp_path / "none.npz"))
+
+
+_OLD_TEACHER_NAMES = {"norm1/ln": "ln1", "norm2/ln": "ln2", "attn/query": "attn/q",
+                      "attn/key": "attn/k", "attn/value": "attn/v", "attn/out": "attn/o"}
+
+
+def test_teacher_loaders_read_the_older_layout(tmp_path):
+  """A teacher / SigLIP2 file in the older key layout (blocks_i/ln1, ln2, attn/q, k, v, o) gives
+  the same dims (`teacher_shape`), the same params tree and the same features as the current one."""
+  kw = {**TINY_TEACHER, "depth": 2}
+  teacher = alignment.ViTTeacher(**kw)
+  x = _img(55)
+  tparams = nn.unbox(_jinit(teacher)(KEY, x)["params"])
+  flat = {k: np.asarray(a) for k, a in weights.flatten_params(tparams).items()}
+  old = {}
+  for k, a in flat.items():
+    blk, _, rest = k.partition("/")
+    mod, _, leaf = rest.rpartition("/")
+    old[f"{blk}/{_OLD_TEACHER_NAMES.get(mod, mod)}/{leaf}" if mod else k] = a
+  assert "blocks_1/attn/o/kernel" in old and "blocks_0/ln2/scale" in old and "post_ln/scale" in old
+  path = str(tmp_path / "old.npz")
+  np.savez(path, **old)
+  assert alignment.teacher_shape(path) == kw
+  loaded = alignment.load_teacher_params(path, teacher)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, tparams))
+  tf = _japply(teacher)
+  np.testing.assert_array_equal(tf({"params": loaded}, x), tf({"params": tparams}, x))
+  assert alignment.upgrade_teacher_keys(flat) is flat
 
 
 def test_npz_shapes_reads_the_headers_not_the_arrays(tmp_path, monkeypatch):

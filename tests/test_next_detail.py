@@ -19,7 +19,7 @@ from tdjax.generators import next_detail as nd
 
 
 def load_config(arg):
-  return configlib.load_config("detailflow_ar", arg)
+  return configlib.load_config("next_detail", arg)
 
 
 def tiny_model(**kw):
@@ -350,7 +350,7 @@ def test_full_size_config_param_count():
   model = nd.model_from_config(c.model)
   shapes = jax.eval_shape(lambda k: nn.unbox(nd.init_params(model, k)), jax.random.key(0))
   count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
-  assert abs(count / 1e6 - 326.1) < 0.5, count      # reference 2.2: 326.1M
+  assert abs(count / 1e6 - 326.1) < 0.5, count  # docs/reference/detailflow.md 2.2
   with pytest.raises(ValueError, match=r"tokens=100 is not divisible by group=8"):
     load_config("size=L,tokens=100")
 
@@ -475,9 +475,9 @@ def test_paper_sizes_sample_with_the_reference_cfg_per_token_count(tokens, cfg):
   """scripts/eval_c2i.sh: CFG 1.45 / 1.5 / 1.32 for DetailFlow-16 / -32 / -64; an explicit cfg
   argument still wins, and the demo keeps its own."""
   from tdjax import configlib
-  assert configlib.load_config("detailflow_ar", f"size=L,tokens={tokens}").sample.cfg == cfg
-  assert configlib.load_config("detailflow_ar", f"size=L,tokens={tokens},cfg=2.0").sample.cfg == 2.0
-  c = configlib.load_config("detailflow_ar", "size=L,cfg_schedule=gradual")
+  assert configlib.load_config("next_detail", f"size=L,tokens={tokens}").sample.cfg == cfg
+  assert configlib.load_config("next_detail", f"size=L,tokens={tokens},cfg=2.0").sample.cfg == 2.0
+  c = configlib.load_config("next_detail", "size=L,cfg_schedule=gradual")
   assert c.sample.cfg_schedule == "gradual"
 
 
@@ -521,7 +521,7 @@ def test_codes_files_carry_the_tokenizers_causal_num_to_the_ar_config(tmp_path,
     for suffix in (".npz", ""):
       path = str(tmp_path / (name + suffix))
       codes_lib.write_codes(path, enc, causal_num=c, **kw)
-      cfg = configlib.load_config("detailflow_ar", f"size=demo,codes={path}")
+      cfg = configlib.load_config("next_detail", f"size=demo,codes={path}")
       assert cfg.model.causal_num == want, (name, suffix)
   assert nd.model_from_config(cfg.model).c == g
   with pytest.raises(ValueError, match="the tokenizer has causal_num=4, the AR model causal_num=0"):

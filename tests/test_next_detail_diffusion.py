@@ -12,7 +12,6 @@ import optax
 import pytest
 
 from tdjax import configlib
-from tdjax.generators import next_detail as nd
 from tdjax.generators import next_detail_diffusion as ndd
 
 

@@ -168,7 +168,7 @@ def test_ar_training_loss_matches_train_c2i(gpt_pair, correction_prob):
   with torch.no_grad():
     _, want = ref(z_input, torch.from_numpy(labels), targets=z_target,
                   basic_group_inference=True)
-  config = configlib.load_config("detailflow_ar", f"size=demo,tokens={N},group={G},vocab={V},"
+  config = configlib.load_config("next_detail", f"size=demo,tokens={N},group={G},vocab={V},"
                                                   f"classes={C}")
   config.model.update(dict(dim=model.dim, depth=model.depth, num_heads=model.num_heads,
                            mlp_dim=model.mlp_dim, class_dropout=0.0, token_dropout=0.0,
@@ -484,7 +484,7 @@ def test_discriminator_loss_matches_vqloss():
   the PatchGAN (taming / DetailFlow NLayerDiscriminator, BatchNorm) gets the reference's weights."""
   from unittest import mock
   from test_tokenizer import _cfg
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   from tdjax.tokenizers.resolution import apply_separable
   vq_loss = reference_module("DetailFlow", "losses.vq_loss")
   weak = lambda x: 0.8 * x + 0.1
@@ -508,7 +508,7 @@ def test_discriminator_loss_matches_vqloss():
     with torch.no_grad():
       for n, p in ref.discriminator.named_parameters():
         p.add_(0.2 * torch.randn_like(p) if p.ndim == 1 else 0.0 * p)
-    task = TokenizerTask(_cfg(adv_weight=adv, adv_start=0, disc="patchgan",
+    task = DetailFlowTokenizerTask(_cfg(adv_weight=adv, adv_start=0, disc="patchgan",
                               disc_kwargs=dict(ndf=8, n_layers=2), disc_input_size=0,
                               lecam_weight=lecam_w, lecam_decay=0.5, cr_weight=cr_w))
     task._augment = lambda x, rng, policy=None, prob=None: (

@@ -11,7 +11,7 @@ The reference hard-codes 256 latent tokens (16 x 16) and, for MRAR, blocks of 64
 tiny.
 
 Three adaptations let the CUDA/autocast-only reference run in float32 on the CPU, none touching
-its arithmetic beyond precision (reference transdiff.md 1.3, 2.2):
+its arithmetic beyond precision (docs/reference/transdiff.md 1.3, 2.2):
   - `TimestepEmbedder` casts SiLU(temb) to bfloat16 before `time_proj` (autocast-only code): the
     module's `torch` is seen through a proxy whose `bfloat16` is float32;
   - `.cuda()` (sampling tokens, the MRAR mask) is the identity;

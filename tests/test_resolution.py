@@ -9,7 +9,8 @@ import pytest
 
 from tdjax.tokenizers import resolution as rs
 
-# reference doc 1.5: N = 128, g = 8, alpha = 1.5, R = 256, patch 16 -- t: tgt_res -> dec_res
+# docs/reference/detailflow.md 1.5: N = 128, g = 8, alpha = 1.5, R = 256, patch 16 --
+# t: tgt_res -> dec_res
 TABLE_128 = {1: (1, 16), 2: (4, 16), 3: (6, 16), 4: (9, 16), 5: (12, 16), 6: (15, 16),
              7: (18, 32), 8: (21, 32), 16: (44, 48), 24: (67, 80), 32: (88, 96), 40: (108, 112),
              48: (128, 128), 56: (147, 160), 64: (164, 176), 72: (181, 192), 80: (196, 208),

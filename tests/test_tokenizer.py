@@ -154,7 +154,8 @@ def test_top_k_window_equals_the_full_search_there(start):
 
 def test_encode_for_ar_equals_the_search_over_every_token(tiny):
   """encode_for_ar (top-k only on each image's perturbed span) gives the triplets of the plain
-  recipe: top-k noisy codes for every token, then the second pass (reference 1.6 step 7)."""
+  recipe: top-k noisy codes for every token, then the second pass
+  (docs/reference/detailflow.md 1.6 step 7)."""
   m, v, x = tiny
   xx = jnp.concatenate([x] * 8)
 
@@ -272,18 +273,18 @@ def _cfg(arg="size=tiny,degrade_p=0", **loss):
 
 
 def test_loss_weights_need_files():
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   with pytest.raises(ValueError, match="config.loss.lpips_weights"):
-    TokenizerTask(_cfg(lpips_weight=1.0))
+    DetailFlowTokenizerTask(_cfg(lpips_weight=1.0))
   with pytest.raises(ValueError, match="disc_backbone_weights"):
-    TokenizerTask(_cfg(adv_weight=0.1, disc="dino"))
+    DetailFlowTokenizerTask(_cfg(adv_weight=0.1, disc="dino"))
   with pytest.raises(ValueError, match="align"):
-    TokenizerTask(_cfg(align_weight=1.0))
+    DetailFlowTokenizerTask(_cfg(align_weight=1.0))
 
 
 def test_dino_discriminator_initialises_under_the_mesh(tmp_path):
-  """The paper's loss (disc='dino') under the trainer's mesh and axis rules: its ViT's fused q/k/v
-  kernel [C, 3, H, D] is created and sharded there (DenseGeneral's flat init failed, so no such
+  """The paper's loss (disc='dino') under the trainer's mesh and axis rules: its ViT's per-head
+  query kernel [C, H, D] is created and sharded there (DenseGeneral's flat init failed, so no such
   tokenizer could train), and the frozen backbone is the file's."""
   from tdjax import trainer
   from tdjax.losses import discriminators as D
@@ -297,8 +298,8 @@ def test_dino_discriminator_initialises_under_the_mesh(tmp_path):
   c.loss.update(disc_backbone_weights=str(tmp_path / "dino.npz"), disc_kwargs=dino)
   c.mesh = dict(data=2, fsdp=2, tensor=2)
   state = trainer.Setup(c).init_state()
-  qkv = state["params"]["disc"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
-  assert qkv.shape == (16, 3, 2, 8) and len(qkv.sharding.device_set) == 8
+  q = state["params"]["disc"]["backbone"]["blocks_0"]["attn"]["query"]["kernel"]
+  assert q.shape == (16, 2, 8) and len(q.sharding.device_set) == 8
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]["disc"]["backbone"]),
                bb_values)
 
@@ -347,14 +348,14 @@ def test_alignment_to_a_teacher_file(tmp_path):
   are the ones applied (grey images repeated to RGB), and the loss adds -cos to the teacher."""
   from tdjax.losses.alignment import ViTTeacher, alignment_loss
   from tdjax.losses.weights import save_npz_params
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   tower = ViTTeacher(width=12, depth=1, num_heads=2, mlp_dim=24, patch_size=4, pos_grid=4)
   tp = nn.unbox(tower.init(jax.random.key(5), jnp.zeros((1, 16, 16, 3)))["params"])
   path = str(tmp_path / "teacher.npz")
   save_npz_params(path, tp)
   c = _cfg(f"size=tiny,degrade_p=0,align=1.0,teacher={path}")
   c.model.align_hidden = 8
-  task = TokenizerTask(c)
+  task = DetailFlowTokenizerTask(c)
   assert (task._teacher.width, task._teacher.num_heads, task._teacher.mlp_dim,
           task._teacher.patch_size, c.model.align_dim) == (12, 2, 24, 4, 12)
   params, state = nn.unbox(task.init(jax.random.key(0)))
@@ -371,12 +372,12 @@ def test_alignment_to_a_teacher_file(tmp_path):
   assert pred.shape == (4, 12) and float(alignment_loss(pred, feats)) != 0
   c.model.align_dim = 8
   with pytest.raises(ValueError, match=r"align_dim=8: the alignment teacher .* is 12 wide"):
-    TokenizerTask(c)
+    DetailFlowTokenizerTask(c)
 
 
 @pytest.mark.parametrize("term", ["none", "lpips", "adv", "align"])
 def test_each_loss_term_on_off(term, tmp_path):
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   kw = {}
   if term == "lpips":
     from tdjax.losses.lpips import LPIPS
@@ -396,7 +397,7 @@ def test_each_loss_term_on_off(term, tmp_path):
   if term == "align":
     c.model.align_dim = 8
     c.model.align_hidden = 8
-  task = TokenizerTask(c)
+  task = DetailFlowTokenizerTask(c)
   params, state = nn.unbox(task.init(jax.random.key(0)))
   batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
   if term == "align":
@@ -451,8 +452,8 @@ def test_discriminator_sees_real_and_fake_in_separate_calls_and_its_state_always
   logits do not depend on the fake batch; D's running statistics and the LeCAM EMAs advance on
   every step, before adv_start too (the D loss itself is zero then).  The loss composition
   itself is checked against the reference's VQLoss in tests/test_reference_repos.py."""
-  from tdjax.tasks.tokenizer import TokenizerTask
-  task = TokenizerTask(_cfg(adv_weight=0.2, adv_start=5, disc="patchgan",
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
+  task = DetailFlowTokenizerTask(_cfg(adv_weight=0.2, adv_start=5, disc="patchgan",
                             disc_kwargs=dict(ndf=4, n_layers=2), disc_input_size=0,
                             lecam_weight=0.1, cr_weight=4.0, diffaug_prob=0.0))
   params, state = nn.unbox(task.init(jax.random.key(0)))
@@ -494,8 +495,8 @@ def test_fixed_size_discriminator_runs_once_after_the_decoder_branches(monkeypat
   """When D sees a fixed size (DINO: 224; here disc_input_size), the decoder branches of the
   resolution switch return D's views and D's passes run once after the switch: the same loss,
   gradients and D state as running them inside every branch, with no D op left in a branch."""
-  from tdjax.tasks.tokenizer import TokenizerTask
-  task = TokenizerTask(_cfg("size=tiny,degrade_p=0.5", adv_weight=0.2, disc="patchgan",
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
+  task = DetailFlowTokenizerTask(_cfg("size=tiny,degrade_p=0.5", adv_weight=0.2, disc="patchgan",
                             disc_kwargs=dict(ndf=4, n_layers=2), disc_input_size=16,
                             lecam_weight=0.1, cr_weight=4.0))
   n_branch = len(task.plan.branches)
@@ -540,9 +541,9 @@ def _fashion_mnist(n=16):
 def test_short_training_run_reduces_reconstruction_loss():
   """60 Adam steps on a fixed batch of real images, with prefix degradation (lax.switch over the
   decoder resolutions) and self-correction on."""
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   c = get_config("size=tiny,degrade_p=0.2,tokens=16,group=4,patch=8")
-  task = TokenizerTask(c)
+  task = DetailFlowTokenizerTask(c)
   assert len(task.plan.branches) > 1
   params, state = nn.unbox(task.init(jax.random.key(0)))
   batch = {"image": _fashion_mnist(16)}
@@ -571,10 +572,10 @@ def test_short_training_run_reduces_reconstruction_loss():
 
 
 def test_continuous_bottleneck_task_and_encode_fn():
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   c = _cfg("size=tiny,degrade_p=0,bottleneck=continuous")
   c.model.kl_weight = 0.01
-  task = TokenizerTask(c)
+  task = DetailFlowTokenizerTask(c)
   params, state = nn.unbox(task.init(jax.random.key(0)))
   batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
   loss, (m, _) = jax.jit(task.loss)(params, state, batch, jax.random.key(3), 0)
@@ -582,7 +583,7 @@ def test_continuous_bottleneck_task_and_encode_fn():
   assert float(m["sc_on"]) == 0
   np.testing.assert_allclose(float(loss), float(m["rec_mse"] + m["bottleneck_loss"]), rtol=1e-5)
   # VQ task: the AR-data encode function gives integer triplets within the vocabulary
-  vq = TokenizerTask(_cfg())
+  vq = DetailFlowTokenizerTask(_cfg())
   p2, _ = nn.unbox(vq.init(jax.random.key(0)))
   enc = vq.make_encode_fn(p2, views_per_batch=2)
   a, b = enc(np.asarray(batch["image"]), 2), enc(np.asarray(batch["image"]), 3)
@@ -612,11 +613,12 @@ def test_second_pass_conditions_on_detached_noisy_prefix(tiny):
 
 def test_task_targets_are_degraded_images():
   """The switch branch of t compares the decoder output at dec_res(t) with area-down(R(t)) +
-  bicubic-up of the image (reference 1.5), for token-level and group-level prefixes."""
-  from tdjax.tasks.tokenizer import TokenizerTask
+  bicubic-up of the image (docs/reference/detailflow.md 1.5), for token-level and group-level
+  prefixes."""
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   from tdjax.tokenizers.resolution import degraded_target
   c = _cfg("size=tiny,degrade_p=0.2")
-  task = TokenizerTask(c)
+  task = DetailFlowTokenizerTask(c)
   params, state = nn.unbox(task.init(jax.random.key(0)))
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1)) * 2 - 1
   codes = jax.random.normal(jax.random.key(2), (2, 8, 4))
@@ -634,7 +636,7 @@ def test_task_targets_are_degraded_images():
     np.testing.assert_allclose(float(out["mse"]), float(ref), rtol=1e-4)
 
 
-# --- SigLIP2 encoder initialisation (reference 1.2) -----------------------------------------------
+# --- SigLIP2 encoder initialisation (docs/reference/detailflow.md 1.2) ----------------------------
 
 def _siglip_file(tmp_path, depth=3):
   from tdjax.losses.alignment import ViTTeacher
@@ -677,6 +679,19 @@ def test_encoder_init_from_siglip2_reproduces_its_first_blocks(tmp_path, scan):
   t2 = ViTTeacher(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4, pos_grid=4)
   want = t2.apply({"params": {k: v for k, v in tp.items() if k != "blocks_2"}}, x)
   np.testing.assert_allclose(got, want, atol=2e-5)
+  # a file in the older teacher layout (blocks_i/ln1, ln2, attn/q, k, v, o) gives the same params
+  old_names = {"norm1/ln": "ln1", "norm2/ln": "ln2", "attn/query": "attn/q", "attn/key": "attn/k",
+               "attn/value": "attn/v", "attn/out": "attn/o"}
+  old = {}
+  with np.load(path) as f:
+    for k in f.files:
+      mod, _, leaf = k.rpartition("/")
+      blk, _, sub = mod.partition("/")
+      old[f"{blk}/{old_names[sub]}/{leaf}" if sub in old_names else k] = f[k]
+  assert "blocks_0/attn/q/kernel" in old
+  np.savez(str(tmp_path / "old.npz"), **old)
+  jax.tree.map(np.testing.assert_array_equal,
+               nn.unbox(init_encoder_from_siglip2(boxed, str(tmp_path / "old.npz"))), params)
   # untouched: query tables and the decoder keep their fresh init
   fresh = nn.unbox(boxed)
   np.testing.assert_array_equal(params["latent_tokens"], fresh["latent_tokens"])
@@ -720,13 +735,13 @@ def test_training_setup_starts_from_the_siglip2_encoder(tmp_path):
 
 def test_correction_every_k_steps_switches_the_branch():
   """correction_every=2: even steps are the reference (self-correction) loss, odd steps plain."""
-  from tdjax.tasks.tokenizer import TokenizerTask
+  from tdjax.tasks.detailflow_tokenizer import DetailFlowTokenizerTask
   tasks = {}
   for name, upd in (("every2", dict(correction_every=2)), ("always", dict(correction_every=1)),
                     ("never", dict(self_correction=False))):
     c = _cfg("size=tiny")
     c.model.update(upd)
-    tasks[name] = TokenizerTask(c)
+    tasks[name] = DetailFlowTokenizerTask(c)
   params, state = nn.unbox(tasks["always"].init(jax.random.key(0)))
   batch = {"image": jax.random.uniform(jax.random.key(1), (4, 16, 16, 1)) * 2 - 1}
   loss = {k: jax.jit(t.loss) for k, t in tasks.items()}
@@ -741,7 +756,7 @@ def test_correction_every_k_steps_switches_the_branch():
   with pytest.raises(ValueError, match="correction_every=0"):
     c = _cfg("size=tiny")
     c.model.correction_every = 0
-    TokenizerTask(c)
+    DetailFlowTokenizerTask(c)
 
 
 def test_branch_grads_equal_the_switch_inside_the_loss():

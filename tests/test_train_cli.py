@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from tdjax import checkpoint as ckpt_lib
 from tdjax import metrics as metrics_lib
 

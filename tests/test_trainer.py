@@ -318,7 +318,7 @@ def test_summed_gradient_accumulation_doubles_the_gradient_the_clip_sees():
     ("detailflow_tokenizer", "size=full", 1e-4, 250 * 1281167 // 256),
     ("transdiff", "size=L,batch=1024", 4e-4, 800 * 1281167 // 1024),
     ("transdiff", "size=L", 8e-4, 800 * 1281167 // 2048),
-    ("detailflow_ar", "size=L,batch=512", 1e-4, 300 * 1281167 // 512)])
+    ("next_detail", "size=L,batch=512", 1e-4, 300 * 1281167 // 512)])
 def test_paper_recipes_follow_the_batch_as_the_reference_does(name, arg, lr, steps):
   """Epochs stay epochs at another batch=; the tokenizer's lr is 1e-4 x batch / 256
   (train_tokenizer.py) and TransDiff's blr 1e-4 x batch / 256 (main.py); the AR's is not scaled

@@ -272,7 +272,7 @@ def test_mrar_loss_conditions_image_k_on_its_prefix():
 
 
 def test_fewer_conditions_than_latent_tokens():
-  """TransDiff-L 512's layout (reference transdiff.md 1.2, 4.4: `seq_len` stays 256 while the
+  """TransDiff-L 512's layout (docs/reference/transdiff.md 1.2, 4.4: `seq_len` stays 256 while the
   decoder denoises 1024 latent tokens): model.cond_tokens = 4 AR slots for the 16 latent tokens of
   the tiny model; the loss and the sampler run the decoder on all 16, cross-attending to 4."""
   from configs.transdiff import get_config

@@ -98,7 +98,7 @@ def linear_leaf(target: str, leaf: str, value: np.ndarray, heads: int = 0):
     return f"{target}/scale", value
   if leaf == "weight":
     value = value.T
-  if heads and not target.endswith(("/out", "/o")):   # 'o': the SigLIP2 teacher layout
+  if heads and not target.endswith("/out"):
     value = value.reshape(value.shape[:-1] + (heads, value.shape[-1] // heads))
   elif heads and leaf == "weight":
     value = value.reshape(heads, value.shape[0] // heads, value.shape[1])

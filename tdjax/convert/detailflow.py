@@ -1,4 +1,4 @@
-"""DetailFlow checkpoints (reference detailflow.md 4.3) -> tdjax workdirs.
+"""DetailFlow checkpoints (docs/reference/detailflow.md 4.3) -> tdjax workdirs.
 
 `detailflow_tokenizer`: the checkpoint's "model" entry (else "ema"): SigLIP2-style encoder /
 decoder blocks as in `tdjax.tokenizers.siglip2`, (1, N, W) query tables squeezed; the training-only
@@ -45,7 +45,8 @@ _TOK_LINEARS = {"encoder.visual_model.embeddings.patch_embedding": "patch_embed"
 
 
 def tokenizer_dims(sd: Mapping[str, np.ndarray]) -> dict:
-  """Tokenizer dims read off a DetailFlow tokenizer state dict (reference detailflow.md 4.3)."""
+  """Tokenizer dims read off a DetailFlow tokenizer state dict (docs/reference/detailflow.md
+  4.3)."""
   need = ("encoder.latent_tokens", "quantize.embedding.weight", "decoder.to_pixel.model.weight",
           "encoder.visual_model.embeddings.patch_embedding.weight",
           "decoder.visual_model.embeddings.position_embedding.weight")
@@ -226,7 +227,7 @@ def convert_detailflow_gpt(input_path: str, output: str, *, tokens: int, num_hea
   arg = (f"size={size or 'demo'},tokens={tokens},group={dims['group_size']},"
          f"vocab={dims['vocab_size']},classes={dims['num_classes']}" +
          (f",tokenizer={tokenizer}" if tokenizer else ""))
-  config = configlib.load_config("detailflow_ar", arg)
+  config = configlib.load_config("next_detail", arg)
   config.model.update(dict(depth=dims["depth"], dim=dims["dim"], num_heads=heads,
                            mlp_dim=dims["mlp_dim"]))
   params = write_workdir(config, output, lambda expected: detailflow_gpt_params(

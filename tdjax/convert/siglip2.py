@@ -1,7 +1,8 @@
 """The SigLIP2 .npz that the alignment teacher and the tokenizer's encoder initialisation read
 (`tdjax.tokenizers.siglip2`, `tdjax.losses.alignment`), from two sources.
 
-`siglip2`: HF `Siglip2VisionModel` (reference detailflow.md 1.2); the attention-pool head dropped.
+`siglip2`: HF `Siglip2VisionModel` (docs/reference/detailflow.md 1.2); the attention-pool head
+dropped.
 `teacher`: not an official file: a `configs/classifier.py:arch=vit` workdir, its EMA or else trained
 params -> the same layout from its `teacher` tower, a stand-in teacher where no SigLIP2 file exists.
 """
@@ -19,16 +20,18 @@ from tdjax.convert.common import (ConversionError, convert_vit, count_params, li
 
 
 _SIGLIP2_RENAME = {"embeddings.patch_embedding": "patch_embed", "post_layernorm": "post_ln"}
-_SIGLIP2_BLOCK = {"layer_norm1": "ln1", "layer_norm2": "ln2", "self_attn.q_proj": "attn/q",
-                  "self_attn.k_proj": "attn/k", "self_attn.v_proj": "attn/v",
-                  "self_attn.out_proj": "attn/o", "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
+_SIGLIP2_BLOCK = {"layer_norm1": "norm1/ln", "layer_norm2": "norm2/ln",
+                  "self_attn.q_proj": "attn/query", "self_attn.k_proj": "attn/key",
+                  "self_attn.v_proj": "attn/value", "self_attn.out_proj": "attn/out",
+                  "mlp.fc1": "mlp/fc1", "mlp.fc2": "mlp/fc2"}
 
 
 def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-  """HF `Siglip2VisionModel` state dict -> the flat SigLIP2 .npz layout ('blocks_i/attn/q/kernel'
-  [W, H, d], 'blocks_i/attn/o/kernel' [H, d, W], Linear W(out, in) -> kernel W^T, LayerNorm
-  weight -> scale; the patch embedding is a Linear over (py, px, c) patches in the NaFlex model).
-  The attention-pool head (`head.*`) is not part of the tower and is dropped."""
+  """HF `Siglip2VisionModel` state dict -> the flat SigLIP2 .npz layout, blocks as
+  `tdjax.nn.layers.TransformerBlock`'s ('blocks_i/attn/query/kernel' [W, H, d],
+  'blocks_i/attn/out/kernel' [H, d, W], 'blocks_i/norm1/ln/scale'; Linear W(out, in) -> kernel
+  W^T, LayerNorm weight -> scale; the patch embedding is a Linear over (py, px, c) patches in the
+  NaFlex model).  The attention-pool head (`head.*`) is not part of the tower and is dropped."""
   sd = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in sd.items()}
   flat, errors = {}, []
   for key, value in sd.items():
@@ -51,7 +54,7 @@ def siglip2_params(sd: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np
       flat[path] = flat_value
     else:
       errors.append(f"unexpected {key} {tuple(value.shape)}")
-  if "blocks_0/ln1/scale" not in flat:
+  if "blocks_0/norm1/ln/scale" not in flat:
     errors.append("no 'encoder.layers.0.*' keys: not a SigLIP2 vision tower")
   if errors:
     raise ConversionError("SigLIP2 state dict: " + summarize(errors))

@@ -1,5 +1,5 @@
-"""`transdiff`: a TransDiff checkpoint (reference transdiff.md 4.4; "model_ema" first) -> a
-TransDiff workdir.
+"""`transdiff`: a TransDiff checkpoint (docs/reference/transdiff.md 4.4; "model_ema" first)
+-> a TransDiff workdir.
 
 The MAR-style AR encoder and the attention diffusion decoder of `tdjax.generators.transdiff`: size
 B / L / H from the dims, MRAR and its reference count from the mask token and position table,
@@ -60,8 +60,9 @@ def transdiff_dims(sd: Mapping[str, np.ndarray]) -> dict:
 
 
 def transdiff_params(sd: Mapping[str, np.ndarray], expected: Mapping, num_heads: int) -> dict:
-  """Unrolled Flax params {'ar', 'head'} of `TransDiff` from the reference state dict (reference
-  transdiff.md 4.4: fused qkv rows [q | k | v] heads contiguous, `scale_shift_table`s (1, k, D) ->
+  """Unrolled Flax params {'ar', 'head'} of `TransDiff` from the reference state dict
+  (docs/reference/transdiff.md 4.4: fused qkv rows [q | k | v] heads contiguous,
+  `scale_shift_table`s (1, k, D) ->
   (k, D), position tables (1, L, D) -> (L, D)).  VAE keys (`encoder.*`, `decoder.*`, ...) are not
   part of the generator: convert them with --kind mar_vae."""
   flat, errors = {}, []

@@ -6,7 +6,7 @@ through an *encode function* with the protocol
     encode_fn(images float [B, H, W, C] in [-1, 1], call) -> (clean, ar_input, ar_label), int [B, N] each
 
 (DetailFlow's eval-mode encode: the clean codes and the frozen self-correction pair; see
-`reference/detailflow.md` 2.4); `call` = batch x views + view numbers the calls in extraction
+`docs/reference/detailflow.md` 2.4); `call` = batch x views + view numbers the calls in extraction
 order, and keys the self-correction draw, so any split of the batches (over processes:
 `extract_from_workdir(multihost=True)`) writes the same file.  Optionally over several views of
 each image (`views`, e.g. the image and its flip, the reference's ten-crop), and writes one `.npz`
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from tdjax import cli, parallel
 from tdjax.data import pipeline, preprocess
-from tdjax.tasks.tokenizer import load_tokenizer
+from tdjax.tasks.detailflow_tokenizer import load_tokenizer
 
 CODE_KEYS = ("clean", "ar_input", "ar_label")
 META_KEYS = ("num_tokens", "vocab_size", "group_size", "num_classes", "num_views")

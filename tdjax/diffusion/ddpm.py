@@ -1,4 +1,5 @@
-"""MAR's DDPM for the per-token MLP head (reference transdiff.md 6; iDDPM / DiT `gaussian_diffusion`).
+"""MAR's DDPM for the per-token MLP head (docs/reference/transdiff.md 6; iDDPM / DiT
+`gaussian_diffusion`).
 
 Schedule: T = 1000 steps, cosine alpha-bar (Nichol & Dhariwal), betas capped at 0.999:
 

@@ -1,4 +1,4 @@
-"""Rectified flow as TransDiff trains and samples it (reference transdiff.md 1.5, 1.6).
+"""Rectified flow as TransDiff trains and samples it (docs/reference/transdiff.md 1.5, 1.6).
 
 Path and target (linear interpolation, noise at t = 1):
 

@@ -1,5 +1,5 @@
-"""Diffusion heads: TransDiff's attention-based decoder and MAR's per-token MLP (reference
-transdiff.md 1.3 and 6), behind one call:
+"""Diffusion heads: TransDiff's attention-based decoder and MAR's per-token MLP
+(docs/reference/transdiff.md 1.3 and 6), behind one call:
 
     head(x_t [B, L, C], t [B] on the 0..1000 scale, cond [B, M, Dc], cond_mask [B, M] | None)
         -> [B, L, C_out]
@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdjax import configlib
 from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
 
 _lp = nn.with_logical_partitioning
@@ -85,6 +86,9 @@ class AttentionHead(nn.Module):
   conditioning: str = "cross"          # 'cross' (reference) | 'adaln' | 'incontext'
   scan: bool = False
   remat: str = "none"
+  # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention.impl): 'fused' is jax.nn.dot_product_attention
+  # (cuDNN flash attention on GPUs, Splash-style kernels where XLA has them)
+  attention_impl: str = "einsum"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -124,7 +128,8 @@ class AttentionHead(nn.Module):
       mod = mod[:, 0]                                           # [B, 6, D] (adaLN-single)
     block = vit_block_kwargs(self.num_heads, int(self.mlp_ratio * D), gelu_approximate=False,
                              dropout_rate=self.dropout, cross_attention=context is not None,
-                             adaln=True, self_attention=self.self_attention)
+                             adaln=True, self_attention=self.self_attention,
+                             attention_impl=self.attention_impl)
     h = TransformerStack(self.depth, block, scan=self.scan, remat=self.remat, name="blocks", **kw)(
         h, self_mask, None, context, context_mask, mod, deterministic=deterministic)
     h = h[:, -l:]
@@ -189,18 +194,13 @@ def check_head(cfg) -> None:
     if cfg.get("conditioning", "cross") not in ("cross", "adaln", "incontext"):
       raise ValueError(f"config.head.conditioning={cfg.conditioning!r}: expected 'cross', "
                        f"'adaln' or 'incontext'")
+    if cfg.get("attention_impl", "einsum") not in ("einsum", "fused", "cudnn"):
+      raise ValueError(f"config.head.attention_impl={cfg.attention_impl!r}: expected 'einsum', "
+                       f"'fused' or 'cudnn'")
 
 
 def make_head(cfg, out_channels: int, dtype=jnp.float32) -> nn.Module:
   """From a config dict: type 'attention' | 'mlp' plus the module's fields."""
   check_head(cfg)
-  kind = cfg.get("type", "attention")
-  if kind == "attention":
-    return AttentionHead(out_channels, cfg.width, cfg.depth, cfg.num_heads,
-                         cfg.get("mlp_ratio", 4.0), cfg.get("max_len", 256),
-                         cfg.get("dropout", 0.0), cfg.get("self_attention", True),
-                         cfg.get("conditioning", "cross"), cfg.get("scan", False),
-                         cfg.get("remat", "none"), dtype)
-  if kind == "mlp":
-    return MLPHead(out_channels, cfg.width, cfg.depth, dtype)
-  raise ValueError(f"head type={kind!r}: expected 'attention' or 'mlp'")
+  head = AttentionHead if cfg.get("type", "attention") == "attention" else MLPHead
+  return configlib.from_config(head, cfg, "config.head", out_channels=out_channels, dtype=dtype)

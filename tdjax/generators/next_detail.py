@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdjax import configlib
 from tdjax.nn.layers import (RMSNorm, TransformerStack, llama_block_kwargs, llama_ffn_hidden,
                              unstack_layers)
 from tdjax.nn.rope import rope_2d_grid
@@ -212,6 +213,9 @@ class NextDetailTransformer(nn.Module):
   dropout: float = 0.1            # residual dropout after attention and inside the SwiGLU FFN
   scan: bool = True
   remat: str = "none"
+  # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention.impl) for the full forward; KV-cache decoding
+  # always takes the einsum path (its cache mask)
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -236,10 +240,22 @@ class NextDetailTransformer(nn.Module):
       check_causal_num(self.num_tokens, self.group_size, self.causal_num)
     except ValueError as e:
       raise ValueError(f"config.model.{e}") from None
+    for key in ("vocab_size", "num_classes", "dim", "depth", "num_heads", "mlp_dim"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"config.model.{key}={getattr(self, key)}: expected >= 1")
+    if not 0 <= self.class_dropout <= 1:
+      raise ValueError(f"config.model.class_dropout={self.class_dropout}: expected a probability "
+                       f"in [0, 1]")
+    for key in ("token_dropout", "dropout"):
+      if not 0 <= getattr(self, key) < 1:
+        raise ValueError(f"config.model.{key}={getattr(self, key)}: expected a probability in "
+                         f"[0, 1)")
     if self.dim % self.num_heads:
-      raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+      raise ValueError(f"config.model.dim={self.dim} is not divisible by config.model.num_heads="
+                       f"{self.num_heads}")
     if (self.dim // self.num_heads) % 4:
-      raise ValueError(f"head_dim={self.dim // self.num_heads} must be a multiple of 4 (2D RoPE)")
+      raise ValueError(f"config.model: head_dim={self.dim // self.num_heads} (dim / num_heads) "
+                       f"must be a multiple of 4 (2D RoPE)")
 
   def rope(self):
     """(cos, sin) [N, head_dim / 2] of positions 0..N-1 (zero at the class token)."""
@@ -292,7 +308,8 @@ class NextDetailTransformer(nn.Module):
     rope = (jax.lax.dynamic_slice_in_dim(cos, start, q), jax.lax.dynamic_slice_in_dim(sin, start, q))
     mask = None if decode else jnp.asarray(group_causal_mask(n, g, self.c)[:q, :q])
     x = TransformerStack(self.depth, llama_block_kwargs(self.num_heads, self.mlp_dim,
-                                                        dropout_rate=self.dropout),
+                                                        dropout_rate=self.dropout,
+                                                        attention_impl=self.attention_impl),
                          scan=self.scan, remat=self.remat, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="transformer")(
                              x, mask=mask, rope=rope, decode=decode, deterministic=not train)
@@ -311,12 +328,9 @@ def model_from_config(model_config, dtype=jnp.float32) -> NextDetailTransformer:
   size = m.pop("size", None)
   if size and size not in GPT_SIZES:
     raise ValueError(f"model.size={size!r}: expected one of {sorted(GPT_SIZES)}")
-  fields = dict(GPT_SIZES[size]) if size else {}
-  known = set(NextDetailTransformer.__dataclass_fields__) - {"parent", "name"}
-  for key, value in m.items():
-    if key in known:
-      fields[key] = value
-  model = NextDetailTransformer(dtype=jnp.dtype(dtype), **fields)
+  sized = dict(GPT_SIZES[size]) if size else {}
+  model = configlib.from_config(NextDetailTransformer, dict(sized, **m), "config.model",
+                                dtype=jnp.dtype(dtype))
   model.validate()
   return model
 

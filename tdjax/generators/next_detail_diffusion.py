@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdjax import configlib
 from tdjax.diffusion import flow
 from tdjax.generators import next_detail as nd
 from tdjax.generators.heads import AttentionHead
@@ -58,6 +59,7 @@ class NextDetailDiffusion(nn.Module):
   dropout: float = 0.0
   scan: bool = False
   remat: str = "none"
+  attention_impl: str = "einsum"   # trunk and head (tdjax.nn.Attention.impl)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -67,9 +69,10 @@ class NextDetailDiffusion(nn.Module):
         num_classes=self.num_classes, dim=self.dim, depth=self.depth, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, token_dim=self.token_dim, class_dropout=self.class_dropout,
         token_dropout=self.dropout, dropout=self.dropout, scan=self.scan, remat=self.remat,
-        dtype=self.dtype)
+        attention_impl=self.attention_impl, dtype=self.dtype)
     self.head = AttentionHead(self.token_dim, self.head_width, self.head_depth, self.head_heads,
-                              max_len=self.group_size, dtype=self.dtype)
+                              max_len=self.group_size, attention_impl=self.attention_impl,
+                              dtype=self.dtype)
 
   @property
   def null_class(self) -> int:
@@ -93,9 +96,10 @@ class NextDetailDiffusion(nn.Module):
 
 
 def model_from_config(m, token_dim: int, dtype=jnp.float32) -> NextDetailDiffusion:
-  known = set(NextDetailDiffusion.__dataclass_fields__) - {"parent", "name", "token_dim", "dtype"}
-  fields = {k: v for k, v in dict(m).items() if k in known}
-  return NextDetailDiffusion(token_dim=int(token_dim), dtype=jnp.dtype(dtype), **fields)
+  """config.model (configs/next_detail_diffusion.py) -> the module: its fields by name, each
+  default once, on the field."""
+  return configlib.from_config(NextDetailDiffusion, m, "config.model", token_dim=int(token_dim),
+                               dtype=jnp.dtype(dtype))
 
 
 def init_params(model: NextDetailDiffusion, rng):

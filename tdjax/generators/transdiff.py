@@ -1,5 +1,6 @@
 """TransDiff (arXiv 2506.09482): an AR transformer that predicts condition tokens, and an
-attention-based diffusion decoder that denoises the whole latent image (reference transdiff.md 1-2).
+attention-based diffusion decoder that denoises the whole latent image
+(docs/reference/transdiff.md 1-2).
 
 1-step AR (reference 1.2).  Sequence = [B buffer slots = class embedding | L mask tokens], learned
 position table, LayerNorm, 2 x depth bidirectional pre-norm ViT blocks (exact GELU), final
@@ -58,7 +59,8 @@ SIZES = {
 }
 
 
-# reference 4.4: the published sampling settings (cfg, scale_0, scale_1 of Euler-Maruyama) per
+# docs/reference/transdiff.md 1.6: the published sampling settings (cfg, scale_0, scale_1 of
+# Euler-Maruyama) per
 # model: (size, 'one_step' | 'mrar' | '512')
 PAPER_SAMPLING = {
     ("B", "one_step"): (1.30, 0.87, 0.91), ("L", "one_step"): (1.30, 0.89, 0.95),
@@ -77,7 +79,7 @@ def mrar_mask(length: int, block: int):
 
 def patchify_latent(z, p: int):
   """Latent [B, h, w, C] -> tokens [B, (h/p)(w/p), C p p], feature index c*p*p + pi*p + qi and raster
-  order over (h/p, w/p): the reference's `nchpwq->nhwcpq` (transdiff.md 1.1)."""
+  order over (h/p, w/p): the reference's `nchpwq->nhwcpq` (docs/reference/transdiff.md 1.1)."""
   _, h, w, _ = z.shape
   if h % p or w % p:
     raise ValueError(f"latent {h}x{w} is not divisible by the patch size {p}")
@@ -207,7 +209,8 @@ def head_for_resolution(src_head: dict, head: dict, src_grid: int, grid: int) ->
   32 x 32 latent tokens): every parameter is copied except the learned position table
   `pos_embed`, resized from src_grid^2 to grid^2 rows (bilinear on the grid, `resize_pos_grid`).
   The reference has no such step: its strict=False load fails on the 256 vs 1,024 rows of
-  `diffusion_pos_embed_learned` (transdiff.md 4.4, pitfall 4), so the table needs a conversion;
+  `diffusion_pos_embed_learned` (docs/reference/transdiff.md 4.4, 5 pitfall 4), so the table
+  needs a conversion;
   interpolating it is the usual ViT resolution transfer.  Other shapes must match exactly."""
   from tdjax.nn import resize_pos_grid
   src_pos = np.asarray(src_head["pos_embed"])

@@ -9,7 +9,8 @@ of configurable size (DetailFlow: so400m, width 1152, 27 blocks, 16 heads, MLP 4
     x in [-1, 1] NHWC (SigLIP's own normalisation maps [0,1] to [-1,1], so no further scaling)
     -> (py, px, c)-flattened 16x16 patches -> Linear -> + learned pos table [G*G, W], resized
        (bilinear, antialiased, as HF naflex does) to the image's patch grid
-    -> pre-LN blocks: x + o(attn(LN1 x)) with biased q/k/v/o;  x + fc2(gelu_tanh(fc1(LN2 x)))
+    -> pre-LN blocks (`tdjax.nn.layers.TransformerBlock`, ViT flavour): x + out(attn(LN1 x)) with
+       biased query/key/value/out;  x + fc2(gelu_tanh(fc1(LN2 x)))
     -> post LayerNorm                                                     -> [B, N, W]
 
 Reference quirk: DetailFlow's `forward_features` applies `post_layernorm` again on top of the HF
@@ -20,31 +21,36 @@ Teacher weights file (`load_teacher_params(path, teacher)`): an `.npz` with flat
 Flax layout (W width, H heads, D = W / H, F MLP width, P patch, G pos grid):
 
   patch_embed/kernel [P*P*3, W]   patch_embed/bias [W]   pos_embed [G*G, W]
-  blocks_{i}/ln1/{scale,bias} [W]   blocks_{i}/ln2/{scale,bias} [W]
-  blocks_{i}/attn/{q,k,v}/kernel [W,H,D]   blocks_{i}/attn/{q,k,v}/bias [H,D]
-  blocks_{i}/attn/o/kernel [H,D,W]         blocks_{i}/attn/o/bias [W]
+  blocks_{i}/norm1/ln/{scale,bias} [W]   blocks_{i}/norm2/ln/{scale,bias} [W]
+  blocks_{i}/attn/{query,key,value}/kernel [W,H,D]   blocks_{i}/attn/{query,key,value}/bias [H,D]
+  blocks_{i}/attn/out/kernel [H,D,W]                 blocks_{i}/attn/out/bias [W]
   blocks_{i}/mlp/fc1/kernel [W,F]  blocks_{i}/mlp/fc1/bias [F]  blocks_{i}/mlp/fc2/kernel [F,W]  ../bias [W]
   post_ln/{scale,bias} [W]
 
-for i in 0 .. depth-1.  From HF Siglip2VisionModel: embeddings.patch_embedding.weight [W, P*P*3]
--> .T; embeddings.position_embedding.weight [G*G, W] as is; encoder.layers.i.self_attn.{q,k,v}_proj
-.weight [W,W] -> .T.reshape(W,H,D), bias -> reshape(H,D); out_proj.weight -> .T.reshape(H,D,W);
-layer_norm1/2 -> ln1/ln2; mlp.fc1/fc2 -> .T; post_layernorm -> post_ln.  The attention-pooling head
-is not used.  `python -m tdjax.convert --kind siglip2` writes this file from the HF checkpoint;
-`--kind teacher` writes one from a `configs/classifier.py:arch=vit` run (a small stand-in teacher).
+for i in 0 .. depth-1 (the keys of TransformerBlock).  From HF Siglip2VisionModel:
+embeddings.patch_embedding.weight [W, P*P*3] -> .T; embeddings.position_embedding.weight [G*G, W]
+as is; encoder.layers.i.self_attn.{q,k,v}_proj.weight [W,W] -> .T.reshape(W,H,D) (attn/query, key,
+value), bias -> reshape(H,D); out_proj.weight -> .T.reshape(H,D,W) (attn/out); layer_norm1/2 ->
+norm1/ln, norm2/ln; mlp.fc1/fc2 -> .T; post_layernorm -> post_ln.  The attention-pooling head
+is not used.  Files in the older layout (blocks_{i}/ln1, ln2, attn/q, k, v, o) still load: see
+`upgrade_teacher_keys`.  `python -m tdjax.convert --kind siglip2` writes this file from the HF
+checkpoint; `--kind teacher` writes one from a `configs/classifier.py:arch=vit` run (a small
+stand-in teacher).
 `teacher_shape(path)` reads the tower's dimensions back from such a file.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tdjax.losses.weights import expected_params, load_npz_params, npz_shapes
-from tdjax.nn.attention import HeadProjection
+from tdjax.nn.layers import TransformerBlock, vit_block_kwargs
 
 _lp = nn.with_logical_partitioning
 
@@ -84,51 +90,6 @@ def alignment_loss(pred, teacher_feats) -> jax.Array:
   if t.shape != pred.shape:
     raise ValueError(f"alignment_loss: pred {pred.shape} vs pooled teacher {t.shape}")
   return -jnp.mean(cosine_similarity(pred.astype(jnp.float32), t))
-
-
-class _TeacherBlock(nn.Module):
-  num_heads: int
-  mlp_dim: int
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    ln = lambda name: nn.LayerNorm(epsilon=self.eps, name=name,
-                                   scale_init=_lp(nn.initializers.ones, ("embed",)),
-                                   bias_init=_lp(nn.initializers.zeros, ("embed",)))
-    x = x + _TeacherAttention(self.num_heads, name="attn")(ln("ln1")(x))
-    return x + _TeacherMlp(self.mlp_dim, name="mlp")(ln("ln2")(x))
-
-
-class _TeacherAttention(nn.Module):
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    w = x.shape[-1]
-    d = w // self.num_heads
-    init = nn.initializers.lecun_normal()
-    # HeadProjection, not DenseGeneral: DenseGeneral constrains its flat 2D init with the 3 logical
-    # names and fails under a mesh (when the tower is trained, configs/classifier.py:arch=vit)
-    proj = lambda name: HeadProjection((self.num_heads, d), split=True, kernel_init=init, name=name)
-    q, k, v = proj("q")(x), proj("k")(x), proj("v")(x)
-    a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d), axis=-1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", a, v)
-    return HeadProjection((w,), split=False, kernel_init=init, name="o")(o)
-
-
-class _TeacherMlp(nn.Module):
-  mlp_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    w = x.shape[-1]
-    init = nn.initializers.lecun_normal()
-    h = nn.Dense(self.mlp_dim, name="fc1", kernel_init=_lp(init, ("embed", "mlp")),
-                 bias_init=_lp(nn.initializers.zeros, ("mlp",)))(x)
-    h = nn.gelu(h, approximate=True)
-    return nn.Dense(w, name="fc2", kernel_init=_lp(init, ("mlp", "embed")),
-                    bias_init=_lp(nn.initializers.zeros, ("embed",)))(h)
 
 
 class ViTTeacher(nn.Module):
@@ -174,8 +135,10 @@ class ViTTeacher(nn.Module):
       pos = jax.image.resize(pos.reshape(g, g, self.width), (gh, gw, self.width), "bilinear",
                              antialias=True).reshape(gh * gw, self.width)
     x = x + pos[None]
+    block = dict(vit_block_kwargs(self.num_heads, self.mlp_dim), norm_eps=self.ln_eps,
+                 kernel_init=nn.initializers.lecun_normal())
     for i in range(self.depth):
-      x = _TeacherBlock(self.num_heads, self.mlp_dim, self.ln_eps, name=f"blocks_{i}")(x)
+      x = TransformerBlock(**block, name=f"blocks_{i}")(x)
     post = nn.LayerNorm(epsilon=self.ln_eps, name="post_ln",
                         scale_init=_lp(nn.initializers.ones, ("embed",)),
                         bias_init=_lp(nn.initializers.zeros, ("embed",)))
@@ -185,28 +148,47 @@ class ViTTeacher(nn.Module):
     return x
 
 
+# Keys of the teacher files written before ViTTeacher's blocks were tdjax.nn's TransformerBlock
+_OLD_TEACHER_KEY = re.compile(r"^(blocks_\d+)/(ln1|ln2|attn/q|attn/k|attn/v|attn/o)/(\w+)$")
+_OLD_TEACHER_RENAME = {"ln1": "norm1/ln", "ln2": "norm2/ln", "attn/q": "attn/query",
+                       "attn/k": "attn/key", "attn/v": "attn/value", "attn/o": "attn/out"}
+
+
+def upgrade_teacher_keys(flat: Mapping) -> Mapping:
+  """{key: value} of a teacher / SigLIP2 file in the older layout (blocks_i/ln1, ln2, attn/q, k,
+  v, o) -> the current keys (norm1/ln, norm2/ln, attn/query, key, value, out).  Only keys change,
+  so the values may be arrays, shapes or anything else; a mapping already in the current layout
+  is returned as it is (an npz stays lazily read)."""
+  if not any(_OLD_TEACHER_KEY.match(k) for k in flat):
+    return flat
+  new = lambda m: f"{m[1]}/{_OLD_TEACHER_RENAME[m[2]]}/{m[3]}"
+  return {_OLD_TEACHER_KEY.sub(new, k): flat[k] for k in flat}
+
+
 def teacher_shape(path: str) -> dict:
   """The `ViTTeacher` fields (width, depth, num_heads, mlp_dim, patch_size, pos_grid) of a teacher
-  npz, read from its array shapes (num_heads from the [W, H, D] q kernel)."""
-  shapes = npz_shapes(path, what="alignment teacher")
+  npz (either layout), read from its array shapes (num_heads from the [W, H, D] query kernel)."""
+  shapes = upgrade_teacher_keys(npz_shapes(path, what="alignment teacher"))
   depth = len({k.split("/")[0] for k in shapes if k.startswith("blocks_")})
-  need = ("patch_embed/kernel", "pos_embed", "blocks_0/attn/q/kernel", "blocks_0/mlp/fc1/bias")
+  need = ("patch_embed/kernel", "pos_embed", "blocks_0/attn/query/kernel", "blocks_0/mlp/fc1/bias")
   missing = [k for k in need if k not in shapes]
   if missing:
     raise ValueError(f"alignment teacher weights file {path!r} is missing key {missing[0]!r} "
                      f"(layout: tdjax.losses.alignment)")
-  width, heads, _ = shapes["blocks_0/attn/q/kernel"]
+  width, heads, _ = shapes["blocks_0/attn/query/kernel"]
   patch, grid = math.isqrt(shapes["patch_embed/kernel"][0] // 3), math.isqrt(shapes["pos_embed"][0])
   return dict(width=int(width), depth=depth, num_heads=int(heads),
               mlp_dim=int(shapes["blocks_0/mlp/fc1/bias"][0]), patch_size=patch, pos_grid=grid)
 
 
 def load_teacher_params(path: str, teacher: ViTTeacher | None = None, *, strict: bool = True) -> dict:
-  """Reads a teacher npz (layout in the module docstring) -> the teacher's `params` tree."""
+  """Reads a teacher npz (layout in the module docstring; older-layout files are upgraded by
+  `upgrade_teacher_keys`) -> the teacher's `params` tree."""
   teacher = ViTTeacher() if teacher is None else teacher
   s = teacher.patch_size * teacher.pos_grid
   x = jnp.zeros((1, s, s, 3), jnp.float32)
-  return load_npz_params(path, expected_params(teacher, x), what="alignment teacher", strict=strict)
+  return load_npz_params(path, expected_params(teacher, x), what="alignment teacher", strict=strict,
+                         rename=upgrade_teacher_keys)
 
 
 def teacher_features(teacher: ViTTeacher, params, x) -> jax.Array:

@@ -48,24 +48,29 @@ Variables of `DinoDiscriminator`:
   batch_stats/heads/head_{i}/{norm_in, res_norm}/{mean, var}        (norm 'batch')
 
 DINO weights file (`load_dino_backbone(path, disc)`): an `.npz` with these flat keys (ViT-S/16:
-C=384, H=6 heads, D=64, F=1536 MLP, G=14 grid), float32, Flax layout:
+C=384, H=6 heads, D=64, F=1536 MLP, G=14 grid), float32, Flax layout; the blocks are
+`tdjax.nn.layers.TransformerBlock`s (ViT flavour), so their keys are that block's:
 
   patch_embed/kernel [16,16,3,C]  patch_embed/bias [C]    cls_token [1,1,C]    pos_embed [1,1+G*G,C]
-  blocks_{i}/norm1/{scale,bias} [C]                       blocks_{i}/norm2/{scale,bias} [C]
-  blocks_{i}/attn/qkv/kernel [C,3,H,D]   blocks_{i}/attn/qkv/bias [3,H,D]
-  blocks_{i}/attn/proj/kernel [H,D,C]    blocks_{i}/attn/proj/bias [C]
+  blocks_{i}/norm1/ln/{scale,bias} [C]                    blocks_{i}/norm2/ln/{scale,bias} [C]
+  blocks_{i}/attn/{query,key,value}/kernel [C,H,D]  blocks_{i}/attn/{query,key,value}/bias [H,D]
+  blocks_{i}/attn/out/kernel [H,D,C]                blocks_{i}/attn/out/bias [C]
   blocks_{i}/mlp/fc1/kernel [C,F]  blocks_{i}/mlp/fc1/bias [F]  blocks_{i}/mlp/fc2/kernel [F,C]  ../bias [C]
 
 for i in 0 .. max(key_depths) (the final `norm` of DINO is unused).  From the official
-`dino_deitsmall16_pretrain.pth`: patch_embed.proj.weight [C,3,16,16] -> transpose(2,3,1,0);
-blocks.i.attn.qkv.weight [3C,C] -> reshape(3,H,D,C).transpose(3,0,1,2); qkv.bias -> reshape(3,H,D);
-attn.proj.weight [C,C] -> .T.reshape(H,D,C); Linear weights -> .T; LayerNorm weight -> scale.
+`dino_deitsmall16_pretrain.pth` (`python -m tdjax.convert --kind dino`): patch_embed.proj.weight
+[C,3,16,16] -> transpose(2,3,1,0); blocks.i.attn.qkv.weight [3C,C] -> rows [q | k | v], each
+.T.reshape(C,H,D); qkv.bias -> [q | k | v], each reshape(H,D); attn.proj.weight [C,C] ->
+.T.reshape(H,D,C) (attn/out); Linear weights -> .T; LayerNorm weight -> scale.  Files in the
+older layout (norm1/{scale,bias}, fused attn/qkv [C,3,H,D], attn/proj) still load: see
+`upgrade_dino_keys`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdjax.losses.weights import expected_params, frozen, load_npz_params
-from tdjax.nn.attention import HeadProjection
+from tdjax.nn.layers import TransformerBlock, vit_block_kwargs
 from tdjax.tokenizers import resolution
 
 _lp = nn.with_logical_partitioning
@@ -227,57 +232,6 @@ def _resize(x, size, method: str):
 # DINO ViT backbone
 # ------------------------------------------------------------------------------------------------
 
-class _Attention(nn.Module):
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    d = c // self.num_heads
-    init = nn.initializers.xavier_uniform()
-    # HeadProjection, not DenseGeneral: DenseGeneral constrains its flat 2D init with the 4 logical
-    # names and fails under the trainer's mesh (a tokenizer with disc='dino' could not train)
-    qkv = HeadProjection((3, self.num_heads, d), split=True, kernel_init=init, name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
-    w = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
-    return HeadProjection((c,), split=False, kernel_init=init, name="proj")(o)
-
-
-class _Block(nn.Module):
-  num_heads: int
-  mlp_ratio: float
-  eps: float
-  gelu_approximate: bool
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    ln = lambda name: nn.LayerNorm(epsilon=self.eps, name=name,
-                                   scale_init=_lp(nn.initializers.ones, ("embed",)),
-                                   bias_init=_lp(nn.initializers.zeros, ("embed",)))
-    x = x + _Attention(self.num_heads, name="attn")(ln("norm1")(x))
-    h = ln("norm2")(x)
-    f = int(round(c * self.mlp_ratio))
-    return x + _Mlp(f, self.gelu_approximate, name="mlp")(h)
-
-
-class _Mlp(nn.Module):
-  hidden: int
-  gelu_approximate: bool
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    init = nn.initializers.xavier_uniform()
-    h = nn.Dense(self.hidden, name="fc1", kernel_init=_lp(init, ("embed", "mlp")),
-                 bias_init=_lp(nn.initializers.zeros, ("mlp",)))(x)
-    h = nn.gelu(h, approximate=self.gelu_approximate)
-    return nn.Dense(c, name="fc2", kernel_init=_lp(init, ("mlp", "embed")),
-                    bias_init=_lp(nn.initializers.zeros, ("embed",)))(h)
-
-
 def interpolate_pos_grid(table, grid_hw: tuple[int, int]):
   """[1 + G*G, C] (cls first) -> [1 + gh*gw, C]; bilinear (half-pixel centres) on the grid part."""
   n, c = table.shape[-2:]
@@ -347,9 +301,10 @@ class DinoViT(nn.Module):
     readout = lambda t: t[:, 1:] + t[:, :1]
     outs = [readout(x)]
     keys = sorted(set(self.key_depths))
+    block = dict(vit_block_kwargs(self.num_heads, int(round(self.embed_dim * self.mlp_ratio)),
+                                  self.gelu_approximate), norm_eps=self.ln_eps)
     for i in range(max(keys) + 1 if keys else 0):
-      x = _Block(self.num_heads, self.mlp_ratio, self.ln_eps, self.gelu_approximate,
-                 name=f"blocks_{i}")(x)
+      x = TransformerBlock(**block, name=f"blocks_{i}")(x)
       if i in keys:
         outs.append(readout(x))
     return outs
@@ -465,15 +420,44 @@ class DinoDiscriminator(nn.Module):
     return (logits, feats) if return_features else logits
 
 
+# Keys of the backbone files written before the DINO ViT's blocks were tdjax.nn's TransformerBlock
+_OLD_DINO_KEY = re.compile(r"^(blocks_\d+)/(norm1|norm2|attn/qkv|attn/proj)/(\w+)$")
+_OLD_DINO_RENAME = {"norm1": "norm1/ln", "norm2": "norm2/ln", "attn/proj": "attn/out"}
+
+
+def upgrade_dino_keys(flat: Mapping) -> Mapping:
+  """{key: array} of a DINO backbone file in the older layout (blocks_i/norm1/{scale,bias}, the
+  fused blocks_i/attn/qkv kernel [C,3,H,D] and bias [3,H,D], blocks_i/attn/proj) -> the current
+  one (norms under '/ln', qkv split along its q|k|v axis into attn/query|key|value, proj ->
+  attn/out); values are unchanged otherwise.  A file already in the current layout is returned
+  as it is (lazily read)."""
+  if not any(_OLD_DINO_KEY.match(k) for k in flat):
+    return flat
+  out = {}
+  for k in flat:
+    m = _OLD_DINO_KEY.match(k)
+    if m is None:
+      out[k] = flat[k]
+    elif m[2] == "attn/qkv":
+      qkv = np.asarray(flat[k])
+      for j, name in enumerate(("query", "key", "value")):
+        out[f"{m[1]}/attn/{name}/{m[3]}"] = np.take(qkv, j, axis=1 if m[3] == "kernel" else 0)
+    else:
+      out[f"{m[1]}/{_OLD_DINO_RENAME[m[2]]}/{m[3]}"] = flat[k]
+  return out
+
+
 def load_dino_backbone(path: str, disc: DinoDiscriminator | None = None, *,
                        strict: bool = True) -> dict:
-  """Reads a DINO npz (layout in the module docstring) -> the tree for params['backbone'].
+  """Reads a DINO npz (layout in the module docstring; older-layout files are upgraded by
+  `upgrade_dino_keys`) -> the tree for params['backbone'].
 
   Use strict=False to load a 12-block file into a backbone whose key_depths stop earlier.
   """
   disc = DinoDiscriminator() if disc is None else disc
   x = jnp.zeros((1, disc.img_size, disc.img_size, 3), jnp.float32)
-  return load_npz_params(path, expected_params(disc.backbone_module(), x), what="DINO", strict=strict)
+  return load_npz_params(path, expected_params(disc.backbone_module(), x), what="DINO",
+                         strict=strict, rename=upgrade_dino_keys)
 
 
 def with_backbone(params: dict, backbone_params: dict) -> dict:

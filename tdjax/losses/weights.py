@@ -68,13 +68,15 @@ def npz_shapes(path: str, *, what: str = "weights") -> dict[str, tuple[int, ...]
 
 
 def load_npz_params(path: str, expected: Mapping, *, what: str = "weights",
-                    strict: bool = True) -> dict:
+                    strict: bool = True, rename: Callable | None = None) -> dict:
   """Reads `path` and returns a nested params dict with exactly the structure of `expected`.
 
   `expected` is the module's params tree (arrays or `jax.ShapeDtypeStruct`s, boxed or not), e.g.
   from `jax.eval_shape(module.init, ...)['params']`.  Values are returned as float32 numpy arrays.
   `strict=False` ignores keys in the file that the module does not use (e.g. a 12-block DINO file
-  loaded into a shallower backbone); missing keys are always an error.
+  loaded into a shallower backbone); missing keys are always an error.  `rename`: {key: array}
+  -> {key: array}, applied to the file's arrays before the checks (a loader's upgrade of files
+  written in an older key layout).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -84,14 +86,15 @@ def load_npz_params(path: str, expected: Mapping, *, what: str = "weights",
   except Exception as e:  # corrupt / not an npz
     raise WeightsError(f"{what} weights file {path!r} is not a readable .npz: {e}") from None
   with data:
-    keys = set(data.files)
+    arrays = data if rename is None else rename(data)
+    keys = set(arrays.keys())
     want = flatten_params(expected)
     out = {}
     for k, v in want.items():
       if k not in keys:
         raise WeightsError(f"{what} weights file {path!r} is missing key {k!r} "
                            f"(expected shape {tuple(v.shape)})")
-      arr = data[k]
+      arr = np.asarray(arrays[k])
       if tuple(arr.shape) != tuple(v.shape):
         raise WeightsError(f"{what} weights file {path!r}: key {k!r} has shape {tuple(arr.shape)}, "
                            f"expected {tuple(v.shape)}")

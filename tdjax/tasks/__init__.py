@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 
+from tdjax import configlib
 from tdjax.tasks.base import GeneratorTask, Task
 
 __all__ = ["GeneratorTask", "Task", "TASKS", "get_task"]
 
 TASKS = {
     "classifier": "tdjax.tasks.classifier:ClassifierTask",
-    "tokenizer": "tdjax.tasks.tokenizer:TokenizerTask",
+    "detailflow_tokenizer": "tdjax.tasks.detailflow_tokenizer:DetailFlowTokenizerTask",
     "next_detail": "tdjax.tasks.next_detail:NextDetailTask",
     "transdiff": "tdjax.tasks.transdiff:TransDiffTask",
     "next_detail_diffusion": "tdjax.tasks.next_detail_diffusion:NextDetailDiffusionTask",
@@ -18,7 +19,7 @@ TASKS = {
 
 
 def get_task(config) -> Task:
-  name = config.task
+  name = configlib.RENAMED_TASKS.get(config.task, config.task)   # configs of earlier releases
   if name not in TASKS:
     raise ValueError(f"config.task={name!r} is unknown; known tasks: {', '.join(sorted(TASKS))}")
   module, cls = TASKS[name].split(":")

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
+from tdjax import configlib
 from tdjax.losses.alignment import ViTTeacher
 from tdjax.tasks.base import Task
 
@@ -89,12 +90,13 @@ class ViTClassifier(nn.Module):
 
 def build_model(config) -> nn.Module:
   m = config.model
-  if m.get("arch", "convnet") == "vit":
-    return ViTClassifier(m.width, m.depth, m.num_heads, m.mlp_dim, m.patch_size, m.pos_grid,
-                         m.num_classes)
-  return ConvNet(channels=tuple(m.channels), blocks=m.get("blocks", 2), features=m.features,
-                 num_classes=m.num_classes,
-                 dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+  arch = m.get("arch", "convnet")     # judges trained before the ViT existed have no `arch`
+  if arch == "vit":
+    return configlib.from_config(ViTClassifier, m, "config.model")
+  if arch != "convnet":
+    raise ValueError(f"config.model.arch={arch!r}: expected 'convnet' or 'vit'")
+  return configlib.from_config(ConvNet, m, "config.model", channels=tuple(m.channels),
+                               dtype=jnp.dtype(config.compute_dtype))
 
 
 class ClassifierTask(Task):

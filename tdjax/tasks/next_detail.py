@@ -3,7 +3,8 @@
 Batch (from `tdjax.data.codes.CodesPipeline`): clean, ar_input, ar_label int32 [B, N], label [B].
 Per sequence with probability `loss.correction_prob` (0.3) the model reads ar_input[:N-g] and
 predicts ar_label, else it reads clean[:N-g] and predicts clean; cross-entropy over all N positions
-(reference 2.3-2.4).  Label dropout (CFG) and the dropouts live in the model (train=True).
+(docs/reference/detailflow.md 2.3-2.4).  Label dropout (CFG) and the dropouts live in the model
+(train=True).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import optax
 
 from tdjax.generators import next_detail as nd
 from tdjax.tasks.base import GeneratorTask
-from tdjax.tasks.tokenizer import load_tokenizer
+from tdjax.tasks.detailflow_tokenizer import load_tokenizer
 
 
 class NextDetailTask(GeneratorTask):
@@ -23,19 +24,17 @@ class NextDetailTask(GeneratorTask):
 
   def __init__(self, config):
     super().__init__(config)
-    self.model = nd.model_from_config(config.model, dtype=config.get("compute_dtype", "float32"))
+    self.model = nd.model_from_config(config.model, dtype=config.compute_dtype)
     m, c = self.model, config.input
-    if int(c.get("num_classes", m.num_classes)) != m.num_classes:
+    if int(c.num_classes) != m.num_classes:
       raise ValueError(f"input.num_classes={c.num_classes} differs from model.num_classes="
                        f"{m.num_classes}")
-    nd.check_tokenizer_pair(c.get("num_tokens", m.num_tokens), c.get("vocab_size", m.vocab_size),
-                            m.num_tokens, m.vocab_size)
-    loss = config.get("loss", {})
-    self.correction_prob = float(loss.get("correction_prob", 0.3))
+    nd.check_tokenizer_pair(c.num_tokens, c.vocab_size, m.num_tokens, m.vocab_size)
+    self.correction_prob = float(config.loss.correction_prob)
     if not 0.0 <= self.correction_prob <= 1.0:
       raise ValueError(f"loss.correction_prob={self.correction_prob} must be in [0, 1]")
     self._tokenizer = None
-    if config.get("tokenizer_workdir", ""):
+    if config.tokenizer_workdir:
       self.tokenizer()
 
   # --- params -----------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ class NextDetailTask(GeneratorTask):
 
     Restored on first use, which must happen outside jit (the task's constructor does it when a
     tokenizer is configured, because the loop only calls `images` inside jit)."""
-    workdir = self.config.get("tokenizer_workdir", "")
+    workdir = self.config.tokenizer_workdir
     if not workdir:
       return None
     if self._tokenizer is None:
@@ -127,7 +126,7 @@ class NextDetailTask(GeneratorTask):
 
   def sample_fn(self):
     """(params, labels [B], rng, **overrides) -> codes [B, N]; defaults from config.sample."""
-    defaults = dict(self.config.get("sample", {}))
+    defaults = dict(self.config.sample)
 
     def fn(params, labels, rng, **overrides):
       kw = dict(defaults, **overrides)

@@ -21,7 +21,7 @@ import numpy as np
 from tdjax.data import pipeline
 from tdjax.generators import next_detail_diffusion as ndd
 from tdjax.tasks.base import GeneratorTask
-from tdjax.tasks.tokenizer import load_tokenizer
+from tdjax.tasks.detailflow_tokenizer import load_tokenizer
 
 
 class NextDetailDiffusionTask(GeneratorTask):
@@ -29,7 +29,7 @@ class NextDetailDiffusionTask(GeneratorTask):
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    workdir = config.get("tokenizer_workdir", "")
+    workdir = config.tokenizer_workdir
     if not workdir:
       raise ValueError("config.tokenizer_workdir: next-detail diffusion needs a trained continuous "
                        "DetailFlow tokenizer (configs/detailflow_tokenizer.py:bottleneck=continuous)")
@@ -44,9 +44,9 @@ class NextDetailDiffusionTask(GeneratorTask):
                        f"g={tok.group}; config.model has N={m.num_tokens}, g={m.group_size}")
     self.tokenizer = tok
     self.tokenizer_params = tok_params["gen"]    # host arrays
-    self.model = ndd.model_from_config(m, tok.code_dim, config.get("compute_dtype", "float32"))
-    self.batch_mul = int(m.get("batch_mul", 1))
-    self.mean, self.std = self._token_stats(int(config.get("token_stats_images", 1024)))
+    self.model = ndd.model_from_config(m, tok.code_dim, config.compute_dtype)
+    self.batch_mul = int(m.batch_mul)
+    self.mean, self.std = self._token_stats(int(config.token_stats_images))
 
   # --- tokens -----------------------------------------------------------------------------------
   def _tokenizer_vars(self, tokenizer_params=None):
@@ -99,7 +99,7 @@ class NextDetailDiffusionTask(GeneratorTask):
 
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1], decoded by the tokenizer."""
-    kw = dict(self.config.get("sample", {}), **overrides)
+    kw = dict(self.config.sample, **overrides)
     decode = jax.jit(self.tokens_to_images)  # frozen weights as arguments, not jit constants
 
     def fn(params, labels, rng):
@@ -108,7 +108,7 @@ class NextDetailDiffusionTask(GeneratorTask):
 
   def images(self, params, model_state, batch, rng):
     labels = jnp.arange(min(8, self.model.num_classes))
-    kw = dict(self.config.get("sample", {}))
-    kw["steps"] = min(int(kw.get("steps", 50)), 25)
+    kw = dict(self.config.sample)
+    kw["steps"] = min(int(kw["steps"]), 25)
     z = ndd.sample(self.model, params, labels, rng, **kw)
     return {"samples": self.tokens_to_images(z)}

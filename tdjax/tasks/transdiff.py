@@ -1,4 +1,5 @@
-"""TransDiff training: 1-step AR + attention diffusion decoder, or MRAR (reference transdiff.md 1-2).
+"""TransDiff training: 1-step AR + attention diffusion decoder, or MRAR
+(docs/reference/transdiff.md 1-2).
 
 Batch: {'image': [B, H, W, C] (1-step) or [B, K, H, W, C] (MRAR, K same-class images from the
 pipeline's `group_size`), 'label': [B]} in [-1, 1].  Images become latent grids [B, h, w, c] by
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from tdjax import checkpoint as ckpt_lib
+from tdjax import configlib
 from tdjax import parallel
 from tdjax.diffusion import ddpm, flow
 from tdjax.generators import transdiff as td
@@ -48,13 +50,13 @@ def images_to_latent(images, latent_cfg):
   lead, (h, w, c) = images.shape[:-3], images.shape[-3:]
   x = images.reshape((-1, h, w, c))
   z = td.patchify_latent(x, p).reshape((-1, h // p, w // p, c * p * p))
-  return z.reshape(lead + z.shape[1:]) * float(latent_cfg.get("scale", 1.0))
+  return z.reshape(lead + z.shape[1:]) * float(latent_cfg.scale)
 
 
 def latent_to_images(z, latent_cfg, channels: int):
   p = int(latent_cfg.patch)
   b, h, w, _ = z.shape
-  z = z / float(latent_cfg.get("scale", 1.0))
+  z = z / float(latent_cfg.scale)
   return td.unpatchify_latent(z.reshape(b, h * w, -1), p, h * p, w * p)
 
 
@@ -62,7 +64,7 @@ def _recomputed(stack_cfg, forward: float, batched_dots: float) -> float:
   """FLOPs a stack's remat policy recomputes in the backward pass: the whole forward, none
   (everything / every dot saved), or with 'dots_with_no_batch_dims_saveable' the products that
   have batch dimensions (attention scores and values)."""
-  policy = stack_cfg.get("remat", "none")
+  policy = stack_cfg.remat
   if policy in ("none", "everything_saveable", "dots_saveable"):
     return 0.0
   return batched_dots if policy == "dots_with_no_batch_dims_saveable" else forward
@@ -74,7 +76,7 @@ class TransDiffTask(GeneratorTask):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     m, c = config.model, config.input
-    self.channels = int(c.get("channels", 3))
+    self.channels = int(c.channels)
     lc = config.latent
     if lc.kind == "pixels":
       p = int(lc.patch)
@@ -83,15 +85,15 @@ class TransDiffTask(GeneratorTask):
       self.grid, self.latent_dim = c.image_size // p, self.channels * p * p
     elif lc.kind == "cached":   # batch['moments']: the VAE posterior's (mean, logvar), e.g. 16x16x32
       self.grid, self.latent_dim = int(lc.grid), int(lc.channels)
-      if c.get("source") == "latents" and c.get("data_dir"):
+      if c.source == "latents" and c.data_dir:
         from tdjax.data.latents import read_meta
-        meta = read_meta(c.data_dir, c.get("split", "train"))
+        meta = read_meta(c.data_dir, c.split)
         if (meta["grid"], meta["channels"]) != (self.grid, self.latent_dim):
           raise ValueError(f"input.data_dir={c.data_dir!r}: the cache holds {meta['grid']}x"
                            f"{meta['grid']}x{meta['channels']} latents, the config "
                            f"{self.grid}x{self.grid}x{self.latent_dim} (latent.grid, channels)")
     elif lc.kind == "vae":      # images encoded in the step by the KL VAE of latent.vae_weights
-      if not lc.get("vae_weights", ""):
+      if not lc.vae_weights:
         raise ValueError("config.latent.kind='vae' needs latent.vae_weights (an .npz from "
                          "python -m tdjax.convert --kind mar_vae)")
     else:
@@ -99,26 +101,23 @@ class TransDiffTask(GeneratorTask):
     self.cached = lc.kind == "cached"
     self.bounded_latents = lc.kind == "pixels"     # in [-1, 1]: DDPM sampling clips x0 predictions
     self.vae = None
-    if lc.get("vae_weights", ""):   # 'vae', or 'cached' latents decoded for pictures and sampling
+    if lc.vae_weights:   # 'vae', or 'cached' latents decoded for pictures and sampling
       self._load_vae(lc)
     self.L = self.grid ** 2
-    self.num_refs = int(m.get("num_refs", 0))
-    if self.num_refs and int(c.get("group_size", 1)) != self.num_refs + 1:
+    self.num_refs = int(m.num_refs)
+    if self.num_refs and int(c.group_size) != self.num_refs + 1:
       raise ValueError(f"MRAR with num_refs={self.num_refs} needs input.group_size="
-                       f"{self.num_refs + 1}, got {c.get('group_size', 1)}")
+                       f"{self.num_refs + 1}, got {c.group_size}")
     # 1-step condition slots: L, except TransDiff-L 512 (reference 1.2, 4.4: `seq_len` is 256 at
     # 512 px too, so 256 conditions for the decoder's 1024 latent tokens): model.cond_tokens
-    cond_tokens = int(m.get("cond_tokens", 0)) or self.L
+    cond_tokens = int(m.cond_tokens) or self.L
     if self.num_refs and cond_tokens != self.L:
       raise ValueError(f"model.cond_tokens={cond_tokens}: MRAR conditions are L / p^2 tokens per "
                        f"image, L={self.L}; leave cond_tokens unset")
-    self.ar = td.TransDiffAR(
-        num_classes=int(m.num_classes), latent_len=cond_tokens, latent_dim=self.latent_dim,
-        width=m.width, depth=m.ar_depth, num_heads=m.num_heads, buffer_size=m.buffer_size,
-        num_refs=self.num_refs, ref_patch=m.get("ref_patch", 2), dropout=m.get("dropout", 0.0),
-        scan=m.get("scan", False), remat=m.get("remat", "none"))
+    self.ar = configlib.from_config(td.TransDiffAR, m, "config.model", latent_len=cond_tokens,
+                                    latent_dim=self.latent_dim, depth=int(m.ar_depth))
     self.ar.validate()
-    self.diffusion = config.get("diffusion", "flow")
+    self.diffusion = config.diffusion
     if self.diffusion not in ("flow", "ddpm"):
       raise ValueError(f"config.diffusion={self.diffusion!r}: expected 'flow' or 'ddpm'")
     self.learn_sigma = self.diffusion == "ddpm" and bool(config.get("learn_sigma", True))
@@ -127,24 +126,26 @@ class TransDiffTask(GeneratorTask):
     head_cfg = ml_collections.ConfigDict(dict(config.head))
     head_cfg.max_len = self.L
     self.head = make_head(head_cfg, self.latent_dim * (2 if self.learn_sigma else 1))
-    self.batch_mul = int(m.get("batch_mul", 1))
+    self.batch_mul = int(m.batch_mul)
     if self.batch_mul < 1:
       raise ValueError(f"config.model.batch_mul={self.batch_mul}: expected >= 1")
-    self.head_only = bool(m.get("head_only", False))
-    if self.head_only and not m.get("init_from", ""):
+    self.head_only = bool(m.head_only)
+    if self.head_only and not m.init_from:
       raise ValueError("model.head_only=True trains the decoder under a frozen AR: it needs "
                        "model.init_from (a 1-step run's workdir)")
-    if m.get("init_from", "") and not self.num_refs and cond_tokens == self.L:
+    if m.init_from and not self.num_refs and cond_tokens == self.L:
       raise ValueError(f"model.init_from={m.init_from!r}: a 1-step model starts from a 1-step run "
                        f"only for a resolution transfer (model.cond_tokens < {self.L} latent "
                        f"tokens; config arg res=...) or as MRAR (mrar=True)")
-    self.label_drop = float(m.get("label_drop", 0.1))
+    self.label_drop = self.ar.label_drop      # validated by the AR (config.model.label_drop)
 
   def _load_vae(self, lc):
     """The KL VAE (`tdjax.tokenizers.kl_vae`, config latent.vae = 'kl16' | 'demo') and its
     converted weights; its latent grid must be the one the generator is built for."""
-    cfg = {"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[lc.get("vae", "kl16")]
-    cfg = dataclasses.replace(cfg, scale=float(lc.get("scale", cfg.scale)))
+    if lc.vae not in ("kl16", "demo"):
+      raise ValueError(f"config.latent.vae={lc.vae!r}: expected 'kl16' or 'demo'")
+    cfg = dataclasses.replace({"kl16": kl_vae.KL16, "demo": kl_vae.DEMO}[lc.vae],
+                              scale=float(lc.scale))
     self.vae = kl_vae.AutoencoderKL(cfg)
     self.vae_params = kl_vae.load_params(lc.vae_weights)
     grid = int(self.config.input.image_size) // cfg.stride
@@ -208,7 +209,7 @@ class TransDiffTask(GeneratorTask):
     the head; a resolution transfer (reference stage 2b, 256 -> 512 px: this model denoises more
     latent tokens than the source, from the source's condition slots) copies the AR and resizes
     the head's position table (`head_for_resolution`).  A restored run keeps its own weights."""
-    src = self.config.model.get("init_from", "")
+    src = self.config.model.init_from
     if not src:
       return params
     cfg, one, _ = ckpt_lib.read_params(src)        # host arrays: its EMA weights, if any
@@ -262,9 +263,9 @@ class TransDiffTask(GeneratorTask):
     ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + ar_attn
     w, n, l = hc.width, hc.depth, self.L
     m = ar.mask_len * (1 + self.num_refs)
-    fh = int(hc.get("mlp_ratio", 4.0) * w)
+    fh = int(hc.mlp_ratio * w)
     head_attn = 0
-    if hc.get("type", "attention") == "attention":
+    if hc.type == "attention":
       head_attn = n * (4 * l * l * w + 4 * l * m * w)
       head = n * (2 * l * (4 * w * w + 2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w) + head_attn \
           + 2 * m * d * w
@@ -289,7 +290,7 @@ class TransDiffTask(GeneratorTask):
       # the MLP head denoises each token on its own: a step per token, as MAR's DiffLoss
       return ddpm.training_loss(self.ddpm_train, model_fn, x0, cond, rng, batch_mul=self.batch_mul,
                                 learn_sigma=self.learn_sigma,
-                                per_token_t=self.config.head.get("type", "attention") == "mlp")
+                                per_token_t=self.config.head.type == "mlp")
     return flow.flow_matching_loss(model_fn, x0, cond, rng, batch_mul=self.batch_mul)
 
   def _losses(self, params, batch, rng, train):
@@ -408,9 +409,9 @@ class TransDiffTask(GeneratorTask):
       raise ValueError("this model was trained on cached VAE latents; name the VAE that decodes "
                        "them: --config.latent.vae_weights=kl16.npz (python -m tdjax.convert "
                        "--kind mar_vae)")
-    kw = dict(self.config.get("sample", {}), **overrides)
-    if int(kw.get("steps", 100)) <= 0:
-      raise ValueError(f"sampling steps={kw.get('steps')}: expected > 0")
+    kw = dict(self.config.sample, **overrides)
+    if int(kw["steps"]) <= 0:
+      raise ValueError(f"sampling steps={kw['steps']}: expected > 0")
 
     @jax.jit
     def fn(params, labels, rng):
@@ -420,8 +421,8 @@ class TransDiffTask(GeneratorTask):
 
   def images(self, params, model_state, batch, rng):
     labels = jnp.arange(min(8, int(self.config.model.num_classes)))
-    kw = dict(self.config.get("sample", {}))
-    kw["steps"] = min(int(kw.get("steps", 100)), 25)
+    kw = dict(self.config.sample)
+    kw["steps"] = min(int(kw["steps"]), 25)
     lat = self.sample_latents(params, labels, rng, **kw)
     if self.cached and self.vae is None:
       return {}

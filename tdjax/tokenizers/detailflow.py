@@ -1,4 +1,5 @@
-"""DetailFlow 1D coarse-to-fine tokenizer (arXiv 2505.21473, reference doc sections 1.2-1.6).
+"""DetailFlow 1D coarse-to-fine tokenizer (arXiv 2505.21473,
+docs/reference/detailflow.md 1.2-1.6).
 
 Encoder: image [-1, 1] NHWC -> (py, px, c) patches -> Linear -> + 2D pos table (resized) ;
          N learned queries + 1D pos embed; sequence [patches ; queries] with the mask
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from tdjax import configlib
 from tdjax.nn import LayerNorm, PosEmbed2D, TransformerStack, vit_block_kwargs
 from tdjax.tokenizers.quantizers import ContinuousBottleneck, VectorQuantizer
 from tdjax.tokenizers.resolution import sample_noise_index
@@ -386,26 +388,17 @@ class DetailFlowTokenizer(nn.Module):
 
 
 def build_tokenizer(m, image_size: int, channels: int, dtype=jnp.float32) -> DetailFlowTokenizer:
-  """From a config.model ConfigDict (fields as in configs/detailflow_tokenizer.py)."""
-  size = SIZES[m.size] if m.get("size") in SIZES else None
-  dims = dataclasses.asdict(size) if size else {}
-  for k in ("enc_width", "enc_depth", "enc_heads", "enc_mlp", "dec_width", "dec_depth",
-            "dec_heads", "dec_mlp"):
-    if m.get(k):
-      dims[k] = m[k]
-  model = DetailFlowTokenizer(
-      image_size=image_size, channels=channels, patch=m.patch, num_tokens=m.num_tokens,
-      group=m.group,
-      # configs saved before first_group_causal existed lack it: True, their meaning then
-      causal_num=(m.get("causal_num") or None) if m.get("first_group_causal", True) else 0,
-      causal_encoder=m.get("causal_encoder", True), pos_grid=m.get("pos_grid") or None,
-      gelu_approximate=m.get("gelu_approximate", True), bottleneck=m.get("bottleneck", "vq"),
-      codebook_size=m.codebook_size, code_dim=m.code_dim, commitment=m.get("commitment", 0.25),
-      codebook_weight=m.get("codebook_weight", 1.0), usage_decay=m.get("usage_decay", 0.99),
-      kl_weight=m.get("kl_weight", 0.0), latent_noise=m.get("latent_noise", 0.0),
-      top_k=m.get("top_k", 50), align_dim=m.get("align_dim", 0),
-      align_hidden=m.get("align_hidden", 1024), scan=m.get("scan", False),
-      remat=m.get("remat", "none"), attention_impl=m.get("attention_impl", "einsum"), dtype=dtype,
-      **dims)
+  """From a config.model node (configs/detailflow_tokenizer.py): the module's fields taken by name
+  (a field the node lacks keeps its default), the size table's dims unless given (0 = the size's),
+  0 for pos_grid / causal_num meaning their defaults, first_group_causal=False meaning c = 0."""
+  if m.get("size") and m.size not in SIZES:
+    raise ValueError(f"config.model.size={m.size!r}: expected one of {sorted(SIZES)}")
+  fixed = dict(dataclasses.asdict(SIZES[m.size])) if m.get("size") else {}
+  fixed.update({k: m[k] for k in fixed if m.get(k)})
+  # configs saved before first_group_causal existed lack it: True, their meaning then
+  causal_num = (m.get("causal_num") or None) if m.get("first_group_causal", True) else 0
+  fixed.update(image_size=image_size, channels=channels, dtype=dtype, causal_num=causal_num,
+               pos_grid=m.get("pos_grid") or None)
+  model = configlib.from_config(DetailFlowTokenizer, m, "config.model", **fixed)
   model.validate()
   return model

@@ -1,4 +1,4 @@
-"""MAR's KL-16 VAE (LDM `AutoencoderKL`, reference transdiff.md 1.1), NHWC, images in [-1, 1].
+"""MAR's KL-16 VAE (LDM `AutoencoderKL`, docs/reference/transdiff.md 1.1), NHWC, images in [-1, 1].
 
     moments = quant_conv(Encoder(x))           [B, H/f, W/f, 2 C]   f = 2^(len(ch_mult) - 1)
     q(z | x) = N(mean, exp(logvar)),  logvar clamped to [-30, 20]

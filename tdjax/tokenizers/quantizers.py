@@ -101,8 +101,9 @@ class VectorQuantizer(nn.Module):
 
 
 def top_k_perturb(sim, idx, pick, k: int, window=None):
-  """noisy = the pick-th nearest code of each token (pick 0 = the nearest; reference 1.6: a
-  uniform draw among the top-k).  sim [.., N, K], idx / pick [.., N] int.
+  """noisy = the pick-th nearest code of each token (pick 0 = the nearest;
+  docs/reference/detailflow.md 1.6: a uniform draw among the top-k).  sim [.., N, K], idx / pick
+  [.., N] int.
 
   window = (start, length): only tokens start .. start + length - 1 of each sequence (sim
   [B, N, K], start scalar or [B]) are perturbed, the rest keep idx; positions past N - 1 are

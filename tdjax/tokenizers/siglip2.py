@@ -1,4 +1,4 @@
-"""DetailFlow encoder initialisation from a SigLIP2 vision tower (reference doc 1.2).
+"""DetailFlow encoder initialisation from a SigLIP2 vision tower (docs/reference/detailflow.md 1.2).
 
 DetailFlow's encoder is the first 12 blocks of SigLIP2-so400m-patch16 (width 1152, 16 heads, MLP
 4304) with its patch embedding, 2D position table and final LayerNorm; the N latent query tokens,
@@ -7,12 +7,13 @@ the pretrained parts into a freshly initialised tokenizer `params` tree:
 
     patch_embed            <- patch_embed             (same (py, px, c) patch flattening)
     enc_pos/table          <- pos_embed               ([G*G, W]; resized to the patch grid at run time)
-    encoder block i        <- blocks_i, i < enc_depth (ln1/ln2 -> norm1/norm2, q/k/v/o -> query/
-                                                        key/value/out, mlp/fc1, mlp/fc2)
+    encoder block i        <- blocks_i, i < enc_depth (the same TransformerBlock keys: norm1/ln,
+                                                        attn/{query,key,value,out}, norm2/ln, mlp)
     enc_norm               <- post_ln
 
 The file is the SigLIP2 `.npz` of `tdjax.losses.alignment` (the alignment teacher uses the same
-file; its docstring gives the key list and the mapping from the HF `Siglip2VisionModel` state dict).
+file; its docstring gives the key list and the mapping from the HF `Siglip2VisionModel` state dict;
+files in its older key layout are read through `alignment.upgrade_teacher_keys`).
 `python -m tdjax.convert --kind siglip2 --input model.safetensors --output siglip2.npz` writes that
 file from an HF checkpoint (needs the optional `safetensors` package; nothing is downloaded).
 
@@ -28,11 +29,12 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from tdjax.losses.alignment import upgrade_teacher_keys
 from tdjax.losses.weights import WeightsError
 
-_BLOCK_RENAME = {"ln1": "norm1/ln", "ln2": "norm2/ln", "attn/q": "attn/query",
-                 "attn/k": "attn/key", "attn/v": "attn/value", "attn/o": "attn/out",
-                 "mlp/fc1": "mlp/fc1", "mlp/fc2": "mlp/fc2"}
+# a block's keys: the file's blocks and the encoder's are both TransformerBlocks
+_BLOCK_MODULES = ("norm1/ln", "norm2/ln", "attn/query", "attn/key", "attn/value", "attn/out",
+                  "mlp/fc1", "mlp/fc2")
 
 
 def siglip2_to_encoder_keys(depth: int) -> dict[str, str]:
@@ -41,9 +43,9 @@ def siglip2_to_encoder_keys(depth: int) -> dict[str, str]:
           "pos_embed": "enc_pos/table", "post_ln/scale": "enc_norm/ln/scale",
           "post_ln/bias": "enc_norm/ln/bias"}
   for i in range(depth):
-    for src, dst in _BLOCK_RENAME.items():
-      for leaf in ("scale", "bias") if src.startswith("ln") else ("kernel", "bias"):
-        keys[f"blocks_{i}/{src}/{leaf}"] = f"encoder/blocks_{i}/block/{dst}/{leaf}"
+    for mod in _BLOCK_MODULES:
+      for leaf in ("scale", "bias") if mod.startswith("norm") else ("kernel", "bias"):
+        keys[f"blocks_{i}/{mod}/{leaf}"] = f"encoder/blocks_{i}/block/{mod}/{leaf}"
   return keys
 
 
@@ -69,14 +71,15 @@ def init_encoder_from_siglip2(params: dict, path: str) -> dict:
   depth, scanned = _depth(flat)
   new, stacked = {}, {}
   with data:
-    blocks = {k.split("/")[0] for k in data.files if k.startswith("blocks_")}
+    names = upgrade_teacher_keys({k: k for k in data.files})   # current key -> the file's key
+    blocks = {k.split("/")[0] for k in names if k.startswith("blocks_")}
     if len(blocks) < depth:
       raise WeightsError(f"SigLIP2 weights file {path!r} has {len(blocks)} blocks, the tokenizer "
                          f"encoder needs {depth} (enc_depth)")
     for src, dst in siglip2_to_encoder_keys(depth).items():
-      if src not in data.files:
+      if src not in names:
         raise WeightsError(f"SigLIP2 weights file {path!r} is missing key {src!r}")
-      arr = np.asarray(data[src], np.float32)
+      arr = np.asarray(data[names[src]], np.float32)
       layer = None
       if scanned and dst.startswith("encoder/blocks_"):
         _, blk, rest = dst.split("/", 2)

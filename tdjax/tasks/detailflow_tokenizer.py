@@ -1,4 +1,4 @@
-"""DetailFlow tokenizer training task (reference doc 1.5-1.8).
+"""DetailFlow tokenizer training task (docs/reference/detailflow.md 1.5-1.8).
 
 One training step:
   1. t ~ prefix length (prob `degrade_p`: U[1, N-g] rounded up to groups above g; else N), drawn
@@ -30,6 +30,7 @@ Batches: {'image': float [B, H, W, C] in [-1, 1]} (+ optional 'teacher_feats' [B
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -38,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from tdjax import checkpoint as ckpt_lib
+from tdjax import configlib
 from tdjax import parallel
 from tdjax.losses import alignment, augment, lpips
 from tdjax.losses import discriminators as D
@@ -65,70 +67,112 @@ def psnr01(x, y):
   return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-class TokenizerTask(Task):
-  kind = "tokenizer"
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """config.model's training settings of the coarse-to-fine tokenizer (the module's own fields are
+  `DetailFlowTokenizer`'s): R(n)'s power, the degraded-prefix rate, self-correction."""
+  alpha: float = 1.5                # R(n) power (the paper: 1.5)
+  degrade_p: float = 0.2            # probability of a degraded-prefix step
+  self_correction: bool = True
+  # the reference runs the self-correction branch on every step (1); k > 1 runs it on every k-th
+  # step only (it costs ~1.5x a plain step: a second encoder pass and a doubled decoder batch)
+  correction_every: int = 1
+  # True: the loop differentiates each (resolution, correction) branch separately (faster
+  # steps, one compiled forward+backward per branch); False: one switch inside the loss
+  branch_grads: bool = False
+  encoder_init: str = ""            # SigLIP2 .npz initialising the encoder
+
+  def __post_init__(self):
+    check_alpha(self.alpha)
+    if not 0 <= self.degrade_p <= 1:
+      raise ValueError(f"config.model.degrade_p={self.degrade_p}: expected a probability in [0, 1]")
+    if self.correction_every < 1:
+      raise ValueError(f"config.model.correction_every={self.correction_every}: expected >= 1")
+    if self.encoder_init and not os.path.isfile(self.encoder_init):
+      raise FileNotFoundError(f"config.model.encoder_init: SigLIP2 weights file not found: "
+                              f"{self.encoder_init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Losses:
+  """config.loss: the tokenizer's loss weights, schedules and the frozen networks' weights files
+  (each default once, here)."""
+  mse_weight: float = 1.0
+  lpips_weight: float = 0.0
+  lpips_start: int = 0
+  lpips_warmup: int = 0
+  lpips_weights: str = ""           # LPIPS-VGG .npz (python -m tdjax.convert --kind lpips)
+  lpips_kwargs: dict = dataclasses.field(default_factory=dict)
+  adv_weight: float = 0.0
+  adv_start: int = 0
+  disc: str = "patchgan"            # 'patchgan' | 'dino'
+  disc_kwargs: dict = dataclasses.field(default_factory=dict)
+  disc_backbone_weights: str = ""   # disc='dino': DINO ViT-S/16 .npz
+  disc_input_size: int = 0          # 0 = as decoded; else images resized to this for D
+  diffaug_policy: str = "color,translation,cutout_0.2"
+  diffaug_prob: float = 0.5
+  lecam_weight: float = 0.0
+  lecam_decay: float = 0.999
+  cr_weight: float = 0.0            # consistency regularisation of D
+  cr_policy: str = "color,translation,cutout_0.5"
+  align_weight: float = 0.0
+  align_start: int = 0
+  align_teacher_weights: str = ""   # SigLIP2 teacher .npz
+  align_from_batch: bool = False    # True: batch['teacher_feats'] gives the teacher features
+  teacher_kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for key in ("mse_weight", "lpips_weight", "adv_weight", "align_weight", "lecam_weight",
+                "cr_weight"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"config.loss.{key}={getattr(self, key)}: expected >= 0")
+    if self.disc not in ("patchgan", "dino"):
+      raise ValueError(f"config.loss.disc={self.disc!r}: expected 'patchgan' or 'dino'")
+    if self.lpips_weight > 0 and not self.lpips_weights:
+      raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_weights "
+                       "(an LPIPS-VGG .npz file: python -m tdjax.convert --kind lpips)")
+    if self.adv_weight > 0 and self.disc == "dino" and not self.disc_backbone_weights:
+      raise ValueError("config.loss.adv_weight > 0 with disc='dino' needs "
+                       "config.loss.disc_backbone_weights (a DINO ViT-S/16 .npz file: "
+                       "python -m tdjax.convert --kind dino)")
+    if self.align_weight > 0 and not self.align_teacher_weights and not self.align_from_batch:
+      raise ValueError("config.loss.align_weight > 0 needs config.loss.align_teacher_weights "
+                       "(a SigLIP2 teacher .npz) or config.loss.align_from_batch=True")
+
+
+class DetailFlowTokenizerTask(Task):
+  kind = "detailflow_tokenizer"
 
   def __init__(self, config):
     super().__init__(config)
     c = config
-    m = c.model
     self.image_size = int(c.input.image_size)
-    self.channels = int(c.input.get("channels", 3))
-    self.dtype = jnp.dtype(c.get("compute_dtype", "float32"))
-    self.model = build_tokenizer(m, self.image_size, self.channels, self.dtype)
-    self.N = int(m.num_tokens)
-    self.g = int(m.group)
-    self.causal_num = int(m.get("causal_num") or self.g)
-    self.alpha = float(m.get("alpha", 1.5))
-    check_alpha(self.alpha)
-    self.degrade_p = float(m.get("degrade_p", 0.2))
-    if not 0 <= self.degrade_p <= 1:
-      raise ValueError(f"config.model.degrade_p={self.degrade_p}: expected a probability in [0, 1]")
-    self.self_correction = bool(m.get("self_correction", True)) and m.get("bottleneck", "vq") == "vq"
-    # the reference runs the self-correction branch on every step (1); k > 1 runs it on every k-th
-    # step only (it costs ~1.5x a plain step: a second encoder pass and a doubled decoder batch)
-    self.correction_every = int(m.get("correction_every", 1))
-    # True: the loop differentiates each (resolution, correction) branch separately (faster
-    # steps, one compiled forward+backward per branch); False: one switch inside the loss
-    self.branch_grads = bool(m.get("branch_grads", False))
-    if self.correction_every < 1:
-      raise ValueError(f"config.model.correction_every={self.correction_every}: expected >= 1")
-    self.plan = PrefixPlan(self.N, self.g, self.image_size, int(m.patch), self.alpha,
-                           self.degrade_p, self.causal_num)
-    self.loss_cfg = l = c.loss
-    self.use_lpips = float(l.get("lpips_weight", 0.0)) > 0
-    self.use_adv = float(l.get("adv_weight", 0.0)) > 0
-    self.use_align = float(l.get("align_weight", 0.0)) > 0
-    enc = self.config.model.get("encoder_init")
-    if enc and not os.path.isfile(enc):
-      raise FileNotFoundError(f"config.model.encoder_init: SigLIP2 weights file not found: {enc!r}")
-    if self.use_lpips and not l.get("lpips_weights"):
-      raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_weights "
-                       "(an LPIPS-VGG .npz file: python -m tdjax.convert --kind lpips)")
-    if self.use_adv and l.get("disc", "patchgan") == "dino" and not l.get("disc_backbone_weights"):
-      raise ValueError("config.loss.adv_weight > 0 with disc='dino' needs "
-                       "config.loss.disc_backbone_weights (a DINO ViT-S/16 .npz file: "
-                       "python -m tdjax.convert --kind dino)")
-    if self.use_align:
-      if not int(m.get("align_dim", 0)):
-        raise ValueError("config.loss.align_weight > 0 needs config.model.align_dim > 0")
-      if not l.get("align_teacher_weights") and not l.get("align_from_batch", False):
-        raise ValueError("config.loss.align_weight > 0 needs config.loss.align_teacher_weights "
-                         "(a SigLIP2 teacher .npz) or config.loss.align_from_batch=True")
+    self.channels = int(c.input.channels)
+    self.dtype = jnp.dtype(c.compute_dtype)
+    self.model = build_tokenizer(c.model, self.image_size, self.channels, self.dtype)
+    self.N, self.g, self.causal_num = self.model.num_tokens, self.model.group, self.model.c
+    self.recipe = r = configlib.from_config(Recipe, c.model, "config.model")
+    self.self_correction = r.self_correction and self.model.is_vq
+    self.plan = PrefixPlan(self.N, self.g, self.image_size, self.model.patch, r.alpha,
+                           r.degrade_p, self.causal_num)
+    self.losses = l = configlib.from_config(Losses, c.loss, "config.loss")
+    self.use_lpips = l.lpips_weight > 0
+    self.use_adv = l.adv_weight > 0
+    self.use_align = l.align_weight > 0
+    if self.use_align and not self.model.align_dim:
+      raise ValueError("config.loss.align_weight > 0 needs config.model.align_dim > 0")
     self._lpips = self._disc = self._teacher = None
     if self.use_lpips:
-      self._lpips = lpips.LPIPS(**dict(l.get("lpips_kwargs", {})))
+      self._lpips = lpips.LPIPS(**l.lpips_kwargs)
     if self.use_adv:
-      if l.get("disc", "patchgan") == "dino":
-        self._disc = D.DinoDiscriminator(**dict(l.get("disc_kwargs", {})))
-      else:
-        self._disc = D.PatchGAN(**dict(l.get("disc_kwargs", {})))
-    if self.use_align and l.get("align_teacher_weights"):
+      disc = D.DinoDiscriminator if l.disc == "dino" else D.PatchGAN
+      self._disc = disc(**l.disc_kwargs)
+    if self.use_align and l.align_teacher_weights:
       # the tower's dimensions: teacher_kwargs, else read from the weights file's shapes
-      self._teacher = alignment.ViTTeacher(**(dict(l.get("teacher_kwargs", {})) or
+      self._teacher = alignment.ViTTeacher(**(l.teacher_kwargs or
                                               alignment.teacher_shape(l.align_teacher_weights)))
-      if self._teacher.width != int(m.align_dim):
-        raise ValueError(f"config.model.align_dim={m.align_dim}: the alignment teacher "
+      if self._teacher.width != self.model.align_dim:
+        raise ValueError(f"config.model.align_dim={self.model.align_dim}: the alignment teacher "
                          f"{l.align_teacher_weights!r} is {self._teacher.width} wide")
 
   # -------------------------------------------------------------------------------------------
@@ -161,9 +205,9 @@ class TokenizerTask(Task):
 
   def load_pretrained(self, params):
     """The SigLIP2 encoder initialisation (1.2) and the DINO discriminator's backbone."""
-    l = self.loss_cfg
-    path = self.config.model.get("encoder_init")
-    dino = self._disc is not None and l.get("disc", "patchgan") == "dino"
+    l = self.losses
+    path = self.recipe.encoder_init
+    dino = self._disc is not None and l.disc == "dino"
     if not path and not dino:
       return params
     params = dict(params)
@@ -178,7 +222,7 @@ class TokenizerTask(Task):
     """The LPIPS-VGG and alignment-teacher weights files into model_state['frozen']."""
     if "frozen" not in model_state:
       return model_state
-    l = self.loss_cfg
+    l = self.losses
     frozen = dict(model_state["frozen"])
     if "lpips" in frozen:
       frozen["lpips"] = self._lpips.load_params(l.lpips_weights)
@@ -226,7 +270,7 @@ class TokenizerTask(Task):
       total += 3 * n * lpips.vgg16_flops(s, s, widths=self._lpips.widths)
     if self._disc is not None and hasattr(self._disc, "flops"):
       f = self._disc.flops()
-      d_calls = 4 if float(self.loss_cfg.get("cr_weight", 0.0)) > 0 else 2
+      d_calls = 4 if self.losses.cr_weight > 0 else 2
       g_term = 2 * f["backbone_mm"] + 3 * f["backbone_attn"] + 2 * f["heads"]
       d_term = f["backbone_mm"] + f["backbone_attn"] + 3 * f["heads"] - f["heads_conv_in"]
       total += n * (g_term + d_calls * d_term)
@@ -252,14 +296,14 @@ class TokenizerTask(Task):
       return None
     if hasattr(self._disc, "img_size"):
       return int(self._disc.img_size)
-    return int(self.loss_cfg.get("disc_input_size", 0) or 0) or None
+    return self.losses.disc_input_size or None
 
   def _to_disc_input(self, x):
     """Resizes as D's input path does: bicubic to disc_input_size if set, then a DINO backbone's
     resize to its img_size (PyTorch 'area' down / 'bicubic' up; done here, it is a no-op inside
     the backbone, whose per-channel normalisation commutes with it: the rows sum to 1)."""
     x = x.astype(jnp.float32)
-    size = int(self.loss_cfg.get("disc_input_size", 0) or 0)
+    size = self.losses.disc_input_size
     if size and x.shape[1] != size:
       x = apply_separable(x, bicubic_matrix(x.shape[1], size), bicubic_matrix(x.shape[2], size))
     if hasattr(self._disc, "img_size"):
@@ -273,9 +317,9 @@ class TokenizerTask(Task):
     return logits.reshape(logits.shape[0], -1), dict(new)
 
   def _augment(self, x, rng, policy=None, prob=None):
-    l = self.loss_cfg
-    policy = l.get("diffaug_policy", "color,translation,cutout_0.2") if policy is None else policy
-    prob = float(l.get("diffaug_prob", 0.5) if prob is None else prob)
+    l = self.losses
+    policy = l.diffaug_policy if policy is None else policy
+    prob = float(l.diffaug_prob if prob is None else prob)
     if not policy or prob <= 0:
       return x
     return augment.diff_augment(x, rng, policy, prob)
@@ -288,8 +332,8 @@ class TokenizerTask(Task):
     k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
     views = dict(g=self._augment(rec, k1), real=self._augment(sg(target), k2),
                  fake=self._augment(sg(rec), k3))
-    if float(self.loss_cfg.get("cr_weight", 0.0)) > 0:
-      strong = (self.loss_cfg.get("cr_policy", "color,translation,cutout_0.5"), 1.0)
+    if self.losses.cr_weight > 0:
+      strong = (self.losses.cr_policy, 1.0)
       views.update(real_s=self._augment(sg(target), k4, *strong),
                    fake_s=self._augment(sg(rec), k5, *strong))
     return {k: self._to_disc_input(v) for k, v in views.items()}
@@ -300,9 +344,9 @@ class TokenizerTask(Task):
     iteration per call), then, with consistency regularisation, D on the strongly augmented real
     and fake images.  D's state (power-iteration vectors, BN running stats) and the LeCAM EMAs
     advance every step, before adv_start too, as the reference's forward passes do."""
-    l = self.loss_cfg
+    l = self.losses
     sg = jax.lax.stop_gradient
-    on = _lerp_on(step, l.get("adv_start", 0))
+    on = _lerp_on(step, l.adv_start)
     # generator term: D's params are constants here.
     fake_logits_g, dstate = self._disc_apply(sg(params["disc"]), state["disc"], views["g"])
     out = dict(g_loss=D.hinge_g_loss(fake_logits_g) * on)
@@ -310,15 +354,15 @@ class TokenizerTask(Task):
     real, dstate = self._disc_apply(params["disc"], dstate, views["real"])
     fake, dstate = self._disc_apply(params["disc"], dstate, views["fake"])
     d = D.hinge_d_loss(real, fake)
-    lw = float(l.get("lecam_weight", 0.0))
+    lw = float(l.lecam_weight)
     lecam = jnp.zeros(())
     ema = state["lecam"]
     if lw > 0:   # the reference updates the EMAs first, then regularises towards them
       r, f = D.update_lecam_ema(ema["real"], ema["fake"], real, fake,
-                                float(l.get("lecam_decay", 0.999)))
+                                l.lecam_decay)
       ema = {"real": r, "fake": f}
       lecam = D.lecam_reg(real, fake, r, f)
-    cw = float(l.get("cr_weight", 0.0))
+    cw = float(l.cr_weight)
     cr = jnp.zeros(())
     if cw > 0:   # MSE(D(weak) - D(strong)) over the real and the fake logits together
       real_s, dstate = self._disc_apply(params["disc"], dstate, views["real_s"])
@@ -359,19 +403,19 @@ class TokenizerTask(Task):
 
   def _prefix_length(self, rng):
     k_t = jax.random.split(rng, 4)[0]
-    return sample_prefix_length(k_t, self.N, self.g, self.degrade_p, self.causal_num)
+    return sample_prefix_length(k_t, self.N, self.g, self.recipe.degrade_p, self.causal_num)
 
   def _sc_switched(self) -> bool:
-    return self.self_correction and self.correction_every > 1
+    return self.self_correction and self.recipe.correction_every > 1
 
   def loss_branch(self, rng, step):
     """With config.model.branch_grads: one branch per (decoder resolution, self-correction on)."""
-    if not self.branch_grads:
+    if not self.recipe.branch_grads:
       return None
     res_i = jnp.asarray(self.plan.branch_of_t)[self._prefix_length(rng)]
     if not self._sc_switched():
       return res_i, len(self.plan.branches)
-    sc = (jnp.asarray(step) % self.correction_every == 0).astype(jnp.int32)
+    sc = (jnp.asarray(step) % self.recipe.correction_every == 0).astype(jnp.int32)
     return 2 * res_i + sc, 2 * len(self.plan.branches)
 
   def loss(self, params, model_state, batch, rng, step, branch: int | None = None):
@@ -381,13 +425,13 @@ class TokenizerTask(Task):
     if not self._sc_switched():
       return self._loss(params, model_state, batch, rng, step, self.self_correction)
     return jax.lax.cond(
-        step % self.correction_every == 0,
+        step % self.recipe.correction_every == 0,
         lambda *a: self._loss(*a, self_correction=True),
         lambda *a: self._loss(*a, self_correction=False),
         params, model_state, batch, rng, step)
 
   def _loss(self, params, model_state, batch, rng, step, self_correction, res_branch=None):
-    l = self.loss_cfg
+    l = self.losses
     x = batch["image"].astype(jnp.float32)
     b = x.shape[0]
     k_t, k_tok, k_img, k_align = jax.random.split(rng, 4)
@@ -416,7 +460,7 @@ class TokenizerTask(Task):
       d_out, d_state = self._disc_terms(params, model_state, img.pop("views"), step)
       img.update(d_out)
       new_state = dict(new_state, **d_state)
-    mse_w = float(l.get("mse_weight", 1.0))
+    mse_w = float(l.mse_weight)
     total = mse_w * img["mse"] + tok["bottleneck_loss"]
     metrics = dict(rec_mse=img["mse"], bottleneck_loss=tok["bottleneck_loss"],
                    prefix_t=t.astype(jnp.float32),
@@ -426,7 +470,7 @@ class TokenizerTask(Task):
       metrics.setdefault("sc_vq_loss", jnp.zeros(()))
       metrics.setdefault("noise_end", jnp.zeros(()))
     if self._lpips is not None:
-      lw = float(l.lpips_weight) * _lerp_on(step, l.get("lpips_start", 0), l.get("lpips_warmup", 0))
+      lw = float(l.lpips_weight) * _lerp_on(step, l.lpips_start, l.lpips_warmup)
       total = total + lw * img["lpips"]
       metrics["lpips"] = img["lpips"]
     if self._disc is not None:
@@ -437,7 +481,7 @@ class TokenizerTask(Task):
       pred = self.model.apply({"params": params["gen"]}, tok["z_q"][:, 0], method="align")
       feats = self._teacher_feats(model_state, batch, x)
       al = alignment.alignment_loss(pred, feats)
-      total = total + float(l.align_weight) * _lerp_on(step, l.get("align_start", 0)) * al
+      total = total + float(l.align_weight) * _lerp_on(step, l.align_start) * al
       metrics["align_loss"] = al
     new_model_state = dict(model_state)
     new_model_state.update(new_state)
@@ -460,7 +504,7 @@ class TokenizerTask(Task):
     gen = params["gen"] if "gen" in params else params
     n = self.N if num_tokens is None else num_tokens
     if res is None:
-      res = decoder_resolution(resolution_for_prefix(n, self.N, self.image_size, self.alpha),
+      res = decoder_resolution(resolution_for_prefix(n, self.N, self.image_size, self.recipe.alpha),
                                self.model.patch)
     z = self.model.apply({"params": gen}, images, method="encode")
     q = self.model.apply({"params": gen}, z, method="quantize")
@@ -519,7 +563,7 @@ class TokenizerTask(Task):
     rec = self.model.apply({"params": gen}, q["z_q"], method="decode")
     tiles = []
     for n in self.prefix_lengths_for_strip():
-      res = decoder_resolution(resolution_for_prefix(n, self.N, S, self.alpha), self.model.patch)
+      res = decoder_resolution(resolution_for_prefix(n, self.N, S, self.recipe.alpha), self.model.patch)
       y = self.model.apply({"params": gen}, q["z_q"][:, :n], res, method="decode")
       if res != S:
         y = jax.image.resize(y, (y.shape[0], S, S, y.shape[-1]), "nearest")
@@ -535,6 +579,6 @@ def load_tokenizer(workdir: str, use_ema: bool = False):
   reference extracts codes and decodes with the non-EMA weights: use_ema=False)."""
   cfg, params, _ = ckpt_lib.read_params(workdir, use_ema=use_ema)
   cfg = ml_collections.ConfigDict(cfg)
-  if cfg.task != "tokenizer":
+  if cfg.task != DetailFlowTokenizerTask.kind:
     raise ValueError(f"{workdir} holds a {cfg.task!r} checkpoint, not a tokenizer")
-  return TokenizerTask(cfg), params, cfg
+  return DetailFlowTokenizerTask(cfg), params, cfg
