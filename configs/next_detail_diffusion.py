@@ -10,13 +10,16 @@ an attention-based diffusion head per group (tdjax.generators.next_detail_diffus
 
 Options: size=demo|B|L (trunk as the discrete AR sizes; head width = trunk width), tokenizer
 (workdir, required), tokens (N), group (g), head_depth, batch_mul, steps, batch, lr, cfg,
-sample_steps, scale_0, scale_1, seed.
+sample_steps, scale_0, scale_1, seed; the head's attention-survey switches as in
+configs/transdiff.py (conditioning=cross|incontext|joint, adaln=zero, cross_gate, qk_norm,
+t_range=LO:HI, attn_temp=learned_t, window=W, linear_attn, merge=R) and head_context=group|all.
 """
 
 import ml_collections
 
 from tdjax import configlib as common
 from tdjax.data.pipeline import default_input_config
+from tdjax.generators.heads import SURVEY_ARGS, survey_head_fields
 from tdjax.generators.next_detail import GPT_SIZES
 
 DEFAULTS = {
@@ -33,7 +36,8 @@ DEFAULTS = {
 def get_config(arg=None):
   a = common.parse_arg(arg, size="demo", tokenizer="", tokens=0, group=0, head_depth=0,
                        batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0, sample_steps=50,
-                       scale_0=1.0, scale_1=1.0, seed=0)
+                       scale_0=1.0, scale_1=1.0, seed=0, conditioning="cross",
+                       head_context="group", **SURVEY_ARGS)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
   d, s = DEFAULTS[a.size], GPT_SIZES[a.size]
@@ -66,6 +70,13 @@ def get_config(arg=None):
       head_heads=d["head_heads"], class_dropout=0.1, dropout=0.0 if small else 0.1,
       batch_mul=a.batch_mul or d["mul"], scan=not small, remat="none",
       attention_impl="einsum"))   # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs)
+  head = survey_head_fields(a)     # attention-survey switches of the head, only those set
+  if a.conditioning != "cross":
+    head["conditioning"] = a.conditioning
+  if head:
+    c.model.head_options = head
+  if a.head_context != "group":
+    c.model.head_context = a.head_context
   c.sample = ml_collections.ConfigDict(dict(cfg=a.cfg or d["cfg"], steps=a.sample_steps,
                                             scale_0=a.scale_0, scale_1=a.scale_1))
   # the discrete AR model's optimiser (docs/reference/detailflow.md 2.5): AdamW (0.9, 0.95),

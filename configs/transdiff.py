@@ -23,7 +23,9 @@ condition slots, the decoder denoises (res / stride)^2 tokens; needs init_from),
 res; reference --only_train_diff: the AR frozen; head_only=False trains both), head=attention|mlp,
 head_size=mar_b|mar_l|mar_h (head=mlp: MAR's released MLP heads, width x depth 1024 x 6, 1280 x 8,
 1536 x 12; sizes B / L / H default to the MAR model of their letter, tiny / demo to 2 x width x 3),
-head_depth, self_attention (head), conditioning=cross|adaln|incontext (head), diffusion=flow|ddpm,
+head_depth, self_attention (head), conditioning=cross|adaln|incontext|joint (head), the
+attention-survey switches of the head (tdjax/generators/heads.py): adaln=zero, cross_gate, qk_norm,
+t_range=LO:HI, attn_temp=learned_t, window=W, linear_attn, merge=R; diffusion=flow|ddpm,
 temperature (DDPM sampling), batch_mul, steps, batch, lr, cfg, scale_0, scale_1, sample_steps,
 latent=pixels|cached|vae and vae_weights (KL VAE params from `python -m tdjax.convert --kind
 mar_vae`: 'vae' encodes images in the step, 'cached' latents are decoded with it for pictures and
@@ -35,7 +37,7 @@ import ml_collections
 
 from tdjax import configlib as common
 from tdjax.data.pipeline import default_input_config
-from tdjax.generators.heads import MAR_HEAD_SIZES
+from tdjax.generators.heads import MAR_HEAD_SIZES, SURVEY_ARGS, survey_head_fields
 from tdjax.generators.transdiff import PAPER_SAMPLING, SIZES
 
 DEFAULTS = {
@@ -58,7 +60,7 @@ def get_config(arg=None):
                        temperature=1.0, batch_mul=0, steps=0, batch=0, lr=0.0, cfg=0.0,
                        scale_0=0.0, scale_1=0.0, sample_steps=100, latent="", vae_weights="",
                        latents="",
-                       res=0, head_only=True, seed=0)
+                       res=0, head_only=True, seed=0, **SURVEY_ARGS)
   if a.size not in DEFAULTS:
     raise ValueError(f"config arg size={a.size!r}: expected one of {sorted(DEFAULTS)}")
   d, s = DEFAULTS[a.size], SIZES[a.size]
@@ -143,6 +145,11 @@ def get_config(arg=None):
       # 512 px: 1,024-token attention; saving only the weight matmuls (scores recomputed) puts
       # TransDiff-L's step at 39 GiB per device on 256 devices (168 GiB without remat)
       remat="dots_with_no_batch_dims_saveable" if res and big else "none"))
+  survey = survey_head_fields(a)      # attention-survey switches (heads.py), only those set
+  if survey and a.head != "attention":
+    raise ValueError(f"config args {', '.join(sorted(survey))}: attention-head switches "
+                     f"(head={a.head!r})")
+  c.head.update(survey)
   c.diffusion = a.diffusion          # 'flow' (TransDiff) | 'ddpm' (MAR: cosine, eps, learned var)
   if a.diffusion not in ("flow", "ddpm"):
     raise ValueError(f"config arg diffusion={a.diffusion!r}: expected 'flow' or 'ddpm'")

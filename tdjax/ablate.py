@@ -24,7 +24,10 @@ first_group_causal=False (the reference's causal_num = 0, every group parallel; 
 it from the codes file), "+ first group causal" with the default c = g; the alignment row needs
 SigLIP2 teacher weights, or `--teacher` names another teacher file: `with_teacher`), detailflow_cfg (Table 5), detailflow_degrade
 (Table 3), detailflow_group (Table 4), detailflow_alpha (Fig. 4c), detailflow_tokens,
-transdiff_heads (head type and the attention-in-head variants), transdiff_depth, transdiff_steps,
+transdiff_heads (head type and the attention-in-head variants), survey_heads (the attention survey's
+switches of the attention head: adaLN-zero, gated cross-attention, joint attention, qk-norm, a
+condition t range, a time-dependent temperature, windowed / linear self-attention, token merging,
+perturbed-attention guidance; today's heads as reference rows), transdiff_depth, transdiff_steps,
 transdiff_mrar, transdiff_refs (MRAR with 1 / 2 / 3 references), transdiff_seeds and
 detailflow_seeds (not paper tables: the TransDiff 1-step model, or the DetailFlow tokenizer and its
 AR model, trained with seeds 0 / 1 / 2: the run-to-run spread).
@@ -137,6 +140,27 @@ TABLES = {
             ("attention head, no self-attention", "self_attention=False"),
             ("attention head, adaLN conditioning", "conditioning=adaln"),
             ("attention head, in-context conditioning", "conditioning=incontext"))], _TD_MODELS),
+    # the attention-in-diffusion survey's switches of the attention head (heads.py docstring):
+    # today's heads as reference rows, then one switch per row on the cross-attention head
+    "survey_heads": Table("Attention diffusion head: the attention survey's switches",
+                          "transdiff", [
+        Row(label, generator=g, sample=dict(_TD_SAMPLE, **extra))
+        for label, g, extra in (
+            ("attention head, cross-attention (TransDiff)", "", {}),
+            ("attention head, adaLN conditioning", "conditioning=adaln", {}),
+            ("attention head, in-context conditioning", "conditioning=incontext", {}),
+            ("MLP head, rectified flow", "head=mlp", {}),
+            ("adaLN-zero (DiT)", "adaln=zero", {}),
+            ("gated cross-attention", "cross_gate", {}),
+            ("joint attention (MMDiT)", "conditioning=joint", {}),
+            ("qk-norm", "qk_norm", {}),
+            ("condition only for t in [0, 0.5] (near the data)", "t_range=0.0:0.5", {}),
+            ("time-dependent attention temperature", "attn_temp=learned_t", {}),
+            ("windowed self-attention (3 x 3)", "window=3", {}),
+            ("linear self-attention (elu + 1)", "linear_attn", {}),
+            ("token merging (r = 16 of 64)", "merge=16", {}),
+            ("perturbed-attention guidance (scale 1.5)", "", {"pag_scale": 1.5}))],
+        "not in docs/reference/ (the survey reports no controlled comparison of these switches)"),
     "transdiff_depth": Table("TransDiff: decoder depth", "transdiff", [
         Row(f"head depth {d}", generator=f"head_depth={d}", sample=_TD_SAMPLE)
         for d in (1, 2, 4)], _TD),

@@ -57,6 +57,8 @@ def _define_flags():
   flags.DEFINE_float("scale_1", None, "Euler-Maruyama noise scale (TransDiff).")
   flags.DEFINE_bool("clip_denoised", None, "DDPM heads: clip x0 predictions to [-1, 1] (default: "
                     "on for pixel latents, off for VAE latents).")
+  flags.DEFINE_float("pag_scale", None, "Perturbed-attention guidance scale (attention diffusion "
+                     "heads: TransDiff, next-detail diffusion; 0 = off, the default).")
   flags.DEFINE_integer("batch_size", 100, "Samples per sampler call.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out (else an error before sampling).")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
@@ -217,7 +219,7 @@ def main(argv):
       cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p,
       steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1,
-      clip_denoised=FLAGS.clip_denoised)
+      clip_denoised=FLAGS.clip_denoised, pag_scale=FLAGS.pag_scale)
   if images is None:                 # another process writes the output
     return
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

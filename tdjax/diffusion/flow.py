@@ -139,3 +139,15 @@ def euler_sample(velocity_fn: Callable, noise, *, steps: int = 50, cfg: float = 
 def num_function_evals(steps: int, cfg: float = 1.0) -> int:
   """Network evaluations per sample (a guided step evaluates the doubled batch once: count 2)."""
   return steps * (2 if cfg != 1 else 1)
+
+
+def pag_guided(out_cond, out_perturbed, pag_scale: float, cfg: float = 1.0, channels=None):
+  """Perturbed-attention guidance (Ahn et al. 2024) folded into the conditional output so that
+  the samplers' classifier-free guidance u + cfg (c - u) gives
+      v = v_u + cfg (v_c - v_u) + pag_scale (v_c - v_pag)
+  (without CFG: v_c + pag_scale (v_c - v_pag)).  The returned c' = v_c + (pag_scale / cfg)
+  (v_c - v_pag).  channels=C: only the first C channels (a DDPM head's eps, not its variance)."""
+  w = float(pag_scale) / float(cfg)
+  c = out_cond.shape[-1] if channels is None else channels
+  guided = out_cond[..., :c] + w * (out_cond[..., :c] - out_perturbed[..., :c])
+  return jnp.concatenate([guided, out_cond[..., c:]], axis=-1) if c < out_cond.shape[-1] else guided

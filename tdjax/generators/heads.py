@@ -19,6 +19,42 @@ tokens in the self-attention (DiT's in-context conditioning: one joint sequence,
 the condition tokens are modulated like the rest and dropped before the final layer; a condition
 mask masks their keys).
 
+Attention-survey switches (issue 49; "attention in diffusion models" survey levels in brackets).
+Every field defaults to the head above, output for output and parameter for parameter; a switch
+creates its parameters only when on.  t01 = t / 1000 (flow: t, noise at 1; DDPM: step / 1000).
+  adaln_mode='zero' [condition injection]: DiT's adaLN-zero, per block (s1, c1, g1, s2, c2, g2) =
+    Linear_6D(SiLU y), y = temb (+ cond_embed with conditioning='adaln'), zero-initialised
+    (block param adaLN_modulation; no table, no shared time_proj), so each block starts as the
+    identity (with a cross branch: only with cross_gate).  'single' (default): PixArt's table +
+    one shared Linear_6D.
+  cross_gate [level 2, where conditions enter]: h += tanh(alpha) * CrossAttn(...), alpha [D]
+    zero-initialised (Flamingo-style: the condition enters through cross-attention gradually).
+  qk_norm [stability]: q, k <- RMSNorm_hd(q), RMSNorm_hd(k) per head, learned scales, in the self-
+    and cross-attention; logits then bounded by the scales (invariant to the q/k projection scale).
+  cond_t_range=(lo, hi) [level 3, time dependence]: the condition is read only for t01 in
+    [lo, hi]: cross: the cross branch times 1[t01 in range] per example; in-context / joint: the
+    condition keys masked outside; adaln: cond_embed zeroed outside (plain self-attention there).
+  attn_temperature='learned_t' [level 3]: self-attention logits / tau(t), tau_h(t) = exp(a_h +
+    b_h t01) per block and head, (a, b) zero-initialised: tau = 1 exactly, the default head.
+  self_attn_kind [light-weight attention, level 1]: 'window': local attention over the sqrt(L) x
+    sqrt(L) token grid (1D when L is not a square), a w x w neighbourhood (|dr|, |dc| <= w // 2)
+    by a boolean mask (`window_mask`; condition tokens of in-context / joint stay global);
+    'linear': kernelised attention with phi = elu + 1, out_i = phi(q_i)^T S / phi(q_i)^T z,
+    S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j) (tdjax.nn.attention.linear_attention).
+  token_merge=r [light-weight, level 1]: ToMe bipartite soft matching merges r of the L tokens
+    (size-weighted means) before each block's self-attention, proportional attention (logits +
+    log size), the outputs copied back to the merged tokens after (tdjax.nn.token_merge).
+  conditioning='joint' [level 2]: MMDiT two-stream joint attention: the M condition tokens and the
+    L latent tokens each have their own norms, adaLN modulation (context_*), q/k/v/out
+    projections (attn/context_*) and MLPs, and attend together over M + L keys (condition mask on
+    the condition keys); the latent stream's parameters have the default block's names.
+  pag=True (call flag) [level 5, output readjustment at sampling]: perturbed-attention guidance's
+    branch: every self-attention map is the identity (out = out_proj(v)); the samplers combine
+    v = v_u + cfg (v_c - v_u) + pag_scale (v_c - v_pag) (`tdjax.diffusion.flow.pag_guided`;
+    sampling flag pag_scale, 0 = off).
+  Across scales [level 4]: next-detail diffusion's head_context='all' (cross-attention to every
+    earlier group's trunk states; tdjax.generators.next_detail_diffusion).
+
 MLPHead (MAR `SimpleMLPAdaLN`): per token, y = temb + cond_embed(cond) (M = L);
     h = input_proj(x_t);  per block: h += g * MLP(LN(h) (1 + c) + s), (s, c, g) = Linear_3w(SiLU y)
     out = Linear(LN_noaffine(h) (1 + c) + s), (s, c) = Linear_2w(SiLU y); adaLN and output zero-init.
@@ -37,6 +73,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from tdjax import configlib
 from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
@@ -89,16 +126,29 @@ class AttentionHead(nn.Module):
   # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention.impl): 'fused' is jax.nn.dot_product_attention
   # (cuDNN flash attention on GPUs, Splash-style kernels where XLA has them)
   attention_impl: str = "einsum"
+  # attention-survey switches (module docstring); each default is the head above, bit for bit
+  adaln_mode: str = "single"           # 'single' | 'zero'
+  cross_gate: bool = False
+  qk_norm: bool = False
+  cond_t_range: Any = None             # None | (lo, hi) on the 0..1 scale (t / 1000)
+  attn_temperature: str = "none"       # 'none' | 'learned_t'
+  self_attn_kind: str = "full"         # 'full' | 'window' | 'linear'
+  window: int = 3                      # self_attn_kind='window': w x w neighbourhood
+  token_merge: int = 0                 # ToMe: tokens merged before each self-attention
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_t, t, cond, cond_mask=None, *, deterministic: bool = True):
-    if self.conditioning not in ("cross", "adaln", "incontext"):
-      raise ValueError(f"head conditioning={self.conditioning!r}: expected 'cross', 'adaln' or "
-                       f"'incontext'")
+  def __call__(self, x_t, t, cond, cond_mask=None, *, deterministic: bool = True,
+               pag: bool = False):
+    """pag=True: the perturbed branch of perturbed-attention guidance (every self-attention map
+    replaced by the identity)."""
+    check_survey_fields(self)
     if self.conditioning == "incontext" and not self.self_attention:
       raise ValueError("head conditioning='incontext' reads the condition through self-attention: "
                        "it needs self_attention=True")
+    if pag and not self.self_attention:
+      raise ValueError("perturbed-attention guidance perturbs the head's self-attention: it needs "
+                       "self_attention=True")
     b, l, _ = x_t.shape
     if l > self.max_len:
       raise ValueError(f"head input has {l} tokens, its position table {self.max_len}")
@@ -110,28 +160,64 @@ class AttentionHead(nn.Module):
     temb = TimestepEmbedder(D, dtype=self.dtype, name="time_embed")(t)[:, None]   # [B, 1, D]
     c = _dense(D, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype))
     context, context_mask, self_mask = c, None, None
-    if self.conditioning == "incontext":
+    m = cond.shape[1]
+    aux, cond_on = None, None
+    if self.cond_t_range is not None or self.attn_temperature != "none":
+      t01 = jnp.asarray(t, jnp.float32) / 1000.0
+      aux = {"t": t01, "cross_keep": None}
+      if self.cond_t_range is not None:
+        lo, hi = self.cond_t_range
+        cond_on = (t01 >= lo) & (t01 <= hi)                     # [B]
+    if self.conditioning in ("incontext", "joint"):
       h, context = jnp.concatenate([c, h], axis=1), None
-      if cond_mask is not None:
-        keys = jnp.concatenate([cond_mask, jnp.ones((b, l), bool)], axis=1)
+      keys = None if cond_mask is None else cond_mask.astype(bool)
+      if cond_on is not None:
+        keys = (jnp.ones((b, m), bool) if keys is None else keys) & cond_on[:, None]
+      if keys is not None:
+        keys = jnp.concatenate([keys, jnp.ones((b, l), bool)], axis=1)
         self_mask = keys[:, None, None, :]
     elif self.conditioning == "adaln":
       if cond.shape[1] != l:
         raise ValueError(f"adaLN conditioning needs one condition token per latent token: "
                          f"M={cond.shape[1]}, L={l}")
+      if cond_on is not None:
+        c = c * cond_on[:, None, None].astype(c.dtype)
       temb, context = temb + c, None
-    elif cond_mask is not None:
-      context_mask = cond_mask[:, None, None, :]
-    mod = _dense(6 * D, ("embed", "mlp"), "time_proj", **kw)(nn.silu(temb))
-    mod = mod.reshape(b, -1, 6, D)
-    if mod.shape[1] == 1:
-      mod = mod[:, 0]                                           # [B, 6, D] (adaLN-single)
+    else:
+      if cond_mask is not None:
+        context_mask = cond_mask[:, None, None, :]
+      if cond_on is not None:
+        aux["cross_keep"] = cond_on
+    if self.self_attn_kind == "window":
+      win = window_mask(l, self.window)
+      if h.shape[1] > l:         # condition tokens (in-context / joint): see and seen by all
+        win = jnp.pad(win, ((m, 0), (m, 0)), constant_values=True)
+      self_mask = win[None, None] if self_mask is None else self_mask & win[None, None]
+    if self.adaln_mode == "zero":    # each block's own Linear_6D(SiLU y), zero-initialised
+      mod = temb
+    else:
+      mod = _dense(6 * D, ("embed", "mlp"), "time_proj", **kw)(nn.silu(temb))
+      mod = mod.reshape(b, -1, 6, D)
+      if mod.shape[1] == 1:
+        mod = mod[:, 0]                                         # [B, 6, D] (adaLN-single)
+    survey = {}
+    for key, field, default in _BLOCK_SWITCHES:
+      value = getattr(self, field)
+      if value != default:
+        survey[key] = value
+    if self.self_attn_kind == "linear":
+      survey["attn_kind"] = "linear"
+    if pag:
+      survey["attn_identity"] = True
+    if self.conditioning == "joint":
+      survey["joint_len"] = m
     block = vit_block_kwargs(self.num_heads, int(self.mlp_ratio * D), gelu_approximate=False,
                              dropout_rate=self.dropout, cross_attention=context is not None,
                              adaln=True, self_attention=self.self_attention,
-                             attention_impl=self.attention_impl)
+                             attention_impl=self.attention_impl, **survey)
+    stack_kw = {} if aux is None else {"aux": aux}
     h = TransformerStack(self.depth, block, scan=self.scan, remat=self.remat, name="blocks", **kw)(
-        h, self_mask, None, context, context_mask, mod, deterministic=deterministic)
+        h, self_mask, None, context, context_mask, mod, deterministic=deterministic, **stack_kw)
     h = h[:, -l:]
     table = self.param("final_scale_shift", _lp(lambda k, s: jax.random.normal(k, s) / D ** 0.5,
                                                 (None, "embed")), (2, D))
@@ -141,6 +227,93 @@ class AttentionHead(nn.Module):
     out = _dense(self.out_channels, ("embed", "channels"), "final_linear",
                  nn.initializers.zeros, **kw)(h)
     return out.astype(jnp.float32)
+
+
+# head field -> TransformerBlock field, passed on when not the default
+_BLOCK_SWITCHES = (("adaln_mode", "adaln_mode", "single"), ("cross_gate", "cross_gate", False),
+                   ("qk_norm", "qk_norm", False), ("attn_temperature", "attn_temperature", "none"),
+                   ("token_merge", "token_merge", 0))
+CONDITIONINGS = ("cross", "adaln", "incontext", "joint")
+
+
+def window_mask(length: int, w: int):
+  """Boolean [L, L]: local attention over the token grid, a w x w neighbourhood centred on each
+  token (|dr|, |dc| <= w // 2; odd w).  The grid is sqrt(L) x sqrt(L) when L is a square, else
+  one row of L tokens (1D window of w).  A window of 2 sqrt(L) - 1 or more is full attention."""
+  side = math.isqrt(length)
+  rows, cols = (side, side) if side * side == length else (1, length)
+  idx = jnp.arange(length)
+  r, c = idx // cols, idx % cols
+  rad = int(w) // 2
+  return ((jnp.abs(r[:, None] - r[None]) <= rad) & (jnp.abs(c[:, None] - c[None]) <= rad))
+
+
+def check_survey_fields(cfg) -> None:
+  """One-line errors for survey switch values the attention head cannot build (`cfg`: the head
+  module or its config node)."""
+  get = (lambda k, d: getattr(cfg, k, d)) if isinstance(cfg, nn.Module) else cfg.get
+  where = "head" if isinstance(cfg, nn.Module) else "config.head"
+  cond = get("conditioning", "cross")
+  if cond not in CONDITIONINGS:
+    raise ValueError(f"{where} conditioning={cond!r}: expected one of {', '.join(CONDITIONINGS)}")
+  for key, allowed in (("adaln_mode", ("single", "zero")),
+                       ("attn_temperature", ("none", "learned_t")),
+                       ("self_attn_kind", ("full", "window", "linear"))):
+    if get(key, allowed[0]) not in allowed:
+      raise ValueError(f"{where} {key}={get(key, None)!r}: expected one of {', '.join(allowed)}")
+  if get("cross_gate", False) and cond != "cross":
+    raise ValueError(f"{where} cross_gate gates the cross-attention: it needs conditioning='cross'")
+  if get("self_attn_kind", "full") == "window" and int(get("window", 3)) < 1:
+    raise ValueError(f"{where} window={get('window', 3)}: expected >= 1")
+  merge = int(get("token_merge", 0))
+  if merge < 0:
+    raise ValueError(f"{where} token_merge={merge}: expected >= 0")
+  if merge and (get("self_attn_kind", "full") != "full" or cond in ("incontext", "joint")):
+    raise ValueError(f"{where} token_merge merges the latent tokens of a full, unmasked "
+                     f"self-attention: it needs self_attn_kind='full' and conditioning "
+                     f"'cross' or 'adaln'")
+  rng = get("cond_t_range", None)
+  if rng is not None and (len(tuple(rng)) != 2 or not 0 <= rng[0] <= rng[1] <= 1):
+    raise ValueError(f"{where} cond_t_range={rng!r}: expected (lo, hi), 0 <= lo <= hi <= 1")
+  if cond == "joint" and not get("self_attention", True):
+    raise ValueError(f"{where} conditioning='joint' needs self_attention=True")
+
+
+# config args (configs/transdiff.py, configs/next_detail_diffusion.py) of the survey switches
+SURVEY_ARGS = dict(adaln="", cross_gate=False, qk_norm=False, t_range="", attn_temp="", window=0,
+                   linear_attn=False, merge=0)
+
+
+def survey_head_fields(a) -> dict:
+  """Parsed config args (SURVEY_ARGS) -> the AttentionHead fields they set; only those not at
+  their default, so a config without them is unchanged.  adaln=zero, cross_gate, qk_norm,
+  t_range=LO:HI, attn_temp=learned_t, window=W, linear_attn, merge=R."""
+  out = {}
+  if a.adaln:
+    out["adaln_mode"] = a.adaln
+  if a.cross_gate:
+    out["cross_gate"] = True
+  if a.qk_norm:
+    out["qk_norm"] = True
+  if a.t_range:
+    lo, sep, hi = a.t_range.partition(":")
+    try:
+      out["cond_t_range"] = (float(lo), float(hi))
+    except ValueError:
+      raise ValueError(f"config arg t_range={a.t_range!r}: expected LO:HI (0..1)") from None
+    if not sep:
+      raise ValueError(f"config arg t_range={a.t_range!r}: expected LO:HI (0..1)")
+  if a.attn_temp:
+    out["attn_temperature"] = a.attn_temp
+  if a.window and a.linear_attn:
+    raise ValueError("config args window and linear_attn: one self-attention kind")
+  if a.window:
+    out.update(self_attn_kind="window", window=int(a.window))
+  if a.linear_attn:
+    out["self_attn_kind"] = "linear"
+  if a.merge:
+    out["token_merge"] = int(a.merge)
+  return out
 
 
 class MLPHead(nn.Module):
@@ -191,9 +364,7 @@ def check_head(cfg) -> None:
     if int(cfg.num_heads) < 1 or int(cfg.width) % int(cfg.num_heads):
       raise ValueError(f"config.head.num_heads={cfg.num_heads} does not divide config.head.width="
                        f"{cfg.width}")
-    if cfg.get("conditioning", "cross") not in ("cross", "adaln", "incontext"):
-      raise ValueError(f"config.head.conditioning={cfg.conditioning!r}: expected 'cross', "
-                       f"'adaln' or 'incontext'")
+    check_survey_fields(cfg)
     if cfg.get("attention_impl", "einsum") not in ("einsum", "fused", "cudnn"):
       raise ValueError(f"config.head.attention_impl={cfg.attention_impl!r}: expected 'einsum', "
                        f"'fused' or 'cudnn'")
@@ -203,4 +374,6 @@ def make_head(cfg, out_channels: int, dtype=jnp.float32) -> nn.Module:
   """From a config dict: type 'attention' | 'mlp' plus the module's fields."""
   check_head(cfg)
   head = AttentionHead if cfg.get("type", "attention") == "attention" else MLPHead
+  if cfg.get("cond_t_range") is not None:     # a hashable module field
+    cfg = ml_collections.ConfigDict(dict(cfg, cond_t_range=tuple(cfg.cond_t_range)))
   return configlib.from_config(head, cfg, "config.head", out_channels=out_channels, dtype=dtype)

@@ -21,6 +21,13 @@ head's sampler (Euler-Maruyama with scale_0/scale_1, or Euler) produces the new 
 written back as the next inputs.  CFG runs the trunk on the class and the null class (two rows per
 sample) and guides the head's drift.  `use_cache=False` recomputes the full trunk every step and
 gives the same tokens (same noise keys).
+
+Attention-survey switches (issue 49): `head_options`, ((field, value), ...) of
+`tdjax.generators.heads.AttentionHead` (adaln_mode, cross_gate, qk_norm, cond_t_range, ...;
+heads.py's docstring), and across scales `head_context`: 'group' (above: the head of group b
+cross-attends to h_{bg..bg+g-1}) or 'all' (coarse to fine: to every trunk state up to its own
+group, h_0..h_{bg+g-1}, through a condition mask; the first group's token k to h_0..h_k).
+Sampling takes `pag_scale` (perturbed-attention guidance, `flow.pag_guided`).
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class NextDetailDiffusion(nn.Module):
   scan: bool = False
   remat: str = "none"
   attention_impl: str = "einsum"   # trunk and head (tdjax.nn.Attention.impl)
+  head_options: tuple = ()         # ((AttentionHead field, value), ...): survey switches
+  head_context: str = "group"      # 'group' | 'all' (module docstring)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -70,9 +79,15 @@ class NextDetailDiffusion(nn.Module):
         mlp_dim=self.mlp_dim, token_dim=self.token_dim, class_dropout=self.class_dropout,
         token_dropout=self.dropout, dropout=self.dropout, scan=self.scan, remat=self.remat,
         attention_impl=self.attention_impl, dtype=self.dtype)
+    if self.head_context not in ("group", "all"):
+      raise ValueError(f"head_context={self.head_context!r}: expected 'group' or 'all'")
+    opts = dict(self.head_options)
+    if self.head_context == "all" and opts.get("conditioning", "cross") == "adaln":
+      raise ValueError("head_context='all' gives the head more condition tokens than latent "
+                       "tokens: it needs conditioning 'cross', 'incontext' or 'joint'")
     self.head = AttentionHead(self.token_dim, self.head_width, self.head_depth, self.head_heads,
                               max_len=self.group_size, attention_impl=self.attention_impl,
-                              dtype=self.dtype)
+                              dtype=self.dtype, **opts)
 
   @property
   def null_class(self) -> int:
@@ -81,9 +96,11 @@ class NextDetailDiffusion(nn.Module):
   def trunk(self, tokens, labels, *, start=0, train: bool = False, decode: bool = False):
     return self.ar(tokens, labels, start=start, train=train, decode=decode)
 
-  def denoise(self, x_t, t, cond, *, train: bool = False):
-    """Velocity; t in [0, 1] is scaled to the 0..1000 the timestep embedder expects."""
-    return self.head(x_t, t * 1000.0, cond, deterministic=not train)
+  def denoise(self, x_t, t, cond, cond_mask=None, *, train: bool = False, pag: bool = False):
+    """Velocity; t in [0, 1] is scaled to the 0..1000 the timestep embedder expects.  pag: the
+    perturbed branch of perturbed-attention guidance."""
+    kw = {"pag": True} if pag else {}
+    return self.head(x_t, t * 1000.0, cond, cond_mask, deterministic=not train, **kw)
 
   def __call__(self, tokens, labels, *, train: bool = False):
     """Init helper: a full trunk pass and both head shapes (1-token and g-token problems)."""
@@ -91,15 +108,29 @@ class NextDetailDiffusion(nn.Module):
     g = self.group_size
     b = tokens.shape[0]
     t = jnp.zeros((b,))
+    if self.head_context == "all":
+      mask = jnp.ones(h.shape[:2], bool)
+      self.denoise(tokens[:, :1], t, h, mask, train=train)
+      return self.denoise(tokens[:, :g], t, h, mask, train=train)
     self.denoise(tokens[:, :1], t, h[:, :1], train=train)
     return self.denoise(tokens[:, :g], t, h[:, :g], train=train)
+
+
+def head_options_tuple(opts) -> tuple:
+  """A config node / dict of AttentionHead fields -> the hashable ((field, value), ...) of
+  `NextDetailDiffusion.head_options` (lists become tuples)."""
+  if not opts:
+    return ()
+  opts = opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
 
 
 def model_from_config(m, token_dim: int, dtype=jnp.float32) -> NextDetailDiffusion:
   """config.model (configs/next_detail_diffusion.py) -> the module: its fields by name, each
   default once, on the field."""
   return configlib.from_config(NextDetailDiffusion, m, "config.model", token_dim=int(token_dim),
-                               dtype=jnp.dtype(dtype))
+                               dtype=jnp.dtype(dtype),
+                               head_options=head_options_tuple(m.get("head_options")))
 
 
 def init_params(model: NextDetailDiffusion, rng):
@@ -117,6 +148,20 @@ def head_problems(tokens, hidden, group: int):
   return first, later
 
 
+def all_group_conditions(hidden, group: int):
+  """head_context='all': every problem's condition = all N trunk states with a mask up to its own
+  group: (first: h [B g, N, D], mask [B g, N] (token k sees h_0..h_k)), (later: h [B (M-1), N, D],
+  mask (group b sees h_0..h_{bg+g-1})), in `head_problems`' order."""
+  b, n, d = hidden.shape
+  m = n // group
+  j = jnp.arange(n)
+  first_mask = j[None] <= jnp.arange(group)[:, None]                         # [g, N]
+  later_mask = j[None] < (jnp.arange(1, m)[:, None] + 1) * group             # [M-1, N]
+  rep = lambda k, mask: (jnp.repeat(hidden, k, axis=0),
+                         jnp.tile(mask, (b, 1)))
+  return rep(group, first_mask), rep(m - 1, later_mask)
+
+
 def flow_loss(model: NextDetailDiffusion, params, tokens, labels, rng, *, train: bool,
               batch_mul: int = 1):
   """Rectified-flow loss of a batch of clean continuous tokens [B, N, C] (module docstring)."""
@@ -127,9 +172,15 @@ def flow_loss(model: NextDetailDiffusion, params, tokens, labels, rng, *, train:
   hidden = model.apply({"params": params}, inputs, labels, train=train, rngs=rngs,
                        method="trunk")
   head_rngs = {"dropout": k_head} if train else {}
-  vf = lambda x, t, c: model.apply({"params": params}, x, t, c, train=train, rngs=head_rngs,
-                                   method="denoise")
   (z1, h1), (z2, h2) = head_problems(tokens, hidden, g)
+  if model.head_context == "all":
+    (c1, m1), (c2, m2) = all_group_conditions(hidden, g)
+    h1, h2 = {"h": c1, "mask": m1}, {"h": c2, "mask": m2}
+    vf = lambda x, t, c: model.apply({"params": params}, x, t, c["h"], c["mask"], train=train,
+                                     rngs=head_rngs, method="denoise")
+  else:
+    vf = lambda x, t, c: model.apply({"params": params}, x, t, c, train=train, rngs=head_rngs,
+                                     method="denoise")
   l1, _ = flow.flow_matching_loss(vf, z1, h1, k_first, batch_mul=batch_mul)
   l2, _ = flow.flow_matching_loss(vf, z2, h2, k_later, batch_mul=batch_mul)
   loss = (g * l1 + (n - g) * l2) / n
@@ -137,8 +188,10 @@ def flow_loss(model: NextDetailDiffusion, params, tokens, labels, rng, *, train:
 
 
 def _decode(model: NextDetailDiffusion, params, labels, rng, *, cfg: float, steps: int,
-            sampler: str, scale_0: float, scale_1: float, use_cache: bool):
+            sampler: str, scale_0: float, scale_1: float, use_cache: bool,
+            pag_scale: float = 0.0):
   guided = cfg != 1.0
+  every = model.head_context == "all"
   n, g, c = model.num_tokens, model.group_size, model.token_dim
   m = n // g
   b = labels.shape[0]
@@ -164,17 +217,23 @@ def _decode(model: NextDetailDiffusion, params, labels, rng, *, cfg: float, step
     h = model.apply({"params": params}, buf[:, :n], labels, method="trunk")
     return jax.lax.dynamic_slice_in_dim(h, start, q, axis=1), cache
 
-  def denoise(h, key):                 # h [rows, q, D] -> new tokens [b, q, C]
-    q = h.shape[1]
+  def denoise(h, key, q=None, mask=None):   # h [rows, q, D] -> new tokens [b, q, C]
+    q = h.shape[1] if q is None else q       # head_context='all': h [rows, N, D] + mask
     k_noise, k_sde = jax.random.split(key)
     noise = jax.random.normal(k_noise, (b, q, c), jnp.float32)
+    head = lambda x, t, h, mask, pag=False: model.apply({"params": params}, x, t, h, mask,
+                                                        pag=pag, method="denoise")
+
+    def pag(v_cond, x, t):
+      v_pag = head(x, t, h[:b], None if mask is None else mask[:b], True)
+      return flow.pag_guided(v_cond, v_pag, pag_scale, cfg if guided else 1.0)
 
     def vf(x, t):
       if not guided:
-        return model.apply({"params": params}, x, t, h, method="denoise")
-      v = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), h,
-                      method="denoise")
-      return v[:b], v[b:]
+        v = head(x, t, h, mask)
+        return pag(v, x, t) if pag_scale else v
+      v = head(jnp.concatenate([x, x]), jnp.concatenate([t, t]), h, mask)
+      return (pag(v[:b], x, t) if pag_scale else v[:b]), v[b:]
 
     scale = cfg if guided else 1.0
     if sampler == "euler":
@@ -187,36 +246,48 @@ def _decode(model: NextDetailDiffusion, params, labels, rng, *, cfg: float, step
     both = jnp.concatenate([tok, tok]) if guided else tok
     return jax.lax.dynamic_update_slice_in_dim(buf, both, position, axis=1), out
 
+  def step(carry, start, q, key):
+    buf, out, cache, states = carry
+    h, cache = trunk(buf, cache, start, q)
+    if every:     # all trunk states so far (coarse to fine), masked up to this step's group
+      states = jax.lax.dynamic_update_slice_in_dim(states, h.astype(states.dtype), start, axis=1)
+      seen = jnp.broadcast_to(jnp.arange(n) < start + q, (rows, n))
+      tok = denoise(states, key, q, seen)
+    else:
+      tok = denoise(h, key)
+    return tok, (buf, out, cache, states)
+
   def first_group(k, carry):          # z_k from position k; it then sits at position k + 1
-    buf, out, cache = carry
-    h, cache = trunk(buf, cache, k, 1)
-    tok = denoise(h, jax.random.fold_in(rng, k))
+    tok, (buf, out, cache, states) = step(carry, k, 1, jax.random.fold_in(rng, k))
     buf, out = write(buf, out, tok, k, k + 1)
-    return buf, out, cache
+    return buf, out, cache, states
 
   def later_group(i, carry):          # z_{ig..ig+g-1} from positions ig..ig+g-1; inputs at +g
-    buf, out, cache = carry
     start = i * g
-    h, cache = trunk(buf, cache, start, g)
-    tok = denoise(h, jax.random.fold_in(rng, g - 1 + i))
+    tok, (buf, out, cache, states) = step(carry, start, g, jax.random.fold_in(rng, g - 1 + i))
     buf, out = write(buf, out, tok, start, start + g)
-    return buf, out, cache
+    return buf, out, cache, states
 
-  carry = jax.lax.fori_loop(0, g, first_group, (buf, out, cache))
+  states = None
+  if every:
+    states = jnp.zeros((rows, n, model.dim), jnp.float32)
+  carry = jax.lax.fori_loop(0, g, first_group, (buf, out, cache, states))
   carry = jax.lax.fori_loop(1, m, later_group, carry)
   return carry[1]
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(model, cfg, steps, sampler, scale_0, scale_1, use_cache):
+def _compiled(model, cfg, steps, sampler, scale_0, scale_1, use_cache, pag_scale=0.0):
   return jax.jit(functools.partial(_decode, model, cfg=cfg, steps=steps, sampler=sampler,
-                                   scale_0=scale_0, scale_1=scale_1, use_cache=use_cache))
+                                   scale_0=scale_0, scale_1=scale_1, use_cache=use_cache,
+                                   pag_scale=pag_scale))
 
 
 def sample(model: NextDetailDiffusion, params, labels, rng, *, cfg: float = 1.0, steps: int = 50,
            sampler: str = "euler_maruyama", scale_0: float = 1.0, scale_1: float = 1.0,
-           use_cache: bool = True):
-  """Continuous tokens [B, N, C] for class `labels` [B] (module docstring)."""
+           use_cache: bool = True, pag_scale: float = 0.0):
+  """Continuous tokens [B, N, C] for class `labels` [B] (module docstring); pag_scale > 0:
+  perturbed-attention guidance on the head (`flow.pag_guided`)."""
   if int(steps) <= 0:
     raise ValueError(f"sampling steps={steps}: expected > 0")
   if not cfg >= 1.0:
@@ -226,6 +297,6 @@ def sample(model: NextDetailDiffusion, params, labels, rng, *, cfg: float = 1.0,
   nd.validate_sampling(model, labels, cfg=cfg,
                        cfg_schedule="constant", temperature=1.0, top_k=0, top_p=1.0)
   fn = _compiled(model, float(cfg), int(steps), sampler, float(scale_0), float(scale_1),
-                 bool(use_cache))
+                 bool(use_cache), *((float(pag_scale),) if pag_scale else ()))
   return fn(params, jnp.asarray(labels, jnp.int32), rng)
 

@@ -59,10 +59,16 @@ def key_padding_mask(valid):
 
 
 def dot_product_attention(q, k, v, mask=None, dtype=None):
-  """q [B, Lq, H, D], k/v [B, Lk, H, D]; fp32 softmax; returns [B, Lq, H, D] in q.dtype."""
+  """q [B, Lq, H, D], k/v [B, Lk, H, D]; fp32 softmax; returns [B, Lq, H, D] in q.dtype.
+
+  The two products run on heads-major copies [B, H, L, D]: XLA's CPU backend turns a batched
+  matmul whose batch axes (b, h) are not the leading ones into a slow loop of small products;
+  with them leading, one self-attention of TransDiff's bench decoder (8 x 256 tokens, width 128,
+  4 heads) fell from ~30 to ~9 ms on 2 cores.  Same maths; float32 round-off differs."""
   dtype = dtype or q.dtype
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     mask = make_attention_mask_from_bool(mask)
     if mask.dtype == jnp.bool_:
@@ -70,7 +76,29 @@ def dot_product_attention(q, k, v, mask=None, dtype=None):
     else:
       logits = logits + mask.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(dtype).transpose(0, 2, 1, 3))
+  return out.transpose(0, 2, 1, 3)
+
+
+def linear_attention(q, k, v, mask=None, dtype=None, eps: float = 1e-6):
+  """Kernelised (linear) attention with the elu + 1 feature map phi (Katharopoulos et al. 2020):
+  out_i = phi(q_i)^T (sum_j m_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j m_j phi(k_j) + eps), per head,
+  in fp32: O(L D^2) instead of O(L^2 D); the same as the O(L^2) formula with A_ij =
+  phi(q_i) . phi(k_j) m_j, out = A v / rowsum(A).  Masks: keys only (a boolean mask with one
+  query row, e.g. [B, 1, 1, Lk]); q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+  dtype = dtype or q.dtype
+  phi = lambda a: jax.nn.elu(a.astype(jnp.float32)) + 1.0
+  fq, fk, fv = phi(q), phi(k), v.astype(jnp.float32)
+  if mask is not None:
+    mask = make_attention_mask_from_bool(mask)
+    if mask.dtype != jnp.bool_ or mask.shape[-2] != 1:
+      raise ValueError("linear attention takes boolean key masks only ([B, 1, 1, Lk]): a "
+                       "per-query mask does not factorise")
+    fk = fk * jnp.moveaxis(mask[:, :, 0, :], 1, 2)[..., None].astype(jnp.float32)  # [B, Lk, H|1, 1]
+  kv = jnp.einsum("bkhd,bkhe->bhde", fk, fv)
+  num = jnp.einsum("bqhd,bhde->bqhe", fq, kv)
+  den = jnp.einsum("bqhd,bhd->bqh", fq, fk.sum(axis=1))[..., None]
+  return (num / (den + eps)).astype(dtype)
 
 
 def fused_attention(q, k, v, mask=None, implementation=None):
@@ -149,15 +177,27 @@ class Attention(nn.Module):
   # 'einsum': explicit fp32-softmax einsums (any mask, KV cache); 'fused' / 'cudnn':
   # jax.nn.dot_product_attention (boolean masks; 'cudnn' forces the cuDNN kernel, GPU + bf16)
   impl: str = "einsum"
+  # Attention-survey switches (tdjax/generators/heads.py), all off by default (no parameter, no
+  # op): qk_norm: RMSNorm over head_dim on queries and keys (learned scales query_norm /
+  # key_norm [hd]); kind 'linear': `linear_attention` (elu + 1 kernel) instead of softmax;
+  # identity: every query attends to itself only, out = out_proj(v) (perturbed-attention
+  # guidance's perturbed branch; self-attention only)
+  qk_norm: bool = False
+  kind: str = "softmax"
+  identity: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, rope=None, context_rope=None, *,
-               decode: bool = False, kv_prefix=None, keep_kv: int = 0):
+               decode: bool = False, kv_prefix=None, keep_kv: int = 0, logit_scale=None,
+               joint_len: int | None = None):
     """kv_prefix (k, v), each [B, P, H, hd]: keys/values of P earlier positions, put before x's
     own (self-attention; mask then [len(x), P + len(x)]).  keep_kv=P: also return (k, v) of x's
-    first P positions, i.e. returns (out, (k, v))."""
+    first P positions, i.e. returns (out, (k, v)).  logit_scale [B, H]: multiplies the logits
+    (1 / temperature; applied to the queries).  joint_len=M (MMDiT joint attention): x's first M
+    tokens are a second stream with their own projections context_{query,key,value,out}; the
+    two streams attend together (mask over all M + L keys)."""
     features = x.shape[-1]
     hd = self.head_dim or features // self.num_heads
     cross = context is not None
@@ -165,14 +205,30 @@ class Attention(nn.Module):
     if kv_prefix is not None and (cross or decode or rope is not None):
       raise ValueError("Attention(kv_prefix=...) supports plain self-attention only "
                        "(no context, RoPE or KV-cache decoding)")
+    if (self.identity or joint_len is not None) and (cross or decode or kv_prefix is not None
+                                                     or keep_kv or rope is not None):
+      raise ValueError("Attention(identity= / joint_len=) supports plain self-attention only")
+    if self.kind not in ("softmax", "linear"):
+      raise ValueError(f"attention kind={self.kind!r}: expected 'softmax' or 'linear'")
 
     def proj(name, inp):
       return HeadProjection((self.num_heads, hd), True, self.use_bias, self.kernel_init,
                             self.dtype, self.param_dtype, name=name)(inp)
 
-    q = proj("query", x)
-    k = proj("key", src)
-    v = proj("value", src)
+    m = joint_len or 0
+    if m:   # two streams, own projections, one attention
+      q, k, v = (jnp.concatenate([proj("context_" + n, x[:, :m]), proj(n, x[:, m:])], axis=1)
+                 for n in ("query", "key", "value"))
+    else:
+      q = proj("query", x[:, m:] if joint_len is not None else x)
+      k = proj("key", src[:, m:] if joint_len is not None else src)
+      v = proj("value", src[:, m:] if joint_len is not None else src)
+    if self.identity:   # PAG: the attention map is the identity
+      return self._out(v, features, m)
+    if self.qk_norm:
+      q, k = self._rms("query_norm", q), self._rms("key_norm", k)
+    if logit_scale is not None:
+      q = (q * logit_scale[:, None, :, None]).astype(q.dtype)
     q = _rotate(q, rope, self.rope_interleaved)
     k = _rotate(k, context_rope if cross else rope, self.rope_interleaved)
     kept = (k[:, :keep_kv], v[:, :keep_kv]) if keep_kv else None
@@ -185,17 +241,35 @@ class Attention(nn.Module):
     elif mask is not None:
       mask = make_attention_mask_from_bool(mask)
 
-    if self.impl == "einsum" or (decode and not cross):
+    if self.kind == "linear":
+      out = linear_attention(q, k, v, mask, dtype=self.dtype)
+    elif self.impl == "einsum" or (decode and not cross):
       out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
     elif self.impl in ("fused", "cudnn"):
       out = fused_attention(q, k, v, mask, None if self.impl == "fused" else "cudnn")
     else:
       raise ValueError(f"attention impl={self.impl!r}: expected einsum, fused or cudnn")
-    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    out = HeadProjection((self.out_features or features,), False, self.use_bias,
-                         self.out_kernel_init or self.kernel_init, self.dtype, self.param_dtype,
-                         name="out")(out)
+    out = self._out(out, features, m)
     return (out, kept) if keep_kv else out
+
+  def _out(self, out, features, m=0):
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+
+    def proj(name, a):
+      return HeadProjection((self.out_features or features,), False, self.use_bias,
+                            self.out_kernel_init or self.kernel_init, self.dtype,
+                            self.param_dtype, name=name)(a)
+    if m:
+      return jnp.concatenate([proj("context_out", out[:, :m]), proj("out", out[:, m:])], axis=1)
+    return proj("out", out)
+
+  def _rms(self, name, x, eps: float = 1e-6):
+    """RMSNorm over head_dim (fp32 statistics), learned scale [hd] (qk-norm)."""
+    scale = self.param(name, _lp(nn.initializers.ones, ("head_dim",)), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
 
   def _update_cache(self, k, v, mask):
     initialized = self.has_variable("cache", "cached_key")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tdjax.nn.attention import Attention
+from tdjax.nn.token_merge import bipartite_merge
 
 _lp = nn.with_logical_partitioning
 Dtype = Any
@@ -208,44 +209,103 @@ class TransformerBlock(nn.Module):
   # gate2); modulates and gates the self-attention and MLP branches, cross-attention stays plain.
   adaln: bool = False
   self_attention: bool = True      # False: no self-attention branch (tokens mix only via context)
+  # Attention-survey switches (tdjax/generators/heads.py documents them); the defaults are the
+  # block above, parameter for parameter.  adaln_mode 'zero' (DiT adaLN-zero): adaln_cond is the
+  # conditioning vector y [B, 1, D] (or [B, L, D]) and (shift1, .., gate2) = Linear_6D(SiLU y),
+  # zero-initialised (param adaLN_modulation), no table.  cross_gate: the cross-attention output
+  # times tanh(alpha), alpha [D] zero-initialised.  qk_norm / attn_kind ('softmax' | 'linear') /
+  # attn_identity: tdjax.nn.Attention's qk_norm / kind / identity on the self-attention (qk_norm
+  # on the cross-attention too).  attn_temperature 'learned_t': self-attention logits / tau(t),
+  # tau = exp(a_h + b_h t) per head, (a, b) zero-initialised (tau = 1), t = aux['t'] in [0, 1].
+  # token_merge r: ToMe bipartite merging of r tokens before the self-attention (proportional
+  # attention: logits + log(size)), unmerged after.  joint_len M: MMDiT joint attention, x =
+  # [condition stream (M tokens); latent stream]: each stream its own norms, modulation
+  # (context_*), q/k/v/out projections and MLP, one attention over both.
+  adaln_mode: str = "single"
+  cross_gate: bool = False
+  qk_norm: bool = False
+  attn_kind: str = "softmax"
+  attn_identity: bool = False
+  attn_temperature: str = "none"
+  token_merge: int = 0
+  joint_len: int | None = None
   kernel_init: Callable = nn.initializers.xavier_uniform()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _modulation(self, d, adaln_cond, prefix=""):
+    """The six adaLN vectors, each [B, 1, D] or per token [B, L, D]."""
+    if self.adaln_mode == "zero":
+      y = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_lp(nn.initializers.zeros, ("embed", "mlp")),
+                   bias_init=_lp(nn.initializers.zeros, ("mlp",)),
+                   name=prefix + "adaLN_modulation")(nn.silu(adaln_cond))
+      mod = y.reshape(y.shape[:-1] + (6, d)).astype(self.dtype)      # [B, 1|L, 6, D]
+      if mod.shape[1] == 1:
+        mod = mod[:, 0]
+    elif self.adaln_mode == "single":
+      table = self.param(prefix + "scale_shift_table",
+                         _lp(lambda k, s, dt=jnp.float32: jax.random.normal(k, s, dt) / d ** 0.5,
+                             (None, "embed")), (6, d), self.param_dtype)
+      mod = (table + adaln_cond).astype(self.dtype)   # [B, 6, D] or per token [B, L, 6, D]
+    else:
+      raise ValueError(f"adaln_mode={self.adaln_mode!r}: expected 'single' or 'zero'")
+    return [mod[:, i][:, None, :] if mod.ndim == 3 else mod[:, :, i] for i in range(6)]
+
+  def _logit_scale(self, aux):
+    if self.attn_temperature == "none":
+      return None
+    if self.attn_temperature != "learned_t":
+      raise ValueError(f"attn_temperature={self.attn_temperature!r}: expected 'none' or "
+                       f"'learned_t'")
+    ab = self.param("attn_temperature", _lp(nn.initializers.zeros, (None, "heads")),
+                    (2, self.num_heads), self.param_dtype)
+    t = jnp.asarray(aux["t"], jnp.float32)[:, None]
+    return jnp.exp(-(ab[0] + ab[1] * t))                 # 1 / tau(t), [B, H]
+
   @nn.compact
   def __call__(self, x, mask=None, rope=None, context=None, context_mask=None, adaln_cond=None,
                *, decode: bool = False, deterministic: bool = True, kv_prefix=None,
-               keep_kv: int = 0):
+               keep_kv: int = 0, aux=None):
     """kv_prefix (k, v) [B, P, H, hd]: self-attention keys/values of P earlier positions that x
     also attends to but that are not updated here (mask [len(x), P + len(x)]); keep_kv=P returns
     (x, (k, v) of x's first P positions).  For reusing a prefix whose states do not depend on
-    what follows it."""
+    what follows it.  aux: per-example inputs of the survey switches, {'t': [B] in [0, 1],
+    'cross_keep': [B] (0 drops the cross-attention branch of that example)}."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if (kv_prefix is not None or keep_kv) and (self.adaln or not self.self_attention):
       raise ValueError("TransformerBlock(kv_prefix= / keep_kv=) needs plain self-attention "
                        "(no adaLN)")
+    if self.joint_len is not None:
+      return self._joint(x, mask, adaln_cond, aux, deterministic)
     kept = None
     mod = None
     if self.adaln:
-      d = x.shape[-1]
-      table = self.param("scale_shift_table",
-                         _lp(lambda k, s, dt=jnp.float32: jax.random.normal(k, s, dt) / d ** 0.5,
-                             (None, "embed")), (6, d), self.param_dtype)
       if adaln_cond is None:
         raise ValueError("TransformerBlock(adaln=True) needs adaln_cond [B, 6, D]")
-      mod = (table + adaln_cond).astype(self.dtype)   # [B, 6, D] or per token [B, L, 6, D]
-      mod = [mod[:, i][:, None, :] if mod.ndim == 3 else mod[:, :, i] for i in range(6)]
+      mod = self._modulation(x.shape[-1], adaln_cond)
     if self.self_attention:
       norm1 = make_norm(self.norm, self.norm_eps, name="norm1", **kw)
       attn = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
-                       kernel_init=self.kernel_init, impl=self.attention_impl, name="attn", **kw)
+                       kernel_init=self.kernel_init, impl=self.attention_impl,
+                       qk_norm=self.qk_norm, kind=self.attn_kind, identity=self.attn_identity,
+                       name="attn", **kw)
       h = norm1(x)
       if mod is not None:
         h = h * (1 + mod[1]) + mod[0]
-      h = attn(h, mask=mask, rope=rope, decode=decode, kv_prefix=kv_prefix, keep_kv=keep_kv)
+      unmerge = None
+      if self.token_merge:
+        if mask is not None or rope is not None or decode or kv_prefix is not None or keep_kv:
+          raise ValueError("token_merge needs unmasked self-attention (no mask, RoPE or cache)")
+        h, sizes, unmerge = bipartite_merge(h, self.token_merge)
+        mask = jnp.log(sizes)[:, None, None, :]          # proportional attention
+      h = attn(h, mask=mask, rope=rope, decode=decode, kv_prefix=kv_prefix, keep_kv=keep_kv,
+               logit_scale=self._logit_scale(aux))
       if keep_kv:
         h, kept = h
+      if unmerge is not None:
+        h = unmerge(h)
       if mod is not None:
         h = h * mod[2]
       x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -253,8 +313,14 @@ class TransformerBlock(nn.Module):
       h = make_norm(self.norm, self.norm_eps, name="norm_cross", **kw)(x)
       h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
                     kernel_init=self.kernel_init, impl=self.attention_impl, name="cross_attn",
-                    **kw)(
+                    qk_norm=self.qk_norm, **kw)(
                         h, context=context, mask=context_mask)
+      if self.cross_gate:
+        alpha = self.param("cross_gate", _lp(nn.initializers.zeros, ("embed",)), (x.shape[-1],),
+                           self.param_dtype)
+        h = h * jnp.tanh(alpha).astype(h.dtype)
+      if aux is not None and aux.get("cross_keep") is not None:
+        h = h * aux["cross_keep"].astype(h.dtype)[:, None, None]
       x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = make_norm(self.norm, self.norm_eps, name="norm2", **kw)(x)
     if mod is not None:
@@ -271,6 +337,42 @@ class TransformerBlock(nn.Module):
     x = x + h
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, kept) if keep_kv else x
+
+  def _joint(self, x, mask, adaln_cond, aux, deterministic):
+    """MMDiT block: x = [condition stream (joint_len tokens); latent stream]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    m, d = self.joint_len, x.shape[-1]
+    if not (self.adaln and self.self_attention) or self.token_merge or self.cross_attention:
+      raise ValueError("joint attention needs adaLN and self-attention, no token merging and "
+                       "no cross-attention")
+    mods = [self._modulation(d, adaln_cond),
+            self._modulation(d, adaln_cond, "context_") if m else None]
+    names = ["", "context_"]
+    parts = [x[:, m:], x[:, :m]]
+    hs = []
+    for part, mod, n in zip(parts, mods, names):
+      if n and not m:
+        continue
+      h = make_norm(self.norm, self.norm_eps, name=n + "norm1", **kw)(part)
+      hs.append(h * (1 + mod[1]) + mod[0])
+    h = jnp.concatenate(hs[::-1], axis=1)       # [condition; latent]
+    h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
+                  kernel_init=self.kernel_init, impl=self.attention_impl, qk_norm=self.qk_norm,
+                  kind=self.attn_kind, identity=self.attn_identity, name="attn", **kw)(
+                      h, mask=mask, logit_scale=self._logit_scale(aux), joint_len=m)
+    outs = []
+    for i, (part, mod, n) in enumerate(zip(parts, mods, names)):
+      if n and not m:
+        continue
+      a = h[:, m:] if i == 0 else h[:, :m]
+      part = part + nn.Dropout(self.dropout_rate)(a * mod[2], deterministic=deterministic)
+      u = make_norm(self.norm, self.norm_eps, name=n + "norm2", **kw)(part)
+      u = u * (1 + mod[4]) + mod[3]
+      u = Mlp(self.mlp_dim, activation=self.mlp, use_bias=self.use_bias,
+              kernel_init=self.kernel_init, dropout_rate=self.dropout_rate, name=n + "mlp",
+              **kw)(u, deterministic)
+      outs.append(part + u * mod[5])
+    return jnp.concatenate(outs[::-1], axis=1)
 
 
 def modulate(x, shift, scale):
@@ -310,11 +412,11 @@ class _ScanBody(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, rope, context, context_mask, adaln_cond, kv_prefix=None):
+  def __call__(self, x, mask, rope, context, context_mask, adaln_cond, kv_prefix=None, aux=None):
     out = TransformerBlock(**self.block_kwargs, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="block")(x, mask, rope, context, context_mask, adaln_cond,
                                          decode=self.decode, deterministic=self.deterministic,
-                                         kv_prefix=kv_prefix, keep_kv=self.keep_prefix)
+                                         kv_prefix=kv_prefix, keep_kv=self.keep_prefix, aux=aux)
     return out if self.keep_prefix else (out, None)   # (x, kept (k, v)) or (x, None)
 
 
@@ -340,7 +442,8 @@ class TransformerStack(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, rope=None, context=None, context_mask=None, adaln_cond=None,
                *, decode: bool = False, deterministic: bool = True, keep_prefix: int = 0,
-               kv_prefix=None):
+               kv_prefix=None, aux=None):
+    """aux: per-example arrays every block reads (TransformerBlock's aux), or None."""
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if kv_prefix is not None and kv_prefix[0].shape[0] != self.depth:
@@ -357,15 +460,15 @@ class TransformerStack(nn.Module):
       prefix_axis = nn.broadcast if kv_prefix is None else 0
       scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * 5 + (prefix_axis,), length=self.depth,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, kept = scanned(name="layers", **kw)(*args, kv_prefix)
+                        in_axes=(nn.broadcast,) * 5 + (prefix_axis, nn.broadcast),
+                        length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, kept = scanned(name="layers", **kw)(*args, kv_prefix, aux)
     else:
       kept = []
       for i in range(self.depth):
         x, k = body(name=f"blocks_{i}", **kw)(
             x, *args[1:],
-            None if kv_prefix is None else jax.tree.map(lambda a: a[i], kv_prefix))
+            None if kv_prefix is None else jax.tree.map(lambda a: a[i], kv_prefix), aux)
         kept.append(k)
       kept = jax.tree.map(lambda *a: jnp.stack(a), *kept) if keep_prefix else None
     return (x, kept) if keep_prefix else x

@@ -95,7 +95,7 @@ class NextDetailDiffusionTask(GeneratorTask):
     return metrics
 
   # --- sampling ---------------------------------------------------------------------------------
-  sample_options = ("cfg", "steps", "scale_0", "scale_1", "sampler")
+  sample_options = ("cfg", "steps", "scale_0", "scale_1", "sampler", "pag_scale")
 
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1], decoded by the tokenizer."""

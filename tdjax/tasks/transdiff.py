@@ -255,7 +255,15 @@ class TransDiffTask(GeneratorTask):
     """3 x forward (the AR 1 x with head_only), + what remat recomputes (`_recomputed`).
     AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
     self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2 per condition
-    token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2."""
+    token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2.
+    Survey switches of the head (heads.py): token_merge r: the self-attention's projections and
+    scores on L - r tokens (+ L^2 D / 2 for the matching); self_attn_kind='linear': 4 L D hd +
+    4 L D for phi(K)^T V, phi(Q) S and the normaliser instead of 4 L^2 D; conditioning='joint'
+    (and 'incontext'): blocks on L + M tokens (projections, MLPs, scores 4 (L + M)^2 D), no
+    cross-attention;
+    'window' counts as full attention (the boolean mask computes every score; a local kernel
+    would need L w^2 pairs); qk_norm, gates, t range, temperature and adaLN-zero's per-block
+    Linear_6D (one per example, not per token) are below the model's resolution."""
     ar, hc = self.ar, self.config.head
     b = int(np.shape(batch["label"])[0])
     d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
@@ -265,10 +273,21 @@ class TransDiffTask(GeneratorTask):
     m = ar.mask_len * (1 + self.num_refs)
     fh = int(hc.mlp_ratio * w)
     head_attn = 0
-    if hc.type == "attention":
-      head_attn = n * (4 * l * l * w + 4 * l * m * w)
-      head = n * (2 * l * (4 * w * w + 2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w) + head_attn \
-          + 2 * m * d * w
+    attn_head = hc.type == "attention"     # its survey switches read off the built module
+    linear = attn_head and self.head.self_attn_kind == "linear"
+    if attn_head and self.head.conditioning in ("joint", "incontext"):
+      tt, hd = l + m, w // int(hc.num_heads)
+      head_attn = n * (4 * tt * w * hd + 4 * tt * w if linear
+                       else 4 * tt * tt * w)
+      head = n * 2 * tt * (4 * w * w + 2 * w * fh) + head_attn + 2 * m * d * w
+    elif attn_head:
+      r = min(self.head.token_merge, l // 2)
+      ls, hd = l - r, w // int(hc.num_heads)
+      scores = 4 * l * w * hd + 4 * l * w if linear else \
+          4 * ls * ls * w + (l * l * w // 2 if r else 0)
+      head_attn = n * (scores + 4 * l * m * w)
+      head = n * (2 * ls * 4 * w * w + 2 * l * (2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w) \
+          + head_attn + 2 * m * d * w
     else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
       head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w + 2 * d * w)
     copies = self.batch_mul * (self.num_refs + 1)
@@ -276,13 +295,15 @@ class TransDiffTask(GeneratorTask):
     return float(b * (ar_total + copies * (3 * head + _recomputed(hc, head, head_attn))))
 
   # --- loss -------------------------------------------------------------------------------------
-  def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False):
+  def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False, pag=False):
     """The head on (x_t, t): t in [0, 1] (flow, scaled to the 0..1000 the embedder expects) or the
-    integer DDPM step index 0..T-1."""
+    integer DDPM step index 0..T-1.  pag: the perturbed branch of perturbed-attention guidance
+    (attention heads: identity self-attention maps)."""
     rngs = {"dropout": rng} if train and rng is not None else {}
     t = t if self.diffusion == "ddpm" else t * 1000.0
+    kw = {"pag": True} if pag else {}
     return self.head.apply({"params": params["head"]}, x, t, cond, cond_mask,
-                           deterministic=not train, rngs=rngs)
+                           deterministic=not train, rngs=rngs, **kw)
 
   def _diffusion_loss(self, model_fn, x0, cond, rng):
     """Rectified flow (TransDiff) or MAR's DDPM hybrid loss; model_fn(x_t, t, cond)."""
@@ -335,13 +356,21 @@ class TransDiffTask(GeneratorTask):
 
   # --- sampling ---------------------------------------------------------------------------------
   def sample_latents(self, params, labels, rng, *, cfg=1.0, steps=100, scale_0=1.0, scale_1=1.0,
-                     sampler="euler_maruyama", temperature=1.0, clip_denoised=None):
+                     sampler="euler_maruyama", temperature=1.0, clip_denoised=None,
+                     pag_scale=0.0):
     """Labels [B] -> latent grids [B, h, w, c] (MRAR: K rounds from one initial noise, 2.4).
     Flow models: Euler-Maruyama (scale_0, scale_1) or Euler; DDPM models: ancestral sampling
     over `steps` respaced steps with `temperature`, x0 predictions clipped to [-1, 1] when
-    `clip_denoised` (default: for pixel latents, not for VAE latents, as MAR)."""
+    `clip_denoised` (default: for pixel latents, not for VAE latents, as MAR).
+    pag_scale > 0 (attention heads): perturbed-attention guidance, one more head call per step on
+    the conditional batch with identity self-attention maps, v = v_u + cfg (v_c - v_u) +
+    pag_scale (v_c - v_pag) (`flow.pag_guided`; DDPM: on eps)."""
     if clip_denoised is None:
       clip_denoised = self.bounded_latents
+    pag_scale = float(pag_scale)
+    if pag_scale and (self.config.head.type != "attention" or not self.head.self_attention):
+      raise ValueError(f"pag_scale={pag_scale}: perturbed-attention guidance perturbs the "
+                       f"attention head's self-attention (head type={self.config.head.type!r})")
     params = jax.tree.map(jnp.asarray, params)
     b = labels.shape[0]
     k_noise, k_s = jax.random.split(rng)
@@ -357,9 +386,16 @@ class TransDiffTask(GeneratorTask):
 
       def vf(x, t):
         if cfg == 1:
-          return self._head(params, x, t, z, cond_mask)
+          v = self._head(params, x, t, z, cond_mask)
+          return pag(v, x, t) if pag_scale else v
         v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z, cond_mask)
-        return v[:b], v[b:]
+        return (pag(v[:b], x, t) if pag_scale else v[:b]), v[b:]
+
+      def pag(v_cond, x, t):
+        v_pag = self._head(params, x, t, z[:b], None if cond_mask is None else cond_mask[:b],
+                           pag=True)
+        return flow.pag_guided(v_cond, v_pag, pag_scale, cfg,
+                               self.latent_dim if self.learn_sigma else None)
 
       key = jax.random.fold_in(k_s, rnd)
       if self.diffusion == "ddpm":
@@ -399,9 +435,10 @@ class TransDiffTask(GeneratorTask):
 
   @property
   def sample_options(self):
+    pag = ("pag_scale",) if self.config.head.type == "attention" else ()   # attention heads
     if self.diffusion == "ddpm":
-      return ("cfg", "steps", "temperature", "clip_denoised")
-    return ("cfg", "steps", "scale_0", "scale_1", "sampler")
+      return ("cfg", "steps", "temperature", "clip_denoised") + pag
+    return ("cfg", "steps", "scale_0", "scale_1", "sampler") + pag
 
   def image_sampler(self, **overrides):
     """(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] (jit-compiled)."""
