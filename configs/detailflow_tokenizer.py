@@ -119,7 +119,7 @@ def get_config(arg=None):
       scan=a.scan or d["scan"],
       remat=a.remat,
       encoder_init="",             # SigLIP2 .npz (tdjax.convert --kind siglip2); paper: so400m
-      attention_impl="einsum",     # 'fused' / 'cudnn': jax.nn.dot_product_attention (GPU flash)
+      attention_impl="auto",     # blocked on CPUs, einsum elsewhere; 'fused' / 'cudnn': GPU flash
   )
   c.loss = dict(
       mse_weight=1.0,

@@ -103,7 +103,7 @@ def get_config(arg=None):
       causal_num=meta.get("causal_num", group), class_dropout=0.1, token_dropout=dropout,
       dropout=dropout,
       rope_base=10000.0, scan=a.scan, remat=a.remat,
-      attention_impl="einsum"))   # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs)
+      attention_impl="auto"))   # blocked on CPUs, einsum elsewhere; 'fused': cuDNN flash on GPUs
 
   c.loss = ml_collections.ConfigDict(dict(correction_prob=a.correction))
 

@@ -69,7 +69,7 @@ def get_config(arg=None):
       mlp_dim=s["mlp_dim"], head_width=s["dim"], head_depth=a.head_depth or d["head_depth"],
       head_heads=d["head_heads"], class_dropout=0.1, dropout=0.0 if small else 0.1,
       batch_mul=a.batch_mul or d["mul"], scan=not small, remat="none",
-      attention_impl="einsum"))   # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs)
+      attention_impl="auto"))   # blocked on CPUs, einsum elsewhere; 'fused': cuDNN flash on GPUs
   head = survey_head_fields(a)     # attention-survey switches of the head, only those set
   if a.conditioning != "cross":
     head["conditioning"] = a.conditioning

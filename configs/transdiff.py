@@ -141,7 +141,7 @@ def get_config(arg=None):
       type=a.head, width=head_width, depth=a.head_depth or head_depth,
       num_heads=s.num_heads, mlp_ratio=4.0, dropout=0.0 if small else 0.1,
       self_attention=a.self_attention, conditioning=a.conditioning, scan=not small,
-      attention_impl="einsum",  # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs)
+      attention_impl="auto",  # blocked on CPUs, einsum elsewhere; 'fused': cuDNN flash on GPUs
       # 512 px: 1,024-token attention; saving only the weight matmuls (scores recomputed) puts
       # TransDiff-L's step at 39 GiB per device on 256 devices (168 GiB without remat)
       remat="dots_with_no_batch_dims_saveable" if res and big else "none"))

@@ -64,15 +64,28 @@ def parse_mesh(text: str) -> dict:
   return out
 
 
+def accelerator_config(config, unroll: bool = False):
+  """A copy of `config` as a pod runs it: attention 'auto' -> 'einsum' (the CPU's 'blocked'
+  kernel loops over batch blocks and recomputes scores in its backward: neither the pod's
+  program nor countable by XLA's cost analysis, which counts a loop body once); unroll=True also
+  turns every layer stack's `scan` off (model, head, ...)."""
+  config = config.copy_and_resolve_references()
+  for key in config.keys():
+    node = config[key]
+    if hasattr(node, "keys"):
+      if node.get("attention_impl") == "auto":
+        node.attention_impl = "einsum"
+      if unroll and "scan" in node:
+        node.scan = False
+  return config
+
+
 def lower_train_step(config, mesh_axes: dict | None = None, batch_size: int | None = None,
                      unroll: bool = False):
   """Lowers the train step for abstract state and batch; returns (setup, lowered, batch).
   unroll=True turns every layer stack's `scan` off (model, head, ...)."""
-  config = config.copy_and_resolve_references()
+  config = accelerator_config(config, unroll)
   if unroll:     # XLA counts a loop body once: no layer scan, no accumulation loop (same FLOPs)
-    for key in config.keys():
-      if hasattr(config[key], "keys") and "scan" in config[key]:
-        config[key].scan = False
     config.grad_accum = 1
   if batch_size:
     config.input.batch_size = batch_size

@@ -108,12 +108,6 @@ MODELS = {
 }
 
 
-def _scanned(config) -> bool:
-  """Whether any layer stack of the config (the model's, TransDiff's head's) is a scan."""
-  return any(config.get(part) is not None and bool(config[part].get("scan"))
-             for part in ("model", "head"))
-
-
 def _first(cost):
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -134,10 +128,8 @@ def train_step_figures(config, steps: int, repeats: int) -> dict:
     # with a persistent XLA cache on (the CLI turns it off) the step may have been read, not compiled
     compile_cached = _persistent_cache_hits > hits
   cost = _first(compiled.cost_analysis())
-  if _scanned(config):               # the loop body is counted once: lower an unrolled copy
-    flops = aot.unrolled_hlo_flops(config)
-  else:                              # the step as lowered is already unrolled
-    flops = float(_first(lowered.cost_analysis()).get("flops", 0.0))
+  # a loop body (layer scan, the CPU's blocked attention) is counted once: count an unrolled copy
+  flops = aot.unrolled_hlo_flops(config)
   holder = [state]
 
   def run():
@@ -287,12 +279,9 @@ ASSUMED_TFLOPS = 0.4 * 312     # sustained bf16 rate assumed for the paper-size 
 
 
 def _unscanned(config):
-  """The config with every layer stack's scan off (XLA counts a loop body once)."""
-  config = config.copy_and_resolve_references()
-  for key in config.keys():
-    if hasattr(config[key], "keys") and "scan" in config[key]:
-      config[key].scan = False
-  return config
+  """The config with every layer stack's scan off and einsum attention (XLA counts a loop body
+  once)."""
+  return aot.accelerator_config(config, unroll=True)
 
 
 @contextlib.contextmanager

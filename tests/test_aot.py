@@ -65,6 +65,7 @@ def _analytic_flops(c, b):
 
 
 @pytest.mark.parametrize("arg", ["size=demo,batch_mul=2", "size=demo,mrar=True", "size=demo,head=mlp",
+                                 "size=demo,batch_mul=2,conditioning=adaln",
                                  "size=B,batch_mul=1"])
 def test_transdiff_hlo_flops_match_analytic(arg):
   """Lowering only (no compile); size=B also checks that scanned stacks are unrolled for the count."""

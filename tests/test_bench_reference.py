@@ -4,6 +4,7 @@ the reference checkouts are there (skipped otherwise, as tests/test_reference_re
 without torch it stops with status 2 and one line naming what is missing.  The timings themselves
 are not checked: they are figures of the machine, not of the code."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +18,7 @@ MODULE = "tdjax.bench_reference"
 
 
 def _has_torch() -> bool:
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("torch") is not None
 
 
 def test_two_measures_end_to_end(tmp_path):

@@ -42,7 +42,7 @@ def test_posterior_is_the_gaussian_conditional():
   """q(x_{t-1} | x_t, x0) from the joint Gaussian of (x_{t-1}, x_t) given x0."""
   s = ddpm.Schedule.make(1000, 50)
   t = 17
-  ab, abp, beta = s.alphas_cumprod[t], s.alphas_cumprod_prev[t], s.betas[t]
+  abp, beta = s.alphas_cumprod_prev[t], s.betas[t]
   x0, xt = 0.7, -0.4
   m1, v1 = math.sqrt(abp) * x0, 1 - abp                      # x_{t-1} | x0
   m2, v2 = math.sqrt(1 - beta) * m1, (1 - beta) * v1 + beta  # x_t | x0
@@ -102,7 +102,6 @@ def test_cfg_guides_eps_and_keeps_the_conditional_variance():
 
   def model(x, t):
     calls.append(1)
-    c = x.shape[-1]
     oc = jnp.concatenate([jnp.ones_like(x), jnp.full_like(x, -1.0)], -1)   # variance -> beta~
     ou = jnp.concatenate([jnp.zeros_like(x), jnp.full_like(x, 1.0)], -1)
     return oc, ou

@@ -99,6 +99,15 @@ def test_batch_mul_pairs_examples_with_their_condition():
 
   flow.flow_matching_loss(vf, x0, {"c": jnp.arange(3)}, jax.random.key(0), batch_mul=4)
   assert seen["b"] == 12
-  np.testing.assert_array_equal(seen["cond"], np.tile(np.arange(3), 4))  # row i <-> example i % 3
+  # the condition as given, once per example: the heads pair x_t's row i with cond row i % 3
+  np.testing.assert_array_equal(seen["cond"], np.arange(3))
+  # ... which is the pairing of x0's copies: the same loss as batch_mul=1 on tiled x0 and cond
+  from tdjax.nn.attention import tile_rows
+  c = jnp.array([0.5, -1.0, 2.0])
+  shared = flow.flow_matching_loss(lambda x, t, c: x * tile_rows(c, x.shape[0])[:, None], x0, c,
+                                   jax.random.key(3), batch_mul=4)[0]
+  tiled = flow.flow_matching_loss(lambda x, t, c: x * c[:, None], jnp.tile(x0, (4, 1)),
+                                  jnp.tile(c, 4), jax.random.key(3))[0]
+  np.testing.assert_allclose(shared, tiled, rtol=1e-6)
   with pytest.raises(ValueError, match="batch_mul=0"):
     flow.flow_matching_loss(vf, x0, {}, jax.random.key(0), batch_mul=0)

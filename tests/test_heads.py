@@ -174,3 +174,31 @@ def test_fused_attention_is_reachable_from_the_next_detail_models():
   tok = jax.random.normal(jax.random.key(1), (2, 8, 4))
   f = lambda m: m.apply({"params": v}, tok, labels)
   np.testing.assert_allclose(f(ein), f(fused), atol=2e-5)
+
+
+@pytest.mark.parametrize("head", ["cross", "adaln", "incontext", "joint", "mlp"])
+def test_a_condition_shared_by_copies_equals_the_tiled_condition(head):
+  """batch_mul / MRAR copies: x_t with 3 B rows and cond (and its mask) with B rows (row i of x_t
+  -> cond row i mod B, computed once per row) give what the explicitly tiled condition gives,
+  outputs and gradients to the condition; a row count that does not divide fails with one line."""
+  mul = 3
+  module = H.MLPHead(C, 16, 2) if head == "mlp" else H.AttentionHead(
+      C, 16, 2, 2, max_len=L, conditioning=head)
+  params = _init(module)
+  x, t, c = _inputs()
+  k = jax.random.split(jax.random.key(7), 2)
+  xs = jax.random.normal(k[0], (mul * B, L, C))
+  ts = jax.random.uniform(k[1], (mul * B,)) * 1000
+  mask = None if head in ("adaln", "mlp") else jnp.ones((B, L), bool).at[1, 3:].set(False)
+  tile = lambda a: None if a is None else jnp.tile(a, (mul,) + (1,) * (a.ndim - 1))
+
+  def out(cond, cond_mask):
+    return module.apply(params, xs, ts, cond, cond_mask)
+  shared, tiled = out(c, mask), out(tile(c), tile(mask))
+  np.testing.assert_allclose(shared, tiled, atol=2e-5)
+  w = jax.random.normal(jax.random.key(9), shared.shape)
+  g_shared = jax.grad(lambda c: jnp.sum(out(c, mask) * w))(c)
+  g_tiled = jax.grad(lambda c: jnp.sum(out(tile(c), tile(mask)) * w))(c)
+  np.testing.assert_allclose(g_shared, g_tiled, atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="rows for a batch of"):
+    module.apply(params, xs[:5], ts[:5], c, None)

@@ -144,6 +144,55 @@ def test_attention_equals_the_float64_formula_with_masks():
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 30, 3500, 1])   # one block; blocks of 2 rows; of 1
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "keys", "keys_and_causal"])
+def test_blocked_attention_equals_the_einsum_path_values_and_gradients(mask_kind, block_bytes):
+  """blocked_attention (batch blocks, hand-written backward recomputing P) against
+  dot_product_attention differentiated by JAX: outputs and the gradients of q, k, v, for a mask
+  shared by the batch (causal), one per batch row (key padding, one row with no key left: uniform
+  probabilities, zero gradient to q and k) and both; round-off bound, not bitwise."""
+  b, l, h, d = 6, 12, 3, 8
+  q, k, v, w = (_x((b, l, h, d), i) for i in range(4))
+  valid = np.ones((b, l), bool)
+  valid[1, 5:] = False
+  valid[2] = False
+  mask = {"none": None, "causal": tnn.group_causal_mask(l, 3),
+          "keys": tnn.key_padding_mask(valid),
+          "keys_and_causal": tnn.key_padding_mask(valid) & tnn.group_causal_mask(l, 3)}[mask_kind]
+  n = tnn.attention.num_blocks(b, h, l, l, block_bytes)
+  assert n == {1 << 30: 1, 3500: 3, 1: 6}[block_bytes]
+
+  def loss_and_grads(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), (0, 1, 2)))(q, k, v)
+  want = loss_and_grads(lambda q, k, v: tnn.dot_product_attention(q, k, v, mask))
+  got = loss_and_grads(lambda q, k, v: tnn.blocked_attention(q, k, v, mask, block_bytes=block_bytes))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, e, atol=5e-6, rtol=1e-5)
+  out = tnn.blocked_attention(q, k, v, mask, block_bytes=block_bytes)
+  np.testing.assert_allclose(out, tnn.dot_product_attention(q, k, v, mask), atol=2e-6)
+  if mask_kind.startswith("keys"):
+    assert not np.any(np.asarray(got[1][0][2])) and not np.any(np.asarray(got[1][1][2]))
+
+
+def test_blocked_attention_bf16_and_the_auto_choice():
+  """bf16 inputs: output in the compute dtype, near the fp32 result; 'auto' resolves to the
+  blocked kernel on this CPU backend (and to einsum elsewhere); an Attention module with 'auto'
+  equals one with 'einsum' (round-off), with the same parameters."""
+  q, k, v = (_x((4, 16, 2, 8), i) for i in range(3))
+  out = tnn.blocked_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), block_bytes=2048)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), tnn.dot_product_attention(q, k, v),
+                             atol=3e-2)
+  assert tnn.attention.resolve_impl("auto") == ("blocked" if jax.default_backend() == "cpu"
+                                                else "einsum")
+  assert tnn.attention.resolve_impl("fused") == "fused"
+  x = _x((4, 16, 32), 5)
+  a, e = tnn.Attention(num_heads=2, impl="auto"), tnn.Attention(num_heads=2, impl="einsum")
+  params = a.init(jax.random.key(0), x)
+  np.testing.assert_allclose(a.apply(params, x), e.apply(params, x), atol=2e-6)
+
+
 def test_rmsnorm_fp32_and_dtype():
   n = tnn.RMSNorm(dtype=jnp.bfloat16)
   x = (_x((2, 3, 8)) * 100).astype(jnp.bfloat16)

@@ -373,7 +373,7 @@ def test_dino_discriminator_matches_dinodisc(tmp_path):
   from unittest import mock
   from tdjax.losses import discriminators as D
   dd = reference_module("DetailFlow", "modelling.discriminators.discriminator_dino")
-  depth, keys, C, k = 3, (0, 1, 2), 384, 9
+  depth, keys, k = 3, (0, 1, 2), 9
   torch.manual_seed(0)
   vit = randomize(dd.FrozenDINOSmallNoDrop(depth=depth, key_depths=keys), seed=3, scale=0.05)
   dino_sd = {n: v.clone() for n, v in vit.state_dict().items() if not n.startswith("x_")}

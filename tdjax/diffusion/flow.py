@@ -60,10 +60,13 @@ def repeat_batch(x0, cond, batch_mul: int):
 
 def flow_matching_loss(velocity_fn: Callable, x0, cond, rng, *, batch_mul: int = 1,
                        t_mean: float = 0.0, t_std: float = 1.0):
-  """Mean-squared velocity error.  `batch_mul` repeats every example (x0 and each leaf of `cond`,
-  leading axis, row i of the output = example i mod B) with independent (t, eps) draws, as the
-  reference's `diffusion_batch_mul`.  velocity_fn(x_t, t, cond) -> v.  Returns (loss, metrics)."""
-  x0, cond = repeat_batch(x0, cond, batch_mul)
+  """Mean-squared velocity error.  `batch_mul` repeats every example (row i of x_t = example
+  i mod B) with independent (t, eps) draws, as the reference's `diffusion_batch_mul`.
+  velocity_fn(x_t, t, cond) -> v gets `cond` as given, B rows for B * batch_mul rows of x_t: the
+  heads (`tdjax.generators.heads`) pair x_t's row i with cond row i mod B and compute what depends
+  on the condition alone (its embedding, the cross-attention keys and values) once per example,
+  where the reference computes it for every copy.  Returns (loss, metrics)."""
+  x0, _ = repeat_batch(x0, None, batch_mul)
   k_t, k_e = jax.random.split(rng)
   t = sample_t(k_t, x0.shape[0], mean=t_mean, std=t_std)
   eps = jax.random.normal(k_e, x0.shape, x0.dtype)

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tdjax import configlib
+from tdjax.nn.attention import IMPLS, tile_rows
 from tdjax.nn.layers import LayerNorm, TransformerStack, vit_block_kwargs
 
 _lp = nn.with_logical_partitioning
@@ -123,9 +124,9 @@ class AttentionHead(nn.Module):
   conditioning: str = "cross"          # 'cross' (reference) | 'adaln' | 'incontext'
   scan: bool = False
   remat: str = "none"
-  # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention.impl): 'fused' is jax.nn.dot_product_attention
-  # (cuDNN flash attention on GPUs, Splash-style kernels where XLA has them)
-  attention_impl: str = "einsum"
+  # tdjax.nn.Attention.impl: 'auto' ('blocked' on CPUs, 'einsum' elsewhere) | 'einsum' | 'blocked'
+  # | 'fused' (jax.nn.dot_product_attention: cuDNN flash attention on GPUs) | 'cudnn'
+  attention_impl: str = "auto"
   # attention-survey switches (module docstring); each default is the head above, bit for bit
   adaln_mode: str = "single"           # 'single' | 'zero'
   cross_gate: bool = False
@@ -158,7 +159,14 @@ class AttentionHead(nn.Module):
                      (self.max_len, D))
     h = h + pos[None, :l].astype(self.dtype)
     temb = TimestepEmbedder(D, dtype=self.dtype, name="time_embed")(t)[:, None]   # [B, 1, D]
+    # cond may have fewer rows than x_t (R dividing B: row i of x_t goes with cond row i mod R, as
+    # the flow loss's batch_mul copies): its embedding, and with cross-attention the blocks' keys
+    # and values, are computed once per condition row
     c = _dense(D, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype))
+    if cond_mask is not None:
+      cond_mask = tile_rows(cond_mask, b, "condition mask")
+    if self.conditioning != "cross":
+      c = tile_rows(c, b)
     context, context_mask, self_mask = c, None, None
     m = cond.shape[1]
     aux, cond_on = None, None
@@ -333,7 +341,9 @@ class MLPHead(nn.Module):
     y = TimestepEmbedder(w, init=nn.initializers.normal(0.02), dtype=self.dtype,
                          name="time_embed")(t)
     y = y[:, None] if y.ndim == 2 else y        # t [B] (one step per example) or [B, L] (MAR)
-    y = y + _dense(w, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype))
+    # cond may have fewer rows than x_t (row i of x_t: cond row i mod R), embedded once per row
+    y = y + tile_rows(_dense(w, ("channels", "embed"), "cond_embed", **kw)(cond.astype(self.dtype)),
+                      b)
     h = _dense(w, ("channels", "embed"), "input_proj", **kw)(x_t.astype(self.dtype))
     for i in range(self.depth):
       s, c, g = jnp.split(_dense(3 * w, ("embed", "mlp"), f"res_{i}_ada", zero, **kw)(nn.silu(y)),
@@ -365,9 +375,9 @@ def check_head(cfg) -> None:
       raise ValueError(f"config.head.num_heads={cfg.num_heads} does not divide config.head.width="
                        f"{cfg.width}")
     check_survey_fields(cfg)
-    if cfg.get("attention_impl", "einsum") not in ("einsum", "fused", "cudnn"):
-      raise ValueError(f"config.head.attention_impl={cfg.attention_impl!r}: expected 'einsum', "
-                       f"'fused' or 'cudnn'")
+    if cfg.get("attention_impl", "auto") not in IMPLS:
+      raise ValueError(f"config.head.attention_impl={cfg.attention_impl!r}: expected one of "
+                       f"{', '.join(IMPLS)}")
 
 
 def make_head(cfg, out_channels: int, dtype=jnp.float32) -> nn.Module:

@@ -26,9 +26,11 @@ an untied, zero-initialised output head.
 Sampling (`sample`): the first g codes one by one, then g codes per step sampled independently from
 the last g positions: g + M - 1 forward passes.  With `use_cache=True` each pass feeds only the new
 positions (1, then g at a time) through a fixed-size KV cache (`tdjax.nn.Attention` decode mode: a
-chunk written together sees itself, which is exactly the group mask); `use_cache=False` recomputes
-the full N-position forward every step.  Both are jit-compiled with static shapes
-(`jax.lax.fori_loop` over steps) and give the same tokens for the same key.
+chunk written together sees itself, which is exactly the group mask), jit-compiled with static
+shapes (`jax.lax.fori_loop` over steps); `use_cache=False` recomputes the forward over the
+positions written so far every step, as the reference's `generate_group_par` does (its steps
+unrolled in one program: each pass has its own static length).  Both give the same tokens for the
+same key.
 """
 
 from __future__ import annotations
@@ -213,9 +215,9 @@ class NextDetailTransformer(nn.Module):
   dropout: float = 0.1            # residual dropout after attention and inside the SwiGLU FFN
   scan: bool = True
   remat: str = "none"
-  # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention.impl) for the full forward; KV-cache decoding
-  # always takes the einsum path (its cache mask)
-  attention_impl: str = "einsum"
+  # tdjax.nn.Attention.impl ('auto' | 'einsum' | 'blocked' | 'fused' | 'cudnn') for the full
+  # forward; KV-cache decoding always takes the einsum path (its cache mask)
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -455,8 +457,9 @@ def _decode(model: NextDetailTransformer, params, labels, rng, cfg, *, guided: b
       logits, mut = model.apply({"params": params, "cache": cache}, chunk, labels, start=start,
                                 decode=True, mutable=["cache"])
       return logits, mut["cache"]
-    logits = model.apply({"params": params}, ids[:, :n], labels)
-    return jax.lax.dynamic_slice_in_dim(logits, start, q, axis=1), cache
+    # the passes are unrolled (static start): the prefix up to the last query, not all N positions
+    logits = model.apply({"params": params}, ids[:, :start + q], labels)
+    return logits[:, start:], cache
 
   def pick(logits, step, tokens_done):
     if guided:
@@ -487,7 +490,7 @@ def _decode(model: NextDetailTransformer, params, labels, rng, cfg, *, guided: b
     return ids, codes, cache
 
   carry = (ids, codes, cache)
-  if python_loop:
+  if python_loop or not use_cache:
     for k in range(c):
       carry = token_step(k, carry)
     for i in range(c // g, m):
@@ -537,7 +540,8 @@ def sample(model: NextDetailTransformer, params, labels, rng, *, cfg: float = 1.
   cfg: logits = uncond + s * (cond - uncond), s from `cfg_schedule` ('constant' or 'linear');
   cfg == 1 runs without the unconditional half.  The step keys are fold_in(rng, step), so the cached
   and recomputing samplers draw the same tokens.  `python_loop=True` unrolls the steps in Python
-  (compiled afresh each call) and appends the query length of every forward pass to `counter`.
+  (compiled afresh each call) and appends the query length of every forward pass to `counter`;
+  `use_cache=False` always unrolls them (one compiled program per model and settings).
   """
   validate_sampling(model, labels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                     top_k=top_k, top_p=top_p)

@@ -66,7 +66,7 @@ class NextDetailDiffusion(nn.Module):
   dropout: float = 0.0
   scan: bool = False
   remat: str = "none"
-  attention_impl: str = "einsum"   # trunk and head (tdjax.nn.Attention.impl)
+  attention_impl: str = "auto"   # trunk and head (tdjax.nn.Attention.impl)
   head_options: tuple = ()         # ((AttentionHead field, value), ...): survey switches
   head_context: str = "group"      # 'group' | 'all' (module docstring)
   dtype: Any = jnp.float32

@@ -111,7 +111,7 @@ class TransDiffAR(nn.Module):
   label_drop: float = 0.1
   scan: bool = False
   remat: str = "none"
-  attention_impl: str = "einsum"
+  attention_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

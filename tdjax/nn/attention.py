@@ -14,6 +14,7 @@ decode mode must be those of the new positions.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -53,6 +54,17 @@ def block_causal_mask(length: int, block: int):
   return i // block >= j // block
 
 
+def tile_rows(a, rows: int, what: str = "condition"):
+  """a [R, ...] -> [rows, ...] with row i = a[i mod R] (R divides rows): the order of
+  `diffusion_batch_mul`'s copies (`tdjax.diffusion.flow.repeat_batch`)."""
+  r = a.shape[0]
+  if r == rows:
+    return a
+  if rows % r:
+    raise ValueError(f"a {what} of {r} rows for a batch of {rows}: expected a divisor of {rows}")
+  return jnp.tile(a, (rows // r,) + (1,) * (a.ndim - 1))
+
+
 def key_padding_mask(valid):
   """valid [B, Lk] bool -> [B, 1, 1, Lk]."""
   return jnp.asarray(valid)[:, None, None, :]
@@ -78,6 +90,127 @@ def dot_product_attention(q, k, v, mask=None, dtype=None):
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
   out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(dtype).transpose(0, 2, 1, 3))
   return out.transpose(0, 2, 1, 3)
+
+
+# fp32 scores of one block of `blocked_attention` (about the cores' share of the cache)
+BLOCK_BYTES = 4 << 20
+IMPLS = ("auto", "einsum", "blocked", "fused", "cudnn")
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'blocked' on the CPU backend, 'einsum' on GPUs / TPUs (where XLA's fusions or
+  cuDNN ('fused') serve better than a loop of blocks); other values as given."""
+  if impl == "auto":
+    return "blocked" if jax.default_backend() == "cpu" else "einsum"
+  return impl
+
+
+def _scores(q, k, mask):
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  s = s * q.shape[-1] ** -0.5
+  return s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+
+
+def _block_forward(q, k, v, mask):
+  """One block, heads-major [b, H, L, D]: out = softmax(q k^T / sqrt(D)) v, with the rows' max m
+  and sum l of exp(s - m) (the backward rebuilds P = exp(s - m) / l from them)."""
+  s = _scores(q, k, mask)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - m)
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / l).astype(v.dtype), (m[..., 0], l[..., 0])
+
+
+def _block_backward(q, k, v, mask, m, l, delta, dout):
+  """The softmax-attention VJP of one block (FlashAttention's backward, P recomputed):
+  dV = P^T dO, dP = dO V^T, dS = P o (dP - rowsum(dO o O)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D)."""
+  p = jnp.exp(_scores(q, k, mask) - m[..., None]) / l[..., None]
+  dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(dout.dtype), dout,
+                  preferred_element_type=jnp.float32).astype(v.dtype)
+  dp = jnp.einsum("bhqd,bhkd->bhqk", dout, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta[..., None]) * q.shape[-1] ** -0.5
+  if mask is not None:     # a masked score is a constant (rows with no key left: P uniform)
+    ds = jnp.where(mask, ds, 0.0)
+  ds = ds.astype(q.dtype)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv
+
+
+def _split(a, n):
+  """[B, ...] -> [n, B / n, ...], block i = rows i, i + n, ...: the batch axis stays the major
+  factor, so a batch sharded over devices stays sharded inside every block."""
+  return jnp.moveaxis(a.reshape((a.shape[0] // n, n) + a.shape[1:]), 1, 0)
+
+
+def _merge(a):
+  return jnp.moveaxis(a, 0, 1).reshape((-1,) + a.shape[2:])
+
+
+def _map_blocks(fn, n, mask, *arrays):
+  """fn(*arrays, mask) over n batch blocks (one program, a loop); a mask without a batch axis is
+  shared by every block."""
+  if n == 1:
+    return fn(*arrays, mask)
+  shared = mask is None or mask.shape[0] == 1
+  xs = tuple(_split(a, n) for a in arrays + (() if shared else (mask,)))
+  out = jax.lax.map(lambda a: fn(*a[:len(arrays)], mask if shared else a[-1]), xs)
+  return jax.tree.map(_merge, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q, k, v, mask, n):
+  return _blocked_fwd(q, k, v, mask, n)[0]
+
+
+def _blocked_fwd(q, k, v, mask, n):
+  out, (m, l) = _map_blocks(_block_forward, n, mask, q, k, v)
+  return out, (q, k, v, mask, out, m, l)
+
+
+def _blocked_bwd(n, res, dout):
+  q, k, v, mask, out, m, l = res
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  fn = lambda q, k, v, m, l, delta, dout, mask: _block_backward(q, k, v, mask, m, l, delta, dout)
+  dq, dk, dv = _map_blocks(fn, n, mask, q, k, v, m, l, delta, dout)
+  return dq, dk, dv, None      # masks are constants: no cotangent
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def num_blocks(batch: int, heads: int, lq: int, lk: int, block_bytes: int = BLOCK_BYTES) -> int:
+  """The fewest batch blocks n (a divisor of `batch`) whose fp32 scores [batch / n, H, Lq, Lk]
+  fit in block_bytes (n = batch when even one row does not)."""
+  for n in range(1, batch + 1):
+    if batch % n == 0 and (batch // n) * heads * lq * lk * 4 <= block_bytes:
+      return n
+  return batch
+
+
+def blocked_attention(q, k, v, mask=None, dtype=None, block_bytes: int = BLOCK_BYTES):
+  """`dot_product_attention`'s result (float32 round-off apart) computed over blocks of the batch
+  whose scores stay in the cache, with a hand-written backward that rebuilds each block's
+  probabilities instead of storing them (FlashAttention's recomputation, Dao et al. 2022; here
+  the blocks are batch rows, each over the whole key length): no [B, H, Lq, Lk] array is written
+  to memory in the forward or the backward.  On this project's 2-core CPU the TransDiff
+  decoder's self-attention (32 x 256 tokens, 4 heads of 32) runs forward + backward in ~47 ms
+  instead of ~75 ms (`python -m tdjax.bench_reference`, issue 48).  Boolean masks only (an
+  additive float mask goes to `dot_product_attention`, which differentiates it); masks get no
+  gradient.  The loop over blocks is written for CPUs: on GPUs / TPUs use 'einsum' or 'fused'
+  (`resolve_impl('auto')` does).  No forward-mode derivative (jax.jvp) through it."""
+  if mask is not None:
+    mask = make_attention_mask_from_bool(mask)
+    if mask.dtype != jnp.bool_:
+      return dot_product_attention(q, k, v, mask, dtype)
+  dtype = dtype or q.dtype
+  b, lq, h, _ = q.shape
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v.astype(dtype)))
+  if mask is not None and mask.shape[0] not in (1, b):
+    raise ValueError(f"attention mask batch {mask.shape[0]}: expected 1 or {b}")
+  n = num_blocks(b, h, lq, k.shape[2], block_bytes)
+  return _blocked(q, k, v, mask, n).transpose(0, 2, 1, 3)
 
 
 def linear_attention(q, k, v, mask=None, dtype=None, eps: float = 1e-6):
@@ -174,9 +307,11 @@ class Attention(nn.Module):
   rope_interleaved: bool = True
   kernel_init: Callable = nn.initializers.xavier_uniform()
   out_kernel_init: Callable | None = None
-  # 'einsum': explicit fp32-softmax einsums (any mask, KV cache); 'fused' / 'cudnn':
-  # jax.nn.dot_product_attention (boolean masks; 'cudnn' forces the cuDNN kernel, GPU + bf16)
-  impl: str = "einsum"
+  # 'einsum': explicit fp32-softmax einsums (any mask, KV cache); 'blocked': the same over
+  # cache-sized batch blocks with a recomputing backward (`blocked_attention`, for CPUs);
+  # 'fused' / 'cudnn': jax.nn.dot_product_attention (boolean masks; 'cudnn' forces the cuDNN
+  # kernel, GPU + bf16); 'auto': 'blocked' on CPUs, 'einsum' elsewhere (`resolve_impl`)
+  impl: str = "auto"
   # Attention-survey switches (tdjax/generators/heads.py), all off by default (no parameter, no
   # op): qk_norm: RMSNorm over head_dim on queries and keys (learned scales query_norm /
   # key_norm [hd]); kind 'linear': `linear_attention` (elu + 1 kernel) instead of softmax;
@@ -198,7 +333,7 @@ class Attention(nn.Module):
     (1 / temperature; applied to the queries).  joint_len=M (MMDiT joint attention): x's first M
     tokens are a second stream with their own projections context_{query,key,value,out}; the
     two streams attend together (mask over all M + L keys)."""
-    features = x.shape[-1]
+    features = x.shape[-1]   # context may have fewer rows than x: row i uses context row i mod R
     hd = self.head_dim or features // self.num_heads
     cross = context is not None
     src = context if cross else x
@@ -231,6 +366,9 @@ class Attention(nn.Module):
       q = (q * logit_scale[:, None, :, None]).astype(q.dtype)
     q = _rotate(q, rope, self.rope_interleaved)
     k = _rotate(k, context_rope if cross else rope, self.rope_interleaved)
+    if cross and k.shape[0] != q.shape[0]:   # a context shared by several rows of x: keys and
+      k = tile_rows(k, q.shape[0], "context")  # values projected once per context row
+      v = tile_rows(v, q.shape[0], "context")
     kept = (k[:, :keep_kv], v[:, :keep_kv]) if keep_kv else None
     if kv_prefix is not None:
       k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
@@ -241,14 +379,17 @@ class Attention(nn.Module):
     elif mask is not None:
       mask = make_attention_mask_from_bool(mask)
 
+    impl = resolve_impl(self.impl)
     if self.kind == "linear":
       out = linear_attention(q, k, v, mask, dtype=self.dtype)
-    elif self.impl == "einsum" or (decode and not cross):
+    elif impl == "einsum" or (decode and not cross):
       out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
-    elif self.impl in ("fused", "cudnn"):
-      out = fused_attention(q, k, v, mask, None if self.impl == "fused" else "cudnn")
+    elif impl == "blocked":
+      out = blocked_attention(q, k, v, mask, dtype=self.dtype)
+    elif impl in ("fused", "cudnn"):
+      out = fused_attention(q, k, v, mask, None if impl == "fused" else "cudnn")
     else:
-      raise ValueError(f"attention impl={self.impl!r}: expected einsum, fused or cudnn")
+      raise ValueError(f"attention impl={self.impl!r}: expected {', '.join(IMPLS)}")
     out = self._out(out, features, m)
     return (out, kept) if keep_kv else out
 

@@ -203,7 +203,7 @@ class TransformerBlock(nn.Module):
   use_bias: bool = True
   cross_attention: bool = False
   dropout_rate: float = 0.0        # residual dropout after attention and MLP
-  attention_impl: str = "einsum"   # see tdjax.nn.attention.Attention.impl
+  attention_impl: str = "auto"   # see tdjax.nn.attention.Attention.impl
   # adaLN-single (PixArt / TransDiff): per-block table [6, D] (N(0,1)/sqrt(D)) + the caller's
   # adaln_cond [B, 6, D] (or per token [B, L, 6, D]) = (shift1, scale1, gate1, shift2, scale2,
   # gate2); modulates and gates the self-attention and MLP branches, cross-attention stays plain.

@@ -254,8 +254,10 @@ class TransDiffTask(GeneratorTask):
   def analytic_flops(self, batch) -> float:
     """3 x forward (the AR 1 x with head_only), + what remat recomputes (`_recomputed`).
     AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
-    self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, cross k/v 2 D^2 per condition
-    token, scores/values 4 L^2 D + 4 L M D; cond_embed 2 M D^2.
+    self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, scores/values 4 L^2 D +
+    4 L M D; once per example (shared by its copies): cond_embed 2 M D^2, cross k/v 2 D^2 per
+    condition token and block.  adaLN conditioning: no cross-attention, the time + condition
+    modulation (Linear_6D, per block with adaLN-zero) per token.
     Survey switches of the head (heads.py): token_merge r: the self-attention's projections and
     scores on L - r tokens (+ L^2 D / 2 for the matching); self_attn_kind='linear': 4 L D hd +
     4 L D for phi(K)^T V, phi(Q) S and the normaliser instead of 4 L^2 D; conditioning='joint'
@@ -275,24 +277,33 @@ class TransDiffTask(GeneratorTask):
     head_attn = 0
     attn_head = hc.type == "attention"     # its survey switches read off the built module
     linear = attn_head and self.head.self_attn_kind == "linear"
+    # per example, not per copy (the head embeds the condition, and projects the cross-attention's
+    # keys and values, once for the batch_mul x K copies that share it): cond_embed, cross k/v
+    shared, shared_in_blocks = 2 * m * d * w, 0
     if attn_head and self.head.conditioning in ("joint", "incontext"):
       tt, hd = l + m, w // int(hc.num_heads)
       head_attn = n * (4 * tt * w * hd + 4 * tt * w if linear
                        else 4 * tt * tt * w)
-      head = n * 2 * tt * (4 * w * w + 2 * w * fh) + head_attn + 2 * m * d * w
+      head = n * 2 * tt * (4 * w * w + 2 * w * fh) + head_attn
     elif attn_head:
       r = min(self.head.token_merge, l // 2)
       ls, hd = l - r, w // int(hc.num_heads)
+      cross = self.head.conditioning == "cross"     # 'adaln': no cross-attention
       scores = 4 * l * w * hd + 4 * l * w if linear else \
           4 * ls * ls * w + (l * l * w // 2 if r else 0)
-      head_attn = n * (scores + 4 * l * m * w)
-      head = n * (2 * ls * 4 * w * w + 2 * l * (2 * w * w + 2 * w * fh) + 2 * m * 2 * w * w) \
-          + head_attn + 2 * m * d * w
+      head_attn = n * (scores + (4 * l * m * w if cross else 0))
+      head = n * (2 * ls * 4 * w * w + 2 * l * (2 * w * w * cross + 2 * w * fh)) + head_attn
+      if self.head.conditioning == "adaln":     # the modulation is per token: Linear_6D per token
+        head += 2 * l * 6 * w * w * (n if self.head.adaln_mode == "zero" else 1)
+      shared_in_blocks = n * 2 * m * 2 * w * w * cross
     else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
-      head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w + 2 * d * w)
+      head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w)
+      shared = l * 2 * d * w
     copies = self.batch_mul * (self.num_refs + 1)
     ar_total = ar_f if self.head_only else 3 * ar_f + _recomputed(self.config.model, ar_f, ar_attn)
-    return float(b * (ar_total + copies * (3 * head + _recomputed(hc, head, head_attn))))
+    per_example = 3 * (shared + shared_in_blocks) + _recomputed(hc, shared_in_blocks, 0)
+    return float(b * (ar_total + per_example
+                      + copies * (3 * head + _recomputed(hc, head, head_attn))))
 
   # --- loss -------------------------------------------------------------------------------------
   def _head(self, params, x, t, cond, cond_mask=None, rng=None, train=False, pag=False):
@@ -338,7 +349,7 @@ class TransDiffTask(GeneratorTask):
                       deterministic=not train, rngs=rngs)
     m = self.ar.mask_len
     x0 = lat.transpose(1, 0, 2, 3, 4).reshape(k * b, self.L, self.latent_dim)
-    cond = jnp.tile(z, (k, 1, 1))
+    cond = z          # the K images share their example's condition (the head: row i mod B)
     img = jnp.repeat(jnp.arange(k), b)
     cmask = jnp.arange(z.shape[1])[None] < (m * (img + 1))[:, None]
     fn = lambda x, t, c: self._head(params, x, t, c["z"], c["mask"], k_head, train)

@@ -120,7 +120,7 @@ class DetailFlowTokenizer(nn.Module):
   align_hidden: int = 1024
   scan: bool = False
   remat: str = "none"
-  attention_impl: str = "einsum"         # 'einsum' | 'fused' | 'cudnn' (tdjax.nn.Attention)
+  attention_impl: str = "auto"         # 'auto' | 'einsum' | 'blocked' | 'fused' | 'cudnn' (tdjax.nn.Attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
