@@ -195,8 +195,8 @@ def blocked_attention(q, k, v, mask=None, dtype=None, block_bytes: int = BLOCK_B
   probabilities instead of storing them (FlashAttention's recomputation, Dao et al. 2022; here
   the blocks are batch rows, each over the whole key length): no [B, H, Lq, Lk] array is written
   to memory in the forward or the backward.  On this project's 2-core CPU the TransDiff
-  decoder's self-attention (32 x 256 tokens, 4 heads of 32) runs forward + backward in ~47 ms
-  instead of ~75 ms (`python -m tdjax.bench_reference`, issue 48).  Boolean masks only (an
+  decoder's self-attention (32 x 256 tokens, 4 heads of 32) runs forward + backward in 47-52 ms
+  instead of 70-86 ms (docs/measurements.md, issue 48).  Boolean masks only (an
   additive float mask goes to `dot_product_attention`, which differentiates it); masks get no
   gradient.  The loop over blocks is written for CPUs: on GPUs / TPUs use 'einsum' or 'fused'
   (`resolve_impl('auto')` does).  No forward-mode derivative (jax.jvp) through it."""
