@@ -9,8 +9,12 @@ models on shorter schedules: tokenizer 500, AR 750, TransDiff 500 steps; 50 samp
 `tiny` (the seconds-long smoke scale of the tests) train and sample each row here, score the
 samples with the classifier judge (class accuracy and Fréchet distance on its features, 100
 samples per class at demo scale),
-and write DIR/NAME.md, DIR/NAME.json and DIR/NAME.png (one bar per row); `full` prints the launch
-commands of the paper-scale runs and runs nothing.  Rows that share a stage (e.g. the tokenizer of
+and write DIR/NAME.md, DIR/NAME.json, DIR/NAME.png (one bar per row) and DIR/NAME_samples.png (one
+row of samples per table row); `full` prints the launch commands of the paper-scale runs and runs
+nothing.  Beside the judged figures each row reports its generator's training step time (median of
+its log), its sampling latency per image and, for TransDiff, the analytic FLOPs per image of one
+sampling step (from tdjax.sample's judge file), and a table run in the folder of its family's seed
+table (transdiff_seeds / detailflow_seeds) carries that table's spread.  Rows that share a stage (e.g. the tokenizer of
 the CFG table) share its workdir, and so do rows whose arguments only restate a default (the
 default row of Tables 3 and 4, the alpha sweep and the token count is one run: `canonical_args`);
 samples are named by model and sampling flags, so rows that sample one model alike share them;
@@ -40,10 +44,13 @@ import functools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
+import numpy as np
 from absl import flags, logging
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from tdjax import cli, configlib
@@ -242,6 +249,14 @@ def _tokenizer_dir(workdir: str, row: Row, scale: str) -> str:
   return os.path.join(workdir, "tokenizer_" + _slug(_detailflow_args(row, scale)[0]))
 
 
+def _generator_dir(workdir: str, row: Row, scale: str, family: str) -> str:
+  """The run folder of the row's generator (AR model or TransDiff), named by its canonical args."""
+  if family == "detailflow":
+    return os.path.join(workdir, "ar_" + _slug("_".join(_detailflow_args(row, scale))))
+  return os.path.join(workdir, "transdiff_" + _slug(
+      canonical_args("transdiff", SCALES[scale]["transdiff"], row.generator)))
+
+
 def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | None,
                multihost: bool = False):
   """[(done_marker, argv)] for one row; shared stages have the same workdir (and marker).
@@ -256,7 +271,7 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
     tok = _tokenizer_dir(workdir, row, scale)
     codes = os.path.join(tok, "codes.npz")
     ar_args = _join(s["ar"], row.generator, f"codes={codes}", f"tokenizer={tok}")
-    gen = os.path.join(workdir, "ar_" + _slug("_".join(_detailflow_args(row, scale))))
+    gen = _generator_dir(workdir, row, scale, table.family)
     stages += [(os.path.join(tok, "config.json"),
                 py + ["tdjax.train", f"--config=configs/detailflow_tokenizer.py:{tok_args}",
                       f"--workdir={tok}"]),
@@ -277,8 +292,7 @@ def row_stages(table: Table, row: Row, scale: str, workdir: str, judge: str | No
       args = _join(s["transdiff"], row.generator, f"init_from={base}")
     else:
       args = _join(s["transdiff"], row.generator)
-    gen = os.path.join(workdir, "transdiff_" + _slug(
-        canonical_args("transdiff", s["transdiff"], row.generator)))
+    gen = _generator_dir(workdir, row, scale, table.family)
     stages += [(os.path.join(gen, "config.json"),
                 py + ["tdjax.train", f"--config=configs/transdiff.py:{args}", f"--workdir={gen}"])]
   # named by the model and the sampling flags, so rows that sample one model alike share samples
@@ -394,6 +408,9 @@ def run_table(name: str, scale: str, workdir: str, judge: str | None = None,
                   dict(row=row.label, skipped="no result yet (--rows)", paper=row.paper))
   report = dict(table=name, title=table.title, scale=scale, seed=seed,
                 paper_source=table.paper_source, rows=results)
+  spread = seed_spread(workdir, table.family)
+  if spread and name != f"{table.family}_seeds":
+    report["seed_spread"] = spread
   write_report(report, os.path.join(workdir, table_stem(name, seed)))
   return report
 
@@ -431,18 +448,52 @@ def _last_eval(workdir: str) -> dict:
   return last
 
 
+def _train_step_seconds(run_dir: str) -> float | None:
+  """Median wall seconds per training step of a run (its logged `step_sec` windows after the
+  first, which may hold the compilation), or None without a log."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  secs = [r["step_sec"] for r in metrics_lib.read_jsonl(path) if "step_sec" in r]
+  return statistics.median(secs[1:] or secs) if secs else None
+
+
 def _result(row: Row, judge_file: str, family: str, workdir: str, scale: str) -> dict:
-  """The row's judged samples; DetailFlow rows add their tokenizer's test PSNR and codebook usage
-  (the reconstruction side of the paper's rFID column)."""
+  """The row's judged samples and costs: the generator's training step time, the sampling
+  latency per image and (TransDiff) the analytic FLOPs per image of one sampling step, when the
+  run's log and judge file hold them; DetailFlow rows add their tokenizer's test PSNR and
+  codebook usage (the reconstruction side of the paper's rFID column)."""
   with open(judge_file) as f:
     r = json.load(f)
   out = dict(row=row.label, class_accuracy=r["class_accuracy"],
              frechet_distance=r["frechet_distance"], paper=row.paper)
+  costs = dict(train_step_seconds=_train_step_seconds(_generator_dir(workdir, row, scale, family)),
+               sampling_seconds_per_image=r.get("sampling_seconds_per_image"),
+               sampling_step_flops=r.get("sampling_step_flops"))
+  out.update({k: v for k, v in costs.items() if v is not None})
+  png = judge_file[:-len("_judge.json")] + ".png"
+  if os.path.exists(png):         # the sample grid (rows = classes), relative: the table moves
+    out["samples"] = os.path.relpath(png, workdir)
   if family == "detailflow":
     ev = _last_eval(_tokenizer_dir(workdir, row, scale))
     if "eval/psnr" in ev:
       out.update(tokenizer_psnr=ev["eval/psnr"], codebook_usage=ev.get("eval/codebook_usage"))
   return out
+
+
+def seed_spread(workdir: str, family: str) -> dict | None:
+  """The run-to-run spread beside a table: min / max of each figure over the rows of the
+  family's seed table (`transdiff_seeds` / `detailflow_seeds`) if it ran in `workdir` (there its
+  seed-0 row is the other tables' default row: the same run)."""
+  path = os.path.join(workdir, f"{family}_seeds.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rows = [r for r in json.load(f)["rows"] if "class_accuracy" in r]
+  keys = ("class_accuracy", "frechet_distance", "tokenizer_psnr")
+  out = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in keys
+         if rows and all(k in r for r in rows)}
+  return dict(out, seeds=len(rows)) if out else None
 
 
 def _replace_atomically(path: str, write) -> None:
@@ -460,26 +511,47 @@ def _write_text(path: str, text: str) -> None:
   _replace_atomically(path, write)
 
 
+# (result key, column title, cell format) of the cost columns, shown when a row has the figure
+_COST_COLUMNS = (
+    ("train_step_seconds", "training step", lambda v: f"{v:.3f} s"),
+    ("sampling_seconds_per_image", "sampling per image", lambda v: f"{1e3 * v:.1f} ms"),
+    ("sampling_step_flops", "GFLOP per sampling step", lambda v: f"{v / 1e9:.2f}"))
+
+
 def write_report(report: dict, stem: str) -> None:
-  """STEM.json, STEM.md (ours beside the paper's figures) and STEM.png (bars per row)."""
+  """STEM.json, STEM.md (ours beside the paper's figures; the cost columns the rows have; the
+  seed spread), STEM.png (bars per row) and STEM_samples.png (`write_samples_picture`)."""
   _write_text(stem + ".json", json.dumps(report, indent=2))
   recon = any("tokenizer_psnr" in r for r in report["rows"])
+  costs = [c for c in _COST_COLUMNS if any(c[0] in r for r in report["rows"])]
   head = "| row | class accuracy | Fréchet distance (judge) |" + (
-      " tokenizer PSNR (test) | codebook usage |" if recon else "")
+      " tokenizer PSNR (test) | codebook usage |" if recon else "") + "".join(
+      f" {title} |" for _, title, _ in costs)
   lines = [f"**{report['title']}** (scale {report['scale']}; paper figures: "
            f"{report['paper_source']})", "", head + " paper figures |",
            "|---" * (head.count("|")) + "|"]
   for r in report["rows"]:
     if "skipped" in r:
       lines.append(f"| {r['row']} | not run: {r['skipped']} | |" + " | |" * recon +
-                   f" {r['paper'] or '-'} |")
+                   " |" * len(costs) + f" {r['paper'] or '-'} |")
       continue
     cells = f"| {r['row']} | {100 * r['class_accuracy']:.1f} % | {r['frechet_distance']:.2f} |"
     if recon:
       cells += (f" {r['tokenizer_psnr']:.2f} dB | {100 * r['codebook_usage']:.1f} % |"
                 if "tokenizer_psnr" in r else " - | - |")
+    cells += "".join(f" {fmt(r[key])} |" if key in r else " - |" for key, _, fmt in costs)
     lines.append(cells + f" {r['paper'] or '-'} |")
+  spread = report.get("seed_spread")
+  if spread:
+    acc, fd = spread["class_accuracy"], spread["frechet_distance"]
+    lines += ["", f"Run-to-run spread of the default row over {spread['seeds']} training seeds "
+              f"(the seed table in this folder): class accuracy {100 * acc[0]:.1f}-"
+              f"{100 * acc[1]:.1f} %, Fréchet distance {fd[0]:.2f}-{fd[1]:.2f}" + (
+                  f", tokenizer PSNR {spread['tokenizer_psnr'][0]:.2f}-"
+                  f"{spread['tokenizer_psnr'][1]:.2f} dB" if "tokenizer_psnr" in spread else "")
+              + "; a gap inside it is not a difference."]
   _write_text(stem + ".md", "\n".join(lines) + "\n")
+  write_samples_picture(report, stem)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -499,6 +571,45 @@ def write_report(report: dict, stem: str) -> None:
   fig.tight_layout()
   _replace_atomically(stem + ".png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
   plt.close(fig)
+
+
+def sample_strip(png: str, columns: int, per_class: int) -> np.ndarray:
+  """The first `per_class` samples of every class of a `tdjax.sample` grid (rows = classes,
+  `columns` samples each, square images, 1 px gaps: `metrics.image_grid`), in one row:
+  [h, classes * per_class * (h + 1) - 1] uint8, 1 px gaps kept."""
+  grid = np.asarray(Image.open(png))
+  size = (grid.shape[1] - 1) // columns - 1
+  classes = (grid.shape[0] - 1) // (size + 1)
+  if columns * (size + 1) + 1 != grid.shape[1] or classes * (size + 1) + 1 != grid.shape[0]:
+    raise ValueError(f"{png}: a {grid.shape[1]} x {grid.shape[0]} picture is not a grid of "
+                     f"{columns} square samples per row")
+  width = per_class * (size + 1)
+  rows = [grid[1 + c * (size + 1):(c + 1) * (size + 1), 1:1 + width] for c in range(classes)]
+  return np.concatenate(rows, axis=1)[:, :-1]
+
+
+def write_samples_picture(report: dict, stem: str, per_class: int = 2) -> str | None:
+  """STEM_samples.png: one labelled row per table row with samples (its first `per_class`
+  samples of every class, as `tdjax.sample` drew them); None when no row has samples."""
+  where = lambda r: os.path.join(os.path.dirname(stem), r["samples"])
+  rows = [r for r in report["rows"] if "samples" in r and os.path.exists(where(r))]
+  if not rows:
+    return None
+  columns = min(SCALES[report["scale"]]["num"], 16)      # tdjax.sample's grid: <= 16 per class
+  strips = [sample_strip(where(r), columns, per_class) for r in rows]
+  measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+  label_w, gap = int(max(measure.textlength(r["row"]) for r in rows)) + 8, 4
+  h = max(s.shape[0] for s in strips)
+  mode = "RGB" if strips[0].ndim == 3 else "L"
+  canvas = Image.new(mode, (label_w + max(s.shape[1] for s in strips), len(rows) * (h + gap)),
+                     "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (r, strip) in enumerate(zip(rows, strips)):
+    draw.text((2, i * (h + gap) + h // 2 - 5), r["row"], fill="black")
+    canvas.paste(Image.fromarray(strip).convert(mode), (label_w, i * (h + gap)))
+  path = stem + "_samples.png"
+  _replace_atomically(path, lambda tmp: canvas.save(tmp, format="png"))
+  return path
 
 
 def main(argv):

@@ -90,12 +90,15 @@ def from_config(cls, cfg, where: str, **fixed):
   """`cls(**fields)` from the entries of config node `cfg` that are fields of the dataclass (or
   flax Module) `cls`, plus `fixed`; a field the node lacks (a config saved before the field
   existed) takes `cls`'s default, so each default is written once, on the field.  `where` names
-  the node ('config.loss') in the one-line error of a value of the wrong kind."""
+  the node ('config.loss') in the one-line error of a value of the wrong kind.  A list (a tuple
+  read back from a run's config.json) becomes a tuple: flax Module fields must be hashable."""
   names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
   kw = {k: cfg[k] for k in names if k in cfg and k not in fixed}
   for k, v in kw.items():
     if isinstance(v, ml_collections.ConfigDict):
       kw[k] = v.to_dict()
+    elif isinstance(v, list):
+      kw[k] = tuple(v)
   try:
     return cls(**kw, **fixed)
   except TypeError as e:

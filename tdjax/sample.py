@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
+import time
 
 import jax
 import numpy as np
@@ -109,7 +111,7 @@ def sampling_devices(batch_size: int, devices=None) -> list:
 def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_size: int = 100,
              use_ema: bool = True, parts_dir: str | None = None, step: int | None = None,
              devices=None, process_index: int | None = None, process_count: int | None = None,
-             **overrides):
+             stats: dict | None = None, **overrides):
   """(images [C*num, H, W, ch] in [-1, 1], labels, config) from the checkpoint in `workdir`.
 
   Chunk i (of `batch_size` labels) uses key fold_in(seed, i), so a run is the same however it is
@@ -118,7 +120,9 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   j = p, p + P, ... and writes them to the shared `parts_dir`; after a barrier process 0 gathers
   every part and returns the whole set, the others return None.  `parts_dir`: each finished chunk
   is kept there (uint8-exact float arrays, .npy) and an existing one is reused, so a stopped run
-  continues where it stopped."""
+  continues where it stopped.  `stats` (a dict) gets `chunk_seconds`, the wall seconds of each
+  chunk this process sampled (not those read back from `parts_dir`; the first one compiles), and
+  for TransDiff `sampling_step_flops` (analytic, per image, with the sampling settings used)."""
 
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -141,6 +145,11 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
   labels = np.repeat(parse_classes(str(classes), int(config.model.num_classes)), num)
   labels = labels.astype(np.int32)
   sample = task.image_sampler(**overrides)
+  timings = [] if stats is None else stats.setdefault("chunk_seconds", [])
+  if stats is not None and hasattr(task, "sampling_step_flops"):
+    kw = dict(task.config.sample, **overrides)
+    stats["sampling_step_flops"] = task.sampling_step_flops(kw.get("cfg", 1.0),
+                                                            kw.get("pag_scale", 0.0))
   key = jax.random.key(seed)
   if parts_dir:
     os.makedirs(parts_dir, exist_ok=True)
@@ -170,7 +179,9 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
       continue
     pad = batch_size - len(chunk)  # fixed shapes: one compilation for every chunk
     padded = jax.device_put(np.pad(chunk, (0, pad)), by_example)
+    t0 = time.perf_counter()
     images[i] = np.asarray(sample(params, padded, jax.random.fold_in(key, i)))[:len(chunk)]
+    timings.append(time.perf_counter() - t0)
     if part:
       np.save(part + ".tmp.npy", images[i])
       os.replace(part + ".tmp.npy", part)      # a killed run never leaves a half-written part
@@ -185,6 +196,13 @@ def generate(workdir: str, classes="all", num: int = 8, *, seed: int = 0, batch_
                          f"e.g. {missing[0]}: is {parts_dir} shared by all hosts?")
     images.update({i: np.load(part_of(i)) for i in starts if i not in images})
   return np.concatenate([images[i] for i in starts]), labels, config
+
+
+def seconds_per_image(timings: list, batch_size: int) -> float | None:
+  """Sampling latency per image at `batch_size`: the median wall time of the chunks after the
+  first (which compiles) over the chunk size (a padded last chunk costs a full one); None with
+  fewer than two chunks sampled (no figure without the compilation in it)."""
+  return statistics.median(timings[1:]) / batch_size if len(timings) > 1 else None
 
 
 def main(argv):
@@ -213,13 +231,15 @@ def main(argv):
   judge = evaluation.ClassifierJudge(FLAGS.judge) if FLAGS.judge else None
   # parts: a resumable .npz, and the processes' shares of a multi-process run (.png too)
   parts = stem + ".parts" if ext == ".npz" or jax.process_count() > 1 else None
+  stats = {}
   images, labels, config = generate(
       workdir, FLAGS.classes, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
       use_ema=FLAGS.ema, step=step, parts_dir=parts,
       cfg=FLAGS.cfg, cfg_schedule=FLAGS.cfg_schedule, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p,
       steps=FLAGS.steps, scale_0=FLAGS.scale_0, scale_1=FLAGS.scale_1,
-      clip_denoised=FLAGS.clip_denoised, pag_scale=FLAGS.pag_scale)
+      clip_denoised=FLAGS.clip_denoised, pag_scale=FLAGS.pag_scale, stats=stats)
+  latency = seconds_per_image(stats["chunk_seconds"], FLAGS.batch_size)
   if images is None:                 # another process writes the output
     return
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
@@ -232,7 +252,8 @@ def main(argv):
     metrics.save_png(metrics.image_grid(rows[:, :min(FLAGS.num, 16)]), FLAGS.out)
   if parts:
     shutil.rmtree(parts, ignore_errors=True)
-  logging.info("wrote %d samples to %s", len(images), FLAGS.out)
+  logging.info("wrote %d samples to %s (%s s per image at batch %d, compilation excluded)",
+               len(images), FLAGS.out, latency, FLAGS.batch_size)
   if judge is not None:
     icfg = pipeline.with_defaults(judge.config.input)
     icfg.batch_size = min(len(images), 1000)
@@ -246,7 +267,9 @@ def main(argv):
     result = {"samples": n, "class_accuracy": judge.class_accuracy(images, labels),
               "frechet_distance": judge.frechet(test, images),
               # the same distance between two real sets (train vs test images): the floor
-              "frechet_real_train_vs_test": judge.frechet(test, real(icfg.split))}
+              "frechet_real_train_vs_test": judge.frechet(test, real(icfg.split)),
+              "sampling_seconds_per_image": latency, "batch_size": FLAGS.batch_size,
+              "sampling_step_flops": stats.get("sampling_step_flops")}
     with open(stem + "_judge.json", "w") as f:
       json.dump(result, f, indent=2)
     print(json.dumps(result))

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tdjax import ablate, configlib
@@ -61,6 +62,11 @@ def test_tiny_table_trains_once_scores_each_row_and_resumes(tmp_path, monkeypatc
   ckpts = os.path.join(wd, "transdiff_base", "checkpoints")
   before = sorted(os.listdir(ckpts))
   os.remove(os.path.join(wd, "samples", "transdiff_base_steps_25_judge.json"))
+  # the cost columns come from the runs themselves: the training log, the sampler's judge file
+  assert 0 < report["rows"][0]["train_step_seconds"] < 60
+  flops = [r["sampling_step_flops"] for r in report["rows"][:2]]
+  assert flops[0] == flops[1] > 0               # one model, one head call per guidance branch
+  assert "GFLOP per sampling step" in open(os.path.join(wd, "transdiff_steps.md")).read()
   only = ablate.run_table("transdiff_steps", "tiny", wd, judge, rows=[0])  # row 1 left alone
   assert only["rows"][0] == report["rows"][0] and "--rows" in only["rows"][1]["skipped"]
   assert only["rows"][2] == report["rows"][2]     # the reason stays, not "no result yet"
@@ -114,6 +120,91 @@ def test_detailflow_rows_report_their_tokenizers_reconstruction(tmp_path):
   assert all(l.count("|") == 7 for l in lines[2:])        # every row has all six columns
   assert "| 10% | 50.0 % | 3.00 | 15.00 dB | 25.0 % |" in lines[4]
   assert "| 30% | 50.0 % | 3.00 | - | - |" in lines[6]
+
+
+def test_rows_report_their_training_and_sampling_costs(tmp_path):
+  """The survey table's cost columns: the median logged step time of the row's own generator run
+  (not the first, compiling window's; not another row's run), and the sampler's latency and
+  FLOPs per step from its judge file; a row without them shows '-'."""
+  table = ablate.TABLES["survey_heads"]
+  wd = str(tmp_path)
+  for row, secs in ((table.rows[0], (9.0, 0.30, 0.31, 0.29)), (table.rows[4], (9.0, 0.5, 0.5))):
+    run = ablate._generator_dir(wd, row, "demo", "transdiff")
+    os.makedirs(run)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+      for step, sec in enumerate(secs):
+        f.write(json.dumps({"step": 50 * (step + 1), "step_sec": sec}) + "\n")
+        f.write(json.dumps({"step": 50 * (step + 1), "eval/flow_loss": 0.2}) + "\n")
+  judge = str(tmp_path / "judge.json")
+  with open(judge, "w") as f:
+    json.dump({"class_accuracy": 0.5, "frechet_distance": 3.0,
+               "sampling_seconds_per_image": 0.0125, "sampling_step_flops": 2.5e9}, f)
+  old = str(tmp_path / "old_judge.json")       # written before the sampler timed itself
+  with open(old, "w") as f:
+    json.dump({"class_accuracy": 0.5, "frechet_distance": 3.0}, f)
+  rows = [ablate._result(table.rows[0], judge, "transdiff", wd, "demo"),
+          ablate._result(table.rows[4], judge, "transdiff", wd, "demo"),
+          ablate._result(table.rows[5], old, "transdiff", wd, "demo")]
+  assert [r.get("train_step_seconds") for r in rows] == [0.30, 0.5, None]
+  assert rows[0]["sampling_seconds_per_image"] == 0.0125 and rows[0]["sampling_step_flops"] == 2.5e9
+  assert "sampling_step_flops" not in rows[2]
+  ablate.write_report(dict(title="t", scale="demo", paper_source="p", rows=rows + [
+      dict(row="skipped row", skipped="needs W", paper="")]), str(tmp_path / "t"))
+  lines = open(str(tmp_path / "t.md")).read().splitlines()
+  assert lines[2].endswith(
+      "| training step | sampling per image | GFLOP per sampling step | paper figures |")
+  assert all(l.count("|") == 8 for l in lines[2:])
+  assert "| 50.0 % | 3.00 | 0.300 s | 12.5 ms | 2.50 | - |" in lines[4]
+  assert lines[6].endswith("| 50.0 % | 3.00 | - | - | - | - |")
+
+
+def test_samples_picture_has_one_row_of_each_rows_first_samples_per_class(tmp_path):
+  """STEM_samples.png (the README's picture row per variant): for each table row with samples,
+  its first 2 samples of every class cut from tdjax.sample's grid, in class order; rows without
+  samples (skipped, not run) have none."""
+  from PIL import Image
+  from tdjax import metrics
+  rng = np.random.default_rng(0)
+  os.makedirs(tmp_path / "samples")
+  grids = []
+  for name in ("a", "b"):
+    images = rng.uniform(-1, 1, (3, 16, 8, 8, 1)).astype(np.float32)   # 3 classes x 16
+    metrics.save_png(metrics.image_grid(images), str(tmp_path / "samples" / f"{name}.png"))
+    grids.append(metrics.to_uint8(images)[..., 0])
+  rows = [dict(row="first", samples="samples/a.png"), dict(row="skipped", skipped="x"),
+          dict(row="second", samples="samples/b.png")]
+  path = ablate.write_samples_picture(dict(scale="demo", rows=rows), str(tmp_path / "t"))
+  assert path == str(tmp_path / "t_samples.png")
+  picture = np.asarray(Image.open(path))
+  assert picture.shape[0] == 2 * (8 + 4)                 # two rows of 8 px samples (+ 4 px gap)
+  for r, grid in enumerate(grids):
+    strip = picture[r * 12:r * 12 + 8, -(3 * 2 * 9 - 1):]    # 3 classes x 2 samples, 1 px gaps
+    for c in range(3):
+      for j in range(2):
+        x = (2 * c + j) * 9
+        np.testing.assert_array_equal(strip[:, x:x + 8], grid[c, j])
+  assert ablate.write_samples_picture(dict(scale="demo", rows=rows[1:2]), str(tmp_path / "u")) \
+      is None
+  with pytest.raises(ValueError, match="not a grid of 16"):
+    ablate.sample_strip(str(tmp_path / "t_samples.png"), 16, 2)
+
+
+def test_tables_report_the_seed_spread_of_their_folder(tmp_path):
+  """A table run in the folder where its family's seed table ran carries that table's min-max
+  of each figure beside its own rows (the seed table itself does not)."""
+  wd = str(tmp_path)
+  seeds = [dict(row=f"seed {i}", class_accuracy=a, frechet_distance=f, paper="")
+           for i, (a, f) in enumerate(((0.86, 2.4), (0.839, 2.99), (0.864, 2.45)))]
+  with open(os.path.join(wd, "transdiff_seeds.json"), "w") as f:
+    json.dump(dict(rows=seeds + [dict(row="later", skipped="no result yet (--rows)")]), f)
+  assert ablate.seed_spread(wd, "transdiff") == dict(class_accuracy=[0.839, 0.864],
+                                                      frechet_distance=[2.4, 2.99], seeds=3)
+  assert ablate.seed_spread(wd, "detailflow") is None
+  report = ablate.run_table("transdiff_steps", "demo", wd, judge=wd, rows=[])   # nothing to run
+  assert report["seed_spread"]["class_accuracy"] == [0.839, 0.864]
+  md = open(os.path.join(wd, "transdiff_steps.md")).read()
+  assert "over 3 training seeds" in md and "83.9-86.4 %, Fréchet distance 2.40-2.99" in md
+  assert "seed_spread" not in ablate.run_table("transdiff_seeds", "demo", wd, judge=wd, rows=[])
 
 
 def test_rows_of_one_configuration_share_their_runs_and_samples():

@@ -397,13 +397,11 @@ def test_dino_flops_match_the_lowered_forward():
   assert 1.0 <= ratio < 1.02
 
 
-def test_teacher_flops_match_the_lowered_forward(monkeypatch):
+def test_teacher_flops_match_the_lowered_forward():
   """ViTTeacher.flops() (SigLIP2-so400m's shape at 256 px) against XLA's count of the lowered
   forward (lowering only), with the einsum attention of accelerators: the CPU's blocked kernel
   loops over batch blocks, a loop body XLA counts once."""
-  from tdjax.nn import attention
-  monkeypatch.setattr(attention, "resolve_impl", lambda impl: "einsum" if impl == "auto" else impl)
-  t = alignment.ViTTeacher()
+  t = alignment.ViTTeacher(attention_impl="einsum")
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
   p = jax.eval_shape(lambda: t.init(KEY, jnp.zeros(x.shape)))
   ratio = _lowered_flops(lambda p, a: t.apply(p, a).sum(), p, x) / (2 * t.flops(256, 256))

@@ -1,5 +1,7 @@
 """TransDiff: 1-step and MRAR AR transformer, masks, latent token order, weight surgery."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -494,3 +496,41 @@ def test_vae_latents_train_and_decode(tmp_path):
                                         {"latent.channels": 16}))
   with pytest.raises(ValueError, match="needs latent.vae_weights"):
     _task("size=demo,latent=vae")
+
+
+def _reachable(hlo: str, root: str) -> str:
+  """The text of computation `root` of an HLO module and of every computation it calls."""
+  comps = {}
+  for c in re.split(r"\n(?=\S)", hlo):
+    words = c.split(" ", 2)
+    comps[words[1] if words[0] == "ENTRY" else words[0]] = c
+  seen, todo = set(), [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|body|condition|to_apply)=(%[\w.\-]+)", comps[name])
+    for group in re.findall(r"(?:calls|branch_computations)=\{([^}]*)\}", comps[name]):
+      todo += [g.strip() for g in group.split(",")]
+  return "\n".join(comps[n] for n in seen)
+
+
+@pytest.mark.parametrize("arg", ["size=tiny", "size=tiny,mrar=True"])
+def test_sampler_projects_the_condition_once_per_image_not_per_step(arg):
+  """The condition (the AR's tokens) is the same at every Euler step of an image: the compiled
+  sampler embeds it and projects the cross-attention's keys / values outside the step loop
+  (XLA's while-loop invariant code motion; the reference recomputes them every step), while the
+  queries, which read x_t, stay inside.  Looked up by op name in the compiled HLO."""
+  task = _task(arg)
+  params = jax.eval_shape(lambda k: nn.unbox(task.init(k)[0]), jax.random.key(0))
+  steps = 7
+  fn = jax.jit(lambda p, lab, k: task.sample_latents(p, lab, k, cfg=2.0, steps=steps))
+  hlo = fn.lower(params, jnp.arange(4, dtype=jnp.int32), jax.random.key(1)).compile().as_text()
+  loops = re.findall(r"while\(.*?body=(%[\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"", hlo)
+  bodies = [body for body, n in loops if int(n) == steps - 1]    # the Euler-Maruyama step loop
+  assert bodies, "no step loop found in the compiled sampler"
+  ops = set(re.findall(r'op_name="([^"]+)"', "\n".join(_reachable(hlo, b) for b in bodies)))
+  assert any("cross_attn/query" in o for o in ops)
+  assert not [o for o in ops if re.search(r"cross_attn/(key|value)|cond_embed", o)]
+  assert re.search(r"cross_attn/key|cond_embed", hlo)       # (they exist: outside the loop)

@@ -73,7 +73,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from tdjax import configlib
 from tdjax.nn.attention import IMPLS, tile_rows
@@ -384,6 +383,4 @@ def make_head(cfg, out_channels: int, dtype=jnp.float32) -> nn.Module:
   """From a config dict: type 'attention' | 'mlp' plus the module's fields."""
   check_head(cfg)
   head = AttentionHead if cfg.get("type", "attention") == "attention" else MLPHead
-  if cfg.get("cond_t_range") is not None:     # a hashable module field
-    cfg = ml_collections.ConfigDict(dict(cfg, cond_t_range=tuple(cfg.cond_t_range)))
   return configlib.from_config(head, cfg, "config.head", out_channels=out_channels, dtype=dtype)

@@ -105,6 +105,7 @@ class ViTTeacher(nn.Module):
   pos_grid: int = 16
   ln_eps: float = 1e-6
   double_post_ln: bool = False
+  attention_impl: str = "auto"   # tdjax.nn.attention.IMPLS ('einsum': the accelerators' program)
 
   def flops(self, h: int, w: int) -> float:
     """Forward FLOPs on one h x w image, N = (h / P)(w / P) tokens: patch embed 2 N P^2 3 W, then
@@ -136,7 +137,8 @@ class ViTTeacher(nn.Module):
                              antialias=True).reshape(gh * gw, self.width)
     x = x + pos[None]
     block = dict(vit_block_kwargs(self.num_heads, self.mlp_dim), norm_eps=self.ln_eps,
-                 kernel_init=nn.initializers.lecun_normal())
+                 kernel_init=nn.initializers.lecun_normal(),
+                 attention_impl=self.attention_impl)
     for i in range(self.depth):
       x = TransformerBlock(**block, name=f"blocks_{i}")(x)
     post = nn.LayerNorm(epsilon=self.ln_eps, name="post_ln",

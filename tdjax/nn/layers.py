@@ -345,29 +345,22 @@ class TransformerBlock(nn.Module):
     if not (self.adaln and self.self_attention) or self.token_merge or self.cross_attention:
       raise ValueError("joint attention needs adaLN and self-attention, no token merging and "
                        "no cross-attention")
-    mods = [self._modulation(d, adaln_cond),
-            self._modulation(d, adaln_cond, "context_") if m else None]
-    names = ["", "context_"]
-    parts = [x[:, m:], x[:, :m]]
-    hs = []
-    for part, mod, n in zip(parts, mods, names):
-      if n and not m:
-        continue
-      h = make_norm(self.norm, self.norm_eps, name=n + "norm1", **kw)(part)
-      hs.append(h * (1 + mod[1]) + mod[0])
-    h = jnp.concatenate(hs[::-1], axis=1)       # [condition; latent]
+    # (name prefix, tokens, shift / scale / gate of attention and MLP): the latent stream, then the
+    # condition stream with its own norms, modulation and MLP (none when there is no condition)
+    streams = [("", x[:, m:], self._modulation(d, adaln_cond))]
+    if m:
+      streams.append(("context_", x[:, :m], self._modulation(d, adaln_cond, "context_")))
+    h = jnp.concatenate([modulate(make_norm(self.norm, self.norm_eps, name=n + "norm1", **kw)(part),
+                                  mod[0], mod[1]) for n, part, mod in streams[::-1]], axis=1)
     h = Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
                   kernel_init=self.kernel_init, impl=self.attention_impl, qk_norm=self.qk_norm,
                   kind=self.attn_kind, identity=self.attn_identity, name="attn", **kw)(
                       h, mask=mask, logit_scale=self._logit_scale(aux), joint_len=m)
     outs = []
-    for i, (part, mod, n) in enumerate(zip(parts, mods, names)):
-      if n and not m:
-        continue
-      a = h[:, m:] if i == 0 else h[:, :m]
+    for (n, part, mod), a in zip(streams, (h[:, m:], h[:, :m])):   # [condition; latent] order
       part = part + nn.Dropout(self.dropout_rate)(a * mod[2], deterministic=deterministic)
-      u = make_norm(self.norm, self.norm_eps, name=n + "norm2", **kw)(part)
-      u = u * (1 + mod[4]) + mod[3]
+      u = modulate(make_norm(self.norm, self.norm_eps, name=n + "norm2", **kw)(part), mod[3],
+                   mod[4])
       u = Mlp(self.mlp_dim, activation=self.mlp, use_bias=self.use_bias,
               kernel_init=self.kernel_init, dropout_rate=self.dropout_rate, name=n + "mlp",
               **kw)(u, deterministic)

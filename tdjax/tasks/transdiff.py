@@ -251,26 +251,12 @@ class TransDiffTask(GeneratorTask):
             "label": rng.integers(0, int(self.config.model.num_classes), (batch_size,)).astype(
                 np.int32)}
 
-  def analytic_flops(self, batch) -> float:
-    """3 x forward (the AR 1 x with head_only), + what remat recomputes (`_recomputed`).
-    AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
-    self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, scores/values 4 L^2 D +
-    4 L M D; once per example (shared by its copies): cond_embed 2 M D^2, cross k/v 2 D^2 per
-    condition token and block.  adaLN conditioning: no cross-attention, the time + condition
-    modulation (Linear_6D, per block with adaLN-zero) per token.
-    Survey switches of the head (heads.py): token_merge r: the self-attention's projections and
-    scores on L - r tokens (+ L^2 D / 2 for the matching); self_attn_kind='linear': 4 L D hd +
-    4 L D for phi(K)^T V, phi(Q) S and the normaliser instead of 4 L^2 D; conditioning='joint'
-    (and 'incontext'): blocks on L + M tokens (projections, MLPs, scores 4 (L + M)^2 D), no
-    cross-attention;
-    'window' counts as full attention (the boolean mask computes every score; a local kernel
-    would need L w^2 pairs); qk_norm, gates, t range, temperature and adaLN-zero's per-block
-    Linear_6D (one per example, not per token) are below the model's resolution."""
+  def head_forward_flops(self) -> tuple[float, float, float, float]:
+    """The diffusion head's forward FLOPs (`analytic_flops` describes the model): (per copy of
+    x_t: the head over L tokens, of which attention scores / values; per example, shared by its
+    copies: the condition embedding, the cross-attention keys / values in the blocks)."""
     ar, hc = self.ar, self.config.head
-    b = int(np.shape(batch["label"])[0])
-    d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
-    ar_attn = 4 * ar.depth * t * t * d
-    ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + ar_attn
+    d = ar.width
     w, n, l = hc.width, hc.depth, self.L
     m = ar.mask_len * (1 + self.num_refs)
     fh = int(hc.mlp_ratio * w)
@@ -292,13 +278,48 @@ class TransDiffTask(GeneratorTask):
       scores = 4 * l * w * hd + 4 * l * w if linear else \
           4 * ls * ls * w + (l * l * w // 2 if r else 0)
       head_attn = n * (scores + (4 * l * m * w if cross else 0))
-      head = n * (2 * ls * 4 * w * w + 2 * l * (2 * w * w * cross + 2 * w * fh)) + head_attn
+      cross_q_out = 2 * w * w if cross else 0      # the cross-attention's q and out projections
+      head = n * (2 * ls * 4 * w * w + 2 * l * (cross_q_out + 2 * w * fh)) + head_attn
       if self.head.conditioning == "adaln":     # the modulation is per token: Linear_6D per token
         head += 2 * l * 6 * w * w * (n if self.head.adaln_mode == "zero" else 1)
-      shared_in_blocks = n * 2 * m * 2 * w * w * cross
+      shared_in_blocks = n * 2 * m * 2 * w * w if cross else 0   # its keys and values
     else:   # MLP head, per token: 2 dense w x w + adaLN w x 3w per block, final adaLN w x 2w
       head = l * (n * (2 * 2 * w * w + 2 * 3 * w * w) + 2 * 2 * w * w)
       shared = l * 2 * d * w
+    return head, head_attn, shared, shared_in_blocks
+
+  def sampling_step_flops(self, cfg: float = 1.0, pag_scale: float = 0.0) -> float:
+    """Forward FLOPs per image of one sampling step (one Euler step of one MRAR round): a head
+    call per guidance branch (conditional; + unconditional when cfg != 1; + the perturbed
+    branch when pag_scale > 0).  The condition's embedding and cross-attention keys / values
+    are not in it: they do not change across the steps, and the compiled sampler computes them
+    once per image and round (XLA hoists them out of the step loop; a test checks it)."""
+    head = self.head_forward_flops()[0]
+    branches = 1 + (float(cfg) != 1.0) + (float(pag_scale) > 0)
+    return float(branches * head)
+
+  def analytic_flops(self, batch) -> float:
+    """3 x forward (the AR 1 x with head_only), + what remat recomputes (`_recomputed`).
+    AR: ViT over T = buffer + slots tokens; decoder (x batch_mul, x K for MRAR) over L tokens:
+    self-attention 4 D^2 + cross q/out 2 D^2 + MLP 2 D F per token, scores/values 4 L^2 D +
+    4 L M D; once per example (shared by its copies): cond_embed 2 M D^2, cross k/v 2 D^2 per
+    condition token and block.  adaLN conditioning: no cross-attention, the time + condition
+    modulation (Linear_6D, per block with adaLN-zero) per token.
+    Survey switches of the head (heads.py): token_merge r: the self-attention's projections and
+    scores on L - r tokens (+ L^2 D / 2 for the matching); self_attn_kind='linear': 4 L D hd +
+    4 L D for phi(K)^T V, phi(Q) S and the normaliser instead of 4 L^2 D; conditioning='joint'
+    (and 'incontext'): blocks on L + M tokens (projections, MLPs, scores 4 (L + M)^2 D), no
+    cross-attention;
+    'window' counts as full attention (the boolean mask computes every score; a local kernel
+    would need L w^2 pairs); qk_norm, gates, t range, temperature and adaLN-zero's per-block
+    Linear_6D (one per example, not per token) are below the model's resolution."""
+    ar = self.ar
+    b = int(np.shape(batch["label"])[0])
+    d, f, t = ar.width, int(ar.mlp_ratio * ar.width), ar.seq_len
+    ar_attn = 4 * ar.depth * t * t * d
+    ar_f = 2 * t * ar.depth * (4 * d * d + 2 * d * f) + ar_attn
+    head, head_attn, shared, shared_in_blocks = self.head_forward_flops()
+    hc = self.config.head
     copies = self.batch_mul * (self.num_refs + 1)
     ar_total = ar_f if self.head_only else 3 * ar_f + _recomputed(self.config.model, ar_f, ar_attn)
     per_example = 3 * (shared + shared_in_blocks) + _recomputed(hc, shared_in_blocks, 0)
