@@ -125,7 +125,7 @@ def set_threads(n: int) -> dict:
     os.environ["XLA_FLAGS"] = flags
   os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
   os.environ["JAX_PLATFORMS"] = "cpu"
-  return {"threads": n, "cpu_affinity": cores[:n], "XLA_FLAGS": flags,
+  return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "threads": n, "cpu_affinity": cores[:n], "XLA_FLAGS": flags,
           "OMP_NUM_THREADS": str(n), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
@@ -719,5 +719,5 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":      # `python -m` re-executed it with huge pages (tdjax/__init__.py):
+  sys.exit(main())               # both sides alike, one process, one allocator

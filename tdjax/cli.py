@@ -14,6 +14,8 @@
   * a flag error is one line too: an error of `get_config` (an unknown config arg) keeps its last
     line, not the traceback that ml_collections puts inside the message.
 Orbax's INFO chatter (dozens of lines per checkpoint read) is dropped from the log.
+On CPU runs it first re-executes the program with glibc's huge-page tunable set
+(`tdjax.host_memory`: without it every train step faults its temporaries in again, 4 KiB at a time).
 A process of a multi-process job that fails leaves at once (`os._exit`, after its message):
 exiting normally would wait in JAX's shutdown barrier for processes that are still running, so
 the launcher (srun --kill-on-bad-exit, a pod's ssh) would not learn of the failure for minutes.
@@ -135,4 +137,10 @@ def run(main) -> None:
       lines = str(err).splitlines() or [type(err).__name__]
       _fail(lines[0] + (" (the rest with --verbosity=1)" if len(lines) > 1 else ""))
 
+  from tdjax import host_memory             # before JAX starts its threads
+  if main.__module__ == "__main__" and "ipykernel" not in sys.modules:   # a program, not a notebook
+    try:
+      host_memory.use_huge_pages()
+    except ValueError as err:                 # a bad TDJAX_HOST_MALLOC
+      _fail(str(err))
   app.run(guarded, flags_parser=_parse_flags)
