@@ -125,8 +125,9 @@ def set_threads(n: int) -> dict:
     os.environ["XLA_FLAGS"] = flags
   os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
   os.environ["JAX_PLATFORMS"] = "cpu"
-  return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "threads": n, "cpu_affinity": cores[:n], "XLA_FLAGS": flags,
-          "OMP_NUM_THREADS": str(n), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+  return {"threads": n, "cpu_affinity": cores[:n], "XLA_FLAGS": flags,
+          "OMP_NUM_THREADS": str(n), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+          "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 @dataclasses.dataclass

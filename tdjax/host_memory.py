@@ -9,13 +9,13 @@ machine (docs/measurements.md, issue 48).  With `GLIBC_TUNABLES=glibc.malloc.hug
 for transparent huge pages on those mappings (`madvise`): ~900 faults per call instead.
 
 The tunable is read when the process starts, so `use_huge_pages` re-executes the process (same
-PID, same arguments) with it set: `tdjax.cli.run` calls it first thing for every `python -m
-tdjax.X` entry point, before JAX starts.  It does so only where it helps: a CPU-only run
-(`JAX_PLATFORMS=cpu`, or no GPU / TPU plugin installed), glibc >= 2.35, the kernel's transparent
-huge pages in `madvise` mode (in `always` mode the kernel already uses them; in `never` nothing
-would), and the tunable not set yet.  `TDJAX_HOST_MALLOC=system` turns it off.  For
-`python -m tdjax.X` the package's `__init__` does it before the entry point's own imports (a
-re-execution then costs ~0.1 s, not the 1.5-2 s of importing JAX twice).
+PID, same arguments) with it set, before JAX starts: for `python -m tdjax.X` the package's
+`__init__` calls it, other programs get it from `tdjax.cli.run`.  It does so only where it helps:
+a CPU-only run (`JAX_PLATFORMS=cpu`, or no GPU / TPU plugin installed), glibc >= 2.35, the
+kernel's transparent huge pages in `madvise` mode (in `always` mode the kernel already uses them;
+in `never` nothing would), and the tunable not set yet.  `TDJAX_HOST_MALLOC=system` turns it off.  From the
+package's `__init__` (before the entry point's own imports) a re-execution costs ~0.1 s, not the
+1.5-2 s of importing JAX twice.
 `python -m tdjax.host_memory` prints what applies on this machine.
 
 (Tried and not taken: glibc's `mallopt` from inside the process (one arena, no mmap, no trim) keeps
