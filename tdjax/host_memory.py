@@ -13,10 +13,10 @@ PID, same arguments) with it set, before JAX starts: for `python -m tdjax.X` the
 `__init__` calls it, other programs get it from `tdjax.cli.run`.  It does so only where it helps:
 a CPU-only run (`JAX_PLATFORMS=cpu`, or no GPU / TPU plugin installed), glibc >= 2.35, the
 kernel's transparent huge pages in `madvise` mode (in `always` mode the kernel already uses them;
-in `never` nothing would), and the tunable not set yet.  `TDJAX_HOST_MALLOC=system` turns it off.  From the
-package's `__init__` (before the entry point's own imports) a re-execution costs ~0.1 s, not the
-1.5-2 s of importing JAX twice.
-`python -m tdjax.host_memory` prints what applies on this machine.
+in `never` nothing would), and the tunable not set yet.  `TDJAX_HOST_MALLOC=system` turns it
+off.  From the package's `__init__` (before the entry point's own imports) a re-execution costs
+~0.1 s, not the 1.5-2 s of importing JAX twice.  `python -m tdjax.host_memory` prints what
+applies on this machine.
 
 (Tried and not taken: glibc's `mallopt` from inside the process (one arena, no mmap, no trim) keeps
 the freed buffer for the next call, no faults at all, with the same step time, but one malloc
@@ -77,9 +77,9 @@ def huge_pages_environment(environ=None) -> dict | None:
   tunables = environ.get("GLIBC_TUNABLES", "")
   if choice == "system" or "glibc.malloc.hugetlb=" in tunables:
     return None
+  if transparent_huge_pages_mode() != "madvise" or (glibc_version() or (0, 0)) < (2, 35):
+    return None                   # the cheap checks first: this runs at every entry point's start
   if choice == "" and not runs_on_cpu_only(environ):
-    return None
-  if (glibc_version() or (0, 0)) < (2, 35) or transparent_huge_pages_mode() != "madvise":
     return None
   return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, TUNABLE) if t)}
 

@@ -35,10 +35,16 @@ cli.run(main)
 """
 
 
-def _entry(setting=None):
+def _environment(setting=None):
+  """This process's environment on a CPU run, without the two settings, plus TDJAX_HOST_MALLOC."""
   env = {k: v for k, v in os.environ.items() if k not in ("TDJAX_HOST_MALLOC", "GLIBC_TUNABLES")}
   env.update(JAX_PLATFORMS="cpu", **({"TDJAX_HOST_MALLOC": setting} if setting else {}))
-  return subprocess.run([sys.executable, "-c", ENTRY, "--flagfile="], env=env, cwd=ROOT,
+  return env
+
+
+def _entry(setting=None):
+  return subprocess.run([sys.executable, "-c", ENTRY, "--flagfile="], env=_environment(setting),
+                        cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -70,9 +76,8 @@ def test_entry_point_faults_its_temporaries_in_huge_pages():
 def _imports(*args, setting=None):
   """The modules `python -X importtime ARGS` imports (as each import ends), in order, over every
   process it execs."""
-  env = {k: v for k, v in os.environ.items() if k not in ("TDJAX_HOST_MALLOC", "GLIBC_TUNABLES")}
-  env.update(JAX_PLATFORMS="cpu", **({"TDJAX_HOST_MALLOC": setting} if setting else {}))
-  r = subprocess.run([sys.executable, "-X", "importtime", *args], env=env, cwd=ROOT,
+  r = subprocess.run([sys.executable, "-X", "importtime", *args], env=_environment(setting),
+                     cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr[-2000:]  # --helpshort: 1
   names = [line.rsplit("|", 1)[1] for line in r.stderr.splitlines() if line.startswith("import time:")]
