@@ -142,14 +142,18 @@ def test_short_run_loss_falls_and_samples(mrar, monkeypatch):
                       lambda *a, **k: calls.append(1) or orig(*a, **k))
   imgs = np.asarray(task.image_sampler(steps=4)(params, np.array([0, 3]), jax.random.key(1)))
   assert imgs.shape == (2, 16, 16, 1) and np.isfinite(imgs).all()
-  assert len(calls) == 1          # MRAR: its 4 rounds are one fori_loop body, traced once
+  # MRAR: K + 1 = 4 rounds, each its own sampling loop with its own condition length
+  assert len(calls) == (task.num_refs + 1 if mrar else 1)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.0])
-def test_mrar_sampling_rounds_in_one_loop_equal_the_unrolled_rounds(cfg):
-  """MRAR sampling as one compiled round (all reference slots read, zeros before they exist; the
-  head masks the conditions of later rounds) = K rounds unrolled with the references growing, as
-  the reference's sampler runs them (tdjax did so before): same images to float rounding."""
+def test_mrar_sampling_rounds_equal_the_masked_full_length_rounds(cfg):
+  """MRAR sampling, round k conditioned on the k images before it (the AR reads k reference slots,
+  the head M (k + 1) condition tokens) = every round at full length, all K reference slots read
+  (zeros before they exist) and the later rounds' conditions masked in the head (tdjax's sampler
+  before 2026-12-08, one fori_loop body): same images to float rounding.  This holds by the AR's
+  block-causal mask (blocks 0..k do not see the later slots) and by masked keys getting zero
+  attention; breaking either (or a round reading the wrong slots) fails it."""
   from tdjax.diffusion import flow
   task = _task("size=tiny,mrar=True")
   params = nn.unbox(task.init(jax.random.key(0))[0])
@@ -161,23 +165,26 @@ def test_mrar_sampling_rounds_in_one_loop_equal_the_unrolled_rounds(cfg):
   rng = jax.random.key(2)
   got = jax.jit(lambda p: task.sample_latents(p, labels, rng, cfg=cfg, steps=5))(params)
 
-  def unrolled(params):
-    b = labels.shape[0]
+  def masked(params):
+    b, m, k_all = labels.shape[0], task.ar.mask_len, task.num_refs
     k_noise, k_s = jax.random.split(rng)
     noise = jax.random.normal(k_noise, (b, task.L, task.latent_dim))
-    refs = jnp.zeros((b, 0, task.ar.mask_len, task.latent_dim * task.ar.ref_patch ** 2))
-    for rnd in range(task.num_refs + 1):
+    refs = jnp.zeros((b, k_all, m, task.latent_dim * task.ar.ref_patch ** 2))
+    for rnd in range(k_all + 1):
       ar = lambda lab: task.ar.apply({"params": params["ar"]}, lab, refs)
       z = ar(labels) if cfg == 1 else jnp.concatenate([ar(labels), ar(jnp.full_like(labels, -1))])
-      vf = ((lambda x, t: task._head(params, x, t, z)) if cfg == 1 else
+      assert z.shape[1] == m * (1 + k_all)
+      mask = jnp.broadcast_to(jnp.arange(z.shape[1]) < m * (rnd + 1), z.shape[:2])
+      vf = ((lambda x, t: task._head(params, x, t, z, mask)) if cfg == 1 else
             (lambda x, t: tuple(jnp.split(task._head(params, jnp.concatenate([x, x]),
-                                                     jnp.concatenate([t, t]), z), 2))))
+                                                     jnp.concatenate([t, t]), z, mask), 2))))
       x = flow.euler_maruyama_sample(vf, noise, jax.random.fold_in(k_s, rnd), steps=5, cfg=cfg)
-      grid = x.reshape(b, task.grid, task.grid, task.latent_dim)
-      refs = jnp.concatenate([refs, td.patchify_latent(grid, task.ar.ref_patch)[:, None]], 1)
+      if rnd < k_all:
+        grid = x.reshape(b, task.grid, task.grid, task.latent_dim)
+        refs = refs.at[:, rnd].set(td.patchify_latent(grid, task.ar.ref_patch))
     return x.reshape(got.shape)
 
-  want = jax.jit(unrolled)(params)
+  want = jax.jit(masked)(params)
   assert float(jnp.abs(want).mean()) > 0.1
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=5e-5)
 

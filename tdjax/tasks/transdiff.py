@@ -409,23 +409,21 @@ class TransDiffTask(GeneratorTask):
     noise = jax.random.normal(k_noise, (b, self.L, self.latent_dim))
     null = jnp.full_like(labels, -1)
 
-    def run(refs, rnd, cond_mask=None):
+    def run(refs, rnd):
       ar = lambda lab: self.ar.apply({"params": params["ar"]}, lab, refs)
       z = ar(labels)
       if cfg != 1:
         z = jnp.concatenate([z, ar(null)])
-        cond_mask = None if cond_mask is None else jnp.concatenate([cond_mask, cond_mask])
 
       def vf(x, t):
         if cfg == 1:
-          v = self._head(params, x, t, z, cond_mask)
+          v = self._head(params, x, t, z)
           return pag(v, x, t) if pag_scale else v
-        v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z, cond_mask)
+        v = self._head(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
         return (pag(v[:b], x, t) if pag_scale else v[:b]), v[b:]
 
       def pag(v_cond, x, t):
-        v_pag = self._head(params, x, t, z[:b], None if cond_mask is None else cond_mask[:b],
-                           pag=True)
+        v_pag = self._head(params, x, t, z[:b], pag=True)
         return flow.pag_guided(v_cond, v_pag, pag_scale, cfg,
                                self.latent_dim if self.learn_sigma else None)
 
@@ -442,27 +440,19 @@ class TransDiffTask(GeneratorTask):
     if not self.num_refs:
       x = run(None, 0)
     else:
-      # Round k sees the k images generated before.  One compiled round for all K (a fori_loop,
-      # not K unrolled copies: compile time): the AR always reads all K - 1 reference slots,
-      # zeros where no image exists yet, and the head reads only the first M (k + 1) condition
-      # tokens.  Exact up to float summation order: the AR's block-causal mask keeps blocks
-      # 0..k from seeing the later slots, and masked condition keys get zero attention.
-      m = self.ar.mask_len
-      refs = jnp.zeros((b, self.num_refs, m, self.latent_dim * self.ar.ref_patch ** 2))
-
-      def one_round(rnd, carry):
-        refs, _ = carry
-        mask = jnp.broadcast_to(jnp.arange(m * (1 + self.num_refs)) < m * (rnd + 1),
-                                (b, m * (1 + self.num_refs)))
-        x = run(refs, rnd, mask)
-        grid = x.reshape(b, self.grid, self.grid, self.latent_dim)
-        new = td.patchify_latent(grid, self.ar.ref_patch)[:, None].astype(refs.dtype)
-        # the last round's image is the output, not a reference (the slot index would clamp)
-        refs = jnp.where(rnd < self.num_refs,
-                         jax.lax.dynamic_update_slice_in_dim(refs, new, rnd, axis=1), refs)
-        return refs, x
-
-      _, x = jax.lax.fori_loop(0, self.num_refs + 1, one_round, (refs, noise))
+      # Round k (0..K) conditions on the k images generated before, as the reference's sampler
+      # runs it: the AR reads k reference slots and the head the M (k + 1) condition tokens they
+      # give.  K + 1 compiled rounds, not one fori_loop round over all K slots with the later
+      # conditions masked (tdjax before this change): the masked round did the last round's work
+      # every time, 15-22 % more sampling time at the bench size for ~5 s less compile
+      # (docs/measurements.md, "MRAR sampling rounds").
+      refs = jnp.zeros((b, 0, self.ar.mask_len, self.latent_dim * self.ar.ref_patch ** 2))
+      for rnd in range(self.num_refs + 1):
+        x = run(refs, rnd)
+        if rnd < self.num_refs:
+          grid = x.reshape(b, self.grid, self.grid, self.latent_dim)
+          new = td.patchify_latent(grid, self.ar.ref_patch)[:, None].astype(refs.dtype)
+          refs = jnp.concatenate([refs, new], axis=1)
     return x.reshape(b, self.grid, self.grid, self.latent_dim)
 
   @property
