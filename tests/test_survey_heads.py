@@ -391,17 +391,9 @@ def test_switch_flops_match_the_hlo(arg):
   assert abs(ratio - 1) < 0.01, ratio
 
 
-@pytest.mark.parametrize("arg,cfg,pag", [("size=demo", 2.0, 0.0), ("size=demo", 2.0, 1.5),
-                                         ("size=demo,conditioning=adaln", 1.0, 0.0),
-                                         ("size=demo,conditioning=joint", 2.0, 0.0),
-                                         ("size=demo,head=mlp", 2.0, 0.0)])
-def test_sampling_step_flops_match_the_hlo(arg, cfg, pag):
-  """The analytic FLOPs of one sampling step (the survey table's column) against XLA's count of
-  the compiled sampler at 2 steps less the one at 1 step (loops run in Python: every step
-  counted), per image, at most 12 % above (XLA counts element-wise ops too): the guidance
-  branches (CFG, PAG) counted as the sampler runs them, the condition's embedding and
-  cross-attention keys / values not (computed once per image: `tests/test_transdiff.py::
-  test_sampler_projects_the_condition_once_per_image_not_per_step`)."""
+def _sampling_step_hlo_ratio(arg, cfg, pag):
+  """XLA's count of the compiled sampler at 2 steps less the one at 1 step (loops run in Python:
+  every step counted), per image and per MRAR round, over `sampling_step_flops`."""
   from tdjax import aot, bench, configlib
   from tdjax.tasks import get_task
   task = get_task(aot.accelerator_config(configlib.load_config("transdiff", arg), unroll=True))
@@ -413,9 +405,31 @@ def test_sampling_step_flops_match_the_hlo(arg, cfg, pag):
     with bench._python_fori_loops():
       return bench._flops(jax.jit(fn).lower(params, labels, key).compile())
 
-  per_step = (hlo_flops(2) - hlo_flops(1)) / len(labels)
-  ratio = per_step / task.sampling_step_flops(cfg, pag)
+  # one more step adds one to each MRAR round (round k at its own condition length)
+  per_step = (hlo_flops(2) - hlo_flops(1)) / len(labels) / (task.num_refs + 1)
+  return per_step / task.sampling_step_flops(cfg, pag)
+
+
+@pytest.mark.parametrize("arg,cfg,pag", [("size=demo", 2.0, 0.0), ("size=demo", 2.0, 1.5),
+                                         ("size=demo,conditioning=adaln", 1.0, 0.0),
+                                         ("size=demo,conditioning=joint", 2.0, 0.0),
+                                         ("size=demo,head=mlp", 2.0, 0.0)])
+def test_sampling_step_flops_match_the_hlo(arg, cfg, pag):
+  """The analytic FLOPs of one sampling step (the survey table's column) against XLA's count,
+  per image, at most 12 % above (XLA counts element-wise ops too): the guidance branches (CFG,
+  PAG) counted as the sampler runs them, the condition's embedding and cross-attention keys /
+  values not (computed once per image: `tests/test_transdiff.py::
+  test_sampler_projects_the_condition_once_per_image_not_per_step`)."""
+  ratio = _sampling_step_hlo_ratio(arg, cfg, pag)
   assert 0.98 < ratio < 1.12, ratio       # XLA also counts the element-wise ops the model omits
+
+
+def test_mrar_sampling_step_flops_average_the_rounds():
+  """MRAR's round k runs the head on its M (k + 1) condition tokens: the analytic figure (the mean
+  over rounds) is as close to XLA's count as the 1-step model's, within 1 % of its ratio (counting
+  every round at the full M (K + 1) tokens is 2.4 % off at this size)."""
+  one, mrar = (_sampling_step_hlo_ratio(a, 2.0, 0.0) for a in ("size=demo", "size=demo,mrar=True"))
+  assert abs(mrar / one - 1) < 0.01, (mrar, one)
 
 
 # --- 10. the ablation table ----------------------------------------------------------------------

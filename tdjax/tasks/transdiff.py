@@ -251,14 +251,15 @@ class TransDiffTask(GeneratorTask):
             "label": rng.integers(0, int(self.config.model.num_classes), (batch_size,)).astype(
                 np.int32)}
 
-  def head_forward_flops(self) -> tuple[float, float, float, float]:
+  def head_forward_flops(self, cond_len: int | None = None) -> tuple[float, float, float, float]:
     """The diffusion head's forward FLOPs (`analytic_flops` describes the model): (per copy of
     x_t: the head over L tokens, of which attention scores / values; per example, shared by its
-    copies: the condition embedding, the cross-attention keys / values in the blocks)."""
+    copies: the condition embedding, the cross-attention keys / values in the blocks), with
+    `cond_len` condition tokens (default: all, M (1 + K); MRAR's sampling round k has M (k + 1))."""
     ar, hc = self.ar, self.config.head
     d = ar.width
     w, n, l = hc.width, hc.depth, self.L
-    m = ar.mask_len * (1 + self.num_refs)
+    m = cond_len or ar.mask_len * (1 + self.num_refs)
     fh = int(hc.mlp_ratio * w)
     head_attn = 0
     attn_head = hc.type == "attention"     # its survey switches read off the built module
@@ -289,12 +290,15 @@ class TransDiffTask(GeneratorTask):
     return head, head_attn, shared, shared_in_blocks
 
   def sampling_step_flops(self, cfg: float = 1.0, pag_scale: float = 0.0) -> float:
-    """Forward FLOPs per image of one sampling step (one Euler step of one MRAR round): a head
-    call per guidance branch (conditional; + unconditional when cfg != 1; + the perturbed
-    branch when pag_scale > 0).  The condition's embedding and cross-attention keys / values
-    are not in it: they do not change across the steps, and the compiled sampler computes them
-    once per image and round (XLA hoists them out of the step loop; a test checks it)."""
-    head = self.head_forward_flops()[0]
+    """Forward FLOPs per image of one sampling step (MRAR: averaged over its K + 1 rounds, round k
+    with its M (k + 1) condition tokens): a head call per guidance branch (conditional;
+    + unconditional when cfg != 1; + the perturbed branch when pag_scale > 0).  The condition's
+    embedding and cross-attention keys / values are not in it: they do not change across the
+    steps, and the compiled sampler computes them once per image and round (XLA hoists them out
+    of the step loop; a test checks it)."""
+    rounds = range(1, self.num_refs + 2)
+    head = np.mean([self.head_forward_flops(self.ar.mask_len * k if self.num_refs else None)[0]
+                    for k in rounds])
     branches = 1 + (float(cfg) != 1.0) + (float(pag_scale) > 0)
     return float(branches * head)
 
