@@ -44,8 +44,7 @@ def _environment(setting=None):
 
 def _entry(setting=None):
   return subprocess.run([sys.executable, "-c", ENTRY, "--flagfile="], env=_environment(setting),
-                        cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _report(r):
@@ -77,8 +76,7 @@ def _imports(*args, setting=None):
   """The modules `python -X importtime ARGS` imports (as each import ends), in order, over every
   process it execs."""
   r = subprocess.run([sys.executable, "-X", "importtime", *args], env=_environment(setting),
-                     cwd=ROOT,
-                     capture_output=True, text=True, timeout=120)
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr[-2000:]  # --helpshort: 1
   names = [line.rsplit("|", 1)[1] for line in r.stderr.splitlines() if line.startswith("import time:")]
   return [n.strip() for n in names], r.stdout

@@ -296,9 +296,9 @@ class TransDiffTask(GeneratorTask):
     embedding and cross-attention keys / values are not in it: they do not change across the
     steps, and the compiled sampler computes them once per image and round (XLA hoists them out
     of the step loop; a test checks it)."""
-    rounds = range(1, self.num_refs + 2)
-    head = np.mean([self.head_forward_flops(self.ar.mask_len * k if self.num_refs else None)[0]
-                    for k in rounds])
+    cond_lens = ([self.ar.mask_len * k for k in range(1, self.num_refs + 2)] if self.num_refs
+                 else [None])
+    head = np.mean([self.head_forward_flops(m)[0] for m in cond_lens])
     branches = 1 + (float(cfg) != 1.0) + (float(pag_scale) > 0)
     return float(branches * head)
 
